@@ -1,0 +1,87 @@
+//! Command-line definitions (clap) and dispatch. Each command's implementation lives in its own file.
+
+mod eval;
+mod merge;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Merge Gemma-family checkpoints the way Gemma 2 was post-trained (WARP), and check the result.
+#[derive(Debug, Parser)]
+#[command(name = "gemma-merge", version, about)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Flags every command takes.
+#[derive(Debug, Clone, Args)]
+pub struct Global {
+    /// Worker threads (default: all cores).
+    #[arg(long, global = true, value_name = "N")]
+    pub threads: Option<usize>,
+    /// Print only results and errors.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    /// Print more detail about what is done.
+    #[arg(short, long, global = true, conflicts_with = "quiet")]
+    pub verbose: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Evaluate a recipe and write the merged model.
+    Run(merge::RunArgs),
+    /// Re-hash the files listed in DIR/merge-manifest.json; exit 1 on any mismatch.
+    Verify(merge::VerifyArgs),
+    /// Summarise a model folder or a .safetensors file.
+    Inspect(merge::InspectArgs),
+    /// Perplexity of a text under a model (built-in Gemma 2 forward pass).
+    Eval(eval::EvalArgs),
+    /// Continue a prompt (greedy by default).
+    Generate(eval::GenerateArgs),
+    /// KL divergence, top-1 agreement and perplexities of a model against a reference.
+    Compare(eval::CompareArgs),
+}
+
+/// A request that is wrong in itself (exit code 2), as opposed to work that failed (exit code 1).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// Exit code for an error: 2 for a wrong request (bad flags, invalid recipe), 1 for failed work.
+pub fn exit_code(err: &anyhow::Error) -> u8 {
+    for cause in err.chain() {
+        if cause.downcast_ref::<UsageError>().is_some() {
+            return 2;
+        }
+        if let Some(e) = cause.downcast_ref::<gemma_merge::recipe::RecipeError>() {
+            return if e.is_usage() { 2 } else { 1 };
+        }
+    }
+    1
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    let threads = match cli.global.threads {
+        Some(0) => return Err(UsageError("--threads must be at least 1".into()).into()),
+        Some(n) => n,
+        None => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+    };
+    rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().ok();
+    let g = &cli.global;
+    match &cli.command {
+        Command::Run(a) => merge::run(a, g),
+        Command::Verify(a) => merge::verify(a, g),
+        Command::Inspect(a) => merge::inspect(a, g),
+        Command::Eval(a) => eval::eval(a, g),
+        Command::Generate(a) => eval::generate(a, g),
+        Command::Compare(a) => eval::compare(a, g),
+    }
+}
+
+/// A path argument, kept as given.
+pub type PathArg = PathBuf;

@@ -1,0 +1,165 @@
+//! Element types the merge engine computes with, and the exact conversions between them.
+//!
+//! Inputs are upcast exactly to f32 (bf16 and f16 embed in f32 without loss); results are rounded
+//! once to the output type with round-to-nearest-even, which is what `half` implements.
+
+use half::{bf16, f16};
+use safetensors::Dtype;
+
+/// A floating-point storage type that can be merged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FloatType {
+    BF16,
+    F16,
+    F32,
+}
+
+impl FloatType {
+    /// The merge-able type of a safetensors dtype, or `None` for integers, bools, f64 and 8-bit floats.
+    pub fn from_dtype(dtype: Dtype) -> Option<Self> {
+        match dtype {
+            Dtype::BF16 => Some(Self::BF16),
+            Dtype::F16 => Some(Self::F16),
+            Dtype::F32 => Some(Self::F32),
+            _ => None,
+        }
+    }
+
+    pub fn dtype(self) -> Dtype {
+        match self {
+            Self::BF16 => Dtype::BF16,
+            Self::F16 => Dtype::F16,
+            Self::F32 => Dtype::F32,
+        }
+    }
+
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            Self::BF16 | Self::F16 => 2,
+            Self::F32 => 4,
+        }
+    }
+
+    /// The recipe / config.json spelling (`torch_dtype`).
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            Self::BF16 => "bfloat16",
+            Self::F16 => "float16",
+            Self::F32 => "float32",
+        }
+    }
+
+    /// Parses the recipe spelling; `None` for anything else.
+    pub fn from_torch_name(name: &str) -> Option<Self> {
+        match name {
+            "bfloat16" => Some(Self::BF16),
+            "float16" => Some(Self::F16),
+            "float32" => Some(Self::F32),
+            _ => None,
+        }
+    }
+
+    /// Decodes little-endian elements into `out` (exact). `bytes.len()` must be `out.len() * size`.
+    pub fn decode(self, bytes: &[u8], out: &mut [f32]) {
+        debug_assert_eq!(bytes.len(), out.len() * self.size());
+        match self {
+            Self::BF16 => {
+                for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *o = f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16);
+                }
+            }
+            Self::F16 => {
+                for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *o = f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
+                }
+            }
+            Self::F32 => {
+                for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                    *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                }
+            }
+        }
+    }
+
+    /// Rounds each value once to this type (round-to-nearest-even) and appends little-endian bytes.
+    pub fn encode(self, values: &[f32], out: &mut Vec<u8>) {
+        out.reserve(values.len() * self.size());
+        match self {
+            Self::BF16 => {
+                for &v in values {
+                    out.extend_from_slice(&bf16::from_f32(v).to_bits().to_le_bytes());
+                }
+            }
+            Self::F16 => {
+                for &v in values {
+                    out.extend_from_slice(&f16::from_f32(v).to_bits().to_le_bytes());
+                }
+            }
+            Self::F32 => {
+                for &v in values {
+                    out.extend_from_slice(&v.to_le_bytes());
+                }
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for FloatType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.torch_name())
+    }
+}
+
+/// The safetensors spelling of a dtype (`BF16`, `I64`, ...).
+pub fn dtype_name(dtype: Dtype) -> String {
+    format!("{dtype:?}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip(t: FloatType, v: f32) -> f32 {
+        let mut bytes = Vec::new();
+        t.encode(&[v], &mut bytes);
+        let mut out = [0f32];
+        t.decode(&bytes, &mut out);
+        out[0]
+    }
+
+    #[test]
+    fn bf16_rounds_to_nearest_even() {
+        // 1 + 2^-8 lies exactly between bf16 neighbours 1 and 1 + 2^-7: ties go to the even mantissa (1).
+        assert_eq!(round_trip(FloatType::BF16, 1.0 + 2f32.powi(-8)), 1.0);
+        // 1 + 3·2^-8 lies between 1 + 2^-7 (odd) and 1 + 2^-6 (even): goes up to the even one.
+        assert_eq!(round_trip(FloatType::BF16, 1.0 + 3.0 * 2f32.powi(-8)), 1.0 + 2f32.powi(-6));
+        // Just above the tie rounds up.
+        assert_eq!(round_trip(FloatType::BF16, 1.0 + 2f32.powi(-8) + 2f32.powi(-20)), 1.0 + 2f32.powi(-7));
+        // Negative values mirror.
+        assert_eq!(round_trip(FloatType::BF16, -(1.0 + 2f32.powi(-8))), -1.0);
+    }
+
+    #[test]
+    fn f16_rounds_to_nearest_even() {
+        // f16 has 10 mantissa bits: 1 + 2^-11 is a tie between 1 and 1 + 2^-10.
+        assert_eq!(round_trip(FloatType::F16, 1.0 + 2f32.powi(-11)), 1.0);
+        assert_eq!(round_trip(FloatType::F16, 1.0 + 3.0 * 2f32.powi(-11)), 1.0 + 2f32.powi(-9));
+        // Overflow saturates to infinity as IEEE rounding does.
+        assert_eq!(round_trip(FloatType::F16, 70000.0), f32::INFINITY);
+    }
+
+    #[test]
+    fn decoding_is_exact() {
+        for bits in [0x3f80u16, 0xbf80, 0x0001, 0x7f7f, 0x4049] {
+            let mut out = [0f32];
+            FloatType::BF16.decode(&bits.to_le_bytes(), &mut out);
+            assert_eq!(out[0].to_bits(), (bits as u32) << 16);
+        }
+        let mut out = [0f32];
+        FloatType::F16.decode(&0x3c00u16.to_le_bytes(), &mut out);
+        assert_eq!(out[0], 1.0);
+        FloatType::F32.decode(&1.5f32.to_le_bytes(), &mut out);
+        assert_eq!(out[0], 1.5);
+    }
+}

@@ -1,0 +1,9 @@
+//! The format layer: safetensors models in and out, checksummed.
+
+pub mod dtype;
+pub mod error;
+pub mod reader;
+
+pub use dtype::FloatType;
+pub use error::FormatError;
+pub use reader::{Model, SafetensorsFile, TensorInfo};

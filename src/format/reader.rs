@@ -1,0 +1,289 @@
+//! Reading models: memory-mapped safetensors files, validated in full before anything trusts them.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use memmap2::{Mmap, UncheckedAdvice};
+use safetensors::{Dtype, SafeTensors};
+
+use super::error::FormatError;
+
+/// File name of a single-file model.
+pub const SINGLE_FILE: &str = "model.safetensors";
+/// File name of the Hugging Face shard index.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// One memory-mapped, validated `.safetensors` file.
+pub struct SafetensorsFile {
+    path: PathBuf,
+    mmap: Mmap,
+    /// Tensors in the order of their data in the file.
+    tensors: Vec<TensorInfo>,
+}
+
+/// Where one tensor lives: its file (index into [`Model::files`]) and absolute byte range.
+#[derive(Debug, Clone)]
+pub struct TensorInfo {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub file: usize,
+    /// Absolute byte offset of the data in the file.
+    pub start: usize,
+    /// Byte length of the data.
+    pub len: usize,
+}
+
+impl TensorInfo {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+impl SafetensorsFile {
+    /// Maps and validates `path`: header size, UTF-8 JSON, every offset and length (checked arithmetic,
+    /// contiguous, `dtype size × elements`), and no bytes after the last tensor.
+    pub fn open(path: &Path, file_index: usize) -> Result<Self, FormatError> {
+        let file = File::open(path).map_err(|e| FormatError::io(path, e))?;
+        // SAFETY: the map is read-only. The caller must not truncate or rewrite input files while a merge
+        // or evaluation runs (the same contract as every mmap-based safetensors reader); the executor
+        // never opens an input for writing and refuses outputs inside an input folder.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| FormatError::io(path, e))?;
+        let (header_len, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| {
+            FormatError::InvalidHeader { path: path.to_path_buf(), reason: e.to_string() }
+        })?;
+        let data_start = 8 + header_len;
+        let mut tensors: Vec<TensorInfo> = metadata
+            .tensors()
+            .into_iter()
+            .map(|(name, info)| TensorInfo {
+                name,
+                dtype: info.dtype,
+                shape: info.shape.clone(),
+                file: file_index,
+                start: data_start + info.data_offsets.0,
+                len: info.data_offsets.1 - info.data_offsets.0,
+            })
+            .collect();
+        tensors.sort_by_key(|t| (t.start, t.len));
+        Ok(Self { path: path.to_path_buf(), mmap, tensors })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn len(&self) -> usize {
+        self.mmap.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.mmap.is_empty()
+    }
+
+    pub fn tensors(&self) -> &[TensorInfo] {
+        &self.tensors
+    }
+
+    /// The raw bytes of a range of this file.
+    pub fn bytes(&self, start: usize, len: usize) -> &[u8] {
+        &self.mmap[start..start + len]
+    }
+
+    /// Tells the kernel this process no longer needs the pages of a byte range, so they leave our
+    /// resident set (they stay in the page cache). Only whole pages inside the range are dropped.
+    pub fn release(&self, start: usize, len: usize) {
+        const PAGE: usize = 4096;
+        let first = start.div_ceil(PAGE) * PAGE;
+        let end = (start + len) / PAGE * PAGE;
+        if end > first {
+            // SAFETY: the mapping is private and read-only; MADV_DONTNEED on it only discards our page
+            // table entries, and a later access faults the same file contents back in. No reference into
+            // the range is held across this call by code that relies on it staying resident.
+            let _ = unsafe { self.mmap.unchecked_advise_range(UncheckedAdvice::DontNeed, first, end - first) };
+        }
+    }
+}
+
+/// A model: one `.safetensors` file, or a folder with a single file, an index and shards, or several files.
+pub struct Model {
+    root: PathBuf,
+    files: Vec<Arc<SafetensorsFile>>,
+    tensors: Vec<TensorInfo>,
+    by_name: HashMap<String, usize>,
+}
+
+impl Model {
+    /// Opens and validates every file of the model at `path`.
+    pub fn open(path: &Path) -> Result<Self, FormatError> {
+        let meta = std::fs::metadata(path).map_err(|e| FormatError::io(path, e))?;
+        let (file_paths, index) = if meta.is_dir() {
+            discover(path)?
+        } else {
+            (vec![path.to_path_buf()], None)
+        };
+        let mut files = Vec::with_capacity(file_paths.len());
+        let mut tensors = Vec::new();
+        let mut by_name: HashMap<String, usize> = HashMap::new();
+        for (i, p) in file_paths.iter().enumerate() {
+            let f = SafetensorsFile::open(p, i)?;
+            for t in f.tensors() {
+                if let Some(&prev) = by_name.get(&t.name) {
+                    let first = file_paths[tensors_file(&tensors, prev)].clone();
+                    return Err(FormatError::DuplicateTensor { name: t.name.clone(), first, second: p.clone() });
+                }
+                by_name.insert(t.name.clone(), tensors.len());
+                tensors.push(t.clone());
+            }
+            files.push(Arc::new(f));
+        }
+        if let Some((index_path, weight_map)) = index {
+            check_index(&index_path, &weight_map, &file_paths, &tensors, &by_name)?;
+        }
+        Ok(Self { root: path.to_path_buf(), files, tensors, by_name })
+    }
+
+    /// The path this model was opened from.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The folder holding the model's side files (config.json, tokenizer): the root, or a file's parent.
+    pub fn folder(&self) -> &Path {
+        if self.root.is_dir() {
+            &self.root
+        } else {
+            self.root.parent().unwrap_or(Path::new("."))
+        }
+    }
+
+    pub fn files(&self) -> &[Arc<SafetensorsFile>] {
+        &self.files
+    }
+
+    /// Tensors in file order, then data order within each file.
+    pub fn tensors(&self) -> &[TensorInfo] {
+        &self.tensors
+    }
+
+    pub fn get(&self, name: &str) -> Option<&TensorInfo> {
+        self.by_name.get(name).map(|&i| &self.tensors[i])
+    }
+
+    /// The raw little-endian bytes of a tensor.
+    pub fn data(&self, t: &TensorInfo) -> &[u8] {
+        self.files[t.file].bytes(t.start, t.len)
+    }
+
+    /// The file a tensor is stored in.
+    pub fn file_of(&self, t: &TensorInfo) -> &SafetensorsFile {
+        &self.files[t.file]
+    }
+
+    /// Total bytes of tensor data.
+    pub fn data_bytes(&self) -> u64 {
+        self.tensors.iter().map(|t| t.len as u64).sum()
+    }
+
+    /// `config.json` beside the weights, if there is one.
+    pub fn config(&self) -> Result<Option<serde_json::Value>, FormatError> {
+        read_config(self.folder())
+    }
+}
+
+fn tensors_file(tensors: &[TensorInfo], i: usize) -> usize {
+    tensors[i].file
+}
+
+/// Reads `DIR/config.json` as JSON (key order kept), `None` when absent.
+pub fn read_config(dir: &Path) -> Result<Option<serde_json::Value>, FormatError> {
+    let path = dir.join("config.json");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| FormatError::InvalidConfig { path, reason: e.to_string() }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(FormatError::io(path, e)),
+    }
+}
+
+type WeightMap = Vec<(String, String)>;
+
+/// Finds the weight files of a model folder, and its index if it has one.
+fn discover(dir: &Path) -> Result<(Vec<PathBuf>, Option<(PathBuf, WeightMap)>), FormatError> {
+    let index_path = dir.join(INDEX_FILE);
+    if index_path.is_file() {
+        let text = std::fs::read_to_string(&index_path).map_err(|e| FormatError::io(&index_path, e))?;
+        let bad = |reason: String| FormatError::InvalidIndex { path: index_path.clone(), reason };
+        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let map = json
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| bad("no \"weight_map\" object".into()))?;
+        let mut weight_map = Vec::with_capacity(map.len());
+        let mut shards: Vec<String> = Vec::new();
+        for (name, file) in map {
+            let file = file.as_str().ok_or_else(|| bad(format!("weight_map[{name:?}] is not a string")))?;
+            if file.contains('/') || file.contains('\\') || file == ".." {
+                return Err(bad(format!("shard name {file:?} is not a plain file name")));
+            }
+            if !shards.iter().any(|s| s == file) {
+                shards.push(file.to_string());
+            }
+            weight_map.push((name.clone(), file.to_string()));
+        }
+        if shards.is_empty() {
+            return Err(bad("empty weight_map".into()));
+        }
+        shards.sort();
+        let paths = shards.iter().map(|s| dir.join(s)).collect();
+        return Ok((paths, Some((index_path, weight_map))));
+    }
+    let single = dir.join(SINGLE_FILE);
+    if single.is_file() {
+        return Ok((vec![single], None));
+    }
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| FormatError::io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    if paths.is_empty() {
+        return Err(FormatError::NoWeights { path: dir.to_path_buf() });
+    }
+    paths.sort();
+    Ok((paths, None))
+}
+
+/// Every index entry must point at the shard that really holds the tensor, and every tensor must be indexed.
+fn check_index(
+    index_path: &Path,
+    weight_map: &WeightMap,
+    file_paths: &[PathBuf],
+    tensors: &[TensorInfo],
+    by_name: &HashMap<String, usize>,
+) -> Result<(), FormatError> {
+    let bad = |reason: String| FormatError::InvalidIndex { path: index_path.to_path_buf(), reason };
+    for (name, file) in weight_map {
+        let Some(&i) = by_name.get(name) else {
+            return Err(bad(format!("tensor `{name}` is listed in {file} but not stored there")));
+        };
+        let actual = &file_paths[tensors[i].file];
+        if actual.file_name().and_then(|n| n.to_str()) != Some(file.as_str()) {
+            return Err(bad(format!("tensor `{name}` is listed in {file} but stored in {}", actual.display())));
+        }
+    }
+    if weight_map.len() != tensors.len() {
+        let listed: std::collections::HashSet<&str> = weight_map.iter().map(|(n, _)| n.as_str()).collect();
+        if let Some(t) = tensors.iter().find(|t| !listed.contains(t.name.as_str())) {
+            return Err(bad(format!(
+                "tensor `{}` is stored in {} but missing from the index",
+                t.name,
+                file_paths[t.file].display()
+            )));
+        }
+    }
+    Ok(())
+}

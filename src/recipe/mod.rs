@@ -1,0 +1,5 @@
+//! Recipes: YAML → validated plan.
+
+mod error;
+
+pub use error::RecipeError;
