@@ -6,3 +6,4 @@
 
 pub mod format;
 pub mod recipe;
+pub mod kernels;

@@ -3,7 +3,9 @@
 pub mod dtype;
 pub mod error;
 pub mod reader;
+pub mod writer;
 
 pub use dtype::FloatType;
 pub use error::FormatError;
 pub use reader::{Model, SafetensorsFile, TensorInfo};
+pub use writer::{FileRecord, ModelWriter, TensorSpec};

@@ -1,5 +1,10 @@
-//! Recipes: YAML → validated plan.
+//! Recipes: YAML → validated [`Plan`]. Every error carries the recipe's line and column, and all of them
+//! are found before any tensor is read.
 
 mod error;
+mod plan;
+mod raw;
 
 pub use error::RecipeError;
+pub use plan::{eta_label, operands, Angle, Leaf, Operand, OutputModel, OutputTarget, Plan, Step, StepKind, DEFAULT_SHARD_SIZE};
+pub use raw::parse_byte_size;

@@ -1,0 +1,295 @@
+//! Writing models: each shard's header is computed up front from the plan, then tensor data streams in
+//! after it, hashed (SHA-256) on the way to disk. A whole shard is never held in memory.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use safetensors::Dtype;
+use sha2::{Digest, Sha256};
+
+use super::dtype::dtype_name;
+use super::error::FormatError;
+use super::reader::{INDEX_FILE, SINGLE_FILE};
+
+/// Name, dtype and shape of a tensor to write; its byte length follows from them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorSpec {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+}
+
+impl TensorSpec {
+    pub fn byte_len(&self) -> u64 {
+        let bits = self.shape.iter().map(|&d| d as u64).product::<u64>() * self.dtype.bitsize() as u64;
+        bits.div_ceil(8)
+    }
+}
+
+/// A written file: its name inside the output folder, size and SHA-256 (hex).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FileRecord {
+    pub path: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
+/// Splits tensors, in order, into shards of at most `max_bytes` of data each (a larger tensor gets a
+/// shard of its own), as Hugging Face's `save_pretrained` does.
+pub fn plan_shards(specs: &[TensorSpec], max_bytes: u64) -> Vec<Vec<usize>> {
+    let mut shards: Vec<Vec<usize>> = Vec::new();
+    let mut current: Vec<usize> = Vec::new();
+    let mut size = 0u64;
+    for (i, s) in specs.iter().enumerate() {
+        let len = s.byte_len();
+        if !current.is_empty() && size + len > max_bytes {
+            shards.push(std::mem::take(&mut current));
+            size = 0;
+        }
+        current.push(i);
+        size += len;
+    }
+    if !current.is_empty() || shards.is_empty() {
+        shards.push(current);
+    }
+    shards
+}
+
+/// File name of shard `k` (0-based) of `n`: `model.safetensors` alone, else `model-0000k-of-0000n.safetensors`.
+pub fn shard_name(k: usize, n: usize) -> String {
+    if n == 1 {
+        SINGLE_FILE.to_string()
+    } else {
+        format!("model-{:05}-of-{:05}.safetensors", k + 1, n)
+    }
+}
+
+/// The complete header of a safetensors file holding `specs` in order: 8-byte length, then compact JSON
+/// with `{"format":"pt"}` metadata first, padded with spaces to a multiple of 8 (as the reference writer).
+pub fn header_bytes(specs: &[&TensorSpec]) -> Vec<u8> {
+    let mut json = String::from("{\"__metadata__\":{\"format\":\"pt\"}");
+    let mut offset = 0u64;
+    for s in specs {
+        let end = offset + s.byte_len();
+        let shape: Vec<String> = s.shape.iter().map(|d| d.to_string()).collect();
+        json.push_str(&format!(
+            ",{}:{{\"dtype\":\"{}\",\"shape\":[{}],\"data_offsets\":[{offset},{end}]}}",
+            serde_json::to_string(&s.name).expect("a string serializes"),
+            dtype_name(s.dtype),
+            shape.join(",")
+        ));
+        offset = end;
+    }
+    json.push('}');
+    while (json.len() + 8) % 8 != 0 {
+        json.push(' ');
+    }
+    let mut out = Vec::with_capacity(8 + json.len());
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(json.as_bytes());
+    out
+}
+
+/// A file being written, hashed as bytes go by.
+pub struct HashingFile {
+    path: PathBuf,
+    name: String,
+    out: BufWriter<File>,
+    hasher: Sha256,
+    size: u64,
+}
+
+impl HashingFile {
+    pub fn create(dir: &Path, name: &str) -> Result<Self, FormatError> {
+        let path = dir.join(name);
+        let file = File::create(&path).map_err(|e| FormatError::io(&path, e))?;
+        Ok(Self { path, name: name.to_string(), out: BufWriter::with_capacity(8 << 20, file), hasher: Sha256::new(), size: 0 })
+    }
+
+    pub fn write(&mut self, bytes: &[u8]) -> Result<(), FormatError> {
+        self.hasher.update(bytes);
+        self.size += bytes.len() as u64;
+        self.out.write_all(bytes).map_err(|e| FormatError::io(&self.path, e))
+    }
+
+    pub fn finish(mut self) -> Result<FileRecord, FormatError> {
+        self.out.flush().map_err(|e| FormatError::io(&self.path, e))?;
+        let file = self.out.into_inner().map_err(|e| FormatError::io(&self.path, e.into_error()))?;
+        file.sync_all().map_err(|e| FormatError::io(&self.path, e))?;
+        Ok(FileRecord { path: self.name, size: self.size, sha256: hex(&self.hasher.finalize()) })
+    }
+}
+
+/// Writes a small file whole and returns its record.
+pub fn write_small_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<FileRecord, FormatError> {
+    let mut f = HashingFile::create(dir, name)?;
+    f.write(bytes)?;
+    f.finish()
+}
+
+/// Lowercase hex of a digest.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Writes a model's tensors, in the order of its specs, into shards and (if more than one) an index.
+pub struct ModelWriter {
+    dir: PathBuf,
+    specs: Vec<TensorSpec>,
+    shards: Vec<Vec<usize>>,
+    /// Shard being written and position in its tensor list.
+    shard: usize,
+    slot: usize,
+    /// Bytes still due for the current tensor.
+    remaining: u64,
+    file: Option<HashingFile>,
+    records: Vec<FileRecord>,
+}
+
+impl ModelWriter {
+    pub fn create(dir: &Path, specs: Vec<TensorSpec>, shard_size: u64) -> Result<Self, FormatError> {
+        let shards = plan_shards(&specs, shard_size);
+        let mut w = Self { dir: dir.to_path_buf(), specs, shards, shard: 0, slot: 0, remaining: 0, file: None, records: Vec::new() };
+        w.open_shard()?;
+        Ok(w)
+    }
+
+    /// The file names this writer produces, in order (the index last, when there is one).
+    pub fn file_names(&self) -> Vec<String> {
+        let n = self.shards.len();
+        let mut v: Vec<String> = (0..n).map(|k| shard_name(k, n)).collect();
+        if n > 1 {
+            v.push(INDEX_FILE.to_string());
+        }
+        v
+    }
+
+    fn open_shard(&mut self) -> Result<(), FormatError> {
+        let n = self.shards.len();
+        let specs: Vec<&TensorSpec> = self.shards[self.shard].iter().map(|&i| &self.specs[i]).collect();
+        let mut f = HashingFile::create(&self.dir, &shard_name(self.shard, n))?;
+        f.write(&header_bytes(&specs))?;
+        self.file = Some(f);
+        self.slot = 0;
+        self.remaining = specs.first().map(|s| s.byte_len()).unwrap_or(0);
+        Ok(())
+    }
+
+    /// Appends data of the current tensor; a call never spans two tensors.
+    pub fn write(&mut self, bytes: &[u8]) -> Result<(), FormatError> {
+        let len = bytes.len() as u64;
+        assert!(len <= self.remaining, "writer fed more bytes than the tensor holds");
+        self.file.as_mut().expect("an open shard").write(bytes)?;
+        self.remaining -= len;
+        while self.remaining == 0 && self.file.is_some() {
+            self.advance()?;
+        }
+        Ok(())
+    }
+
+    /// Moves past a finished tensor (and a finished shard).
+    fn advance(&mut self) -> Result<(), FormatError> {
+        self.slot += 1;
+        if self.slot < self.shards[self.shard].len() {
+            self.remaining = self.specs[self.shards[self.shard][self.slot]].byte_len();
+            return Ok(());
+        }
+        let f = self.file.take().expect("an open shard");
+        self.records.push(f.finish()?);
+        if self.shard + 1 < self.shards.len() {
+            self.shard += 1;
+            self.open_shard()?;
+        }
+        Ok(())
+    }
+
+    /// Checks that every tensor was written, writes the index when sharded, returns the files written.
+    pub fn finish(mut self) -> Result<Vec<FileRecord>, FormatError> {
+        if self.file.is_some() || self.records.len() != self.shards.len() {
+            return Err(FormatError::io(&self.dir, std::io::Error::other("output ended before every tensor was written")));
+        }
+        let n = self.shards.len();
+        if n > 1 {
+            let total: u64 = self.specs.iter().map(|s| s.byte_len()).sum();
+            let mut map: Vec<(&str, String)> = Vec::new();
+            for (k, shard) in self.shards.iter().enumerate() {
+                for &i in shard {
+                    map.push((&self.specs[i].name, shard_name(k, n)));
+                }
+            }
+            map.sort();
+            let mut weight_map = serde_json::Map::new();
+            for (name, file) in map {
+                weight_map.insert(name.to_string(), serde_json::Value::String(file));
+            }
+            let index = serde_json::json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
+            let mut text = serde_json::to_string_pretty(&index).expect("JSON serializes");
+            text.push('\n');
+            self.records.push(write_small_file(&self.dir, INDEX_FILE, text.as_bytes())?);
+        }
+        Ok(self.records)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::reader::Model;
+
+    fn spec(name: &str, dtype: Dtype, shape: &[usize]) -> TensorSpec {
+        TensorSpec { name: name.into(), dtype, shape: shape.to_vec() }
+    }
+
+    #[test]
+    fn shards_respect_the_limit_and_keep_order() {
+        let specs = vec![spec("a", Dtype::F32, &[10]), spec("b", Dtype::F32, &[10]), spec("c", Dtype::F32, &[30]), spec("d", Dtype::BF16, &[4])];
+        assert_eq!(plan_shards(&specs, 80), vec![vec![0, 1], vec![2], vec![3]]);
+        assert_eq!(plan_shards(&specs, 1000), vec![vec![0, 1, 2, 3]]);
+        assert_eq!(plan_shards(&specs, 1), vec![vec![0], vec![1], vec![2], vec![3]]);
+    }
+
+    #[test]
+    fn header_is_aligned_and_readable() {
+        let a = spec("x", Dtype::BF16, &[3]);
+        let h = header_bytes(&[&a]);
+        assert_eq!(h.len() % 8, 0);
+        let n = u64::from_le_bytes(h[..8].try_into().unwrap()) as usize;
+        assert_eq!(n + 8, h.len());
+        let json: serde_json::Value = serde_json::from_slice(&h[8..]).unwrap();
+        assert_eq!(json["__metadata__"]["format"], "pt");
+        assert_eq!(json["x"]["data_offsets"], serde_json::json!([0, 6]));
+    }
+
+    #[test]
+    fn round_trip_through_the_reader_sharded() {
+        let dir = tempfile::tempdir().unwrap();
+        let specs = vec![spec("w1", Dtype::F32, &[2, 2]), spec("w2", Dtype::BF16, &[3]), spec("ids", Dtype::I64, &[2])];
+        let mut w = ModelWriter::create(dir.path(), specs, 22).unwrap();
+        assert_eq!(w.file_names(), vec!["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", INDEX_FILE]);
+        let w1: Vec<u8> = [1f32, 2., 3., 4.].iter().flat_map(|v| v.to_le_bytes()).collect();
+        w.write(&w1[..4]).unwrap();
+        w.write(&w1[4..]).unwrap();
+        w.write(&[1, 2, 3, 4, 5, 6]).unwrap();
+        w.write(&7i64.to_le_bytes()).unwrap();
+        w.write(&8i64.to_le_bytes()).unwrap();
+        let records = w.finish().unwrap();
+        assert_eq!(records.len(), 3);
+        for r in &records {
+            let bytes = std::fs::read(dir.path().join(&r.path)).unwrap();
+            assert_eq!(bytes.len() as u64, r.size);
+            assert_eq!(hex(&Sha256::digest(&bytes)), r.sha256);
+        }
+        let m = Model::open(dir.path()).unwrap();
+        assert_eq!(m.data(m.get("w1").unwrap()), &w1[..]);
+        assert_eq!(m.data(m.get("w2").unwrap()), &[1, 2, 3, 4, 5, 6]);
+        assert_eq!(m.get("ids").unwrap().shape, vec![2]);
+    }
+
+    #[test]
+    fn finishing_early_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = ModelWriter::create(dir.path(), vec![spec("w", Dtype::F32, &[2])], 100).unwrap();
+        assert!(w.finish().is_err());
+    }
+}

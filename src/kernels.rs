@@ -1,0 +1,276 @@
+//! The merge methods as pure math: closed-form weights and SLERP coefficients (f64), and the f32 kernels
+//! that apply them to slices. No I/O here.
+//!
+//! Every method is linear in its inputs once its coefficients are known, so a whole recipe reduces, per
+//! tensor, to a weighted sum of input tensors. Only SLERP's coefficients depend on the data (the angle
+//! between task vectors over a group of tensors), through the Gram matrix of its task vectors.
+
+/// Below this, sin Ω is treated as zero and SLERP falls back to linear interpolation (recipe.md).
+pub const SLERP_PARALLEL_EPS: f64 = 1e-6;
+
+/// Closed-form EMA weights. Returns `(start_weight, checkpoint_weights)`; they sum to 1.
+///
+/// Without `steps`, each checkpoint is one update with rate `mu`; with `steps`, the rate applies per
+/// training step and checkpoint k stands for the Δ_k = s_k − s_{k−1} steps since the previous one
+/// (s₀ = 0 when there is a start). Without a start, e₁ = θ₁.
+pub fn ema_weights(mu: f64, n: usize, steps: Option<&[u64]>, has_start: bool) -> (f64, Vec<f64>) {
+    assert!(n >= 1, "EMA of no checkpoints");
+    // keep[k] = fraction of e_{k-1} kept at update k (k = 0-based checkpoint index).
+    let keep: Vec<f64> = (0..n)
+        .map(|k| match steps {
+            Some(s) => {
+                let prev = if k == 0 { 0 } else { s[k - 1] };
+                (1.0 - mu).powf((s[k] - prev) as f64)
+            }
+            None => 1.0 - mu,
+        })
+        .collect();
+    let mut w = vec![0.0; n];
+    let mut start_w = 0.0;
+    // Walk backwards: the weight of what existed before update k is the product of later keeps.
+    let mut tail = 1.0; // Π_{j>k} keep[j]
+    for k in (0..n).rev() {
+        if k == 0 && !has_start {
+            w[0] = tail; // e₁ = θ₁
+        } else {
+            w[k] = (1.0 - keep[k]) * tail;
+            tail *= keep[k];
+        }
+    }
+    if has_start {
+        start_w = tail;
+    }
+    (start_w, w)
+}
+
+/// The two coefficients of one SLERP pair: result = ca·a + cb·b, given ⟨a,b⟩, ‖a‖², ‖b‖² (f64) and λ.
+pub fn slerp_pair(dot: f64, norm2_a: f64, norm2_b: f64, lambda: f64) -> (f64, f64) {
+    if norm2_a <= 0.0 || norm2_b <= 0.0 {
+        return (1.0 - lambda, lambda);
+    }
+    let cos = (dot / (norm2_a.sqrt() * norm2_b.sqrt())).clamp(-1.0, 1.0);
+    let omega = cos.acos();
+    let sin = omega.sin();
+    if sin < SLERP_PARALLEL_EPS {
+        return (1.0 - lambda, lambda);
+    }
+    (((1.0 - lambda) * omega).sin() / sin, (lambda * omega).sin() / sin)
+}
+
+/// SLERP of M task vectors given their Gram matrix `gram[m][n] = ⟨δ_m, δ_n⟩` (over one group), as WARP's
+/// chain: r₁ = δ₁, r_m = pair(r_{m−1}, δ_m, λ_m). Returns r_M's coefficients over δ₁..δ_M.
+///
+/// A chain vector whose squared norm cancels to below 1e-20 of its terms' magnitude is exactly zero in
+/// exact arithmetic (e.g. antiparallel halves), and is treated as zero, as an explicit evaluation would.
+pub fn slerp_chain(gram: &[Vec<f64>], lambdas: &[f64]) -> Vec<f64> {
+    let m = gram.len();
+    assert_eq!(lambdas.len() + 1, m);
+    let mut r = vec![0.0; m];
+    r[0] = 1.0;
+    for (k, &lambda) in lambdas.iter().enumerate() {
+        let b = k + 1;
+        let (mut norm2_a, mut scale) = (0.0, 0.0);
+        let mut dot = 0.0;
+        for i in 0..m {
+            dot += r[i] * gram[i][b];
+            for j in 0..m {
+                norm2_a += r[i] * r[j] * gram[i][j];
+                scale += (r[i] * r[j] * gram[i][j]).abs();
+            }
+        }
+        if norm2_a <= 1e-20 * scale {
+            norm2_a = 0.0;
+        }
+        let (ca, cb) = slerp_pair(dot, norm2_a, gram[b][b], lambda);
+        for x in r.iter_mut() {
+            *x *= ca;
+        }
+        r[b] += cb;
+    }
+    r
+}
+
+/// λ_m = w_m / (w₁ + … + w_m) for m = 2..M (WARP appendix B.3): equal weights give 1/2, 1/3, ...
+pub fn chain_lambdas(weights: &[f64]) -> Vec<f64> {
+    let mut acc = weights[0];
+    weights[1..]
+        .iter()
+        .map(|&w| {
+            acc += w;
+            w / acc
+        })
+        .collect()
+}
+
+/// out = Σ_i c_i·x_i, evaluated as s·x_ref + Σ_{i≠ref} c_i·(x_i − x_ref) with s = Σ c_i, in f32.
+///
+/// Task vectors and merges sit close to the reference (the base), so taking differences first keeps
+/// f32 cancellation out of the result: a task vector (s = 0) is computed from exact differences of
+/// bf16 inputs, and a merged model (s = 1) is the base plus a small correction.
+pub fn combine(coefs: &[f32], sum: f32, inputs: &[&[f32]], reference: usize, out: &mut [f32]) {
+    let x_ref = inputs[reference];
+    for (j, o) in out.iter_mut().enumerate() {
+        let r = x_ref[j];
+        let mut acc = 0f32;
+        for (i, x) in inputs.iter().enumerate() {
+            if i != reference && coefs[i] != 0.0 {
+                acc += coefs[i] * (x[j] - r);
+            }
+        }
+        *o = sum * r + acc;
+    }
+}
+
+/// Accumulates the Gram matrix of several vectors (given as f32 slices of equal length) in f64.
+pub fn gram_accumulate(vectors: &[&[f32]], gram: &mut [Vec<f64>]) {
+    let m = vectors.len();
+    for a in 0..m {
+        for b in a..m {
+            let (x, y) = (vectors[a], vectors[b]);
+            let mut s = 0f64;
+            for j in 0..x.len() {
+                s += x[j] as f64 * y[j] as f64;
+            }
+            gram[a][b] += s;
+            if a != b {
+                gram[b][a] += s;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dot(a: &[f64], b: &[f64]) -> f64 {
+        a.iter().zip(b).map(|(x, y)| x * y).sum()
+    }
+
+    fn gram_of(v: &[Vec<f64>]) -> Vec<Vec<f64>> {
+        v.iter().map(|a| v.iter().map(|b| dot(a, b)).collect()).collect()
+    }
+
+    #[test]
+    fn ema_without_steps_matches_the_recursion() {
+        let mu = 0.3;
+        let (s, w) = ema_weights(mu, 3, None, false);
+        // e1 = θ1; e2 = .7θ1 + .3θ2; e3 = .7e2 + .3θ3 = .49θ1 + .21θ2 + .3θ3
+        assert_eq!(s, 0.0);
+        assert!((w[0] - 0.49).abs() < 1e-15 && (w[1] - 0.21).abs() < 1e-15 && (w[2] - 0.3).abs() < 1e-15);
+        let (s, w) = ema_weights(mu, 2, None, true);
+        // e0 = start; e1 = .7s + .3θ1; e2 = .49s + .21θ1 + .3θ2
+        assert!((s - 0.49).abs() < 1e-15 && (w[0] - 0.21).abs() < 1e-15 && (w[1] - 0.3).abs() < 1e-15);
+    }
+
+    #[test]
+    fn ema_with_steps_applies_the_rate_per_step() {
+        let mu = 0.01;
+        let (s, w) = ema_weights(mu, 3, Some(&[100, 200, 300]), true);
+        let k = 0.99f64.powi(100);
+        assert!((w[2] - (1.0 - k)).abs() < 1e-15);
+        assert!((w[1] - (1.0 - k) * k).abs() < 1e-15);
+        assert!((w[0] - (1.0 - k) * k * k).abs() < 1e-15);
+        assert!((s - k * k * k).abs() < 1e-15);
+        // Without a start, the first checkpoint seeds the average.
+        let (s, w) = ema_weights(mu, 2, Some(&[10, 30]), false);
+        assert_eq!(s, 0.0);
+        assert!((w[0] - 0.99f64.powi(20)).abs() < 1e-15);
+    }
+
+    #[test]
+    fn ema_weights_sum_to_one() {
+        for &(mu, n, start) in &[(0.5, 1, false), (0.5, 1, true), (0.01, 7, true), (1.0, 4, false), (0.2, 5, false)] {
+            let steps: Vec<u64> = (1..=n as u64).map(|k| k * 17 + k * k).collect();
+            for st in [None, Some(steps.as_slice())] {
+                let (s, w) = ema_weights(mu, n, st, start);
+                let total: f64 = s + w.iter().sum::<f64>();
+                assert!((total - 1.0).abs() < 1e-12, "mu={mu} n={n} start={start} steps={st:?}: {total}");
+            }
+        }
+        // μ = 1 keeps only the last checkpoint.
+        let (s, w) = ema_weights(1.0, 3, None, true);
+        assert_eq!((s, w), (0.0, vec![0.0, 0.0, 1.0]));
+    }
+
+    #[test]
+    fn slerp_endpoints() {
+        for &(d, na, nb) in &[(0.3, 1.0, 2.0), (-0.5, 1.0, 1.0), (0.0, 3.0, 0.5)] {
+            let (ca, cb) = slerp_pair(d, na, nb, 0.0);
+            assert!((ca - 1.0).abs() < 1e-12 && cb.abs() < 1e-12);
+            let (ca, cb) = slerp_pair(d, na, nb, 1.0);
+            assert!(ca.abs() < 1e-12 && (cb - 1.0).abs() < 1e-12);
+        }
+    }
+
+    #[test]
+    fn slerp_zero_parallel_antiparallel_fall_back_to_linear() {
+        assert_eq!(slerp_pair(0.0, 0.0, 1.0, 0.3), (0.7, 0.3)); // ‖a‖ = 0
+        assert_eq!(slerp_pair(0.0, 1.0, 0.0, 0.3), (0.7, 0.3)); // ‖b‖ = 0
+        assert_eq!(slerp_pair(2.0, 1.0, 4.0, 0.3), (0.7, 0.3)); // b = 2a
+        assert_eq!(slerp_pair(-2.0, 1.0, 4.0, 0.3), (0.7, 0.3)); // b = −2a
+    }
+
+    #[test]
+    fn slerp_preserves_norm_of_equal_norm_vectors() {
+        let a = vec![1.0, 0.0, 0.0];
+        let b = vec![0.0, 0.6, 0.8];
+        for &lambda in &[0.1, 0.25, 0.5, 0.9] {
+            let (ca, cb) = slerp_pair(dot(&a, &b), dot(&a, &a), dot(&b, &b), lambda);
+            let r: Vec<f64> = a.iter().zip(&b).map(|(x, y)| ca * x + cb * y).collect();
+            assert!((dot(&r, &r).sqrt() - 1.0).abs() < 1e-12, "λ={lambda}");
+            // The angle to a is λ·Ω.
+            let angle = (dot(&r, &a) / dot(&r, &r).sqrt()).acos();
+            assert!((angle - lambda * std::f64::consts::FRAC_PI_2).abs() < 1e-12);
+        }
+    }
+
+    #[test]
+    fn slerp_chain_of_two_equals_the_pair_and_three_uses_running_lambdas() {
+        let v = vec![vec![1.0, 0.2, 0.0], vec![0.1, 1.0, 0.3], vec![0.0, -0.4, 1.0]];
+        let g = gram_of(&v);
+        let r = slerp_chain(&g[..2].iter().map(|row| row[..2].to_vec()).collect::<Vec<_>>(), &[0.3]);
+        let (ca, cb) = slerp_pair(g[0][1], g[0][0], g[1][1], 0.3);
+        assert!((r[0] - ca).abs() < 1e-15 && (r[1] - cb).abs() < 1e-15);
+        // Three models, equal weights: λ = 1/2 then 1/3; compare with explicit vectors.
+        let lambdas = chain_lambdas(&[1.0, 1.0, 1.0]);
+        assert_eq!(lambdas, vec![0.5, 1.0 / 3.0]);
+        let r = slerp_chain(&g, &lambdas);
+        let (c1, c2) = slerp_pair(g[0][1], g[0][0], g[1][1], 0.5);
+        let r2: Vec<f64> = (0..3).map(|j| c1 * v[0][j] + c2 * v[1][j]).collect();
+        let (c3, c4) = slerp_pair(dot(&r2, &v[2]), dot(&r2, &r2), g[2][2], 1.0 / 3.0);
+        for j in 0..3 {
+            let explicit = c3 * r2[j] + c4 * v[2][j];
+            let via_gram: f64 = (0..3).map(|m| r[m] * v[m][j]).sum();
+            assert!((explicit - via_gram).abs() < 1e-14);
+        }
+    }
+
+    #[test]
+    fn slerp_chain_treats_a_cancelled_vector_as_zero() {
+        // δ₂ = −δ₁ with λ = 1/2 gives r₂ = 0; the next pair must then be linear: r₃ = (2/3)·0 + (1/3)·δ₃.
+        let v = vec![vec![1.0, 2.0], vec![-1.0, -2.0], vec![0.5, -3.0]];
+        let r = slerp_chain(&gram_of(&v), &[0.5, 1.0 / 3.0]);
+        let out: Vec<f64> = (0..2).map(|j| (0..3).map(|m| r[m] * v[m][j]).sum()).collect();
+        assert!((out[0] - 0.5 / 3.0).abs() < 1e-15 && (out[1] + 1.0).abs() < 1e-15);
+    }
+
+    #[test]
+    fn combine_is_the_weighted_sum() {
+        let x0 = [1.0f32, 2.0, -3.0];
+        let x1 = [1.5f32, 2.5, -2.0];
+        let x2 = [0.0f32, 1.0, 4.0];
+        let mut out = [0f32; 3];
+        let c = [0.2f32, 0.5, 0.3];
+        combine(&c, 1.0, &[&x0, &x1, &x2], 0, &mut out);
+        for j in 0..3 {
+            let want = 0.2 * x0[j] + 0.5 * x1[j] + 0.3 * x2[j];
+            assert!((out[j] - want).abs() < 1e-6);
+        }
+        // λ = 0 and 1 of a LITI give the endpoints exactly.
+        combine(&[1.0, 0.0], 1.0, &[&x0, &x1], 0, &mut out);
+        assert_eq!(out, x0);
+        combine(&[0.0, 1.0], 1.0, &[&x0, &x1], 0, &mut out);
+        assert_eq!(out, x1);
+    }
+}
