@@ -54,7 +54,10 @@ pub fn slerp_pair(dot: f64, norm2_a: f64, norm2_b: f64, lambda: f64) -> (f64, f6
     if sin < SLERP_PARALLEL_EPS {
         return (1.0 - lambda, lambda);
     }
-    (((1.0 - lambda) * omega).sin() / sin, (lambda * omega).sin() / sin)
+    (
+        ((1.0 - lambda) * omega).sin() / sin,
+        (lambda * omega).sin() / sin,
+    )
 }
 
 /// SLERP of M task vectors given their Gram matrix `gram[m][n] = ⟨δ_m, δ_n⟩` (over one group), as WARP's
@@ -102,35 +105,37 @@ pub fn chain_lambdas(weights: &[f64]) -> Vec<f64> {
         .collect()
 }
 
-/// out = Σ_i c_i·x_i, evaluated as s·x_ref + Σ_{i≠ref} c_i·(x_i − x_ref) with s = Σ c_i, in f32.
+/// out = Σ_i c_i·x_i, evaluated as s·x_ref + Σ_{i≠ref} c_i·(x_i − x_ref) with s = Σ c_i.
 ///
-/// Task vectors and merges sit close to the reference (the base), so taking differences first keeps
-/// f32 cancellation out of the result: a task vector (s = 0) is computed from exact differences of
-/// bf16 inputs, and a merged model (s = 1) is the base plus a small correction.
-pub fn combine(coefs: &[f32], sum: f32, inputs: &[&[f32]], reference: usize, out: &mut [f32]) {
+/// Inputs are exact f32 (upcast from bf16/f16/f32); the sum is formed in f64 so that the single rounding
+/// to the output dtype is the only one that matters. Differences to the reference (the base) are exact in
+/// f64, so a task vector (s = 0) carries no cancellation error and a merge (s = 1) is the base plus a
+/// small correction.
+pub fn combine(coefs: &[f64], sum: f64, inputs: &[&[f32]], reference: usize, out: &mut [f64]) {
     let x_ref = inputs[reference];
+    let terms: Vec<(usize, f64)> = coefs
+        .iter()
+        .enumerate()
+        .filter(|&(i, &c)| i != reference && c != 0.0)
+        .map(|(i, &c)| (i, c))
+        .collect();
     for (j, o) in out.iter_mut().enumerate() {
-        let r = x_ref[j];
-        let mut acc = 0f32;
-        for (i, x) in inputs.iter().enumerate() {
-            if i != reference && coefs[i] != 0.0 {
-                acc += coefs[i] * (x[j] - r);
-            }
+        let r = x_ref[j] as f64;
+        let mut acc = 0f64;
+        for &(i, c) in &terms {
+            acc += c * (inputs[i][j] as f64 - r);
         }
         *o = sum * r + acc;
     }
 }
 
-/// Accumulates the Gram matrix of several vectors (given as f32 slices of equal length) in f64.
-pub fn gram_accumulate(vectors: &[&[f32]], gram: &mut [Vec<f64>]) {
+/// Accumulates the Gram matrix of several vectors of equal length in f64.
+pub fn gram_accumulate(vectors: &[&[f64]], gram: &mut [Vec<f64>]) {
     let m = vectors.len();
     for a in 0..m {
         for b in a..m {
             let (x, y) = (vectors[a], vectors[b]);
-            let mut s = 0f64;
-            for j in 0..x.len() {
-                s += x[j] as f64 * y[j] as f64;
-            }
+            let s: f64 = x.iter().zip(y).map(|(p, q)| p * q).sum();
             gram[a][b] += s;
             if a != b {
                 gram[b][a] += s;
@@ -148,7 +153,9 @@ mod tests {
     }
 
     fn gram_of(v: &[Vec<f64>]) -> Vec<Vec<f64>> {
-        v.iter().map(|a| v.iter().map(|b| dot(a, b)).collect()).collect()
+        v.iter()
+            .map(|a| v.iter().map(|b| dot(a, b)).collect())
+            .collect()
     }
 
     #[test]
@@ -157,10 +164,16 @@ mod tests {
         let (s, w) = ema_weights(mu, 3, None, false);
         // e1 = θ1; e2 = .7θ1 + .3θ2; e3 = .7e2 + .3θ3 = .49θ1 + .21θ2 + .3θ3
         assert_eq!(s, 0.0);
-        assert!((w[0] - 0.49).abs() < 1e-15 && (w[1] - 0.21).abs() < 1e-15 && (w[2] - 0.3).abs() < 1e-15);
+        assert!(
+            (w[0] - 0.49).abs() < 1e-15
+                && (w[1] - 0.21).abs() < 1e-15
+                && (w[2] - 0.3).abs() < 1e-15
+        );
         let (s, w) = ema_weights(mu, 2, None, true);
         // e0 = start; e1 = .7s + .3θ1; e2 = .49s + .21θ1 + .3θ2
-        assert!((s - 0.49).abs() < 1e-15 && (w[0] - 0.21).abs() < 1e-15 && (w[1] - 0.3).abs() < 1e-15);
+        assert!(
+            (s - 0.49).abs() < 1e-15 && (w[0] - 0.21).abs() < 1e-15 && (w[1] - 0.3).abs() < 1e-15
+        );
     }
 
     #[test]
@@ -180,12 +193,21 @@ mod tests {
 
     #[test]
     fn ema_weights_sum_to_one() {
-        for &(mu, n, start) in &[(0.5, 1, false), (0.5, 1, true), (0.01, 7, true), (1.0, 4, false), (0.2, 5, false)] {
+        for &(mu, n, start) in &[
+            (0.5, 1, false),
+            (0.5, 1, true),
+            (0.01, 7, true),
+            (1.0, 4, false),
+            (0.2, 5, false),
+        ] {
             let steps: Vec<u64> = (1..=n as u64).map(|k| k * 17 + k * k).collect();
             for st in [None, Some(steps.as_slice())] {
                 let (s, w) = ema_weights(mu, n, st, start);
                 let total: f64 = s + w.iter().sum::<f64>();
-                assert!((total - 1.0).abs() < 1e-12, "mu={mu} n={n} start={start} steps={st:?}: {total}");
+                assert!(
+                    (total - 1.0).abs() < 1e-12,
+                    "mu={mu} n={n} start={start} steps={st:?}: {total}"
+                );
             }
         }
         // μ = 1 keeps only the last checkpoint.
@@ -227,9 +249,19 @@ mod tests {
 
     #[test]
     fn slerp_chain_of_two_equals_the_pair_and_three_uses_running_lambdas() {
-        let v = vec![vec![1.0, 0.2, 0.0], vec![0.1, 1.0, 0.3], vec![0.0, -0.4, 1.0]];
+        let v = vec![
+            vec![1.0, 0.2, 0.0],
+            vec![0.1, 1.0, 0.3],
+            vec![0.0, -0.4, 1.0],
+        ];
         let g = gram_of(&v);
-        let r = slerp_chain(&g[..2].iter().map(|row| row[..2].to_vec()).collect::<Vec<_>>(), &[0.3]);
+        let r = slerp_chain(
+            &g[..2]
+                .iter()
+                .map(|row| row[..2].to_vec())
+                .collect::<Vec<_>>(),
+            &[0.3],
+        );
         let (ca, cb) = slerp_pair(g[0][1], g[0][0], g[1][1], 0.3);
         assert!((r[0] - ca).abs() < 1e-15 && (r[1] - cb).abs() < 1e-15);
         // Three models, equal weights: λ = 1/2 then 1/3; compare with explicit vectors.
@@ -251,7 +283,9 @@ mod tests {
         // δ₂ = −δ₁ with λ = 1/2 gives r₂ = 0; the next pair must then be linear: r₃ = (2/3)·0 + (1/3)·δ₃.
         let v = vec![vec![1.0, 2.0], vec![-1.0, -2.0], vec![0.5, -3.0]];
         let r = slerp_chain(&gram_of(&v), &[0.5, 1.0 / 3.0]);
-        let out: Vec<f64> = (0..2).map(|j| (0..3).map(|m| r[m] * v[m][j]).sum()).collect();
+        let out: Vec<f64> = (0..2)
+            .map(|j| (0..3).map(|m| r[m] * v[m][j]).sum())
+            .collect();
         assert!((out[0] - 0.5 / 3.0).abs() < 1e-15 && (out[1] + 1.0).abs() < 1e-15);
     }
 
@@ -260,17 +294,19 @@ mod tests {
         let x0 = [1.0f32, 2.0, -3.0];
         let x1 = [1.5f32, 2.5, -2.0];
         let x2 = [0.0f32, 1.0, 4.0];
-        let mut out = [0f32; 3];
-        let c = [0.2f32, 0.5, 0.3];
-        combine(&c, 1.0, &[&x0, &x1, &x2], 0, &mut out);
+        let mut out = [0f64; 3];
+        combine(&[0.2, 0.5, 0.3], 1.0, &[&x0, &x1, &x2], 0, &mut out);
         for j in 0..3 {
-            let want = 0.2 * x0[j] + 0.5 * x1[j] + 0.3 * x2[j];
-            assert!((out[j] - want).abs() < 1e-6);
+            let want = 0.2 * x0[j] as f64 + 0.5 * x1[j] as f64 + 0.3 * x2[j] as f64;
+            assert!((out[j] - want).abs() < 1e-15);
         }
         // λ = 0 and 1 of a LITI give the endpoints exactly.
         combine(&[1.0, 0.0], 1.0, &[&x0, &x1], 0, &mut out);
-        assert_eq!(out, x0);
+        assert_eq!(out, x0.map(f64::from));
         combine(&[0.0, 1.0], 1.0, &[&x0, &x1], 0, &mut out);
-        assert_eq!(out, x1);
+        assert_eq!(out, x1.map(f64::from));
+        // A task vector (coefficients summing to 0) is the exact difference.
+        combine(&[-1.0, 1.0], 0.0, &[&x0, &x1], 0, &mut out);
+        assert_eq!(out, [0.5, 0.5, 1.0]);
     }
 }

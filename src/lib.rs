@@ -4,6 +4,7 @@
 //! Data flows one way: [`recipe`] (YAML → validated plan) → [`kernels`] (pure math) → [`executor`]
 //! (streams tensors through the kernels) → [`format`] (safetensors in and out).
 
+pub mod executor;
 pub mod format;
-pub mod recipe;
 pub mod kernels;
+pub mod recipe;

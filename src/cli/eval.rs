@@ -41,7 +41,11 @@ pub struct GenerateArgs {
     /// Model folder (config.json + safetensors).
     pub model: PathArg,
     /// Prompt text (tokenized, <bos> prepended).
-    #[arg(long, conflicts_with = "token_ids", required_unless_present = "token_ids")]
+    #[arg(
+        long,
+        conflicts_with = "token_ids",
+        required_unless_present = "token_ids"
+    )]
     pub prompt: Option<String>,
     /// Prompt token ids used as given, comma separated.
     #[arg(long, value_name = "IDS", value_delimiter = ',')]

@@ -1,6 +1,13 @@
 //! `run`, `verify`, `inspect`: the merge engine on the command line.
 
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+
 use clap::Args;
+use gemma_merge::executor::{verify_folder, PlanSummary, Prepared, RunOptions};
+use gemma_merge::format::Model;
+use gemma_merge::recipe::Plan;
+use indicatif::{ProgressBar, ProgressStyle};
 
 use super::{Global, PathArg};
 
@@ -40,14 +47,217 @@ pub struct InspectArgs {
     pub json: bool,
 }
 
-pub fn run(_a: &RunArgs, _g: &Global) -> anyhow::Result<()> {
-    anyhow::bail!("run is not built yet")
+pub fn run(a: &RunArgs, g: &Global) -> anyhow::Result<()> {
+    let plan = Plan::from_file(&a.recipe, a.out.as_deref())?;
+    if !g.quiet {
+        for w in &plan.warnings {
+            eprintln!("warning: {w}");
+        }
+    }
+    let prepared = Prepared::new(&plan)?;
+    if a.dry_run {
+        let s = prepared.summary();
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&s)?);
+        } else {
+            print_summary(&s);
+        }
+        return Ok(());
+    }
+    let bar = progress_bar(g);
+    let report = prepared.run(
+        &RunOptions {
+            force: a.force,
+            hash_inputs: a.hash_inputs,
+        },
+        &|done, total| {
+            if let Some(b) = &bar {
+                b.set_length(total);
+                b.set_position(done);
+            }
+        },
+    )?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else if !g.quiet {
+        for o in &report.outputs {
+            println!("wrote {}", o.display());
+        }
+        println!(
+            "{} tensors, {} in {:.2} s",
+            report.tensors,
+            human_bytes(report.bytes_written),
+            report.seconds
+        );
+    }
+    Ok(())
 }
 
-pub fn verify(_a: &VerifyArgs, _g: &Global) -> anyhow::Result<()> {
-    anyhow::bail!("verify is not built yet")
+fn progress_bar(g: &Global) -> Option<ProgressBar> {
+    if g.quiet || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let b = ProgressBar::new(0);
+    b.set_style(
+        ProgressStyle::with_template(
+            "{spinner} merging [{bar:40}] {percent:>3}% {elapsed_precise} eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    Some(b)
 }
 
-pub fn inspect(_a: &InspectArgs, _g: &Global) -> anyhow::Result<()> {
-    anyhow::bail!("inspect is not built yet")
+fn print_summary(s: &PlanSummary) {
+    println!("plan (dry run: nothing is written)");
+    println!("inputs:");
+    for (shown, path, bytes) in &s.inputs {
+        println!("  {shown:<24} {} ({})", path.display(), human_bytes(*bytes));
+    }
+    println!("steps:");
+    for (name, method) in &s.steps {
+        println!("  {name:<24} {method}");
+    }
+    println!("outputs:");
+    for o in &s.outputs {
+        println!("  {}", o.display());
+    }
+    println!(
+        "tensors: {} ({} merged, {} copied)",
+        s.tensors, s.merged_tensors, s.copied_tensors
+    );
+    println!("passes over the inputs: {}", s.passes);
+    println!("bytes to read: {} (at most)", human_bytes(s.bytes_to_read));
+    println!("bytes to write: {}", human_bytes(s.bytes_to_write));
+    println!(
+        "peak memory estimate: {} (plus the page cache)",
+        human_bytes(s.peak_memory_estimate)
+    );
+    for w in &s.warnings {
+        println!("warning: {w}");
+    }
+}
+
+/// "1.23 GB" style sizes (powers of 1000, as the shard sizes).
+pub fn human_bytes(n: u64) -> String {
+    let units = ["B", "KB", "MB", "GB", "TB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1000.0 && u + 1 < units.len() {
+        v /= 1000.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.2} {}", units[u])
+    }
+}
+
+pub fn verify(a: &VerifyArgs, g: &Global) -> anyhow::Result<()> {
+    let report = verify_folder(&a.dir)?;
+    if !report.mismatches.is_empty() {
+        for m in &report.mismatches {
+            eprintln!("mismatch: {m}");
+        }
+        anyhow::bail!(
+            "{}: {} of {} files differ from merge-manifest.json",
+            a.dir.display(),
+            report.mismatches.len(),
+            report.mismatches.len() + report.checked.len()
+        );
+    }
+    if !g.quiet {
+        if g.verbose {
+            for c in &report.checked {
+                println!("ok {c}");
+            }
+        }
+        println!(
+            "{}: {} files match merge-manifest.json",
+            a.dir.display(),
+            report.checked.len()
+        );
+    }
+    Ok(())
+}
+
+pub fn inspect(a: &InspectArgs, _g: &Global) -> anyhow::Result<()> {
+    let model = Model::open(&a.path)?;
+    let config = model.config()?;
+    let params: u64 = model.tensors().iter().map(|t| t.numel() as u64).sum();
+    let mut dtypes: BTreeMap<String, u64> = BTreeMap::new();
+    for t in model.tensors() {
+        *dtypes.entry(format!("{:?}", t.dtype)).or_default() += t.numel() as u64;
+    }
+    let config_keys = [
+        "model_type",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "vocab_size",
+        "sliding_window",
+        "torch_dtype",
+    ];
+    let mut cfg = serde_json::Map::new();
+    if let Some(c) = &config {
+        for k in config_keys {
+            if let Some(v) = c.get(k) {
+                cfg.insert(k.into(), v.clone());
+            }
+        }
+    }
+    if a.json {
+        let tensors: Vec<serde_json::Value> = model
+            .tensors()
+            .iter()
+            .map(|t| serde_json::json!({"name": t.name, "dtype": format!("{:?}", t.dtype), "shape": t.shape}))
+            .collect();
+        let files: Vec<serde_json::Value> = model
+            .files()
+            .iter()
+            .map(|f| serde_json::json!({"path": f.path().display().to_string(), "size": f.len()}))
+            .collect();
+        let out = serde_json::json!({
+            "path": a.path.display().to_string(),
+            "tensors": tensors,
+            "parameters": params,
+            "bytes": model.data_bytes(),
+            "dtypes": dtypes,
+            "files": files,
+            "config": cfg,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!("{}", a.path.display());
+    println!("files: {}", model.files().len());
+    println!("tensors: {}", model.tensors().len());
+    println!("parameters: {params}");
+    println!(
+        "bytes: {} ({})",
+        model.data_bytes(),
+        human_bytes(model.data_bytes())
+    );
+    for (d, n) in &dtypes {
+        println!("dtype {d}: {n} parameters");
+    }
+    for (k, v) in &cfg {
+        println!("config {k}: {v}");
+    }
+    for t in model.tensors() {
+        println!(
+            "  {:<56} {:<5} {:?}",
+            t.name,
+            format!("{:?}", t.dtype),
+            t.shape
+        );
+    }
+    Ok(())
 }

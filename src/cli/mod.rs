@@ -61,6 +61,9 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
         if let Some(e) = cause.downcast_ref::<gemma_merge::recipe::RecipeError>() {
             return if e.is_usage() { 2 } else { 1 };
         }
+        if let Some(e) = cause.downcast_ref::<gemma_merge::executor::MergeError>() {
+            return if e.is_usage() { 2 } else { 1 };
+        }
     }
     1
 }
@@ -69,9 +72,14 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     let threads = match cli.global.threads {
         Some(0) => return Err(UsageError("--threads must be at least 1".into()).into()),
         Some(n) => n,
-        None => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        None => std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
     };
-    rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().ok();
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .ok();
     let g = &cli.global;
     match &cli.command {
         Command::Run(a) => merge::run(a, g),

@@ -105,6 +105,60 @@ impl FloatType {
     }
 }
 
+impl FloatType {
+    /// Rounds each f64 value once to this type (round-to-nearest-even) and appends little-endian bytes.
+    ///
+    /// For bf16/f16 the value first goes to f32 with round-to-odd, which keeps the second rounding
+    /// correct (f32 has more than twice the precision of either, plus two bits): the result is the f64
+    /// value rounded once.
+    pub fn encode_f64(self, values: &[f64], out: &mut Vec<u8>) {
+        out.reserve(values.len() * self.size());
+        match self {
+            Self::F32 => {
+                for &v in values {
+                    out.extend_from_slice(&(v as f32).to_le_bytes());
+                }
+            }
+            Self::BF16 => {
+                for &v in values {
+                    out.extend_from_slice(
+                        &bf16::from_f32(f64_to_f32_round_odd(v))
+                            .to_bits()
+                            .to_le_bytes(),
+                    );
+                }
+            }
+            Self::F16 => {
+                for &v in values {
+                    out.extend_from_slice(
+                        &f16::from_f32(f64_to_f32_round_odd(v))
+                            .to_bits()
+                            .to_le_bytes(),
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// f64 → f32 rounding to odd: truncate towards zero, and set the last mantissa bit when inexact.
+pub fn f64_to_f32_round_odd(x: f64) -> f32 {
+    let f = x as f32;
+    if !f.is_finite() || f as f64 == x {
+        return f;
+    }
+    // Truncate towards zero.
+    let mut t = if (f as f64).abs() > x.abs() {
+        f32::from_bits(f.to_bits() - 1)
+    } else {
+        f
+    };
+    if t.to_bits() & 1 == 0 {
+        t = f32::from_bits(t.to_bits() | 1);
+    }
+    t
+}
+
 impl std::fmt::Display for FloatType {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.torch_name())
@@ -133,9 +187,15 @@ mod tests {
         // 1 + 2^-8 lies exactly between bf16 neighbours 1 and 1 + 2^-7: ties go to the even mantissa (1).
         assert_eq!(round_trip(FloatType::BF16, 1.0 + 2f32.powi(-8)), 1.0);
         // 1 + 3·2^-8 lies between 1 + 2^-7 (odd) and 1 + 2^-6 (even): goes up to the even one.
-        assert_eq!(round_trip(FloatType::BF16, 1.0 + 3.0 * 2f32.powi(-8)), 1.0 + 2f32.powi(-6));
+        assert_eq!(
+            round_trip(FloatType::BF16, 1.0 + 3.0 * 2f32.powi(-8)),
+            1.0 + 2f32.powi(-6)
+        );
         // Just above the tie rounds up.
-        assert_eq!(round_trip(FloatType::BF16, 1.0 + 2f32.powi(-8) + 2f32.powi(-20)), 1.0 + 2f32.powi(-7));
+        assert_eq!(
+            round_trip(FloatType::BF16, 1.0 + 2f32.powi(-8) + 2f32.powi(-20)),
+            1.0 + 2f32.powi(-7)
+        );
         // Negative values mirror.
         assert_eq!(round_trip(FloatType::BF16, -(1.0 + 2f32.powi(-8))), -1.0);
     }
@@ -144,9 +204,36 @@ mod tests {
     fn f16_rounds_to_nearest_even() {
         // f16 has 10 mantissa bits: 1 + 2^-11 is a tie between 1 and 1 + 2^-10.
         assert_eq!(round_trip(FloatType::F16, 1.0 + 2f32.powi(-11)), 1.0);
-        assert_eq!(round_trip(FloatType::F16, 1.0 + 3.0 * 2f32.powi(-11)), 1.0 + 2f32.powi(-9));
+        assert_eq!(
+            round_trip(FloatType::F16, 1.0 + 3.0 * 2f32.powi(-11)),
+            1.0 + 2f32.powi(-9)
+        );
         // Overflow saturates to infinity as IEEE rounding does.
         assert_eq!(round_trip(FloatType::F16, 70000.0), f32::INFINITY);
+    }
+
+    #[test]
+    fn f64_values_round_once() {
+        let enc = |t: FloatType, v: f64| {
+            let mut b = Vec::new();
+            t.encode_f64(&[v], &mut b);
+            let mut o = [0f32];
+            t.decode(&b, &mut o);
+            o[0]
+        };
+        // Just above a bf16 tie by less than an f32 ulp: a double rounding via f32 would land on the tie
+        // and go to even (down); rounding once goes up.
+        let v = 1.0 + 2f64.powi(-8) + 2f64.powi(-40);
+        assert_eq!(enc(FloatType::BF16, v), 1.0 + 2f32.powi(-7));
+        assert_eq!(enc(FloatType::BF16, -v), -(1.0 + 2f32.powi(-7)));
+        assert_eq!(enc(FloatType::BF16, 1.0 + 2f64.powi(-8)), 1.0); // exact tie: to even
+        let v = 1.0 + 2f64.powi(-11) + 2f64.powi(-40);
+        assert_eq!(enc(FloatType::F16, v), 1.0 + 2f32.powi(-10));
+        assert_eq!(enc(FloatType::F32, 1.0 + 2f64.powi(-24)), 1.0); // f32 tie to even
+        assert_eq!(
+            enc(FloatType::F32, 1.0 + 2f64.powi(-24) + 2f64.powi(-50)),
+            1.0 + 2f32.powi(-23)
+        );
     }
 
     #[test]

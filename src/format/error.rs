@@ -14,14 +14,20 @@ pub enum FormatError {
     #[error("{path}: invalid safetensors file: {reason}")]
     InvalidHeader { path: PathBuf, reason: String },
     /// A folder holds no `.safetensors` file.
-    #[error("{path}: no .safetensors files (expected model.safetensors, an index, or *.safetensors)")]
+    #[error(
+        "{path}: no .safetensors files (expected model.safetensors, an index, or *.safetensors)"
+    )]
     NoWeights { path: PathBuf },
     /// `model.safetensors.index.json` is malformed or disagrees with its shards.
     #[error("{path}: invalid index: {reason}")]
     InvalidIndex { path: PathBuf, reason: String },
     /// The same tensor name appears in two files of one model.
     #[error("tensor `{name}` appears in both {first} and {second}")]
-    DuplicateTensor { name: String, first: PathBuf, second: PathBuf },
+    DuplicateTensor {
+        name: String,
+        first: PathBuf,
+        second: PathBuf,
+    },
     /// `config.json` exists but is not valid JSON.
     #[error("{path}: invalid JSON: {reason}")]
     InvalidConfig { path: PathBuf, reason: String },
@@ -29,6 +35,9 @@ pub enum FormatError {
 
 impl FormatError {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Self::Io { path: path.into(), source }
+        Self::Io {
+            path: path.into(),
+            source,
+        }
     }
 }

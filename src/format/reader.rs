@@ -51,9 +51,11 @@ impl SafetensorsFile {
         // or evaluation runs (the same contract as every mmap-based safetensors reader); the executor
         // never opens an input for writing and refuses outputs inside an input folder.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| FormatError::io(path, e))?;
-        let (header_len, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| {
-            FormatError::InvalidHeader { path: path.to_path_buf(), reason: e.to_string() }
-        })?;
+        let (header_len, metadata) =
+            SafeTensors::read_metadata(&mmap).map_err(|e| FormatError::InvalidHeader {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })?;
         let data_start = 8 + header_len;
         let mut tensors: Vec<TensorInfo> = metadata
             .tensors()
@@ -68,7 +70,11 @@ impl SafetensorsFile {
             })
             .collect();
         tensors.sort_by_key(|t| (t.start, t.len));
-        Ok(Self { path: path.to_path_buf(), mmap, tensors })
+        Ok(Self {
+            path: path.to_path_buf(),
+            mmap,
+            tensors,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -102,7 +108,10 @@ impl SafetensorsFile {
             // SAFETY: the mapping is private and read-only; MADV_DONTNEED on it only discards our page
             // table entries, and a later access faults the same file contents back in. No reference into
             // the range is held across this call by code that relies on it staying resident.
-            let _ = unsafe { self.mmap.unchecked_advise_range(UncheckedAdvice::DontNeed, first, end - first) };
+            let _ = unsafe {
+                self.mmap
+                    .unchecked_advise_range(UncheckedAdvice::DontNeed, first, end - first)
+            };
         }
     }
 }
@@ -132,7 +141,11 @@ impl Model {
             for t in f.tensors() {
                 if let Some(&prev) = by_name.get(&t.name) {
                     let first = file_paths[tensors_file(&tensors, prev)].clone();
-                    return Err(FormatError::DuplicateTensor { name: t.name.clone(), first, second: p.clone() });
+                    return Err(FormatError::DuplicateTensor {
+                        name: t.name.clone(),
+                        first,
+                        second: p.clone(),
+                    });
                 }
                 by_name.insert(t.name.clone(), tensors.len());
                 tensors.push(t.clone());
@@ -142,7 +155,12 @@ impl Model {
         if let Some((index_path, weight_map)) = index {
             check_index(&index_path, &weight_map, &file_paths, &tensors, &by_name)?;
         }
-        Ok(Self { root: path.to_path_buf(), files, tensors, by_name })
+        Ok(Self {
+            root: path.to_path_buf(),
+            files,
+            tensors,
+            by_name,
+        })
     }
 
     /// The path this model was opened from.
@@ -203,7 +221,10 @@ pub fn read_config(dir: &Path) -> Result<Option<serde_json::Value>, FormatError>
     match std::fs::read_to_string(&path) {
         Ok(text) => serde_json::from_str(&text)
             .map(Some)
-            .map_err(|e| FormatError::InvalidConfig { path, reason: e.to_string() }),
+            .map_err(|e| FormatError::InvalidConfig {
+                path,
+                reason: e.to_string(),
+            }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(FormatError::io(path, e)),
     }
@@ -215,9 +236,14 @@ type WeightMap = Vec<(String, String)>;
 fn discover(dir: &Path) -> Result<(Vec<PathBuf>, Option<(PathBuf, WeightMap)>), FormatError> {
     let index_path = dir.join(INDEX_FILE);
     if index_path.is_file() {
-        let text = std::fs::read_to_string(&index_path).map_err(|e| FormatError::io(&index_path, e))?;
-        let bad = |reason: String| FormatError::InvalidIndex { path: index_path.clone(), reason };
-        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let text =
+            std::fs::read_to_string(&index_path).map_err(|e| FormatError::io(&index_path, e))?;
+        let bad = |reason: String| FormatError::InvalidIndex {
+            path: index_path.clone(),
+            reason,
+        };
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
         let map = json
             .get("weight_map")
             .and_then(|m| m.as_object())
@@ -225,7 +251,9 @@ fn discover(dir: &Path) -> Result<(Vec<PathBuf>, Option<(PathBuf, WeightMap)>), 
         let mut weight_map = Vec::with_capacity(map.len());
         let mut shards: Vec<String> = Vec::new();
         for (name, file) in map {
-            let file = file.as_str().ok_or_else(|| bad(format!("weight_map[{name:?}] is not a string")))?;
+            let file = file
+                .as_str()
+                .ok_or_else(|| bad(format!("weight_map[{name:?}] is not a string")))?;
             if file.contains('/') || file.contains('\\') || file == ".." {
                 return Err(bad(format!("shard name {file:?} is not a plain file name")));
             }
@@ -251,7 +279,9 @@ fn discover(dir: &Path) -> Result<(Vec<PathBuf>, Option<(PathBuf, WeightMap)>), 
         .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "safetensors"))
         .collect();
     if paths.is_empty() {
-        return Err(FormatError::NoWeights { path: dir.to_path_buf() });
+        return Err(FormatError::NoWeights {
+            path: dir.to_path_buf(),
+        });
     }
     paths.sort();
     Ok((paths, None))
@@ -265,18 +295,27 @@ fn check_index(
     tensors: &[TensorInfo],
     by_name: &HashMap<String, usize>,
 ) -> Result<(), FormatError> {
-    let bad = |reason: String| FormatError::InvalidIndex { path: index_path.to_path_buf(), reason };
+    let bad = |reason: String| FormatError::InvalidIndex {
+        path: index_path.to_path_buf(),
+        reason,
+    };
     for (name, file) in weight_map {
         let Some(&i) = by_name.get(name) else {
-            return Err(bad(format!("tensor `{name}` is listed in {file} but not stored there")));
+            return Err(bad(format!(
+                "tensor `{name}` is listed in {file} but not stored there"
+            )));
         };
         let actual = &file_paths[tensors[i].file];
         if actual.file_name().and_then(|n| n.to_str()) != Some(file.as_str()) {
-            return Err(bad(format!("tensor `{name}` is listed in {file} but stored in {}", actual.display())));
+            return Err(bad(format!(
+                "tensor `{name}` is listed in {file} but stored in {}",
+                actual.display()
+            )));
         }
     }
     if weight_map.len() != tensors.len() {
-        let listed: std::collections::HashSet<&str> = weight_map.iter().map(|(n, _)| n.as_str()).collect();
+        let listed: std::collections::HashSet<&str> =
+            weight_map.iter().map(|(n, _)| n.as_str()).collect();
         if let Some(t) = tensors.iter().find(|t| !listed.contains(t.name.as_str())) {
             return Err(bad(format!(
                 "tensor `{}` is stored in {} but missing from the index",

@@ -22,7 +22,8 @@ pub struct TensorSpec {
 
 impl TensorSpec {
     pub fn byte_len(&self) -> u64 {
-        let bits = self.shape.iter().map(|&d| d as u64).product::<u64>() * self.dtype.bitsize() as u64;
+        let bits =
+            self.shape.iter().map(|&d| d as u64).product::<u64>() * self.dtype.bitsize() as u64;
         bits.div_ceil(8)
     }
 }
@@ -104,20 +105,38 @@ impl HashingFile {
     pub fn create(dir: &Path, name: &str) -> Result<Self, FormatError> {
         let path = dir.join(name);
         let file = File::create(&path).map_err(|e| FormatError::io(&path, e))?;
-        Ok(Self { path, name: name.to_string(), out: BufWriter::with_capacity(8 << 20, file), hasher: Sha256::new(), size: 0 })
+        Ok(Self {
+            path,
+            name: name.to_string(),
+            out: BufWriter::with_capacity(8 << 20, file),
+            hasher: Sha256::new(),
+            size: 0,
+        })
     }
 
     pub fn write(&mut self, bytes: &[u8]) -> Result<(), FormatError> {
         self.hasher.update(bytes);
         self.size += bytes.len() as u64;
-        self.out.write_all(bytes).map_err(|e| FormatError::io(&self.path, e))
+        self.out
+            .write_all(bytes)
+            .map_err(|e| FormatError::io(&self.path, e))
     }
 
     pub fn finish(mut self) -> Result<FileRecord, FormatError> {
-        self.out.flush().map_err(|e| FormatError::io(&self.path, e))?;
-        let file = self.out.into_inner().map_err(|e| FormatError::io(&self.path, e.into_error()))?;
-        file.sync_all().map_err(|e| FormatError::io(&self.path, e))?;
-        Ok(FileRecord { path: self.name, size: self.size, sha256: hex(&self.hasher.finalize()) })
+        self.out
+            .flush()
+            .map_err(|e| FormatError::io(&self.path, e))?;
+        let file = self
+            .out
+            .into_inner()
+            .map_err(|e| FormatError::io(&self.path, e.into_error()))?;
+        file.sync_all()
+            .map_err(|e| FormatError::io(&self.path, e))?;
+        Ok(FileRecord {
+            path: self.name,
+            size: self.size,
+            sha256: hex(&self.hasher.finalize()),
+        })
     }
 }
 
@@ -148,9 +167,22 @@ pub struct ModelWriter {
 }
 
 impl ModelWriter {
-    pub fn create(dir: &Path, specs: Vec<TensorSpec>, shard_size: u64) -> Result<Self, FormatError> {
+    pub fn create(
+        dir: &Path,
+        specs: Vec<TensorSpec>,
+        shard_size: u64,
+    ) -> Result<Self, FormatError> {
         let shards = plan_shards(&specs, shard_size);
-        let mut w = Self { dir: dir.to_path_buf(), specs, shards, shard: 0, slot: 0, remaining: 0, file: None, records: Vec::new() };
+        let mut w = Self {
+            dir: dir.to_path_buf(),
+            specs,
+            shards,
+            shard: 0,
+            slot: 0,
+            remaining: 0,
+            file: None,
+            records: Vec::new(),
+        };
         w.open_shard()?;
         Ok(w)
     }
@@ -167,7 +199,10 @@ impl ModelWriter {
 
     fn open_shard(&mut self) -> Result<(), FormatError> {
         let n = self.shards.len();
-        let specs: Vec<&TensorSpec> = self.shards[self.shard].iter().map(|&i| &self.specs[i]).collect();
+        let specs: Vec<&TensorSpec> = self.shards[self.shard]
+            .iter()
+            .map(|&i| &self.specs[i])
+            .collect();
         let mut f = HashingFile::create(&self.dir, &shard_name(self.shard, n))?;
         f.write(&header_bytes(&specs))?;
         self.file = Some(f);
@@ -179,7 +214,10 @@ impl ModelWriter {
     /// Appends data of the current tensor; a call never spans two tensors.
     pub fn write(&mut self, bytes: &[u8]) -> Result<(), FormatError> {
         let len = bytes.len() as u64;
-        assert!(len <= self.remaining, "writer fed more bytes than the tensor holds");
+        assert!(
+            len <= self.remaining,
+            "writer fed more bytes than the tensor holds"
+        );
         self.file.as_mut().expect("an open shard").write(bytes)?;
         self.remaining -= len;
         while self.remaining == 0 && self.file.is_some() {
@@ -207,7 +245,10 @@ impl ModelWriter {
     /// Checks that every tensor was written, writes the index when sharded, returns the files written.
     pub fn finish(mut self) -> Result<Vec<FileRecord>, FormatError> {
         if self.file.is_some() || self.records.len() != self.shards.len() {
-            return Err(FormatError::io(&self.dir, std::io::Error::other("output ended before every tensor was written")));
+            return Err(FormatError::io(
+                &self.dir,
+                std::io::Error::other("output ended before every tensor was written"),
+            ));
         }
         let n = self.shards.len();
         if n > 1 {
@@ -226,7 +267,8 @@ impl ModelWriter {
             let index = serde_json::json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
             let mut text = serde_json::to_string_pretty(&index).expect("JSON serializes");
             text.push('\n');
-            self.records.push(write_small_file(&self.dir, INDEX_FILE, text.as_bytes())?);
+            self.records
+                .push(write_small_file(&self.dir, INDEX_FILE, text.as_bytes())?);
         }
         Ok(self.records)
     }
@@ -238,15 +280,27 @@ mod tests {
     use crate::format::reader::Model;
 
     fn spec(name: &str, dtype: Dtype, shape: &[usize]) -> TensorSpec {
-        TensorSpec { name: name.into(), dtype, shape: shape.to_vec() }
+        TensorSpec {
+            name: name.into(),
+            dtype,
+            shape: shape.to_vec(),
+        }
     }
 
     #[test]
     fn shards_respect_the_limit_and_keep_order() {
-        let specs = vec![spec("a", Dtype::F32, &[10]), spec("b", Dtype::F32, &[10]), spec("c", Dtype::F32, &[30]), spec("d", Dtype::BF16, &[4])];
+        let specs = vec![
+            spec("a", Dtype::F32, &[10]),
+            spec("b", Dtype::F32, &[10]),
+            spec("c", Dtype::F32, &[30]),
+            spec("d", Dtype::BF16, &[4]),
+        ];
         assert_eq!(plan_shards(&specs, 80), vec![vec![0, 1], vec![2], vec![3]]);
         assert_eq!(plan_shards(&specs, 1000), vec![vec![0, 1, 2, 3]]);
-        assert_eq!(plan_shards(&specs, 1), vec![vec![0], vec![1], vec![2], vec![3]]);
+        assert_eq!(
+            plan_shards(&specs, 1),
+            vec![vec![0], vec![1], vec![2], vec![3]]
+        );
     }
 
     #[test]
@@ -264,10 +318,24 @@ mod tests {
     #[test]
     fn round_trip_through_the_reader_sharded() {
         let dir = tempfile::tempdir().unwrap();
-        let specs = vec![spec("w1", Dtype::F32, &[2, 2]), spec("w2", Dtype::BF16, &[3]), spec("ids", Dtype::I64, &[2])];
+        let specs = vec![
+            spec("w1", Dtype::F32, &[2, 2]),
+            spec("w2", Dtype::BF16, &[3]),
+            spec("ids", Dtype::I64, &[2]),
+        ];
         let mut w = ModelWriter::create(dir.path(), specs, 22).unwrap();
-        assert_eq!(w.file_names(), vec!["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", INDEX_FILE]);
-        let w1: Vec<u8> = [1f32, 2., 3., 4.].iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(
+            w.file_names(),
+            vec![
+                "model-00001-of-00002.safetensors",
+                "model-00002-of-00002.safetensors",
+                INDEX_FILE
+            ]
+        );
+        let w1: Vec<u8> = [1f32, 2., 3., 4.]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
         w.write(&w1[..4]).unwrap();
         w.write(&w1[4..]).unwrap();
         w.write(&[1, 2, 3, 4, 5, 6]).unwrap();

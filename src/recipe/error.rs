@@ -12,7 +12,12 @@ pub enum RecipeError {
     },
     /// Invalid YAML, an unknown key, a wrong type, a missing field, a bad reference or value.
     #[error("{path}:{line}:{column}: {message}")]
-    Invalid { path: PathBuf, line: u64, column: u64, message: String },
+    Invalid {
+        path: PathBuf,
+        line: u64,
+        column: u64,
+        message: String,
+    },
 }
 
 impl RecipeError {

@@ -6,5 +6,8 @@ mod plan;
 mod raw;
 
 pub use error::RecipeError;
-pub use plan::{eta_label, operands, Angle, Leaf, Operand, OutputModel, OutputTarget, Plan, Step, StepKind, DEFAULT_SHARD_SIZE};
+pub use plan::{
+    eta_label, operands, Angle, Leaf, Operand, OutputModel, OutputTarget, Plan, Step, StepKind,
+    DEFAULT_SHARD_SIZE,
+};
 pub use raw::parse_byte_size;

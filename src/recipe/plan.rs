@@ -35,9 +35,18 @@ pub enum StepKind {
     /// Σ w_i·θ_i with fixed weights: `ema` (closed-form weights) and `linear`.
     Weighted { terms: Vec<(Operand, f64)> },
     /// SLERP of task vectors θ_m − θ_base; `lambdas[k]` is λ of the pair that adds model k + 2.
-    Slerp { base: Operand, models: Vec<Operand>, lambdas: Vec<f64>, angle: Angle },
+    Slerp {
+        base: Operand,
+        models: Vec<Operand>,
+        lambdas: Vec<f64>,
+        angle: Angle,
+    },
     /// (1 − η)·θ_base + η·θ_model for each η (several only on the output step).
-    Liti { base: Operand, model: Operand, etas: Vec<f64> },
+    Liti {
+        base: Operand,
+        model: Operand,
+        etas: Vec<f64>,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -95,21 +104,32 @@ pub struct Plan {
 impl Plan {
     /// Reads and validates a recipe file. `out` overrides the recipe's `output`.
     pub fn from_file(path: &Path, out: Option<&Path>) -> Result<Plan, RecipeError> {
-        let text = std::fs::read_to_string(path).map_err(|source| RecipeError::Io { path: path.into(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| RecipeError::Io {
+            path: path.into(),
+            source,
+        })?;
         Self::from_text(&text, path, out)
     }
 
     /// Validates recipe `text` as if read from `path` (relative references resolve against its folder).
     pub fn from_text(text: &str, path: &Path, out: Option<&Path>) -> Result<Plan, RecipeError> {
         let raw: RawRecipe = serde_saphyr::from_str(text).map_err(|e| {
-            let (line, column) = e.location().map(|l| (l.line(), l.column())).unwrap_or((0, 0));
+            let (line, column) = e
+                .location()
+                .map(|l| (l.line(), l.column()))
+                .unwrap_or((0, 0));
             let full = e.to_string();
             let first = full.lines().next().unwrap_or("").to_string();
             let message = match first.find(": ") {
                 Some(i) if first.starts_with("error: line ") => first[i + 2..].to_string(),
                 _ => first.trim_start_matches("error: ").to_string(),
             };
-            RecipeError::Invalid { path: path.into(), line, column, message }
+            RecipeError::Invalid {
+                path: path.into(),
+                line,
+                column,
+                message,
+            }
         })?;
         Resolver::new(path, text).resolve(raw, out)
     }
@@ -142,7 +162,11 @@ struct Resolver<'a> {
 impl<'a> Resolver<'a> {
     fn new(path: &'a Path, text: &'a str) -> Self {
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
+        let dir = if dir.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            dir
+        };
         Self {
             path,
             text,
@@ -157,11 +181,21 @@ impl<'a> Resolver<'a> {
     }
 
     fn err(&self, loc: &Location, message: impl Into<String>) -> RecipeError {
-        RecipeError::Invalid { path: self.path.into(), line: loc.line(), column: loc.column(), message: message.into() }
+        RecipeError::Invalid {
+            path: self.path.into(),
+            line: loc.line(),
+            column: loc.column(),
+            message: message.into(),
+        }
     }
 
     fn warn(&mut self, loc: &Location, message: String) {
-        self.warnings.push(format!("{}:{}:{}: {message}", self.path.display(), loc.line(), loc.column()));
+        self.warnings.push(format!(
+            "{}:{}:{}: {message}",
+            self.path.display(),
+            loc.line(),
+            loc.column()
+        ));
     }
 
     /// Binds a model reference made in step number `current` (steps above it are visible).
@@ -169,7 +203,10 @@ impl<'a> Resolver<'a> {
         let name = r.value.as_str();
         if let Some(&(i, line)) = self.all_steps.get(name) {
             if i < current && self.list_steps.contains(&i) {
-                return Err(self.err(&r.referenced, format!("step `{name}` has a list of η: it can only be the output")));
+                return Err(self.err(
+                    &r.referenced,
+                    format!("step `{name}` has a list of η: it can only be the output"),
+                ));
             }
             if i < current {
                 return Ok(Operand::Step(i));
@@ -197,14 +234,20 @@ impl<'a> Resolver<'a> {
         if !path.exists() {
             return Err(self.err(
                 loc,
-                format!("`{shown}` is not a step, an alias, or an existing path ({} not found)", path.display()),
+                format!(
+                    "`{shown}` is not a step, an alias, or an existing path ({} not found)",
+                    path.display()
+                ),
             ));
         }
         let key = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
         if let Some(&i) = self.leaf_by_path.get(&key) {
             return Ok(i);
         }
-        self.leaves.push(Leaf { path, shown: shown.to_string() });
+        self.leaves.push(Leaf {
+            path,
+            shown: shown.to_string(),
+        });
         self.leaf_by_path.insert(key, self.leaves.len() - 1);
         Ok(self.leaves.len() - 1)
     }
@@ -215,7 +258,10 @@ impl<'a> Resolver<'a> {
         }
         let steps_raw = &raw.steps.value;
         if steps_raw.is_empty() {
-            return Err(self.err(&raw.steps.referenced, "`steps` is empty: a recipe needs at least one step"));
+            return Err(self.err(
+                &raw.steps.referenced,
+                "`steps` is empty: a recipe needs at least one step",
+            ));
         }
         for (i, s) in steps_raw.iter().enumerate() {
             let name = &s.value.name;
@@ -225,17 +271,27 @@ impl<'a> Resolver<'a> {
             if let Some(&(_, line)) = self.all_steps.get(&name.value) {
                 return Err(self.err(
                     &name.referenced,
-                    format!("duplicate step name `{}` (first defined on line {line})", name.value),
+                    format!(
+                        "duplicate step name `{}` (first defined on line {line})",
+                        name.value
+                    ),
                 ));
             }
-            self.all_steps.insert(name.value.clone(), (i, name.referenced.line()));
+            self.all_steps
+                .insert(name.value.clone(), (i, name.referenced.line()));
         }
 
         // The recipe's base is a model (no step exists above the list).
         let base = match &raw.base {
             Some(b) => {
                 if self.all_steps.contains_key(&b.value) {
-                    return Err(self.err(&b.referenced, format!("the recipe's `base` must be a model, not the step `{}`", b.value)));
+                    return Err(self.err(
+                        &b.referenced,
+                        format!(
+                            "the recipe's `base` must be a model, not the step `{}`",
+                            b.value
+                        ),
+                    ));
                 }
                 Some(self.reference(b, 0)?)
             }
@@ -244,22 +300,45 @@ impl<'a> Resolver<'a> {
 
         let dtype = match &raw.dtype {
             Some(d) => Some(FloatType::from_torch_name(&d.value).ok_or_else(|| {
-                self.err(&d.referenced, format!("unknown dtype `{}` (use bfloat16, float16 or float32)", d.value))
+                self.err(
+                    &d.referenced,
+                    format!(
+                        "unknown dtype `{}` (use bfloat16, float16 or float32)",
+                        d.value
+                    ),
+                )
             })?),
             None => None,
         };
-        let shard_size = raw.shard_size.as_ref().map(|s| s.value.0).unwrap_or(DEFAULT_SHARD_SIZE);
+        let shard_size = raw
+            .shard_size
+            .as_ref()
+            .map(|s| s.value.0)
+            .unwrap_or(DEFAULT_SHARD_SIZE);
         let ignore_extra_tensors = match &raw.extra_tensors {
             None => false,
             Some(v) if v.value == "error" => false,
             Some(v) if v.value == "ignore" => true,
-            Some(v) => return Err(self.err(&v.referenced, format!("`extra_tensors` must be `error` or `ignore`, not `{}`", v.value))),
+            Some(v) => {
+                return Err(self.err(
+                    &v.referenced,
+                    format!(
+                        "`extra_tensors` must be `error` or `ignore`, not `{}`",
+                        v.value
+                    ),
+                ))
+            }
         };
 
         let output_index = match &raw.output_step {
             Some(name) => match self.all_steps.get(&name.value) {
                 Some(&(i, _)) => i,
-                None => return Err(self.err(&name.referenced, format!("`output_step` names no step: `{}`", name.value))),
+                None => {
+                    return Err(self.err(
+                        &name.referenced,
+                        format!("`output_step` names no step: `{}`", name.value),
+                    ))
+                }
             },
             None => steps_raw.len() - 1,
         };
@@ -275,14 +354,20 @@ impl<'a> Resolver<'a> {
             (Some(o), _) => o.to_path_buf(),
             (None, Some(o)) => self.dir.join(&o.value),
             (None, None) => {
-                return Err(self.err(&Location::UNKNOWN, "no output folder: set `output:` in the recipe or pass --out"));
+                return Err(self.err(
+                    &Location::UNKNOWN,
+                    "no output folder: set `output:` in the recipe or pass --out",
+                ));
             }
         };
         targets.push(self.target(out_path, output_index, &steps[output_index]));
         for (i, s) in steps_raw.iter().enumerate() {
             if let Some(save) = &s.value.save {
                 if i == output_index {
-                    return Err(self.err(&save.referenced, "`save` on the output step: it is written already"));
+                    return Err(self.err(
+                        &save.referenced,
+                        "`save` on the output step: it is written already",
+                    ));
                 }
                 targets.push(self.target(self.dir.join(&save.value), i, &steps[i]));
             }
@@ -305,7 +390,10 @@ impl<'a> Resolver<'a> {
             let name = &steps_raw[i].value.name;
             return Err(self.err(
                 &name.referenced,
-                format!("step `{}` is not used by the output and not saved (add `save:` or remove it)", name.value),
+                format!(
+                    "step `{}` is not used by the output and not saved (add `save:` or remove it)",
+                    name.value
+                ),
             ));
         }
 
@@ -333,10 +421,22 @@ impl<'a> Resolver<'a> {
             StepKind::Liti { etas, .. } if etas.len() > 1 => etas
                 .iter()
                 .enumerate()
-                .map(|(k, &e)| OutputModel { subdir: Some(eta_label(e)), step, eta: Some(k) })
+                .map(|(k, &e)| OutputModel {
+                    subdir: Some(eta_label(e)),
+                    step,
+                    eta: Some(k),
+                })
                 .collect(),
-            StepKind::Liti { .. } => vec![OutputModel { subdir: None, step, eta: Some(0) }],
-            _ => vec![OutputModel { subdir: None, step, eta: None }],
+            StepKind::Liti { .. } => vec![OutputModel {
+                subdir: None,
+                step,
+                eta: Some(0),
+            }],
+            _ => vec![OutputModel {
+                subdir: None,
+                step,
+                eta: None,
+            }],
         };
         OutputTarget { path, models }
     }
@@ -355,7 +455,10 @@ impl<'a> Resolver<'a> {
             "liti" => "liti",
             "linear" => "linear",
             other => {
-                return Err(self.err(&s.method.referenced, format!("unknown method `{other}` (use ema, slerp, liti or linear)")))
+                return Err(self.err(
+                    &s.method.referenced,
+                    format!("unknown method `{other}` (use ema, slerp, liti or linear)"),
+                ))
             }
         };
         let allowed: &[&str] = match method {
@@ -366,16 +469,32 @@ impl<'a> Resolver<'a> {
         };
         for (field, loc) in s.present_fields() {
             if !allowed.contains(&field) {
-                return Err(self.err(loc, format!("`{field}` is not a field of method `{method}` (it takes: {})", allowed.join(", "))));
+                return Err(self.err(
+                    loc,
+                    format!(
+                        "`{field}` is not a field of method `{method}` (it takes: {})",
+                        allowed.join(", ")
+                    ),
+                ));
             }
         }
         let name = s.name.value.clone();
-        let missing = |r: &Self, field: &str| r.err(at, format!("step `{name}` ({method}) needs `{field}`"));
+        let missing =
+            |r: &Self, field: &str| r.err(at, format!("step `{name}` ({method}) needs `{field}`"));
 
         let models = |r: &mut Self, min: usize| -> Result<Vec<Operand>, RecipeError> {
-            let Some(list) = &s.models else { return Err(missing(r, "models")) };
+            let Some(list) = &s.models else {
+                return Err(missing(r, "models"));
+            };
             if list.value.len() < min {
-                return Err(r.err(&list.referenced, format!("`{method}` needs at least {min} model{}, got {}", if min == 1 { "" } else { "s" }, list.value.len())));
+                return Err(r.err(
+                    &list.referenced,
+                    format!(
+                        "`{method}` needs at least {min} model{}, got {}",
+                        if min == 1 { "" } else { "s" },
+                        list.value.len()
+                    ),
+                ));
             }
             list.value.iter().map(|m| r.reference(m, index)).collect()
         };
@@ -389,20 +508,35 @@ impl<'a> Resolver<'a> {
         let kind = match method {
             "ema" => {
                 let ops = models(self, 1)?;
-                let Some(decay) = &s.decay else { return Err(missing(self, "decay")) };
+                let Some(decay) = &s.decay else {
+                    return Err(missing(self, "decay"));
+                };
                 let mu = decay.value;
                 if !(mu > 0.0 && mu <= 1.0) {
-                    return Err(self.err(&decay.referenced, format!("`decay` must be in (0, 1], got {mu}")));
+                    return Err(self.err(
+                        &decay.referenced,
+                        format!("`decay` must be in (0, 1], got {mu}"),
+                    ));
                 }
                 let steps = match &s.steps {
                     Some(st) => {
                         if st.value.len() != ops.len() {
-                            return Err(self.err(&st.referenced, format!("`steps` has {} entries for {} models", st.value.len(), ops.len())));
+                            return Err(self.err(
+                                &st.referenced,
+                                format!(
+                                    "`steps` has {} entries for {} models",
+                                    st.value.len(),
+                                    ops.len()
+                                ),
+                            ));
                         }
                         let mut prev = 0u64;
                         for (k, v) in st.value.iter().enumerate() {
                             if v.value == 0 || (k > 0 && v.value <= prev) {
-                                return Err(self.err(&v.referenced, "`steps` must be positive and strictly increasing"));
+                                return Err(self.err(
+                                    &v.referenced,
+                                    "`steps` must be positive and strictly increasing",
+                                ));
                             }
                             prev = v.value;
                         }
@@ -414,7 +548,8 @@ impl<'a> Resolver<'a> {
                     Some(st) => Some(self.reference(st, index)?),
                     None => None,
                 };
-                let (ws, w) = kernels::ema_weights(mu, ops.len(), steps.as_deref(), start.is_some());
+                let (ws, w) =
+                    kernels::ema_weights(mu, ops.len(), steps.as_deref(), start.is_some());
                 let mut terms: Vec<(Operand, f64)> = Vec::new();
                 if let Some(st) = start {
                     terms.push((st, ws));
@@ -424,9 +559,18 @@ impl<'a> Resolver<'a> {
             }
             "linear" => {
                 let ops = models(self, 1)?;
-                let Some(weights) = &s.weights else { return Err(missing(self, "weights")) };
+                let Some(weights) = &s.weights else {
+                    return Err(missing(self, "weights"));
+                };
                 if weights.value.len() != ops.len() {
-                    return Err(self.err(&weights.referenced, format!("`weights` has {} entries for {} models", weights.value.len(), ops.len())));
+                    return Err(self.err(
+                        &weights.referenced,
+                        format!(
+                            "`weights` has {} entries for {} models",
+                            weights.value.len(),
+                            ops.len()
+                        ),
+                    ));
                 }
                 for w in &weights.value {
                     if !w.value.is_finite() {
@@ -437,33 +581,58 @@ impl<'a> Resolver<'a> {
                 if s.normalize.as_ref().map(|n| n.value).unwrap_or(true) {
                     let total: f64 = w.iter().sum();
                     if total == 0.0 {
-                        return Err(self.err(&weights.referenced, "`weights` sum to 0: cannot normalize (set `normalize: false`)"));
+                        return Err(self.err(
+                            &weights.referenced,
+                            "`weights` sum to 0: cannot normalize (set `normalize: false`)",
+                        ));
                     }
                     w.iter_mut().for_each(|x| *x /= total);
                 }
-                StepKind::Weighted { terms: ops.into_iter().zip(w).collect() }
+                StepKind::Weighted {
+                    terms: ops.into_iter().zip(w).collect(),
+                }
             }
             "slerp" => {
                 let ops = models(self, 2)?;
                 let base = step_base(self)?;
                 let weights: Vec<f64> = match (&s.t, &s.weights) {
-                    (Some(t), Some(_)) => return Err(self.err(&t.referenced, "give either `t` or `weights`, not both")),
+                    (Some(t), Some(_)) => {
+                        return Err(
+                            self.err(&t.referenced, "give either `t` or `weights`, not both")
+                        )
+                    }
                     (Some(t), None) => {
                         if ops.len() != 2 {
-                            return Err(self.err(&t.referenced, format!("`t` is for two models; use `weights` for {}", ops.len())));
+                            return Err(self.err(
+                                &t.referenced,
+                                format!("`t` is for two models; use `weights` for {}", ops.len()),
+                            ));
                         }
                         if !(0.0..=1.0).contains(&t.value) {
-                            return Err(self.err(&t.referenced, format!("`t` must be in [0, 1], got {}", t.value)));
+                            return Err(self.err(
+                                &t.referenced,
+                                format!("`t` must be in [0, 1], got {}", t.value),
+                            ));
                         }
                         vec![1.0 - t.value, t.value]
                     }
                     (None, Some(w)) => {
                         if w.value.len() != ops.len() {
-                            return Err(self.err(&w.referenced, format!("`weights` has {} entries for {} models", w.value.len(), ops.len())));
+                            return Err(self.err(
+                                &w.referenced,
+                                format!(
+                                    "`weights` has {} entries for {} models",
+                                    w.value.len(),
+                                    ops.len()
+                                ),
+                            ));
                         }
                         for x in &w.value {
                             if !(x.value > 0.0 && x.value.is_finite()) {
-                                return Err(self.err(&x.referenced, format!("slerp weights must be positive, got {}", x.value)));
+                                return Err(self.err(
+                                    &x.referenced,
+                                    format!("slerp weights must be positive, got {}", x.value),
+                                ));
                             }
                         }
                         w.value.iter().map(|x| x.value).collect()
@@ -478,20 +647,37 @@ impl<'a> Resolver<'a> {
                     None => Angle::Layer,
                     Some(a) if a.value == "layer" => Angle::Layer,
                     Some(a) if a.value == "tensor" => Angle::Tensor,
-                    Some(a) => return Err(self.err(&a.referenced, format!("`angle` must be `layer` or `tensor`, not `{}`", a.value))),
+                    Some(a) => {
+                        return Err(self.err(
+                            &a.referenced,
+                            format!("`angle` must be `layer` or `tensor`, not `{}`", a.value),
+                        ))
+                    }
                 };
-                StepKind::Slerp { base, models: ops, lambdas, angle }
+                StepKind::Slerp {
+                    base,
+                    models: ops,
+                    lambdas,
+                    angle,
+                }
             }
             _ => {
-                let Some(model) = &s.model else { return Err(missing(self, "model")) };
+                let Some(model) = &s.model else {
+                    return Err(missing(self, "model"));
+                };
                 let model = self.reference(model, index)?;
                 let base = step_base(self)?;
-                let Some(eta) = &s.eta else { return Err(missing(self, "eta")) };
+                let Some(eta) = &s.eta else {
+                    return Err(missing(self, "eta"));
+                };
                 let etas = match &eta.value {
                     Eta::One(e) => vec![*e],
                     Eta::List(list) => {
                         if !is_output {
-                            return Err(self.err(&eta.referenced, "a list of η is allowed only on the output step"));
+                            return Err(self.err(
+                                &eta.referenced,
+                                "a list of η is allowed only on the output step",
+                            ));
                         }
                         if list.is_empty() {
                             return Err(self.err(&eta.referenced, "`eta` is an empty list"));
@@ -509,7 +695,10 @@ impl<'a> Resolver<'a> {
                         return Err(self.err(&eta.referenced, "η must be a finite number"));
                     }
                     if !(0.0..=1.0).contains(&e) {
-                        self.warn(&eta.referenced, format!("η = {e} is outside [0, 1]: extrapolating"));
+                        self.warn(
+                            &eta.referenced,
+                            format!("η = {e} is outside [0, 1]: extrapolating"),
+                        );
                     }
                 }
                 StepKind::Liti { base, model, etas }
@@ -518,7 +707,12 @@ impl<'a> Resolver<'a> {
         if matches!(&kind, StepKind::Liti { etas, .. } if etas.len() > 1) {
             self.list_steps.push(index);
         }
-        Ok(Step { name, method, kind, line: at.line() })
+        Ok(Step {
+            name,
+            method,
+            kind,
+            line: at.line(),
+        })
     }
 }
 
@@ -526,7 +720,9 @@ impl<'a> Resolver<'a> {
 pub fn operands(kind: &StepKind) -> Vec<Operand> {
     match kind {
         StepKind::Weighted { terms } => terms.iter().map(|t| t.0).collect(),
-        StepKind::Slerp { base, models, .. } => std::iter::once(*base).chain(models.iter().copied()).collect(),
+        StepKind::Slerp { base, models, .. } => std::iter::once(*base)
+            .chain(models.iter().copied())
+            .collect(),
         StepKind::Liti { base, model, .. } => vec![*base, *model],
     }
 }

@@ -114,13 +114,17 @@ impl<'de> Deserialize<'de> for ByteSize {
         impl<'de> Visitor<'de> for V {
             type Value = ByteSize;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a size: a number of bytes, or a string like \"500MB\", \"5GB\", \"2GiB\"")
+                f.write_str(
+                    "a size: a number of bytes, or a string like \"500MB\", \"5GB\", \"2GiB\"",
+                )
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<ByteSize, E> {
                 Ok(ByteSize(v))
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<ByteSize, E> {
-                u64::try_from(v).map(ByteSize).map_err(|_| E::custom("a size cannot be negative"))
+                u64::try_from(v)
+                    .map(ByteSize)
+                    .map_err(|_| E::custom("a size cannot be negative"))
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<ByteSize, E> {
                 parse_byte_size(v).map(ByteSize).map_err(E::custom)
@@ -133,7 +137,9 @@ impl<'de> Deserialize<'de> for ByteSize {
 /// Parses "5GB" (10^9, as Hugging Face does), "2GiB" (2^30), "500MB", "100KB", "123" or "123B".
 pub fn parse_byte_size(text: &str) -> Result<u64, String> {
     let t = text.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let unit = unit.trim();
     let mult: u64 = match unit.to_ascii_uppercase().as_str() {
@@ -146,7 +152,11 @@ pub fn parse_byte_size(text: &str) -> Result<u64, String> {
         "MIB" => 1 << 20,
         "GIB" => 1 << 30,
         "TIB" => 1 << 40,
-        _ => return Err(format!("unknown size unit {unit:?} in {text:?} (use B, KB, MB, GB, KiB, MiB, GiB)")),
+        _ => {
+            return Err(format!(
+                "unknown size unit {unit:?} in {text:?} (use B, KB, MB, GB, KiB, MiB, GiB)"
+            ))
+        }
     };
     let value: f64 = num.parse().map_err(|_| format!("invalid size {text:?}"))?;
     let bytes = value * mult as f64;

@@ -1,0 +1,72 @@
+use std::path::PathBuf;
+
+use crate::format::FormatError;
+
+/// Why a merge could not run. Input problems name the tensor and the file or model.
+#[derive(Debug, thiserror::Error)]
+pub enum MergeError {
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    /// A floating tensor of the base is missing from an input.
+    #[error("tensor `{tensor}` of the base is missing from {model}")]
+    MissingTensor { tensor: String, model: PathBuf },
+    /// An input's tensor has another shape than the base's.
+    #[error("tensor `{tensor}` has shape {found:?} in {model} but {expected:?} in the base")]
+    ShapeMismatch {
+        tensor: String,
+        model: PathBuf,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    /// An input holds a tensor the base does not have (allowed with `extra_tensors: ignore`).
+    #[error(
+        "tensor `{tensor}` of {model} is not in the base (set `extra_tensors: ignore` to skip it)"
+    )]
+    ExtraTensor { tensor: String, model: PathBuf },
+    /// A tensor to merge has a dtype the engine does not compute with.
+    #[error("tensor `{tensor}` in {file} has dtype {dtype}, which cannot be merged (BF16, F16, F32 can)")]
+    UnsupportedDtype {
+        tensor: String,
+        file: PathBuf,
+        dtype: String,
+    },
+    /// NaN or ±Inf in an input (allowed with `allow_nonfinite: true`).
+    #[error("tensor `{tensor}` in {file} holds a non-finite value (NaN or Inf) at element {index} (set `allow_nonfinite: true` to merge it anyway)")]
+    NonFinite {
+        tensor: String,
+        file: PathBuf,
+        index: usize,
+    },
+    /// The output folder exists and `--force` was not given.
+    #[error("{0} exists (pass --force to replace it)")]
+    TargetExists(PathBuf),
+    /// The output would overwrite or sit inside an input.
+    #[error("output {output} would write into the input {input}")]
+    OutputIsInput { output: PathBuf, input: PathBuf },
+    /// Two outputs of the recipe name the same folder.
+    #[error("two outputs of the recipe write to {0}")]
+    DuplicateOutput(PathBuf),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl MergeError {
+    /// True when the request itself is wrong (exit code 2).
+    pub fn is_usage(&self) -> bool {
+        matches!(
+            self,
+            Self::TargetExists(_) | Self::OutputIsInput { .. } | Self::DuplicateOutput(_)
+        )
+    }
+
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

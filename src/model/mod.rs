@@ -1,0 +1,88 @@
+//! The built-in Gemma 2 forward pass, on the CPU in f32, numerically following Hugging Face transformers'
+//! `Gemma2ForCausalLM` with eager attention (see `spec/gemma2.md`).
+//!
+//! - [`gemma2`]: the model, one file named after the checkpoint keys ([`Gemma2`], [`Config`], [`Cache`]).
+//! - [`weights`]: tensors kept in their stored type, memory-mapped from a checkpoint or owned in memory
+//!   ([`Weight`], [`WeightSource`]), so a model needs little more RAM than its file size.
+//! - [`tokenizer`]: `tokenizer.json` through the `tokenizers` crate.
+//! - [`sampling`]: greedy, temperature, top-k and top-p sampling with a seeded generator.
+//!
+//! Perplexity, KL and top-1 agreement over windows live in [`crate::evaluate`].
+
+pub mod gemma2;
+mod ops;
+pub mod sampling;
+pub mod tokenizer;
+pub mod weights;
+
+use std::path::PathBuf;
+
+use crate::format::FormatError;
+
+pub use gemma2::{Cache, Config, Gemma2};
+pub use sampling::{Sampler, SamplingParams};
+pub use tokenizer::Tokenizer;
+pub use weights::{Weight, WeightSource};
+
+/// Everything that can go wrong loading or running a model. Each variant names the file, tensor or token.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// The weights could not be opened or failed validation.
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    /// A file could not be read or written (a text input, a logits dump).
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The model folder has no `config.json`.
+    #[error("{path}: no config.json beside the weights (a Gemma 2 model folder needs one)")]
+    NoConfig { path: PathBuf },
+    /// `config.json` describes another architecture.
+    #[error("{path}: model_type is {model_type}, not gemma2 (only Gemma 2 models can be evaluated)")]
+    NotGemma2 { path: PathBuf, model_type: String },
+    /// `config.json` has a missing, mistyped or inconsistent field.
+    #[error("{path}: {reason}")]
+    InvalidConfig { path: PathBuf, reason: String },
+    /// A tensor the config requires is not in the checkpoint.
+    #[error("{origin}: tensor `{name}` is missing")]
+    MissingTensor { origin: String, name: String },
+    /// A tensor's shape disagrees with the config.
+    #[error("{origin}: tensor `{name}` has shape {found:?}, expected {expected:?} from config.json")]
+    TensorShape { origin: String, name: String, expected: Vec<usize>, found: Vec<usize> },
+    /// A tensor is stored in a type the forward pass does not read (only BF16, F16 and F32 are).
+    #[error("{origin}: tensor `{name}` is stored as {dtype}; only BF16, F16 and F32 weights can be evaluated")]
+    TensorDtype { origin: String, name: String, dtype: String },
+    /// In-memory tensor data whose length disagrees with its shape.
+    #[error("tensor data of {len} bytes does not match shape {shape:?} of {dtype}")]
+    TensorData { shape: Vec<usize>, dtype: String, len: usize },
+    /// No tokens to run.
+    #[error("the input is empty: there are no tokens to run")]
+    EmptyInput,
+    /// Scoring needs at least one predicted position.
+    #[error("the input has {tokens} token; at least 2 are needed to predict one")]
+    TooFewTokens { tokens: usize },
+    /// A scoring window too short to predict anything.
+    #[error("a context of {context} tokens is too short: a window needs <bos> and at least one token")]
+    ContextTooShort { context: usize },
+    /// A token id outside the vocabulary.
+    #[error("token id {token} at position {position} is out of range: the vocabulary has {vocab} tokens (0..{vocab})")]
+    TokenOutOfRange { token: u32, position: usize, vocab: usize },
+    /// Two models compared on the same tokens must share a vocabulary.
+    #[error("the models have different vocabularies: {model} tokens vs {reference} in the reference")]
+    VocabMismatch { model: usize, reference: usize },
+    /// The folder has no `tokenizer.json`, so text cannot be tokenized.
+    #[error("{folder}: no tokenizer.json, so text cannot be tokenized (give token ids instead)")]
+    NoTokenizer { folder: PathBuf },
+    /// `tokenizer.json` could not be loaded, or encoding / decoding failed.
+    #[error("{path}: {reason}")]
+    Tokenizer { path: PathBuf, reason: String },
+}
+
+impl ModelError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io { path: path.into(), source }
+    }
+}
