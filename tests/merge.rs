@@ -258,6 +258,22 @@ fn inspect_reports_tensors_and_parameters() {
     assert_eq!(emb["shape"], serde_json::json!([384, 64]));
 }
 
+#[test]
+fn shipped_recipes_are_valid() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "yaml") {
+            let d = tempfile::tempdir().unwrap();
+            let o = ok(&["run", s(&p), "--out", s(&d.path().join("o")), "--dry-run"]);
+            assert!(o.stdout.contains("peak memory estimate"), "{}", o.stdout);
+            n += 1;
+        }
+    }
+    assert!(n >= 4, "expected the example recipes, found {n}");
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Hand-built models
 
