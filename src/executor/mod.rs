@@ -31,6 +31,55 @@ pub const CHUNK: usize = 1 << 16;
 /// Chunks evaluated together before their results are written in order.
 pub const BLOCK: usize = 64;
 
+/// Where evaluated tensor bytes go, in tensor order: a shard writer, or memory.
+pub trait TensorSink {
+    fn write(&mut self, bytes: &[u8]) -> Result<(), MergeError>;
+}
+
+impl TensorSink for ModelWriter {
+    fn write(&mut self, bytes: &[u8]) -> Result<(), MergeError> {
+        ModelWriter::write(self, bytes).map_err(MergeError::from)
+    }
+}
+
+/// A merged model held in memory: every tensor's bytes in the output dtype, exactly as `run` writes them.
+#[derive(Debug, Clone, Default)]
+pub struct MemoryModel {
+    pub tensors: Vec<(TensorSpec, Vec<u8>)>,
+    current: usize,
+}
+
+impl MemoryModel {
+    fn new(specs: &[TensorSpec]) -> Self {
+        Self { tensors: specs.iter().map(|s| (s.clone(), Vec::with_capacity(s.byte_len() as usize))).collect(), current: 0 }
+    }
+
+    /// The tensor called `name`.
+    pub fn get(&self, name: &str) -> Option<&(TensorSpec, Vec<u8>)> {
+        self.tensors.iter().find(|(s, _)| s.name == name)
+    }
+}
+
+impl TensorSink for MemoryModel {
+    fn write(&mut self, bytes: &[u8]) -> Result<(), MergeError> {
+        let mut bytes = bytes;
+        while !bytes.is_empty() {
+            let (spec, buf) = &mut self.tensors[self.current];
+            let room = spec.byte_len() as usize - buf.len();
+            let n = room.min(bytes.len());
+            buf.extend_from_slice(&bytes[..n]);
+            bytes = &bytes[n..];
+            if buf.len() == spec.byte_len() as usize {
+                self.current += 1;
+            }
+        }
+        while self.current < self.tensors.len() && self.tensors[self.current].0.byte_len() == 0 {
+            self.current += 1;
+        }
+        Ok(())
+    }
+}
+
 /// How a base tensor reaches the output.
 #[derive(Debug, Clone)]
 enum Treatment {
@@ -237,10 +286,12 @@ impl<'p> Prepared<'p> {
         let per_model: u64 = specs.iter().map(|s| s.byte_len()).sum::<u64>() + 8 * 1024;
         let k = outputs.len() as u64;
         let l = self.models.len() as u64;
-        // Per chunk in flight: decoded inputs and outputs in f32, encoded outputs; per block: mapped input
-        // pages and encoded results; per output: an 8 MiB write buffer; plus headers and bookkeeping.
+        // Chunks in flight (one per thread): decoded inputs (f32) and an f64 result. Per block: the encoded
+        // results of every output, and the input pages mapped (released after the block). Per output: an
+        // 8 MiB write buffer. Plus headers, plan and bookkeeping.
+        let threads = rayon::current_num_threads() as u64;
         let block = (BLOCK * CHUNK) as u64;
-        let peak = block * (4 * l + 4 * k + 4 * k) + block * 4 * l + k * (8 << 20) + 16 * (1 << 20);
+        let peak = threads * CHUNK as u64 * (4 * l + 8) + block * 4 * k + block * 4 * l + k * (8 << 20) + (16 << 20);
         PlanSummary {
             steps: plan
                 .steps
@@ -286,43 +337,9 @@ impl<'p> Prepared<'p> {
         let specs = self.specs();
         let mut writers: Vec<ModelWriter> = outputs
             .iter()
-            .map(|(path, _, _)| {
-                ModelWriter::create(&staging.staged(path), specs.clone(), plan.shard_size)
-            })
+            .map(|(path, _, _)| ModelWriter::create(&staging.staged(path), specs.clone(), plan.shard_size))
             .collect::<Result<_, _>>()?;
-
-        let total: u64 = self.tensors.iter().map(|t| t.base.numel() as u64).sum();
-        let mut done = 0u64;
-        let mut coefs: HashMap<usize, Vec<Vec<Vec<f64>>>> = HashMap::new();
-        let mut remaining: Vec<usize> = self.units.iter().map(|u| u.len()).collect();
-        for (ti, t) in self.tensors.iter().enumerate() {
-            match &t.treatment {
-                Treatment::Copy => self.copy_tensor(t, &mut writers)?,
-                Treatment::Merge { .. } => {
-                    if !coefs.contains_key(&t.unit) {
-                        let c = self.unit_coefficients(t.unit)?;
-                        coefs.insert(t.unit, c);
-                    }
-                    let unit_coefs = &coefs[&t.unit];
-                    let pos = self.units[t.unit]
-                        .iter()
-                        .position(|&i| i == ti)
-                        .expect("tensor in its unit");
-                    let vectors: Vec<Vec<f64>> = outputs
-                        .iter()
-                        .map(|&(_, step, eta)| self.output_vector(&unit_coefs[pos], step, eta))
-                        .collect();
-                    self.write_tensor(t, &vectors, &mut writers)?;
-                }
-            }
-            remaining[t.unit] -= 1;
-            if remaining[t.unit] == 0 {
-                coefs.remove(&t.unit);
-            }
-            done += t.base.numel() as u64;
-            progress(done, total);
-        }
-
+        self.evaluate(&outputs, &mut writers, progress)?;
         let mut records = Vec::with_capacity(writers.len());
         for w in writers {
             records.push(w.finish()?);
@@ -354,6 +371,67 @@ impl<'p> Prepared<'p> {
             bytes_written,
             seconds: started.elapsed().as_secs_f64(),
         })
+    }
+
+    /// Evaluates every output model into memory (for scoring without writing; see `front`). Each model's
+    /// bytes are exactly those `run` would write.
+    pub fn run_in_memory(&self, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<Vec<MemoryModel>, MergeError> {
+        let outputs = self.output_models();
+        let specs = self.specs();
+        let mut sinks: Vec<MemoryModel> = outputs.iter().map(|_| MemoryModel::new(&specs)).collect();
+        self.evaluate(&outputs, &mut sinks, progress)?;
+        Ok(sinks)
+    }
+
+    /// The η of each output model (`None` for a step other than LITI), in output order.
+    pub fn output_etas(&self) -> Vec<Option<f64>> {
+        self.output_models()
+            .iter()
+            .map(|&(_, step, eta)| match (&self.plan.steps[step].kind, eta) {
+                (StepKind::Liti { etas, .. }, Some(k)) => Some(etas[k]),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The input models, in the plan's leaf order.
+    pub fn inputs(&self) -> &[Model] {
+        &self.models
+    }
+
+    /// Streams every tensor of every output model, in order, into `sinks` (one per output model).
+    fn evaluate<W: TensorSink>(
+        &self,
+        outputs: &[(PathBuf, usize, Option<usize>)],
+        sinks: &mut [W],
+        progress: &(dyn Fn(u64, u64) + Sync),
+    ) -> Result<(), MergeError> {
+        let total: u64 = self.tensors.iter().map(|t| t.base.numel() as u64).sum();
+        let mut done = 0u64;
+        let mut coefs: HashMap<usize, Vec<Vec<Vec<f64>>>> = HashMap::new();
+        let mut remaining: Vec<usize> = self.units.iter().map(|u| u.len()).collect();
+        for (ti, t) in self.tensors.iter().enumerate() {
+            match &t.treatment {
+                Treatment::Copy => self.copy_tensor(t, sinks)?,
+                Treatment::Merge { .. } => {
+                    let unit_coefs = match coefs.entry(t.unit) {
+                        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                        std::collections::hash_map::Entry::Vacant(e) => e.insert(self.unit_coefficients(t.unit)?),
+                    };
+                    let pos = self.units[t.unit].iter().position(|&i| i == ti).expect("tensor in its unit");
+                    let vectors: Vec<Vec<f64>> =
+                        outputs.iter().map(|&(_, step, eta)| self.output_vector(&unit_coefs[pos], step, eta)).collect();
+                    self.write_tensor(t, &vectors, sinks)?;
+                }
+            }
+            remaining[t.unit] -= 1;
+            if remaining[t.unit] == 0 {
+                coefs.remove(&t.unit);
+            }
+            done += t.base.numel() as u64;
+            progress(done, total);
+        }
+        Ok(())
     }
 
     /// Coefficient vector (over leaves) of output model `(step, eta)` for one tensor.
@@ -515,7 +593,7 @@ impl<'p> Prepared<'p> {
         &self,
         t: &OutTensor,
         vectors: &[Vec<f64>],
-        writers: &mut [ModelWriter],
+        writers: &mut [impl TensorSink],
     ) -> Result<(), MergeError> {
         let needed = self.needed_leaves(vectors);
         let coefs: Vec<(&[f64], f64)> = vectors
@@ -557,7 +635,7 @@ impl<'p> Prepared<'p> {
     }
 
     /// Integer/bool tensors go to every output unchanged.
-    fn copy_tensor(&self, t: &OutTensor, writers: &mut [ModelWriter]) -> Result<(), MergeError> {
+    fn copy_tensor(&self, t: &OutTensor, writers: &mut [impl TensorSink]) -> Result<(), MergeError> {
         let base = &self.models[self.plan.base];
         let data = base.data(&t.base);
         for piece in data.chunks(BLOCK * CHUNK) {
