@@ -310,3 +310,58 @@ mod tests {
         assert_eq!(out, [0.5, 0.5, 1.0]);
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn dot(a: &[f64], b: &[f64]) -> f64 {
+        a.iter().zip(b).map(|(x, y)| x * y).sum()
+    }
+
+    proptest! {
+        #[test]
+        fn ema_weights_always_sum_to_one(mu in 1e-4f64..=1.0, n in 1usize..12, start: bool, gaps in proptest::collection::vec(1u64..500, 12)) {
+            let steps: Vec<u64> = gaps[..n].iter().scan(0u64, |acc, g| { *acc += g; Some(*acc) }).collect();
+            for st in [None, Some(steps.as_slice())] {
+                let (s, w) = ema_weights(mu, n, st, start);
+                prop_assert!(w.iter().all(|&x| x >= 0.0) && s >= 0.0);
+                prop_assert!((s + w.iter().sum::<f64>() - 1.0).abs() < 1e-12);
+            }
+        }
+
+        #[test]
+        fn slerp_of_equal_norm_vectors_keeps_the_norm(
+            a in proptest::collection::vec(-1.0f64..1.0, 8),
+            b in proptest::collection::vec(-1.0f64..1.0, 8),
+            lambda in 0.0f64..=1.0,
+        ) {
+            let (na, nb) = (dot(&a, &a).sqrt(), dot(&b, &b).sqrt());
+            prop_assume!(na > 1e-3 && nb > 1e-3);
+            let b: Vec<f64> = b.iter().map(|x| x * na / nb).collect();
+            let cos = dot(&a, &b) / (na * na);
+            prop_assume!((1.0 - cos * cos).sqrt() > 1e-3); // not (anti)parallel
+            let (ca, cb) = slerp_pair(dot(&a, &b), na * na, na * na, lambda);
+            let r: Vec<f64> = a.iter().zip(&b).map(|(x, y)| ca * x + cb * y).collect();
+            prop_assert!((dot(&r, &r).sqrt() - na).abs() < 1e-9 * na);
+        }
+
+        #[test]
+        fn slerp_endpoints_are_the_inputs(d in -1.0f64..1.0, na in 0.1f64..4.0, nb in 0.1f64..4.0) {
+            let dotv = d * na.sqrt() * nb.sqrt();
+            let (ca, cb) = slerp_pair(dotv, na, nb, 0.0);
+            prop_assert!((ca - 1.0).abs() < 1e-9 && cb.abs() < 1e-9);
+            let (ca, cb) = slerp_pair(dotv, na, nb, 1.0);
+            prop_assert!(ca.abs() < 1e-9 && (cb - 1.0).abs() < 1e-9);
+        }
+
+        #[test]
+        fn parallel_and_antiparallel_task_vectors_interpolate_linearly(k in -5.0f64..5.0, lambda in 0.0f64..=1.0) {
+            prop_assume!(k.abs() > 1e-3);
+            // b = k·a: sin Ω = 0.
+            let (ca, cb) = slerp_pair(k * 2.0, 2.0, k * k * 2.0, lambda);
+            prop_assert_eq!((ca, cb), (1.0 - lambda, lambda));
+        }
+    }
+}

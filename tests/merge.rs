@@ -33,7 +33,11 @@ fn gm(args: &[&str]) -> Out {
 
 fn ok(args: &[&str]) -> Out {
     let o = gm(args);
-    assert_eq!(o.code, 0, "gemma-merge {args:?} failed:\n{}\n{}", o.stdout, o.stderr);
+    assert_eq!(
+        o.code, 0,
+        "gemma-merge {args:?} failed:\n{}\n{}",
+        o.stdout, o.stderr
+    );
     o
 }
 
@@ -50,7 +54,10 @@ fn load(path: &Path) -> BTreeMap<String, (FloatType, Vec<usize>, Vec<f64>)> {
             let ft = FloatType::from_dtype(t.dtype).unwrap();
             let mut v = vec![0f32; t.numel()];
             ft.decode(m.data(t), &mut v);
-            (t.name.clone(), (ft, t.shape.clone(), v.into_iter().map(f64::from).collect()))
+            (
+                t.name.clone(),
+                (ft, t.shape.clone(), v.into_iter().map(f64::from).collect()),
+            )
         })
         .collect()
 }
@@ -66,7 +73,11 @@ fn half_ulp(dtype: FloatType, x: f64) -> f64 {
         FloatType::F16 => -14,
         _ => -126,
     };
-    let e = if x == 0.0 { min_exp } else { (x.abs().log2().floor() as i32).max(min_exp) };
+    let e = if x == 0.0 {
+        min_exp
+    } else {
+        (x.abs().log2().floor() as i32).max(min_exp)
+    };
     0.5 * 2f64.powi(e - mant)
 }
 
@@ -74,14 +85,21 @@ fn half_ulp(dtype: FloatType, x: f64) -> f64 {
 fn assert_matches_reference(got: &Path, expected: &Path, dtype: FloatType) {
     let g = load(got);
     let w = load(expected);
-    assert_eq!(g.keys().collect::<Vec<_>>(), w.keys().collect::<Vec<_>>(), "tensor names differ");
+    assert_eq!(
+        g.keys().collect::<Vec<_>>(),
+        w.keys().collect::<Vec<_>>(),
+        "tensor names differ"
+    );
     for (name, (_, wshape, wv)) in &w {
         let (gt, gshape, gv) = &g[name];
         assert_eq!(*gt, dtype, "{name}: dtype");
         assert_eq!(gshape, wshape, "{name}: shape");
         for (i, (a, b)) in gv.iter().zip(wv).enumerate() {
             let tol = half_ulp(dtype, *b) * (1.0 + 1e-9) + 1e-5 * b.abs();
-            assert!((a - b).abs() <= tol, "{name}[{i}]: got {a}, expected {b} (tolerance {tol})");
+            assert!(
+                (a - b).abs() <= tol,
+                "{name}[{i}]: got {a}, expected {b} (tolerance {tol})"
+            );
         }
     }
 }
@@ -96,7 +114,11 @@ fn golden_warp_round_matches_float64_reference() {
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("warp");
     run_golden("warp.yaml", &out);
-    assert_matches_reference(&out, &fixtures().join("expected/warp.safetensors"), FloatType::BF16);
+    assert_matches_reference(
+        &out,
+        &fixtures().join("expected/warp.safetensors"),
+        FloatType::BF16,
+    );
 }
 
 #[test]
@@ -104,7 +126,11 @@ fn golden_linear_matches_float64_reference() {
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("linear");
     run_golden("linear.yaml", &out);
-    assert_matches_reference(&out, &fixtures().join("expected/linear.safetensors"), FloatType::F16);
+    assert_matches_reference(
+        &out,
+        &fixtures().join("expected/linear.safetensors"),
+        FloatType::F16,
+    );
 }
 
 #[test]
@@ -112,7 +138,11 @@ fn golden_slerp_per_tensor_matches_float64_reference() {
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("slerp");
     run_golden("slerp-tensor.yaml", &out);
-    assert_matches_reference(&out, &fixtures().join("expected/slerp-tensor.safetensors"), FloatType::F32);
+    assert_matches_reference(
+        &out,
+        &fixtures().join("expected/slerp-tensor.safetensors"),
+        FloatType::F32,
+    );
 }
 
 #[test]
@@ -120,8 +150,10 @@ fn golden_liti_front_writes_one_model_per_eta() {
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("front");
     run_golden("front.yaml", &out);
-    let mut names: Vec<String> =
-        std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     names.sort();
     assert_eq!(names, ["eta-0.0", "eta-0.5", "eta-1.0"]);
     for eta in ["0.0", "0.5", "1.0"] {
@@ -141,18 +173,32 @@ fn output_folder_has_config_card_and_manifest() {
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("warp");
     run_golden("warp.yaml", &out);
-    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["torch_dtype"], "bfloat16");
     assert_eq!(config["model_type"], "gemma2");
     let card = std::fs::read_to_string(out.join("README.md")).unwrap();
     assert!(card.starts_with("---\nbase_model: \"sft\"\ntags:\n- merge\n- warp\n- gemma-merge\nlibrary_name: transformers\n---\n"), "{card}");
-    assert!(card.contains("method: slerp"), "the card carries the recipe");
+    assert!(
+        card.contains("method: slerp"),
+        "the card carries the recipe"
+    );
     let manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("merge-manifest.json")).unwrap()).unwrap();
-    let files: Vec<&str> = manifest["outputs"].as_array().unwrap().iter().map(|f| f["path"].as_str().unwrap()).collect();
+        serde_json::from_str(&std::fs::read_to_string(out.join("merge-manifest.json")).unwrap())
+            .unwrap();
+    let files: Vec<&str> = manifest["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["path"].as_str().unwrap())
+        .collect();
     assert_eq!(files, ["model.safetensors", "config.json", "README.md"]);
     assert_eq!(manifest["step"], "warp");
-    assert_eq!(manifest["inputs"].as_array().unwrap().len(), 8, "sft (2 shards) + 6 checkpoints");
+    assert_eq!(
+        manifest["inputs"].as_array().unwrap().len(),
+        8,
+        "sft (2 shards) + 6 checkpoints"
+    );
     let text = std::fs::read_to_string(fixtures().join("recipes/warp.yaml")).unwrap();
     assert_eq!(manifest["recipe"]["text"], text);
     // The safetensors header carries only {"format": "pt"} as metadata.
@@ -161,7 +207,10 @@ fn output_folder_has_config_card_and_manifest() {
     let header: serde_json::Value = serde_json::from_slice(&m[8..8 + n]).unwrap();
     assert_eq!(header["__metadata__"], serde_json::json!({"format": "pt"}));
     // No temporary folder is left beside the output.
-    let left: Vec<_> = std::fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let left: Vec<_> = std::fs::read_dir(d.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(left, vec![std::ffi::OsString::from("warp")]);
 }
 
@@ -173,10 +222,19 @@ fn output_is_byte_identical_for_any_thread_count() {
     ok(&["-q", "--threads", "1", "run", s(&r), "--out", s(&a)]);
     ok(&["-q", "--threads", "2", "run", s(&r), "--out", s(&b)]);
     for f in ["model.safetensors", "config.json"] {
-        assert_eq!(std::fs::read(a.join(f)).unwrap(), std::fs::read(b.join(f)).unwrap(), "{f}");
+        assert_eq!(
+            std::fs::read(a.join(f)).unwrap(),
+            std::fs::read(b.join(f)).unwrap(),
+            "{f}"
+        );
     }
     // The card differs only in its title, the folder's name.
-    let card = |p: &Path| std::fs::read_to_string(p.join("README.md")).unwrap().replace("# t1", "# t").replace("# t2", "# t");
+    let card = |p: &Path| {
+        std::fs::read_to_string(p.join("README.md"))
+            .unwrap()
+            .replace("# t1", "# t")
+            .replace("# t2", "# t")
+    };
     assert_eq!(card(&a), card(&b));
 }
 
@@ -194,8 +252,40 @@ fn verify_fails_after_one_byte_changes() {
     std::fs::write(&p, bytes).unwrap();
     let o = gm(&["verify", s(&out)]);
     assert_eq!(o.code, 1);
-    assert!(o.stderr.contains("model.safetensors: SHA-256"), "{}", o.stderr);
-    assert!(o.stderr.starts_with("mismatch:") && o.stderr.contains("error: "), "{}", o.stderr);
+    assert!(
+        o.stderr.contains("model.safetensors: SHA-256"),
+        "{}",
+        o.stderr
+    );
+    assert!(
+        o.stderr.starts_with("mismatch:") && o.stderr.contains("error: "),
+        "{}",
+        o.stderr
+    );
+}
+
+#[test]
+fn hash_inputs_records_each_input_file_checksum() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("lin");
+    let r = fixtures().join("recipes/linear.yaml");
+    ok(&["-q", "run", s(&r), "--out", s(&out), "--hash-inputs"]);
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("merge-manifest.json")).unwrap())
+            .unwrap();
+    let inputs = manifest["inputs"].as_array().unwrap();
+    assert_eq!(inputs.len(), 5, "sft's 2 shards + 3 checkpoints");
+    for i in inputs {
+        let p = PathBuf::from(i["path"].as_str().unwrap());
+        let bytes = std::fs::read(&p).unwrap();
+        assert_eq!(i["size"], bytes.len() as u64);
+        use sha2::Digest;
+        let want: String = sha2::Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(i["sha256"], want, "{}", p.display());
+    }
 }
 
 #[test]
@@ -207,7 +297,11 @@ fn existing_output_needs_force() {
     let r = fixtures().join("recipes/linear.yaml");
     let o = gm(&["run", s(&r), "--out", s(&out)]);
     assert_eq!(o.code, 2);
-    assert!(o.stderr.contains("exists (pass --force to replace it)"), "{}", o.stderr);
+    assert!(
+        o.stderr.contains("exists (pass --force to replace it)"),
+        "{}",
+        o.stderr
+    );
     assert!(out.join("marker").exists(), "the old folder is untouched");
     ok(&["-q", "run", s(&r), "--out", s(&out), "--force"]);
     assert!(!out.join("marker").exists(), "--force replaced the folder");
@@ -220,10 +314,25 @@ fn dry_run_prints_the_plan_and_writes_nothing() {
     let out = d.path().join("warp");
     let r = fixtures().join("recipes/warp.yaml");
     let o = ok(&["run", s(&r), "--out", s(&out), "--dry-run"]);
-    for needle in ["run_a", "ema", "slerp", "liti", "tensors: 46 (46 merged, 0 copied)", "passes over the inputs: 2", "peak memory estimate"] {
-        assert!(o.stdout.contains(needle), "missing {needle:?} in\n{}", o.stdout);
+    for needle in [
+        "run_a",
+        "ema",
+        "slerp",
+        "liti",
+        "tensors: 46 (46 merged, 0 copied)",
+        "passes over the inputs: 2",
+        "peak memory estimate",
+    ] {
+        assert!(
+            o.stdout.contains(needle),
+            "missing {needle:?} in\n{}",
+            o.stdout
+        );
     }
-    assert!(std::fs::read_dir(d.path()).unwrap().next().is_none(), "dry run wrote something");
+    assert!(
+        std::fs::read_dir(d.path()).unwrap().next().is_none(),
+        "dry run wrote something"
+    );
     let o = ok(&["run", s(&r), "--out", s(&out), "--dry-run", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
     assert_eq!(v["tensors"], 46);
@@ -239,7 +348,10 @@ fn json_summary_has_the_contract_keys() {
     let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
     assert_eq!(v["output"], s(&out));
     assert_eq!(v["tensors"], 46);
-    let on_disk: u64 = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
+    let on_disk: u64 = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
     assert_eq!(v["bytes_written"], on_disk);
     assert!(v["seconds"].as_f64().unwrap() >= 0.0);
 }
@@ -253,7 +365,12 @@ fn inspect_reports_tensors_and_parameters() {
     let per_layer = 4 * 64 + 3 * 64 * 160 + (128 + 64 + 64) * 64 + 64 * 128;
     assert_eq!(v["parameters"], 384 * 64 + 4 * per_layer + 64);
     assert_eq!(v["config"]["model_type"], "gemma2");
-    let emb = v["tensors"].as_array().unwrap().iter().find(|t| t["name"] == "model.embed_tokens.weight").unwrap();
+    let emb = v["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "model.embed_tokens.weight")
+        .unwrap();
     assert_eq!(emb["dtype"], "BF16");
     assert_eq!(emb["shape"], serde_json::json!([384, 64]));
 }
@@ -280,8 +397,14 @@ fn shipped_recipes_are_valid() {
 /// Writes a model folder with the given f32 tensors stored as `dtype`, and a minimal config.json.
 fn write_model(dir: &Path, dtype: FloatType, tensors: &[(&str, Vec<usize>, Vec<f32>)]) {
     std::fs::create_dir_all(dir).unwrap();
-    let specs: Vec<TensorSpec> =
-        tensors.iter().map(|(n, shape, _)| TensorSpec { name: n.to_string(), dtype: dtype.dtype(), shape: shape.clone() }).collect();
+    let specs: Vec<TensorSpec> = tensors
+        .iter()
+        .map(|(n, shape, _)| TensorSpec {
+            name: n.to_string(),
+            dtype: dtype.dtype(),
+            shape: shape.clone(),
+        })
+        .collect();
     let mut w = ModelWriter::create(dir, specs, u64::MAX).unwrap();
     for (_, _, v) in tensors {
         let mut b = Vec::new();
@@ -289,7 +412,11 @@ fn write_model(dir: &Path, dtype: FloatType, tensors: &[(&str, Vec<usize>, Vec<f
         w.write(&b).unwrap();
     }
     w.finish().unwrap();
-    std::fs::write(dir.join("config.json"), "{\"model_type\": \"gemma2\", \"torch_dtype\": \"float32\"}\n").unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        "{\"model_type\": \"gemma2\", \"torch_dtype\": \"float32\"}\n",
+    )
+    .unwrap();
 }
 
 /// A deterministic pseudo-random vector.
@@ -314,7 +441,11 @@ const NAMES: [(&str, usize); 4] = [
 
 /// A base and `n` policies near it (f32), in `root/base`, `root/p1`, ...
 fn family(root: &Path, n: usize) {
-    let base: Vec<(&str, Vec<usize>, Vec<f32>)> = NAMES.iter().enumerate().map(|(i, (name, len))| (*name, vec![*len], noise(100 + i as u64, *len, 0.5))).collect();
+    let base: Vec<(&str, Vec<usize>, Vec<f32>)> = NAMES
+        .iter()
+        .enumerate()
+        .map(|(i, (name, len))| (*name, vec![*len], noise(100 + i as u64, *len, 0.5)))
+        .collect();
     write_model(&root.join("base"), FloatType::F32, &base);
     for p in 1..=n {
         let t: Vec<(&str, Vec<usize>, Vec<f32>)> = base
@@ -322,7 +453,11 @@ fn family(root: &Path, n: usize) {
             .enumerate()
             .map(|(i, (name, shape, v))| {
                 let d = noise((p * 1000 + i) as u64, v.len(), 0.05);
-                (*name, shape.clone(), v.iter().zip(d).map(|(a, b)| a + b).collect())
+                (
+                    *name,
+                    shape.clone(),
+                    v.iter().zip(d).map(|(a, b)| a + b).collect(),
+                )
             })
             .collect();
         write_model(&root.join(format!("p{p}")), FloatType::F32, &t);
@@ -343,7 +478,10 @@ fn slerp_explicit(a: &[f64], b: &[f64], lambda: f64) -> Vec<f64> {
         if omega.sin() < 1e-6 {
             (1.0 - lambda, lambda)
         } else {
-            (((1.0 - lambda) * omega).sin() / omega.sin(), (lambda * omega).sin() / omega.sin())
+            (
+                ((1.0 - lambda) * omega).sin() / omega.sin(),
+                (lambda * omega).sin() / omega.sin(),
+            )
         }
     };
     a.iter().zip(b).map(|(x, y)| ca * x + cb * y).collect()
@@ -362,18 +500,28 @@ fn three_policy_slerp_chain_with_layer_angle_matches_explicit_evaluation() {
     ok(&["-q", "run", s(&recipe)]);
     let got = load(&d.path().join("out"));
     let base = load(&d.path().join("base"));
-    let ps: Vec<_> = (1..=3).map(|p| load(&d.path().join(format!("p{p}")))).collect();
+    let ps: Vec<_> = (1..=3)
+        .map(|p| load(&d.path().join(format!("p{p}"))))
+        .collect();
     // Groups: the two layer-0 tensors share one angle; the others are alone.
     let groups: Vec<Vec<&str>> = vec![
         vec!["model.embed_tokens.weight"],
-        vec!["model.layers.0.mlp.up_proj.weight", "model.layers.0.self_attn.q_proj.weight"],
+        vec![
+            "model.layers.0.mlp.up_proj.weight",
+            "model.layers.0.self_attn.q_proj.weight",
+        ],
         vec!["model.norm.weight"],
     ];
     let lambdas = [2.0 / 3.0, 3.0 / 6.0];
     for g in groups {
-        let flat = |m: &BTreeMap<String, (FloatType, Vec<usize>, Vec<f64>)>| -> Vec<f64> { g.iter().flat_map(|n| m[*n].2.clone()).collect() };
+        let flat = |m: &BTreeMap<String, (FloatType, Vec<usize>, Vec<f64>)>| -> Vec<f64> {
+            g.iter().flat_map(|n| m[*n].2.clone()).collect()
+        };
         let b = flat(&base);
-        let deltas: Vec<Vec<f64>> = ps.iter().map(|p| flat(p).iter().zip(&b).map(|(x, y)| x - y).collect()).collect();
+        let deltas: Vec<Vec<f64>> = ps
+            .iter()
+            .map(|p| flat(p).iter().zip(&b).map(|(x, y)| x - y).collect())
+            .collect();
         let mut r = deltas[0].clone();
         for (k, lambda) in lambdas.iter().enumerate() {
             r = slerp_explicit(&r, &deltas[k + 1], *lambda);
@@ -381,7 +529,10 @@ fn three_policy_slerp_chain_with_layer_angle_matches_explicit_evaluation() {
         let want: Vec<f64> = b.iter().zip(&r).map(|(x, y)| x + y).collect();
         let have = flat(&got);
         for (i, (h, w)) in have.iter().zip(&want).enumerate() {
-            assert!((h - w).abs() <= half_ulp(FloatType::F32, *w) * 1.001 + 1e-12, "{g:?}[{i}]: {h} vs {w}");
+            assert!(
+                (h - w).abs() <= half_ulp(FloatType::F32, *w) * 1.001 + 1e-12,
+                "{g:?}[{i}]: {h} vs {w}"
+            );
         }
     }
 }
@@ -402,10 +553,14 @@ fn small_shard_size_splits_output_with_an_index() {
     .unwrap();
     ok(&["-q", "run", s(&recipe)]);
     let out = d.path().join("out");
-    let index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("model.safetensors.index.json")).unwrap()).unwrap();
+    let index: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("model.safetensors.index.json")).unwrap(),
+    )
+    .unwrap();
     let map = index["weight_map"].as_object().unwrap();
     assert_eq!(map.len(), 46);
-    let shards: std::collections::BTreeSet<&str> = map.values().map(|v| v.as_str().unwrap()).collect();
+    let shards: std::collections::BTreeSet<&str> =
+        map.values().map(|v| v.as_str().unwrap()).collect();
     assert!(shards.len() >= 5, "{shards:?}");
     for sh in &shards {
         let len = std::fs::metadata(out.join(sh)).unwrap().len();
@@ -420,7 +575,10 @@ fn small_shard_size_splits_output_with_an_index() {
         assert_eq!(*ft, FloatType::BF16);
         for (i, x) in v.iter().enumerate() {
             let want = 0.75 * b[name].2[i] + 0.25 * r[name].2[i];
-            assert!((x - want).abs() <= half_ulp(FloatType::BF16, want) * 1.0001, "{name}[{i}]");
+            assert!(
+                (x - want).abs() <= half_ulp(FloatType::BF16, want) * 1.0001,
+                "{name}[{i}]"
+            );
         }
     }
     ok(&["verify", s(&out)]);
@@ -435,8 +593,19 @@ fn integer_tensors_are_copied_and_extra_tensors_are_refused_unless_ignored() {
     let base = load(&base_dir);
     std::fs::remove_dir_all(&base_dir).unwrap();
     std::fs::create_dir_all(&base_dir).unwrap();
-    let mut specs: Vec<TensorSpec> = base.iter().map(|(n, (_, sh, _))| TensorSpec { name: n.clone(), dtype: safetensors::Dtype::F32, shape: sh.clone() }).collect();
-    specs.push(TensorSpec { name: "position_ids".into(), dtype: safetensors::Dtype::I64, shape: vec![3] });
+    let mut specs: Vec<TensorSpec> = base
+        .iter()
+        .map(|(n, (_, sh, _))| TensorSpec {
+            name: n.clone(),
+            dtype: safetensors::Dtype::F32,
+            shape: sh.clone(),
+        })
+        .collect();
+    specs.push(TensorSpec {
+        name: "position_ids".into(),
+        dtype: safetensors::Dtype::I64,
+        shape: vec![3],
+    });
     let mut w = ModelWriter::create(&base_dir, specs, u64::MAX).unwrap();
     for (_, (_, _, v)) in &base {
         let f: Vec<f32> = v.iter().map(|&x| x as f32).collect();
@@ -455,14 +624,24 @@ fn integer_tensors_are_copied_and_extra_tensors_are_refused_unless_ignored() {
     assert_eq!(m.data(m.get("position_ids").unwrap()), &ids[..]);
 
     let p1 = d.path().join("p1");
-    let mut t: Vec<(String, Vec<usize>, Vec<f32>)> = load(&p1).into_iter().map(|(n, (_, sh, v))| (n, sh, v.into_iter().map(|x| x as f32).collect())).collect();
+    let mut t: Vec<(String, Vec<usize>, Vec<f32>)> = load(&p1)
+        .into_iter()
+        .map(|(n, (_, sh, v))| (n, sh, v.into_iter().map(|x| x as f32).collect()))
+        .collect();
     t.push(("lm_head.weight".into(), vec![4], vec![1.0; 4]));
     std::fs::remove_dir_all(&p1).unwrap();
-    let refs: Vec<(&str, Vec<usize>, Vec<f32>)> = t.iter().map(|(n, sh, v)| (n.as_str(), sh.clone(), v.clone())).collect();
+    let refs: Vec<(&str, Vec<usize>, Vec<f32>)> = t
+        .iter()
+        .map(|(n, sh, v)| (n.as_str(), sh.clone(), v.clone()))
+        .collect();
     write_model(&p1, FloatType::F32, &refs);
     let o = gm(&["run", s(&recipe), "--force"]);
     assert_eq!(o.code, 1, "{}", o.stderr);
-    assert!(o.stderr.contains("tensor `lm_head.weight`") && o.stderr.contains("extra_tensors: ignore"), "{}", o.stderr);
+    assert!(
+        o.stderr.contains("tensor `lm_head.weight`") && o.stderr.contains("extra_tensors: ignore"),
+        "{}",
+        o.stderr
+    );
     std::fs::write(&recipe, "output: out\nbase: base\nextra_tensors: ignore\nsteps:\n  - name: l\n    method: liti\n    model: p1\n    eta: 0.5\n").unwrap();
     ok(&["-q", "run", s(&recipe), "--force"]);
 }
@@ -476,7 +655,10 @@ fn recipe_error(body: &str) -> Out {
     let recipe = d.path().join("recipe.yaml");
     std::fs::write(&recipe, body).unwrap();
     let o = gm(&["run", s(&recipe)]);
-    assert!(!d.path().join("out").exists(), "an invalid recipe wrote output");
+    assert!(
+        !d.path().join("out").exists(),
+        "an invalid recipe wrote output"
+    );
     o
 }
 
@@ -511,11 +693,19 @@ fn recipe_errors_name_the_line_and_column() {
     // A list of η anywhere but the output step.
     let o = recipe_error(&format!("{GOOD_HEAD}  - name: f\n    method: liti\n    model: p1\n    eta: [0.1, 0.2]\n  - name: g\n    method: liti\n    model: f\n    eta: 0.5\n"));
     assert_eq!(o.code, 2);
-    assert!(o.stderr.contains("recipe.yaml:7:10") && o.stderr.contains("only on the output step"), "{}", o.stderr);
+    assert!(
+        o.stderr.contains("recipe.yaml:7:10") && o.stderr.contains("only on the output step"),
+        "{}",
+        o.stderr
+    );
     // Unknown top-level key.
     let o = recipe_error("output: out\nbase: base\nouptut_step: x\nsteps: []\n");
     assert_eq!(o.code, 2);
-    assert!(o.stderr.contains("recipe.yaml:3:1") && o.stderr.contains("unknown field `ouptut_step`"), "{}", o.stderr);
+    assert!(
+        o.stderr.contains("recipe.yaml:3:1") && o.stderr.contains("unknown field `ouptut_step`"),
+        "{}",
+        o.stderr
+    );
     // Invalid YAML.
     let o = recipe_error("steps: [\n");
     assert_eq!(o.code, 2);
@@ -529,12 +719,23 @@ fn eta_outside_unit_interval_warns_and_extrapolates() {
     let recipe = d.path().join("r.yaml");
     std::fs::write(&recipe, "output: out\ndtype: float32\nbase: base\nsteps:\n  - name: l\n    method: liti\n    model: p1\n    eta: 1.5\n").unwrap();
     let o = ok(&["run", s(&recipe)]);
-    assert!(o.stderr.contains("warning:") && o.stderr.contains("extrapolating"), "{}", o.stderr);
-    let (b, p, out) = (load(&d.path().join("base")), load(&d.path().join("p1")), load(&d.path().join("out")));
+    assert!(
+        o.stderr.contains("warning:") && o.stderr.contains("extrapolating"),
+        "{}",
+        o.stderr
+    );
+    let (b, p, out) = (
+        load(&d.path().join("base")),
+        load(&d.path().join("p1")),
+        load(&d.path().join("out")),
+    );
     for (name, (_, _, v)) in out {
         for (i, x) in v.iter().enumerate() {
             let want = -0.5 * b[&name].2[i] + 1.5 * p[&name].2[i];
-            assert!((x - want).abs() <= half_ulp(FloatType::F32, want) * 1.001, "{name}[{i}]");
+            assert!(
+                (x - want).abs() <= half_ulp(FloatType::F32, want) * 1.001,
+                "{name}[{i}]"
+            );
         }
     }
 }
@@ -547,14 +748,26 @@ fn input_errors_name_tensor_and_file_and_write_nothing() {
     let recipe = d.path().join("r.yaml");
     std::fs::write(&recipe, "output: out\nbase: base\nsteps:\n  - name: l\n    method: liti\n    model: p1\n    eta: 0.5\n").unwrap();
     let p1 = d.path().join("p1");
-    let mut t: Vec<(String, Vec<usize>, Vec<f32>)> = load(&p1).into_iter().map(|(n, (_, sh, v))| (n, sh, v.into_iter().map(|x| x as f32).collect())).collect();
+    let mut t: Vec<(String, Vec<usize>, Vec<f32>)> = load(&p1)
+        .into_iter()
+        .map(|(n, (_, sh, v))| (n, sh, v.into_iter().map(|x| x as f32).collect()))
+        .collect();
     t[3] = (t[3].0.clone(), vec![2, 4], t[3].2.clone());
     std::fs::remove_dir_all(&p1).unwrap();
-    let refs: Vec<(&str, Vec<usize>, Vec<f32>)> = t.iter().map(|(n, sh, v)| (n.as_str(), sh.clone(), v.clone())).collect();
+    let refs: Vec<(&str, Vec<usize>, Vec<f32>)> = t
+        .iter()
+        .map(|(n, sh, v)| (n.as_str(), sh.clone(), v.clone()))
+        .collect();
     write_model(&p1, FloatType::F32, &refs);
     let o = gm(&["run", s(&recipe)]);
     assert_eq!(o.code, 1);
-    assert!(o.stderr.contains("tensor `model.norm.weight` has shape [2, 4]") && o.stderr.contains("[8] in the base"), "{}", o.stderr);
+    assert!(
+        o.stderr
+            .contains("tensor `model.norm.weight` has shape [2, 4]")
+            && o.stderr.contains("[8] in the base"),
+        "{}",
+        o.stderr
+    );
     assert!(!d.path().join("out").exists());
 
     // NaN in an input: found while streaming; the staged folder is removed.
@@ -562,23 +775,47 @@ fn input_errors_name_tensor_and_file_and_write_nothing() {
     t2[3].1 = vec![8];
     t2[3].2[5] = f32::NAN;
     std::fs::remove_dir_all(&p1).unwrap();
-    let refs: Vec<(&str, Vec<usize>, Vec<f32>)> = t2.iter().map(|(n, sh, v)| (n.as_str(), sh.clone(), v.clone())).collect();
+    let refs: Vec<(&str, Vec<usize>, Vec<f32>)> = t2
+        .iter()
+        .map(|(n, sh, v)| (n.as_str(), sh.clone(), v.clone()))
+        .collect();
     write_model(&p1, FloatType::F32, &refs);
     let o = gm(&["run", s(&recipe)]);
     assert_eq!(o.code, 1);
-    assert!(o.stderr.contains("tensor `model.norm.weight`") && o.stderr.contains("non-finite") && o.stderr.contains("element 5"), "{}", o.stderr);
-    let left: Vec<_> = std::fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-    assert!(!left.iter().any(|n| n.starts_with(".out") || n == "out"), "{left:?}");
+    assert!(
+        o.stderr.contains("tensor `model.norm.weight`")
+            && o.stderr.contains("non-finite")
+            && o.stderr.contains("element 5"),
+        "{}",
+        o.stderr
+    );
+    let left: Vec<_> = std::fs::read_dir(d.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !left.iter().any(|n| n.starts_with(".out") || n == "out"),
+        "{left:?}"
+    );
     std::fs::write(&recipe, "output: out\nbase: base\nallow_nonfinite: true\nsteps:\n  - name: l\n    method: liti\n    model: p1\n    eta: 0.5\n").unwrap();
     ok(&["-q", "run", s(&recipe)]);
 
     // Missing tensor.
     std::fs::remove_dir_all(&p1).unwrap();
-    let refs: Vec<(&str, Vec<usize>, Vec<f32>)> = t2[..3].iter().map(|(n, sh, v)| (n.as_str(), sh.clone(), v.clone())).collect();
+    let refs: Vec<(&str, Vec<usize>, Vec<f32>)> = t2[..3]
+        .iter()
+        .map(|(n, sh, v)| (n.as_str(), sh.clone(), v.clone()))
+        .collect();
     write_model(&p1, FloatType::F32, &refs);
     let o = gm(&["run", s(&recipe), "--force"]);
     assert_eq!(o.code, 1);
-    assert!(o.stderr.contains("tensor `model.norm.weight` of the base is missing from") && o.stderr.contains("p1"), "{}", o.stderr);
+    assert!(
+        o.stderr
+            .contains("tensor `model.norm.weight` of the base is missing from")
+            && o.stderr.contains("p1"),
+        "{}",
+        o.stderr
+    );
 
     // A truncated file: the header promises more bytes than there are.
     let f = p1.join("model.safetensors");
@@ -586,12 +823,21 @@ fn input_errors_name_tensor_and_file_and_write_nothing() {
     std::fs::write(&f, &bytes[..bytes.len() - 3]).unwrap();
     let o = gm(&["run", s(&recipe), "--force"]);
     assert_eq!(o.code, 1);
-    assert!(o.stderr.contains("model.safetensors: invalid safetensors file"), "{}", o.stderr);
+    assert!(
+        o.stderr
+            .contains("model.safetensors: invalid safetensors file"),
+        "{}",
+        o.stderr
+    );
     // Garbage instead of a header.
     std::fs::write(&f, b"\xff\xff\xff\xff\xff\xff\xff\x7fjunk").unwrap();
     let o = gm(&["inspect", s(&f)]);
     assert_eq!(o.code, 1);
-    assert!(o.stderr.contains("invalid safetensors file"), "{}", o.stderr);
+    assert!(
+        o.stderr.contains("invalid safetensors file"),
+        "{}",
+        o.stderr
+    );
 }
 
 #[test]
@@ -602,7 +848,11 @@ fn output_inside_an_input_is_refused() {
     std::fs::write(&recipe, "output: base/merged\nbase: base\nsteps:\n  - name: l\n    method: liti\n    model: p1\n    eta: 0.5\n").unwrap();
     let o = gm(&["run", s(&recipe)]);
     assert_eq!(o.code, 2);
-    assert!(o.stderr.contains("would write into the input"), "{}", o.stderr);
+    assert!(
+        o.stderr.contains("would write into the input"),
+        "{}",
+        o.stderr
+    );
     // Replacing a folder that holds an input is refused even with --force.
     let o = gm(&["run", s(&recipe), "--out", s(d.path()), "--force"]);
     assert_eq!(o.code, 2, "{}", o.stderr);
@@ -617,5 +867,9 @@ fn bad_flags_exit_with_code_2() {
     assert_eq!(o.code, 2);
     let o = gm(&["run", "/nonexistent/recipe.yaml"]);
     assert_eq!(o.code, 1);
-    assert!(o.stderr.contains("/nonexistent/recipe.yaml"), "{}", o.stderr);
+    assert!(
+        o.stderr.contains("/nonexistent/recipe.yaml"),
+        "{}",
+        o.stderr
+    );
 }

@@ -250,3 +250,57 @@ mod tests {
         assert_eq!(out[0], 1.5);
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Rounds x to `mant` mantissa bits by brute force: the two neighbours on the grid, nearest wins,
+    /// ties to the even one. Independent of the bit tricks above (normal range only).
+    fn reference_round(x: f64, mant: i32) -> f64 {
+        if x == 0.0 {
+            return 0.0;
+        }
+        let e = x.abs().log2().floor() as i32;
+        let ulp = 2f64.powi(e - mant);
+        let lo = (x / ulp).floor() * ulp;
+        let hi = lo + ulp;
+        let (dl, dh) = (x - lo, hi - x);
+        if dl < dh {
+            lo
+        } else if dh < dl {
+            hi
+        } else if ((lo / ulp) as i64) % 2 == 0 {
+            lo
+        } else {
+            hi
+        }
+    }
+
+    fn round_via(t: FloatType, x: f64) -> f64 {
+        let mut b = Vec::new();
+        t.encode_f64(&[x], &mut b);
+        let mut o = [0f32];
+        t.decode(&b, &mut o);
+        o[0] as f64
+    }
+
+    proptest! {
+        #[test]
+        fn encode_f64_rounds_to_nearest_even(m in 1.0f64..2.0, e in -20i32..20, neg: bool, tie in 0u8..4) {
+            let mut x = m * 2f64.powi(e);
+            if tie == 0 {
+                // Force an exact bf16 tie: 8 significant bits plus a trailing half.
+                x = ((x * 2f64.powi(8 - e)).floor() + 0.5) * 2f64.powi(e - 8);
+            }
+            let x = if neg { -x } else { x };
+            prop_assert_eq!(round_via(FloatType::BF16, x), reference_round(x, 7));
+            if x.abs() >= 2f64.powi(-14) && x.abs() < 65504.0 {
+                // f16's normal range (below it f16 is subnormal, with fewer mantissa bits).
+                prop_assert_eq!(round_via(FloatType::F16, x), reference_round(x, 10));
+            }
+            prop_assert_eq!(round_via(FloatType::F32, x), reference_round(x, 23));
+        }
+    }
+}
