@@ -4,7 +4,12 @@
 //! Data flows one way: [`recipe`] (YAML → validated plan) → [`kernels`] (pure math) → [`executor`]
 //! (streams tensors through the kernels) → [`format`] (safetensors in and out).
 
+pub mod evaluate;
 pub mod executor;
 pub mod format;
+pub mod front;
 pub mod kernels;
+pub mod model;
+pub mod plot;
 pub mod recipe;
+pub mod synth;

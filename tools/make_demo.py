@@ -22,7 +22,8 @@ and a Gemma-style tokenizer (`tokenizer.json`, `tokenizer_config.json`, `special
 The tokenizer is trained here with the `tokenizers` library: BPE with byte fallback (<0x00>..<0xFF>),
 normalizer Replace(" " -> "▁") with no dummy prefix, no pre-tokenizer in the saved file (as in Gemma's
 tokenizer.json), decoder Replace("▁" -> " ") + ByteFallback + Fuse, and a post-processor that prepends <bos>.
-Special tokens: <pad>=0, <eos>=1, <bos>=2, <unk>=3, <start_of_turn>=4, <end_of_turn>=5, bytes 6..261.
+Special tokens: <pad>=0, <eos>=1, <bos>=2, <unk>=3, <mask>=4 (as in Gemma; transformers' GemmaTokenizer adds a
+<mask> of its own when the vocabulary lacks one), <start_of_turn>=5, <end_of_turn>=6, bytes <0x00>..<0xFF> = 7..262.
 Training uses a temporary pre-tokenizer, Split on the regex `▁*[^▁\n]+|▁+|\n+` (a word keeps the "▁"s in front
 of it, as SentencePiece's split_by_whitespace does), only so that no merge spans two words; every learned token
 then has the shape ▁*[^▁\n]* or \n+, so no merge can apply across such a boundary and BPE on the raw,
@@ -59,7 +60,7 @@ LICENSE_DIR = "/usr/share/common-licenses"
 TARGET_TRAIN_FILES = ["GPL-1", "GPL-2", "GPL-3", "LGPL-2.1", "GFDL-1.3"]
 TARGET_HELDOUT_FILE = "LGPL-3"
 
-SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"]
 BYTE_TOKENS = [f"<0x{i:02X}>" for i in range(256)]
 PAD, EOS, BOS, UNK = 0, 1, 2, 3
 
@@ -90,7 +91,7 @@ def parse_args():
     p.add_argument("--max-positions", type=int, default=512)
     # pre-training ("sft")
     p.add_argument("--context", type=int, default=128, help="tokens per training window, <bos> included")
-    p.add_argument("--pt-steps", type=int, default=1000)
+    p.add_argument("--pt-steps", type=int, default=600)
     p.add_argument("--pt-batch", type=int, default=16)
     p.add_argument("--pt-lr", type=float, default=3e-3)
     p.add_argument("--pt-min-lr", type=float, default=3e-4)
@@ -99,9 +100,12 @@ def parse_args():
     # fine-tuning runs
     p.add_argument("--ft-steps", type=int, nargs="+", default=[100, 200, 300], help="checkpoint steps (last = total)")
     p.add_argument("--ft-batch", type=int, default=16)
-    p.add_argument("--ft-lr", type=float, default=5e-4)
+    p.add_argument("--ft-lr", type=float, default=1e-4)
     p.add_argument("--ft-warmup", type=int, default=20)
     p.add_argument("--ft-weight-decay", type=float, default=0.0)
+    p.add_argument("--ft-subset", type=float, default=1.0,
+                   help="fraction of the target paragraphs each run trains on, drawn with the run's seed "
+                        "(default 1.0: both runs see all of it; e.g. 0.5 makes the runs more diverse)")
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--log-every", type=int, default=50)
     return p.parse_args()
@@ -164,7 +168,7 @@ def train_tokenizer(docs, vocab_size, out_dir):
     final = Tokenizer.from_str(json.dumps(j))
     final.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     final.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", BOS)])
+        single="<bos>:0 $A:0", pair="<bos>:0 $A:0 <bos>:1 $B:1", special_tokens=[("<bos>", BOS)])
     vocab = final.get_vocab()
     for i, s in enumerate(SPECIALS + BYTE_TOKENS):
         assert vocab[s] == i, (s, vocab.get(s), i)
@@ -351,7 +355,7 @@ def train(model, stream, steps, batch, context, lr_at, weight_decay, grad_clip, 
     opt = make_optimizer(model, lr_at(0), weight_decay)
     model.train()
     t0 = time.time()
-    recent = []
+    recent, last_mean = [], float("nan")
     for step in range(1, steps + 1):
         lr = lr_at(step - 1)
         for g in opt.param_groups:
@@ -364,12 +368,13 @@ def train(model, stream, steps, batch, context, lr_at, weight_decay, grad_clip, 
         opt.step()
         recent.append(loss.item())
         if step % log_every == 0 or step == steps:
-            log(f"  {name} step {step:5d}  lr {lr:.2e}  loss {np.mean(recent):.4f}  ({time.time() - t0:.0f}s)")
+            last_mean = float(np.mean(recent))
+            log(f"  {name} step {step:5d}  lr {lr:.2e}  loss {last_mean:.4f}  ({time.time() - t0:.0f}s)")
             recent = []
         if on_step is not None:
             on_step(step)
     model.eval()
-    return float(loss.item())
+    return last_mean  # mean training loss over the last logging interval
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -388,6 +393,7 @@ def main():
     import tokenizers
     import transformers
 
+    transformers.utils.logging.disable_progress_bar()
     out = args.out
     os.makedirs(out, exist_ok=True)
     for old in ["sft", "run_a", "run_b", ".tokenizer", "heldout-pretrain.txt", "heldout-target.txt",
@@ -451,7 +457,7 @@ def main():
         return args.pt_min_lr + 0.5 * (args.pt_lr - args.pt_min_lr) * (1 + math.cos(math.pi * p))
 
     def pt_eval(step):
-        if step % 250 == 0 or step == args.pt_steps:
+        if step % 200 == 0 or step == args.pt_steps:
             log(f"    (f32 weights) held-out ppl at step {step}: pretrain "
                 f"{perplexity(model, ho_pt, args.context):.2f}, target {perplexity(model, ho_tg, args.context):.2f}")
             model.train()
@@ -474,6 +480,13 @@ def main():
     for run, run_seed in runs.items():
         torch.manual_seed(run_seed)
         model.load_state_dict(sft_state)
+        run_stream = ft_stream
+        if args.ft_subset < 1.0:
+            sub_rng = np.random.default_rng(1000 + run_seed)
+            paras = [p for d in target_docs for p in d.split("\n\n") if p.strip()]
+            kept = [p for p in paras if sub_rng.random() < args.ft_subset]
+            run_stream = encode_stream(kept)
+            log(f"{run}: trains on {len(kept)} of {len(paras)} target paragraphs ({len(run_stream)} tokens)")
 
         def save_ckpt(step, run=run):
             if step in args.ft_steps:
@@ -481,7 +494,7 @@ def main():
 
         log(f"fine-tuning {run} (seed {run_seed}): {ft_total} steps x {args.ft_batch} windows, "
             f"checkpoints at {args.ft_steps}")
-        final_losses[run] = train(model, ft_stream, ft_total, args.ft_batch, args.context, ft_lr,
+        final_losses[run] = train(model, run_stream, ft_total, args.ft_batch, args.context, ft_lr,
                                   args.ft_weight_decay, args.grad_clip, run_seed, log, run, args.log_every,
                                   on_step=save_ckpt)
     shutil.rmtree(tok_dir)
@@ -502,10 +515,19 @@ def main():
             assert m.config._attn_implementation == "eager"
         results[folder] = (perplexity(m, ho_pt, args.context), perplexity(m, ho_tg, args.context))
         log(f"{folder:<18}{results[folder][0]:>18.2f}{results[folder][1]:>16.2f}")
+    from transformers import AutoTokenizer
+
+    hf_tok = AutoTokenizer.from_pretrained(sft_dir)
+    assert len(hf_tok) == args.vocab_size, (len(hf_tok), args.vocab_size)
+    for text, ids in [(heldout_pretrain, ho_pt), (heldout_target, ho_tg)]:
+        assert hf_tok(text)["input_ids"] == [BOS] + ids, "AutoTokenizer disagrees with tokenizers"
+    log(f"sanity: AutoTokenizer ({type(hf_tok).__name__}) gives the same ids, with <bos> prepended, "
+        f"on both held-out texts; len(tokenizer) = {len(hf_tok)}")
     m16 = load_saved(sft_dir, torch.bfloat16)
     log(f"sanity: sft computed entirely in bf16: pretrain {perplexity(m16, ho_pt, args.context):.2f}, "
         f"target {perplexity(m16, ho_tg, args.context):.2f}")
-    log("final training losses (last batch): " + ", ".join(f"{k} {v:.4f}" for k, v in final_losses.items()))
+    log(f"final training losses (mean of the last {args.log_every} steps): "
+        + ", ".join(f"{k} {v:.4f}" for k, v in final_losses.items()))
     last = f"step-{ft_total}"
     log(f"summary: params {n_params}; sft ppl pretrain/target {results['sft'][0]:.2f}/{results['sft'][1]:.2f}; "
         + "; ".join(f"{r}/{last} {results[f'{r}/{last}'][0]:.2f}/{results[f'{r}/{last}'][1]:.2f}" for r in runs))

@@ -1,8 +1,18 @@
 //! `eval`, `generate`, `compare`: the built-in Gemma 2 forward pass on the command line.
 
-use clap::Args;
+use std::io::Write;
+use std::path::Path;
+use std::time::Instant;
 
-use super::{Global, PathArg};
+use anyhow::Context;
+use clap::Args;
+use serde_json::json;
+
+use gemma_merge::evaluate::{self, LogitsWriter};
+use gemma_merge::model::sampling::{self, Sampler, SamplingParams};
+use gemma_merge::model::{folder_of, Gemma2, ModelError, Tokenizer};
+
+use super::{Global, PathArg, UsageError};
 
 /// Where the tokens come from: a text file (tokenized, `<bos>` prepended) or raw ids.
 #[derive(Debug, Clone, Args)]
@@ -12,7 +22,7 @@ pub struct TokenInput {
     #[arg(long, value_name = "FILE")]
     pub text: Option<PathArg>,
     /// Token ids used as given, comma separated: 2,651,...
-    #[arg(long, value_name = "IDS", value_delimiter = ',')]
+    #[arg(long, value_name = "IDS", value_delimiter = ',', value_parser = parse_token_id)]
     pub token_ids: Option<Vec<u32>>,
 }
 
@@ -25,7 +35,8 @@ pub struct EvalArgs {
     /// Truncate the input to N tokens.
     #[arg(long, value_name = "N")]
     pub max_tokens: Option<usize>,
-    /// Window length: long inputs are scored in windows of N tokens, each starting with <bos>.
+    /// Window length: long inputs are scored in windows of N tokens, each starting with <bos>
+    /// (default: the whole input, up to max_position_embeddings).
     #[arg(long, value_name = "N")]
     pub context: Option<usize>,
     /// Write the logits at every input position as a safetensors file (tensor `logits`, F32).
@@ -48,7 +59,7 @@ pub struct GenerateArgs {
     )]
     pub prompt: Option<String>,
     /// Prompt token ids used as given, comma separated.
-    #[arg(long, value_name = "IDS", value_delimiter = ',')]
+    #[arg(long, value_name = "IDS", value_delimiter = ',', value_parser = parse_token_id)]
     pub token_ids: Option<Vec<u32>>,
     /// Truncate the prompt to N tokens.
     #[arg(long, value_name = "N")]
@@ -93,14 +104,284 @@ pub struct CompareArgs {
     pub json: bool,
 }
 
-pub fn eval(_args: &EvalArgs, _g: &Global) -> anyhow::Result<()> {
-    anyhow::bail!("eval is not built yet")
+/// One token id of a comma-separated list; spaces around it are allowed.
+fn parse_token_id(s: &str) -> Result<u32, String> {
+    s.trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a token id (a non-negative integer)"))
 }
 
-pub fn generate(_args: &GenerateArgs, _g: &Global) -> anyhow::Result<()> {
-    anyhow::bail!("generate is not built yet")
+pub fn eval(args: &EvalArgs, g: &Global) -> anyhow::Result<()> {
+    check_counts(args.max_tokens, args.context)?;
+    let model = Gemma2::load(&args.model)?;
+    let tokens = input_tokens(&args.input, &[&args.model], &model, args.max_tokens)?;
+    evaluate::check_input(&model, &tokens)?;
+    let context = args
+        .context
+        .unwrap_or_else(|| evaluate::default_context(&model, tokens.len()));
+
+    let started = Instant::now();
+    let score = match &args.dump_logits {
+        Some(path) => {
+            let mut writer = LogitsWriter::create(path, tokens.len(), model.config().vocab_size)?;
+            let score =
+                evaluate::score_with(&model, &tokens, context, |_, row| writer.write_row(row));
+            match score {
+                Ok(score) => {
+                    writer.finish()?;
+                    score
+                }
+                Err(e) => {
+                    drop(writer);
+                    let _ = std::fs::remove_file(path);
+                    return Err(e.into());
+                }
+            }
+        }
+        None => evaluate::score(&model, &tokens, context)?,
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    let tokens_per_second = score.positions_run as f64 / seconds;
+    if args.json {
+        print_json(&json!({
+            "tokens": score.tokens,
+            "mean_nll": score.mean_nll,
+            "perplexity": score.perplexity,
+            "tokens_per_second": tokens_per_second,
+            "input_tokens": tokens.len(),
+            "context": context,
+            "windows": score.windows,
+            "seconds": seconds,
+        }))
+    } else {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "tokens      {}", score.tokens)?;
+        writeln!(out, "mean_nll    {:.6}", score.mean_nll)?;
+        writeln!(out, "perplexity  {:.4}", score.perplexity)?;
+        writeln!(out, "tokens/s    {tokens_per_second:.1}")?;
+        if !g.quiet {
+            eprintln!(
+                "{} input tokens, {} window(s) of up to {context} positions, {seconds:.2} s",
+                tokens.len(),
+                score.windows
+            );
+        }
+        Ok(())
+    }
 }
 
-pub fn compare(_args: &CompareArgs, _g: &Global) -> anyhow::Result<()> {
-    anyhow::bail!("compare is not built yet")
+pub fn generate(args: &GenerateArgs, g: &Global) -> anyhow::Result<()> {
+    check_counts(args.max_tokens, None)?;
+    let params = SamplingParams {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        seed: args.seed,
+    };
+    params
+        .validate()
+        .map_err(|e| UsageError(format!("--{e}")))?;
+    let model = Gemma2::load(&args.model)?;
+    let folder = folder_of(&args.model);
+    let (mut prompt, tokenizer) = match (&args.prompt, &args.token_ids) {
+        (Some(text), _) => {
+            let tokenizer = require_tokenizer(&[folder], "--prompt")?;
+            (
+                tokenizer.encode_with_bos(text, model.config().bos_token_id)?,
+                Some(tokenizer),
+            )
+        }
+        (None, Some(ids)) => (ids.clone(), Tokenizer::from_folder_if_present(folder)?),
+        (None, None) => {
+            return Err(UsageError("give --prompt TEXT or --token-ids IDS".into()).into())
+        }
+    };
+    if let Some(n) = args.max_tokens {
+        prompt.truncate(n);
+    }
+    model.check_tokens(&prompt)?;
+
+    let mut stop = model.config().eos_token_ids.clone();
+    if let Some(id) = tokenizer.as_ref().and_then(|t| t.token_id("<end_of_turn>")) {
+        stop.push(id);
+    }
+    let mut sampler = Sampler::new(params);
+    let mut stream = tokenizer.as_ref().map(|t| t.stream());
+    let mut out = std::io::stdout().lock();
+    let streaming = !args.json;
+    let generation = sampling::generate(
+        &model,
+        &prompt,
+        args.max_new_tokens,
+        &mut sampler,
+        &stop,
+        |id| {
+            if !streaming {
+                return Ok(());
+            }
+            let written = match &mut stream {
+                Some(stream) => {
+                    let piece = stream.push(id)?;
+                    out.write_all(piece.as_bytes())
+                }
+                None => write!(out, "{id} "),
+            };
+            written
+                .and_then(|()| out.flush())
+                .map_err(|e| ModelError::io("<stdout>", e))
+        },
+    )?;
+    let text = match &tokenizer {
+        Some(t) => t.decode(&generation.token_ids)?,
+        None => String::new(),
+    };
+    if let Some(stream) = stream.as_mut().filter(|_| streaming) {
+        out.write_all(stream.finish()?.as_bytes())?;
+    }
+    if args.json {
+        drop(out);
+        return print_json(&json!({
+            "token_ids": generation.token_ids,
+            "text": text,
+            "prefill_tokens_per_second": generation.prefill_tokens_per_second(),
+            "decode_tokens_per_second": generation.decode_tokens_per_second(),
+            "prompt_tokens": generation.prompt_tokens,
+            "stopped": generation.stopped,
+        }));
+    }
+    writeln!(out)?;
+    if !g.quiet {
+        eprintln!(
+            "{} tokens{}; prefill {} tokens at {:.1} tokens/s, decode {:.2} tokens/s",
+            generation.token_ids.len(),
+            if generation.stopped {
+                " (stopped at an end token)"
+            } else {
+                ""
+            },
+            generation.prompt_tokens,
+            generation.prefill_tokens_per_second(),
+            generation.decode_tokens_per_second()
+        );
+    }
+    Ok(())
+}
+
+pub fn compare(args: &CompareArgs, g: &Global) -> anyhow::Result<()> {
+    check_counts(args.max_tokens, args.context)?;
+    let model = Gemma2::load(&args.model)?;
+    let reference = Gemma2::load(&args.reference)?;
+    let (vm, vr) = (model.config().vocab_size, reference.config().vocab_size);
+    if vm != vr {
+        return Err(ModelError::VocabMismatch {
+            model: vm,
+            reference: vr,
+        })
+        .with_context(|| {
+            format!(
+                "cannot compare {} with {}",
+                args.model.display(),
+                args.reference.display()
+            )
+        });
+    }
+    let tokens = input_tokens(
+        &args.input,
+        &[&args.model, &args.reference],
+        &model,
+        args.max_tokens,
+    )?;
+    evaluate::check_input(&model, &tokens)?;
+    let context = args
+        .context
+        .unwrap_or_else(|| evaluate::default_context(&model, tokens.len()));
+    let started = Instant::now();
+    let r = evaluate::compare(&model, &reference, &tokens, context)?;
+    let seconds = started.elapsed().as_secs_f64();
+    if args.json {
+        return print_json(&json!({
+            "tokens": r.tokens,
+            "kl": r.kl,
+            "kl_max": r.kl_max,
+            "top1_agreement": r.top1_agreement,
+            "perplexity": r.perplexity,
+            "reference_perplexity": r.reference_perplexity,
+            "context": context,
+            "seconds": seconds,
+        }));
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "tokens                {}", r.tokens)?;
+    writeln!(out, "kl                    {:.6e}", r.kl)?;
+    writeln!(out, "kl_max                {:.6e}", r.kl_max)?;
+    writeln!(out, "top1_agreement        {:.4}", r.top1_agreement)?;
+    writeln!(out, "perplexity            {:.4}", r.perplexity)?;
+    writeln!(out, "reference_perplexity  {:.4}", r.reference_perplexity)?;
+    if !g.quiet {
+        eprintln!("{} positions per model in {seconds:.2} s", r.positions_run);
+    }
+    Ok(())
+}
+
+/// `--max-tokens` and `--context` values that cannot work are usage errors.
+fn check_counts(max_tokens: Option<usize>, context: Option<usize>) -> anyhow::Result<()> {
+    if max_tokens == Some(0) {
+        return Err(UsageError("--max-tokens must be at least 1".into()).into());
+    }
+    if let Some(c) = context.filter(|&c| c < 2) {
+        return Err(UsageError(format!(
+            "--context {c} is too short: a window needs <bos> and at least one token"
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+/// The tokens of `--text` (tokenized with the first of `models` that has a tokenizer, `<bos>` prepended)
+/// or `--token-ids` (as given), truncated to `max_tokens`.
+fn input_tokens(
+    input: &TokenInput,
+    models: &[&Path],
+    model: &Gemma2,
+    max_tokens: Option<usize>,
+) -> anyhow::Result<Vec<u32>> {
+    let mut tokens = match (&input.text, &input.token_ids) {
+        (Some(path), _) => {
+            let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+            if text.is_empty() {
+                anyhow::bail!(
+                    "{}: the text file is empty: there are no tokens to run",
+                    path.display()
+                );
+            }
+            let folders: Vec<&Path> = models.iter().map(|m| folder_of(m)).collect();
+            require_tokenizer(&folders, "--text")?
+                .encode_with_bos(&text, model.config().bos_token_id)?
+        }
+        (None, Some(ids)) => ids.clone(),
+        (None, None) => return Err(UsageError("give --text FILE or --token-ids IDS".into()).into()),
+    };
+    if let Some(n) = max_tokens {
+        tokens.truncate(n);
+    }
+    Ok(tokens)
+}
+
+/// The tokenizer of the first folder that has one; else an error that suggests `--token-ids`.
+fn require_tokenizer(folders: &[&Path], flag: &str) -> anyhow::Result<Tokenizer> {
+    for folder in folders {
+        if let Some(t) = Tokenizer::from_folder_if_present(folder)? {
+            return Ok(t);
+        }
+    }
+    anyhow::bail!(
+        "{}: no tokenizer.json, so {flag} cannot be tokenized; pass token ids instead, e.g. --token-ids 2,651,...",
+        folders[0].display()
+    )
+}
+
+fn print_json(value: &serde_json::Value) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{value}")?;
+    Ok(())
 }

@@ -1,7 +1,9 @@
 //! Command-line definitions (clap) and dispatch. Each command's implementation lives in its own file.
 
 mod eval;
+mod front;
 mod merge;
+mod synth;
 
 use std::path::PathBuf;
 
@@ -45,6 +47,10 @@ pub enum Command {
     Generate(eval::GenerateArgs),
     /// KL divergence, top-1 agreement and perplexities of a model against a reference.
     Compare(eval::CompareArgs),
+    /// Score the LITI front of a recipe (each η: KL to the init, perplexity) and draw it.
+    Front(front::FrontArgs),
+    /// Write a random checkpoint with real Gemma 2 shapes, or a copy of a model plus relative noise.
+    Synth(synth::SynthArgs),
 }
 
 /// A request that is wrong in itself (exit code 2), as opposed to work that failed (exit code 1).
@@ -88,6 +94,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(a) => eval::eval(a, g),
         Command::Generate(a) => eval::generate(a, g),
         Command::Compare(a) => eval::compare(a, g),
+        Command::Front(a) => front::front(a, g),
+        Command::Synth(a) => synth::synth(a, g),
     }
 }
 

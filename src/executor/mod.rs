@@ -51,7 +51,13 @@ pub struct MemoryModel {
 
 impl MemoryModel {
     fn new(specs: &[TensorSpec]) -> Self {
-        Self { tensors: specs.iter().map(|s| (s.clone(), Vec::with_capacity(s.byte_len() as usize))).collect(), current: 0 }
+        Self {
+            tensors: specs
+                .iter()
+                .map(|s| (s.clone(), Vec::with_capacity(s.byte_len() as usize)))
+                .collect(),
+            current: 0,
+        }
     }
 
     /// The tensor called `name`.
@@ -291,7 +297,11 @@ impl<'p> Prepared<'p> {
         // 8 MiB write buffer. Plus headers, plan and bookkeeping.
         let threads = rayon::current_num_threads() as u64;
         let block = (BLOCK * CHUNK) as u64;
-        let peak = threads * CHUNK as u64 * (4 * l + 8) + block * 4 * k + block * 4 * l + k * (8 << 20) + (16 << 20);
+        let peak = threads * CHUNK as u64 * (4 * l + 8)
+            + block * 4 * k
+            + block * 4 * l
+            + k * (8 << 20)
+            + (16 << 20);
         PlanSummary {
             steps: plan
                 .steps
@@ -337,7 +347,9 @@ impl<'p> Prepared<'p> {
         let specs = self.specs();
         let mut writers: Vec<ModelWriter> = outputs
             .iter()
-            .map(|(path, _, _)| ModelWriter::create(&staging.staged(path), specs.clone(), plan.shard_size))
+            .map(|(path, _, _)| {
+                ModelWriter::create(&staging.staged(path), specs.clone(), plan.shard_size)
+            })
             .collect::<Result<_, _>>()?;
         self.evaluate(&outputs, &mut writers, progress)?;
         let mut records = Vec::with_capacity(writers.len());
@@ -375,10 +387,14 @@ impl<'p> Prepared<'p> {
 
     /// Evaluates every output model into memory (for scoring without writing; see `front`). Each model's
     /// bytes are exactly those `run` would write.
-    pub fn run_in_memory(&self, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<Vec<MemoryModel>, MergeError> {
+    pub fn run_in_memory(
+        &self,
+        progress: &(dyn Fn(u64, u64) + Sync),
+    ) -> Result<Vec<MemoryModel>, MergeError> {
         let outputs = self.output_models();
         let specs = self.specs();
-        let mut sinks: Vec<MemoryModel> = outputs.iter().map(|_| MemoryModel::new(&specs)).collect();
+        let mut sinks: Vec<MemoryModel> =
+            outputs.iter().map(|_| MemoryModel::new(&specs)).collect();
         self.evaluate(&outputs, &mut sinks, progress)?;
         Ok(sinks)
     }
@@ -416,11 +432,18 @@ impl<'p> Prepared<'p> {
                 Treatment::Merge { .. } => {
                     let unit_coefs = match coefs.entry(t.unit) {
                         std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                        std::collections::hash_map::Entry::Vacant(e) => e.insert(self.unit_coefficients(t.unit)?),
+                        std::collections::hash_map::Entry::Vacant(e) => {
+                            e.insert(self.unit_coefficients(t.unit)?)
+                        }
                     };
-                    let pos = self.units[t.unit].iter().position(|&i| i == ti).expect("tensor in its unit");
-                    let vectors: Vec<Vec<f64>> =
-                        outputs.iter().map(|&(_, step, eta)| self.output_vector(&unit_coefs[pos], step, eta)).collect();
+                    let pos = self.units[t.unit]
+                        .iter()
+                        .position(|&i| i == ti)
+                        .expect("tensor in its unit");
+                    let vectors: Vec<Vec<f64>> = outputs
+                        .iter()
+                        .map(|&(_, step, eta)| self.output_vector(&unit_coefs[pos], step, eta))
+                        .collect();
                     self.write_tensor(t, &vectors, sinks)?;
                 }
             }
@@ -635,7 +658,11 @@ impl<'p> Prepared<'p> {
     }
 
     /// Integer/bool tensors go to every output unchanged.
-    fn copy_tensor(&self, t: &OutTensor, writers: &mut [impl TensorSink]) -> Result<(), MergeError> {
+    fn copy_tensor(
+        &self,
+        t: &OutTensor,
+        writers: &mut [impl TensorSink],
+    ) -> Result<(), MergeError> {
         let base = &self.models[self.plan.base];
         let data = base.data(&t.base);
         for piece in data.chunks(BLOCK * CHUNK) {

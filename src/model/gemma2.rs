@@ -59,18 +59,34 @@ impl Config {
         let path = dir.join("config.json");
         match read_config(dir)? {
             Some(value) => Self::from_json(&value, &path),
-            None => Err(ModelError::NoConfig { path: dir.to_path_buf() }),
+            None => Err(ModelError::NoConfig {
+                path: dir.to_path_buf(),
+            }),
         }
     }
 
     /// Reads a parsed `config.json`; `path` is only used in error messages.
     pub fn from_json(value: &Value, path: &Path) -> Result<Self, ModelError> {
-        let invalid = |reason: String| ModelError::InvalidConfig { path: path.to_path_buf(), reason };
-        let obj = value.as_object().ok_or_else(|| invalid("config.json is not a JSON object".into()))?;
+        let invalid = |reason: String| ModelError::InvalidConfig {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let obj = value
+            .as_object()
+            .ok_or_else(|| invalid("config.json is not a JSON object".into()))?;
         match obj.get("model_type").and_then(Value::as_str) {
             Some("gemma2") => {}
-            Some(other) => return Err(ModelError::NotGemma2 { path: path.to_path_buf(), model_type: other.to_string() }),
-            None => return Err(invalid("no \"model_type\" (a Gemma 2 config has \"model_type\": \"gemma2\")".into())),
+            Some(other) => {
+                return Err(ModelError::NotGemma2 {
+                    path: path.to_path_buf(),
+                    model_type: other.to_string(),
+                })
+            }
+            None => {
+                return Err(invalid(
+                    "no \"model_type\" (a Gemma 2 config has \"model_type\": \"gemma2\")".into(),
+                ))
+            }
         }
         let f = Fields { obj };
         let hidden_size = f.usize("hidden_size", Some(2304)).map_err(invalid)?;
@@ -81,7 +97,9 @@ impl Config {
             None => f.f64("rope_theta", Some(10_000.0)).map_err(invalid)?,
         };
         if obj.get("rope_scaling").is_some_and(|v| !v.is_null()) {
-            return Err(invalid("\"rope_scaling\" is set: scaled RoPE is not supported for Gemma 2".into()));
+            return Err(invalid(
+                "\"rope_scaling\" is set: scaled RoPE is not supported for Gemma 2".into(),
+            ));
         }
         let sliding_layers = match obj.get("layer_types").filter(|v| !v.is_null()) {
             Some(types) => layer_types(types, num_hidden_layers).map_err(invalid)?,
@@ -95,18 +113,34 @@ impl Config {
         if !matches!(activation, "gelu_pytorch_tanh" | "gelu_tanh") {
             return Err(invalid(format!("hidden_activation {activation:?} is not supported (Gemma 2 uses gelu_pytorch_tanh)")));
         }
-        if obj.get("use_bidirectional_attention").and_then(Value::as_bool) == Some(true) {
-            return Err(invalid("use_bidirectional_attention is true: only causal Gemma 2 is supported".into()));
+        if obj
+            .get("use_bidirectional_attention")
+            .and_then(Value::as_bool)
+            == Some(true)
+        {
+            return Err(invalid(
+                "use_bidirectional_attention is true: only causal Gemma 2 is supported".into(),
+            ));
         }
         let eos_token_ids = match obj.get("eos_token_id") {
             None => vec![1],
             Some(Value::Null) => vec![],
-            Some(v @ Value::Number(_)) => vec![token_id(v).ok_or_else(|| invalid("eos_token_id is not a token id".into()))?],
+            Some(v @ Value::Number(_)) => {
+                vec![token_id(v).ok_or_else(|| invalid("eos_token_id is not a token id".into()))?]
+            }
             Some(Value::Array(ids)) => ids
                 .iter()
-                .map(|v| token_id(v).ok_or_else(|| invalid("eos_token_id holds a value that is not a token id".into())))
+                .map(|v| {
+                    token_id(v).ok_or_else(|| {
+                        invalid("eos_token_id holds a value that is not a token id".into())
+                    })
+                })
                 .collect::<Result<_, _>>()?,
-            Some(_) => return Err(invalid("eos_token_id must be a token id or a list of them".into())),
+            Some(_) => {
+                return Err(invalid(
+                    "eos_token_id must be a token id or a list of them".into(),
+                ))
+            }
         };
         let config = Config {
             vocab_size: f.usize("vocab_size", Some(256_000)).map_err(invalid)?,
@@ -119,10 +153,18 @@ impl Config {
             rms_norm_eps: f.f64("rms_norm_eps", Some(1e-6)).map_err(invalid)?,
             rope_theta,
             sliding_window: f.usize("sliding_window", Some(4096)).map_err(invalid)?,
-            query_pre_attn_scalar: f.f64("query_pre_attn_scalar", Some(256.0)).map_err(invalid)?,
-            attn_logit_softcapping: f.optional_f64("attn_logit_softcapping", Some(50.0)).map_err(invalid)?,
-            final_logit_softcapping: f.optional_f64("final_logit_softcapping", Some(30.0)).map_err(invalid)?,
-            max_position_embeddings: f.usize("max_position_embeddings", Some(8192)).map_err(invalid)?,
+            query_pre_attn_scalar: f
+                .f64("query_pre_attn_scalar", Some(256.0))
+                .map_err(invalid)?,
+            attn_logit_softcapping: f
+                .optional_f64("attn_logit_softcapping", Some(50.0))
+                .map_err(invalid)?,
+            final_logit_softcapping: f
+                .optional_f64("final_logit_softcapping", Some(30.0))
+                .map_err(invalid)?,
+            max_position_embeddings: f
+                .usize("max_position_embeddings", Some(8192))
+                .map_err(invalid)?,
             bos_token_id: u32::try_from(f.usize("bos_token_id", Some(2)).map_err(invalid)?)
                 .map_err(|_| invalid("bos_token_id is out of range".into()))?,
             eos_token_ids,
@@ -147,14 +189,20 @@ impl Config {
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(format!("{name} must be positive"));
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return Err(format!(
                 "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
                 self.num_attention_heads, self.num_key_value_heads
             ));
         }
-        if self.head_dim % 2 != 0 {
-            return Err(format!("head_dim ({}) must be even for rotary embeddings", self.head_dim));
+        if !self.head_dim.is_multiple_of(2) {
+            return Err(format!(
+                "head_dim ({}) must be even for rotary embeddings",
+                self.head_dim
+            ));
         }
         if self.sliding_layers.len() != self.num_hidden_layers {
             return Err(format!(
@@ -163,16 +211,30 @@ impl Config {
                 self.num_hidden_layers
             ));
         }
-        if !(self.query_pre_attn_scalar > 0.0) || !(self.rms_norm_eps >= 0.0) || !(self.rope_theta > 0.0) {
-            return Err("query_pre_attn_scalar and rope_theta must be positive, rms_norm_eps not negative".into());
+        let finite_positive = |v: f64| v.is_finite() && v > 0.0;
+        let valid = finite_positive(self.query_pre_attn_scalar)
+            && finite_positive(self.rope_theta)
+            && self.rms_norm_eps.is_finite()
+            && self.rms_norm_eps >= 0.0;
+        if !valid {
+            return Err(
+                "query_pre_attn_scalar and rope_theta must be positive, rms_norm_eps not negative"
+                    .into(),
+            );
         }
-        for (name, cap) in [("attn_logit_softcapping", self.attn_logit_softcapping), ("final_logit_softcapping", self.final_logit_softcapping)] {
-            if cap.is_some_and(|c| !(c > 0.0)) {
+        for (name, cap) in [
+            ("attn_logit_softcapping", self.attn_logit_softcapping),
+            ("final_logit_softcapping", self.final_logit_softcapping),
+        ] {
+            if cap.is_some_and(|c| !finite_positive(c)) {
                 return Err(format!("{name} must be positive or null"));
             }
         }
         if self.bos_token_id as usize >= self.vocab_size {
-            return Err(format!("bos_token_id {} is outside the vocabulary of {}", self.bos_token_id, self.vocab_size));
+            return Err(format!(
+                "bos_token_id {} is outside the vocabulary of {}",
+                self.bos_token_id, self.vocab_size
+            ));
         }
         Ok(())
     }
@@ -200,7 +262,8 @@ impl Fields<'_> {
     }
 
     fn f64(&self, key: &str, default: Option<f64>) -> Result<f64, String> {
-        self.optional_f64(key, default)?.ok_or_else(|| format!("\"{key}\" must be a number, found null"))
+        self.optional_f64(key, default)?
+            .ok_or_else(|| format!("\"{key}\" must be a number, found null"))
     }
 
     /// Absent: the default; null: `None`; a number: `Some`.
@@ -208,14 +271,19 @@ impl Fields<'_> {
         match self.obj.get(key) {
             None => Ok(default),
             Some(Value::Null) => Ok(None),
-            Some(v) => v.as_f64().map(Some).ok_or_else(|| format!("\"{key}\" must be a number, found {v}")),
+            Some(v) => v
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| format!("\"{key}\" must be a number, found {v}")),
         }
     }
 
     fn bool(&self, key: &str, default: bool) -> Result<bool, String> {
         match self.obj.get(key) {
             None | Some(Value::Null) => Ok(default),
-            Some(v) => v.as_bool().ok_or_else(|| format!("\"{key}\" must be true or false, found {v}")),
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| format!("\"{key}\" must be true or false, found {v}")),
         }
     }
 }
@@ -226,27 +294,38 @@ fn token_id(v: &Value) -> Option<u32> {
 
 /// θ from the newer `rope_parameters` object (default RoPE only).
 fn rope_parameters(p: &Value) -> Result<f64, String> {
-    let obj = p.as_object().ok_or("\"rope_parameters\" must be an object")?;
+    let obj = p
+        .as_object()
+        .ok_or("\"rope_parameters\" must be an object")?;
     if let Some(kind) = obj.get("rope_type").and_then(Value::as_str) {
         if kind != "default" {
-            return Err(format!("rope_parameters.rope_type {kind:?} is not supported (only \"default\")"));
+            return Err(format!(
+                "rope_parameters.rope_type {kind:?} is not supported (only \"default\")"
+            ));
         }
     }
-    obj.get("rope_theta").and_then(Value::as_f64).ok_or_else(|| "rope_parameters has no numeric rope_theta".to_string())
+    obj.get("rope_theta")
+        .and_then(Value::as_f64)
+        .ok_or_else(|| "rope_parameters has no numeric rope_theta".to_string())
 }
 
 /// Per-layer sliding flags from `layer_types`.
 fn layer_types(types: &Value, layers: usize) -> Result<Vec<bool>, String> {
     let list = types.as_array().ok_or("\"layer_types\" must be a list")?;
     if list.len() != layers {
-        return Err(format!("layer_types has {} entries for {layers} layers", list.len()));
+        return Err(format!(
+            "layer_types has {} entries for {layers} layers",
+            list.len()
+        ));
     }
     list.iter()
         .enumerate()
         .map(|(i, t)| match t.as_str() {
             Some("sliding_attention") => Ok(true),
             Some("full_attention") => Ok(false),
-            _ => Err(format!("layer_types[{i}] is {t}, expected \"sliding_attention\" or \"full_attention\"")),
+            _ => Err(format!(
+                "layer_types[{i}] is {t}, expected \"sliding_attention\" or \"full_attention\""
+            )),
         })
         .collect()
 }
@@ -367,7 +446,9 @@ impl LayerCache {
     fn append(&mut self, first: usize, k: &Array2<f32>, v: &Array2<f32>) {
         let n = k.nrows();
         let end = first + n;
-        let from = self.window.map_or(first, |w| first.max(end.saturating_sub(w)));
+        let from = self
+            .window
+            .map_or(first, |w| first.max(end.saturating_sub(w)));
         let slots = self.window.map_or(end, |w| end.min(w));
         if self.keys.len() < slots * self.width {
             self.keys.resize(slots * self.width, 0.0);
@@ -375,8 +456,10 @@ impl LayerCache {
         }
         for pos in from..end {
             let s = self.slot(pos) * self.width;
-            self.keys[s..s + self.width].copy_from_slice(k.row(pos - first).as_slice().expect("contiguous"));
-            self.values[s..s + self.width].copy_from_slice(v.row(pos - first).as_slice().expect("contiguous"));
+            self.keys[s..s + self.width]
+                .copy_from_slice(k.row(pos - first).as_slice().expect("contiguous"));
+            self.values[s..s + self.width]
+                .copy_from_slice(v.row(pos - first).as_slice().expect("contiguous"));
         }
     }
 }
@@ -392,7 +475,10 @@ impl Loader<'_> {
         let w = self
             .source
             .weight(name)?
-            .ok_or_else(|| ModelError::MissingTensor { origin: self.origin.clone(), name: name.to_string() })?;
+            .ok_or_else(|| ModelError::MissingTensor {
+                origin: self.origin.clone(),
+                name: name.to_string(),
+            })?;
         if w.shape() != shape {
             return Err(ModelError::TensorShape {
                 origin: self.origin.clone(),
@@ -406,7 +492,10 @@ impl Loader<'_> {
 
     fn norm(&self, name: &str, size: usize, eps: f64) -> Result<RmsNorm, ModelError> {
         let w = self.get(name, &[size])?;
-        Ok(RmsNorm { scale: w.to_f32().iter().map(|w| 1.0 + w).collect(), eps })
+        Ok(RmsNorm {
+            scale: w.to_f32().iter().map(|w| 1.0 + w).collect(),
+            eps,
+        })
     }
 }
 
@@ -414,8 +503,7 @@ impl Gemma2 {
     /// Opens a model folder (or a `.safetensors` file with `config.json` beside it): the config is read and
     /// checked first, then the weights are memory-mapped and checked against it. Nothing is converted.
     pub fn load(path: &Path) -> Result<Self, ModelError> {
-        let folder = if path.is_dir() { path } else { path.parent().unwrap_or(Path::new(".")) };
-        let config = Config::from_folder(folder)?;
+        let config = Config::from_folder(super::folder_of(path))?;
         let model = Arc::new(Model::open(path)?);
         Self::from_source(config, &model)
     }
@@ -423,12 +511,18 @@ impl Gemma2 {
     /// Builds the model from any source of tensors named as in a checkpoint.
     pub fn from_source(config: Config, source: &dyn WeightSource) -> Result<Self, ModelError> {
         let c = &config;
-        let l = Loader { source, origin: source.origin() };
+        let l = Loader {
+            source,
+            origin: source.origin(),
+        };
         let (h, i, hd) = (c.hidden_size, c.intermediate_size, c.head_dim);
         let (q_dim, kv_dim) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
         let embed_tokens = l.get("model.embed_tokens.weight", &[c.vocab_size, h])?;
-        let lm_head =
-            if c.tie_word_embeddings { embed_tokens.clone() } else { l.get("lm_head.weight", &[c.vocab_size, h])? };
+        let lm_head = if c.tie_word_embeddings {
+            embed_tokens.clone()
+        } else {
+            l.get("lm_head.weight", &[c.vocab_size, h])?
+        };
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for n in 0..c.num_hidden_layers {
             let p = format!("model.layers.{n}.");
@@ -450,26 +544,56 @@ impl Gemma2 {
                     up_proj: l.get(&format!("{p}mlp.up_proj.weight"), &[i, h])?,
                     down_proj: l.get(&format!("{p}mlp.down_proj.weight"), &[h, i])?,
                 },
-                input_layernorm: l.norm(&format!("{p}input_layernorm.weight"), h, c.rms_norm_eps)?,
-                post_attention_layernorm: l.norm(&format!("{p}post_attention_layernorm.weight"), h, c.rms_norm_eps)?,
-                pre_feedforward_layernorm: l.norm(&format!("{p}pre_feedforward_layernorm.weight"), h, c.rms_norm_eps)?,
-                post_feedforward_layernorm: l.norm(&format!("{p}post_feedforward_layernorm.weight"), h, c.rms_norm_eps)?,
+                input_layernorm: l.norm(
+                    &format!("{p}input_layernorm.weight"),
+                    h,
+                    c.rms_norm_eps,
+                )?,
+                post_attention_layernorm: l.norm(
+                    &format!("{p}post_attention_layernorm.weight"),
+                    h,
+                    c.rms_norm_eps,
+                )?,
+                pre_feedforward_layernorm: l.norm(
+                    &format!("{p}pre_feedforward_layernorm.weight"),
+                    h,
+                    c.rms_norm_eps,
+                )?,
+                post_feedforward_layernorm: l.norm(
+                    &format!("{p}post_feedforward_layernorm.weight"),
+                    h,
+                    c.rms_norm_eps,
+                )?,
             });
         }
         let norm = l.norm("model.norm.weight", h, c.rms_norm_eps)?;
         let rope = Rope::new(hd, c.rope_theta);
         let normalizer = (h as f64).sqrt() as f32;
-        Ok(Self { config, embed_tokens, layers, norm, lm_head, rope, normalizer })
+        Ok(Self {
+            config,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            normalizer,
+        })
     }
 
     /// Builds the model from tensors held in memory, each in its own type (e.g. a merge's output rounded
     /// to bf16 with [`Weight::from_values`]).
-    pub fn from_weights(config: Config, weights: &HashMap<String, Weight>) -> Result<Self, ModelError> {
+    pub fn from_weights(
+        config: Config,
+        weights: &HashMap<String, Weight>,
+    ) -> Result<Self, ModelError> {
         Self::from_source(config, weights)
     }
 
     /// Builds the model from f32 tensors held in memory: name → (shape, values).
-    pub fn from_f32_tensors(config: Config, tensors: HashMap<String, (Vec<usize>, Vec<f32>)>) -> Result<Self, ModelError> {
+    pub fn from_f32_tensors(
+        config: Config,
+        tensors: HashMap<String, (Vec<usize>, Vec<f32>)>,
+    ) -> Result<Self, ModelError> {
         let mut weights = HashMap::with_capacity(tensors.len());
         for (name, (shape, values)) in tensors {
             weights.insert(name, Weight::from_f32(shape, &values)?);
@@ -485,7 +609,12 @@ impl Gemma2 {
     pub fn new_cache(&self) -> Cache {
         let width = self.config.num_key_value_heads * self.config.head_dim;
         let layers = (0..self.layers.len())
-            .map(|n| LayerCache { window: self.config.window(n), width, keys: Vec::new(), values: Vec::new() })
+            .map(|n| LayerCache {
+                window: self.config.window(n),
+                width,
+                keys: Vec::new(),
+                values: Vec::new(),
+            })
             .collect();
         Cache { layers, len: 0 }
     }
@@ -497,7 +626,11 @@ impl Gemma2 {
         }
         let vocab = self.config.vocab_size;
         match tokens.iter().position(|&t| t as usize >= vocab) {
-            Some(position) => Err(ModelError::TokenOutOfRange { token: tokens[position], position, vocab }),
+            Some(position) => Err(ModelError::TokenOutOfRange {
+                token: tokens[position],
+                position,
+                vocab,
+            }),
             None => Ok(()),
         }
     }
@@ -509,7 +642,11 @@ impl Gemma2 {
 
     /// Logits [n, vocab] for `tokens` placed after the positions already in `cache`, which is extended.
     /// Decoding one token at a time this way gives the logits of the full pass.
-    pub fn forward_cached(&self, tokens: &[u32], cache: &mut Cache) -> Result<Array2<f32>, ModelError> {
+    pub fn forward_cached(
+        &self,
+        tokens: &[u32],
+        cache: &mut Cache,
+    ) -> Result<Array2<f32>, ModelError> {
         let hidden = self.hidden_states(tokens, cache)?;
         Ok(self.logits(hidden.view()))
     }
@@ -517,9 +654,17 @@ impl Gemma2 {
     /// The final-normed hidden states [n, hidden_size] of `tokens` placed after `cache`, which is
     /// extended. [`Gemma2::logits`] turns any rows of them into logits: scoring long inputs projects a
     /// few rows at a time instead of holding [n, vocab] at once.
-    pub fn hidden_states(&self, tokens: &[u32], cache: &mut Cache) -> Result<Array2<f32>, ModelError> {
+    pub fn hidden_states(
+        &self,
+        tokens: &[u32],
+        cache: &mut Cache,
+    ) -> Result<Array2<f32>, ModelError> {
         self.check_tokens(tokens)?;
-        assert_eq!(cache.layers.len(), self.layers.len(), "a cache is used only with the model that made it");
+        assert_eq!(
+            cache.layers.len(),
+            self.layers.len(),
+            "a cache is used only with the model that made it"
+        );
         let first = cache.len;
         let mut h = self.embed(tokens);
         for (layer, layer_cache) in self.layers.iter().zip(&mut cache.layers) {
@@ -535,7 +680,11 @@ impl Gemma2 {
         let mut logits = matmul(hidden, &self.lm_head);
         if let Some(cap) = self.config.final_logit_softcapping {
             let cap = cap as f32;
-            logits.as_slice_mut().expect("contiguous").par_chunks_mut(4096).for_each(|c| softcap(c, cap));
+            logits
+                .as_slice_mut()
+                .expect("contiguous")
+                .par_chunks_mut(4096)
+                .for_each(|c| softcap(c, cap));
         }
         logits
     }
@@ -570,14 +719,22 @@ impl Mlp {
     fn forward(&self, x: &Array2<f32>) -> Array2<f32> {
         let mut gate = matmul(x.view(), &self.gate_proj);
         let up = matmul(x.view(), &self.up_proj);
-        Zip::from(&mut gate).and(&up).par_for_each(|g, &u| *g = gelu_tanh(*g) * u);
+        Zip::from(&mut gate)
+            .and(&up)
+            .par_for_each(|g, &u| *g = gelu_tanh(*g) * u);
         matmul(gate.view(), &self.down_proj)
     }
 }
 
 impl Attention {
     /// Attention of the rows of `x` (positions `first..`) over the cached positions and themselves.
-    fn forward(&self, x: &Array2<f32>, first: usize, cache: &mut LayerCache, rope: &Rope) -> Array2<f32> {
+    fn forward(
+        &self,
+        x: &Array2<f32>,
+        first: usize,
+        cache: &mut LayerCache,
+        rope: &Rope,
+    ) -> Array2<f32> {
         let (n, nh, hd) = (x.nrows(), self.num_heads, self.head_dim);
         let group = nh / self.num_kv_heads;
         let kv_width = self.num_kv_heads * hd;
@@ -587,36 +744,55 @@ impl Attention {
         rope.apply(&mut q.view_mut(), hd, first);
         rope.apply(&mut k.view_mut(), hd, first);
 
-        let (qs, ks, vs) = (q.as_slice().expect("contiguous"), k.as_slice().expect("contiguous"), v.as_slice().expect("contiguous"));
+        let (qs, ks, vs) = (
+            q.as_slice().expect("contiguous"),
+            k.as_slice().expect("contiguous"),
+            v.as_slice().expect("contiguous"),
+        );
         let cached: &LayerCache = cache;
         // Key and value rows of kv head g at position j: new rows from k/v, earlier ones from the cache.
         let key = |j: usize, g: usize| -> &[f32] {
-            if j >= first { &ks[(j - first) * kv_width + g * hd..][..hd] } else { &cached.key(j)[g * hd..][..hd] }
+            if j >= first {
+                &ks[(j - first) * kv_width + g * hd..][..hd]
+            } else {
+                &cached.key(j)[g * hd..][..hd]
+            }
         };
         let value = |j: usize, g: usize| -> &[f32] {
-            if j >= first { &vs[(j - first) * kv_width + g * hd..][..hd] } else { &cached.value(j)[g * hd..][..hd] }
+            if j >= first {
+                &vs[(j - first) * kv_width + g * hd..][..hd]
+            } else {
+                &cached.value(j)[g * hd..][..hd]
+            }
         };
         let mut out = Array2::<f32>::zeros((n, nh * hd));
-        out.as_slice_mut().expect("contiguous").par_chunks_mut(hd).enumerate().for_each(|(idx, o)| {
-            let (t, head) = (idx / nh, idx % nh);
-            let g = head / group;
-            let i = first + t;
-            let keys = key_range(i, self.window);
-            let qh = &qs[t * nh * hd + head * hd..][..hd];
-            let mut scores: Vec<f32> = keys.clone().map(|j| dot(qh, key(j, g)) * self.scaling).collect();
-            if let Some(cap) = self.softcap {
-                softcap(&mut scores, cap);
-            }
-            let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-            let mut sum = 0f32;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            for (p, j) in scores.iter().zip(keys) {
-                axpy(p / sum, value(j, g), o);
-            }
-        });
+        out.as_slice_mut()
+            .expect("contiguous")
+            .par_chunks_mut(hd)
+            .enumerate()
+            .for_each(|(idx, o)| {
+                let (t, head) = (idx / nh, idx % nh);
+                let g = head / group;
+                let i = first + t;
+                let keys = key_range(i, self.window);
+                let qh = &qs[t * nh * hd + head * hd..][..hd];
+                let mut scores: Vec<f32> = keys
+                    .clone()
+                    .map(|j| dot(qh, key(j, g)) * self.scaling)
+                    .collect();
+                if let Some(cap) = self.softcap {
+                    softcap(&mut scores, cap);
+                }
+                let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+                let mut sum = 0f32;
+                for s in scores.iter_mut() {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                for (p, j) in scores.iter().zip(keys) {
+                    axpy(p / sum, value(j, g), o);
+                }
+            });
         cache.append(first, &k, &v);
         matmul(out.view(), &self.o_proj)
     }
@@ -658,15 +834,29 @@ mod tests {
         let mut new = published();
         let obj = new.as_object_mut().unwrap();
         obj.remove("rope_theta");
-        obj.insert("rope_parameters".into(), json!({"rope_theta": 10000.0, "rope_type": "default"}));
+        obj.insert(
+            "rope_parameters".into(),
+            json!({"rope_theta": 10000.0, "rope_type": "default"}),
+        );
         obj.insert(
             "layer_types".into(),
-            json!(["sliding_attention", "full_attention", "sliding_attention", "full_attention"]),
+            json!([
+                "sliding_attention",
+                "full_attention",
+                "sliding_attention",
+                "full_attention"
+            ]),
         );
         obj.insert("eos_token_id".into(), json!([1, 107]));
         let new = Config::from_json(&new, Path::new("config.json")).unwrap();
         assert_eq!(new.eos_token_ids, vec![1, 107]);
-        assert_eq!(Config { eos_token_ids: vec![1], ..new }, old);
+        assert_eq!(
+            Config {
+                eos_token_ids: vec![1],
+                ..new
+            },
+            old
+        );
     }
 
     #[test]
@@ -674,16 +864,41 @@ mod tests {
         let check = |edit: &dyn Fn(&mut Map<String, Value>), needle: &str| {
             let mut v = published();
             edit(v.as_object_mut().unwrap());
-            let err = Config::from_json(&v, Path::new("m/config.json")).unwrap_err().to_string();
+            let err = Config::from_json(&v, Path::new("m/config.json"))
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(needle), "{err:?} lacks {needle:?}");
         };
-        check(&|o| drop(o.insert("model_type".into(), json!("llama"))), "model_type is llama, not gemma2");
+        check(
+            &|o| drop(o.insert("model_type".into(), json!("llama"))),
+            "model_type is llama, not gemma2",
+        );
         check(&|o| drop(o.remove("model_type")), "no \"model_type\"");
-        check(&|o| drop(o.insert("num_key_value_heads".into(), json!(3))), "not a multiple");
-        check(&|o| drop(o.insert("hidden_size".into(), json!("big"))), "\"hidden_size\" must be a non-negative integer");
-        check(&|o| drop(o.insert("layer_types".into(), json!(["full_attention"]))), "layer_types has 1 entries");
-        check(&|o| drop(o.insert("rope_parameters".into(), json!({"rope_type": "yarn", "rope_theta": 1.0}))), "yarn");
-        check(&|o| drop(o.insert("hidden_activation".into(), json!("relu"))), "relu");
+        check(
+            &|o| drop(o.insert("num_key_value_heads".into(), json!(3))),
+            "not a multiple",
+        );
+        check(
+            &|o| drop(o.insert("hidden_size".into(), json!("big"))),
+            "\"hidden_size\" must be a non-negative integer",
+        );
+        check(
+            &|o| drop(o.insert("layer_types".into(), json!(["full_attention"]))),
+            "layer_types has 1 entries",
+        );
+        check(
+            &|o| {
+                drop(o.insert(
+                    "rope_parameters".into(),
+                    json!({"rope_type": "yarn", "rope_theta": 1.0}),
+                ))
+            },
+            "yarn",
+        );
+        check(
+            &|o| drop(o.insert("hidden_activation".into(), json!("relu"))),
+            "relu",
+        );
     }
 
     #[test]
@@ -698,7 +913,12 @@ mod tests {
 
     #[test]
     fn ring_cache_keeps_the_last_w_positions() {
-        let mut c = LayerCache { window: Some(3), width: 1, keys: vec![], values: vec![] };
+        let mut c = LayerCache {
+            window: Some(3),
+            width: 1,
+            keys: vec![],
+            values: vec![],
+        };
         let rows = |a: usize, b: usize| Array2::from_shape_fn((b - a, 1), |(t, _)| (a + t) as f32);
         c.append(0, &rows(0, 2), &rows(0, 2));
         assert_eq!((c.key(0)[0], c.key(1)[0]), (0.0, 1.0));

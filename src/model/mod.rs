@@ -15,7 +15,7 @@ pub mod sampling;
 pub mod tokenizer;
 pub mod weights;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::format::FormatError;
 
@@ -41,7 +41,9 @@ pub enum ModelError {
     #[error("{path}: no config.json beside the weights (a Gemma 2 model folder needs one)")]
     NoConfig { path: PathBuf },
     /// `config.json` describes another architecture.
-    #[error("{path}: model_type is {model_type}, not gemma2 (only Gemma 2 models can be evaluated)")]
+    #[error(
+        "{path}: model_type is {model_type}, not gemma2 (only Gemma 2 models can be evaluated)"
+    )]
     NotGemma2 { path: PathBuf, model_type: String },
     /// `config.json` has a missing, mistyped or inconsistent field.
     #[error("{path}: {reason}")]
@@ -50,14 +52,29 @@ pub enum ModelError {
     #[error("{origin}: tensor `{name}` is missing")]
     MissingTensor { origin: String, name: String },
     /// A tensor's shape disagrees with the config.
-    #[error("{origin}: tensor `{name}` has shape {found:?}, expected {expected:?} from config.json")]
-    TensorShape { origin: String, name: String, expected: Vec<usize>, found: Vec<usize> },
+    #[error(
+        "{origin}: tensor `{name}` has shape {found:?}, expected {expected:?} from config.json"
+    )]
+    TensorShape {
+        origin: String,
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
     /// A tensor is stored in a type the forward pass does not read (only BF16, F16 and F32 are).
     #[error("{origin}: tensor `{name}` is stored as {dtype}; only BF16, F16 and F32 weights can be evaluated")]
-    TensorDtype { origin: String, name: String, dtype: String },
+    TensorDtype {
+        origin: String,
+        name: String,
+        dtype: String,
+    },
     /// In-memory tensor data whose length disagrees with its shape.
     #[error("tensor data of {len} bytes does not match shape {shape:?} of {dtype}")]
-    TensorData { shape: Vec<usize>, dtype: String, len: usize },
+    TensorData {
+        shape: Vec<usize>,
+        dtype: String,
+        len: usize,
+    },
     /// No tokens to run.
     #[error("the input is empty: there are no tokens to run")]
     EmptyInput,
@@ -65,13 +82,24 @@ pub enum ModelError {
     #[error("the input has {tokens} token; at least 2 are needed to predict one")]
     TooFewTokens { tokens: usize },
     /// A scoring window too short to predict anything.
-    #[error("a context of {context} tokens is too short: a window needs <bos> and at least one token")]
+    #[error(
+        "a context of {context} tokens is too short: a window needs <bos> and at least one token"
+    )]
     ContextTooShort { context: usize },
     /// A token id outside the vocabulary.
     #[error("token id {token} at position {position} is out of range: the vocabulary has {vocab} tokens (0..{vocab})")]
-    TokenOutOfRange { token: u32, position: usize, vocab: usize },
+    TokenOutOfRange {
+        token: u32,
+        position: usize,
+        vocab: usize,
+    },
+    /// The forward pass produced NaN or infinite log-probabilities (broken weights).
+    #[error("the model's prediction of input position {position} is not finite (NaN or infinite weights?)")]
+    NonFinite { position: usize },
     /// Two models compared on the same tokens must share a vocabulary.
-    #[error("the models have different vocabularies: {model} tokens vs {reference} in the reference")]
+    #[error(
+        "the models have different vocabularies: {model} tokens vs {reference} in the reference"
+    )]
     VocabMismatch { model: usize, reference: usize },
     /// The folder has no `tokenizer.json`, so text cannot be tokenized.
     #[error("{folder}: no tokenizer.json, so text cannot be tokenized (give token ids instead)")]
@@ -81,8 +109,24 @@ pub enum ModelError {
     Tokenizer { path: PathBuf, reason: String },
 }
 
+/// The folder holding a model's side files (config.json, tokenizer.json): the path itself, or a weights
+/// file's parent.
+pub fn folder_of(model: &Path) -> &Path {
+    if model.is_dir() {
+        model
+    } else {
+        model
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+    }
+}
+
 impl ModelError {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Self::Io { path: path.into(), source }
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.into(),
+            source,
+        }
     }
 }

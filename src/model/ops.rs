@@ -13,57 +13,128 @@ use super::weights::Weight;
 /// Up to this many activation rows, a product streams each weight row once and decodes its elements in
 /// registers against all rows at a time: decoding is then bound by memory bandwidth, not arithmetic.
 const STREAM_MAX_ROWS: usize = 8;
-/// Weight rows decoded into f32 per sgemm call on the prefill path (cost of decoding: 1/n of the product).
-const BLOCK_ROWS: usize = 128;
 /// Weight rows per parallel work item on the streaming path.
 const STREAM_ROWS: usize = 16;
+/// Weight rows per parallel work item on the tiled (prefill) path: a multiple of the 3-row tile.
+#[cfg(target_arch = "x86_64")]
+const TILE_BLOCK_ROWS: usize = 48;
+/// Weight rows decoded into f32 per sgemm call on the portable prefill path.
+const SGEMM_BLOCK_ROWS: usize = 128;
 
 thread_local! {
     /// Per-thread f32 copy of the weight block being multiplied.
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// `x · wᵀ` for activations `x` [n, k] and a weight `w` [m, k] in its stored type: [n, m], rows of
-/// `w` in parallel. The weight is never converted as a whole.
+/// `x · wᵀ` for activations `x` [n, k] and a weight `w` [m, k] in its stored type: [n, m], blocks of
+/// rows of `w` in parallel. The weight is never converted as a whole:
+/// - n ≤ 8 (decoding): each weight row is streamed once and decoded in registers against all n rows;
+/// - n > 8 (prefill): a block of 48 weight rows is decoded into f32 in one sequential pass (cost: 1/n of
+///   the product) and multiplied in register tiles of 4 activation rows × 3 weight rows (AVX2 + FMA);
+///   without those instructions, blocks of 128 rows go through matrixmultiply's sgemm.
 pub(crate) fn matmul(x: ArrayView2<f32>, w: &Weight) -> Array2<f32> {
     let (n, k) = x.dim();
-    let m = w.shape()[0];
-    assert_eq!(w.shape().get(1), Some(&k), "matmul: inner dimensions differ");
+    assert_eq!(
+        w.shape().get(1),
+        Some(&k),
+        "matmul: inner dimensions differ"
+    );
     let x = x.as_standard_layout();
-    let dtype = w.dtype();
-    let bytes = w.bytes();
-    let row_bytes = k * dtype.size();
-    if n == 0 {
-        return Array2::zeros((0, m));
-    }
+    let xs = x.as_slice().expect("standard layout");
     if n <= STREAM_MAX_ROWS {
-        let xs = x.as_slice().expect("standard layout");
-        // Computed as [m, n] so that each work item writes one contiguous block, then transposed.
-        let mut yt = vec![0f32; m * n];
-        yt.par_chunks_mut(n * STREAM_ROWS).enumerate().for_each(|(c, out)| {
-            for (r, o) in out.chunks_mut(n).enumerate() {
-                let row = c * STREAM_ROWS + r;
-                dot_rows(&bytes[row * row_bytes..(row + 1) * row_bytes], dtype, xs, k, o);
-            }
-        });
-        let yt = Array2::from_shape_vec((m, n), yt).expect("m·n elements");
-        return if n == 1 { yt.into_shape_with_order((1, m)).expect("one row") } else { yt.t().as_standard_layout().into_owned() };
+        return matmul_streaming(xs, n, w);
     }
+    #[cfg(target_arch = "x86_64")]
+    if x86::available() {
+        return matmul_tiled(xs, n, w);
+    }
+    matmul_sgemm(x.view(), w)
+}
+
+/// [`matmul`] for a few rows: one pass over the weight.
+fn matmul_streaming(xs: &[f32], n: usize, w: &Weight) -> Array2<f32> {
+    let (m, k) = (w.shape()[0], w.shape()[1]);
+    let dtype = w.dtype();
+    let (bytes, row_bytes) = (w.bytes(), k * dtype.size());
+    // Computed as [m, n] so that each work item writes one contiguous block, then transposed.
+    let mut yt = vec![0f32; m * n];
+    if n > 0 {
+        yt.par_chunks_mut(n * STREAM_ROWS)
+            .enumerate()
+            .for_each(|(c, out)| {
+                for (r, o) in out.chunks_mut(n).enumerate() {
+                    let row = c * STREAM_ROWS + r;
+                    dot_rows(
+                        &bytes[row * row_bytes..(row + 1) * row_bytes],
+                        dtype,
+                        xs,
+                        k,
+                        o,
+                    );
+                }
+            });
+    }
+    let yt = Array2::from_shape_vec((m, n), yt).expect("m·n elements");
+    if n == 1 {
+        yt.into_shape_with_order((1, m)).expect("one row")
+    } else {
+        yt.t().as_standard_layout().into_owned()
+    }
+}
+
+/// [`matmul`] for many rows with the AVX2 + FMA register tiles.
+#[cfg(target_arch = "x86_64")]
+fn matmul_tiled(xs: &[f32], n: usize, w: &Weight) -> Array2<f32> {
+    let (m, k) = (w.shape()[0], w.shape()[1]);
+    let dtype = w.dtype();
+    let (bytes, row_bytes) = (w.bytes(), k * dtype.size());
     let mut y = Array2::<f32>::zeros((n, m));
-    y.axis_chunks_iter_mut(Axis(1), BLOCK_ROWS).into_par_iter().enumerate().for_each(|(b, mut yb)| {
-        let rows = yb.ncols();
-        let first = b * BLOCK_ROWS;
-        SCRATCH.with(|scratch| {
-            let mut scratch = scratch.borrow_mut();
-            if scratch.len() < rows * k {
-                scratch.resize(rows * k, 0.0);
-            }
-            let block = &mut scratch[..rows * k];
-            dtype.decode(&bytes[first * row_bytes..(first + rows) * row_bytes], block);
-            let wb = ArrayView2::from_shape((rows, k), block).expect("rows·k elements");
-            general_mat_mul(1.0, &x.view(), &wb.t(), 0.0, &mut yb);
+    y.axis_chunks_iter_mut(Axis(1), TILE_BLOCK_ROWS)
+        .into_par_iter()
+        .enumerate()
+        .for_each(|(b, mut yb)| {
+            let first = b * TILE_BLOCK_ROWS;
+            let w = &bytes[first * row_bytes..(first + yb.ncols()) * row_bytes];
+            SCRATCH.with(|scratch| {
+                let scratch = &mut scratch.borrow_mut();
+                // SAFETY: `matmul` checked that the CPU has AVX2, FMA and F16C; `w` holds `yb.ncols()` rows
+                // of `k` elements of `dtype` and `xs` holds `n` rows of `k` f32.
+                unsafe {
+                    match dtype {
+                        FloatType::BF16 => x86::gemm_block::<x86::Bf16>(w, xs, k, &mut yb, scratch),
+                        FloatType::F16 => x86::gemm_block::<x86::F16>(w, xs, k, &mut yb, scratch),
+                        FloatType::F32 => x86::gemm_block::<x86::F32>(w, xs, k, &mut yb, scratch),
+                    }
+                }
+            });
         });
-    });
+    y
+}
+
+/// [`matmul`] for many rows without x86 SIMD: blocks decoded into f32, then matrixmultiply's sgemm.
+fn matmul_sgemm(x: ArrayView2<f32>, w: &Weight) -> Array2<f32> {
+    let (n, k) = x.dim();
+    let m = w.shape()[0];
+    let dtype = w.dtype();
+    let (bytes, row_bytes) = (w.bytes(), k * dtype.size());
+    let mut y = Array2::<f32>::zeros((n, m));
+    y.axis_chunks_iter_mut(Axis(1), SGEMM_BLOCK_ROWS)
+        .into_par_iter()
+        .enumerate()
+        .for_each(|(b, mut yb)| {
+            let rows = yb.ncols();
+            let first = b * SGEMM_BLOCK_ROWS;
+            SCRATCH.with(|scratch| {
+                let mut scratch = scratch.borrow_mut();
+                if scratch.len() < rows * k {
+                    scratch.resize(rows * k, 0.0);
+                }
+                let block = &mut scratch[..rows * k];
+                dtype.decode(&bytes[first * row_bytes..(first + rows) * row_bytes], block);
+                let wb = ArrayView2::from_shape((rows, k), block).expect("rows·k elements");
+                general_mat_mul(1.0, &x, &wb.t(), 0.0, &mut yb);
+            });
+        });
     y
 }
 
@@ -111,7 +182,9 @@ mod x86 {
     use std::arch::x86_64::*;
 
     pub fn available() -> bool {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+        is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
     }
 
     /// A stored element type: how to widen 8 elements to f32 lanes.
@@ -189,7 +262,12 @@ mod x86 {
 
     /// `T` activation rows against one weight row, with `U` independent accumulators per row.
     #[inline(always)]
-    unsafe fn block<E: Elem, const T: usize, const U: usize>(w: *const u8, x: *const f32, k: usize, out: &mut [f32]) {
+    unsafe fn block<E: Elem, const T: usize, const U: usize>(
+        w: *const u8,
+        x: *const f32,
+        k: usize,
+        out: &mut [f32],
+    ) {
         let mut acc = [[_mm256_setzero_ps(); U]; T];
         let mut i = 0;
         while i + 8 * U <= k {
@@ -218,6 +296,125 @@ mod x86 {
                 s += E::load1(w.add(j * E::SIZE)) * *x.add(t * k + j);
             }
             out[t] = s;
+        }
+    }
+
+    /// Columns of the decoded block multiplied per pass: a 48-row slice (48 × 512 × 4 bytes = 96 KiB)
+    /// stays in L2 while every activation tile goes over it.
+    const KC: usize = 512;
+
+    /// `yb[t, r] = Σᵢ x[t·k + i] · w[r, i]` for the `yb.ncols()` weight rows in `w` (stored as `E`,
+    /// row-major) and the `yb.nrows()` activation rows in `x`. The block (contiguous in the file) is
+    /// decoded into `scratch` in one sequential pass, then multiplied `KC` columns at a time in tiles of
+    /// 4 activation rows × 3 weight rows that accumulate in 12 registers.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; `w` holds `yb.ncols()·k` elements of `E`; `x` holds `yb.nrows()·k`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn gemm_block<E: Elem>(
+        w: &[u8],
+        x: &[f32],
+        k: usize,
+        yb: &mut ndarray::ArrayViewMut2<f32>,
+        scratch: &mut Vec<f32>,
+    ) {
+        let (n, rows) = yb.dim();
+        debug_assert_eq!(w.len(), rows * k * E::SIZE);
+        debug_assert!(x.len() >= n * k);
+        // Rows padded to a multiple of 3 with zeros, so every tile has 3 weight rows.
+        let padded = rows.div_ceil(3) * 3;
+        scratch.clear();
+        scratch.resize(padded * k, 0.0);
+        decode::<E>(w.as_ptr(), scratch.as_mut_ptr(), rows * k);
+        let (x, s) = (x.as_ptr(), scratch.as_ptr());
+        let mut k0 = 0;
+        while k0 < k {
+            let kc = KC.min(k - k0);
+            let mut t0 = 0;
+            while t0 < n {
+                let xp = x.add(t0 * k + k0);
+                let mut r0 = 0;
+                while r0 < rows {
+                    let wp = s.add(r0 * k + k0);
+                    let rr = (rows - r0).min(3);
+                    match n - t0 {
+                        1 => add_tile(yb, t0, r0, rr, tile::<1>(xp, wp, k, kc)),
+                        2 => add_tile(yb, t0, r0, rr, tile::<2>(xp, wp, k, kc)),
+                        3 => add_tile(yb, t0, r0, rr, tile::<3>(xp, wp, k, kc)),
+                        _ => add_tile(yb, t0, r0, rr, tile::<4>(xp, wp, k, kc)),
+                    }
+                    r0 += 3;
+                }
+                t0 += 4;
+            }
+            k0 += kc;
+        }
+    }
+
+    #[inline(always)]
+    fn add_tile<const T: usize>(
+        yb: &mut ndarray::ArrayViewMut2<f32>,
+        t0: usize,
+        r0: usize,
+        rows: usize,
+        acc: [[f32; 3]; T],
+    ) {
+        for (t, a) in acc.iter().enumerate() {
+            for (r, v) in a.iter().take(rows).enumerate() {
+                yb[[t0 + t, r0 + r]] += v;
+            }
+        }
+    }
+
+    /// Dot products of `T` activation rows with 3 f32 weight rows over `kc` columns; both kinds of rows
+    /// are `stride` apart.
+    #[inline(always)]
+    unsafe fn tile<const T: usize>(
+        x: *const f32,
+        w: *const f32,
+        stride: usize,
+        kc: usize,
+    ) -> [[f32; 3]; T] {
+        let mut acc = [[_mm256_setzero_ps(); 3]; T];
+        let mut i = 0;
+        while i + 8 <= kc {
+            let wv = [
+                _mm256_loadu_ps(w.add(i)),
+                _mm256_loadu_ps(w.add(stride + i)),
+                _mm256_loadu_ps(w.add(2 * stride + i)),
+            ];
+            for (t, a) in acc.iter_mut().enumerate() {
+                let xv = _mm256_loadu_ps(x.add(t * stride + i));
+                for r in 0..3 {
+                    a[r] = _mm256_fmadd_ps(xv, wv[r], a[r]);
+                }
+            }
+            i += 8;
+        }
+        let mut out = [[0f32; 3]; T];
+        for t in 0..T {
+            for r in 0..3 {
+                let mut v = hsum(acc[t][r]);
+                for j in i..kc {
+                    v += *x.add(t * stride + j) * *w.add(r * stride + j);
+                }
+                out[t][r] = v;
+            }
+        }
+        out
+    }
+
+    /// `n` elements of `E` at `src` to f32 at `dst`.
+    #[inline(always)]
+    unsafe fn decode<E: Elem>(src: *const u8, dst: *mut f32, n: usize) {
+        let mut i = 0;
+        while i + 8 <= n {
+            _mm256_storeu_ps(dst.add(i), E::load8(src.add(i * E::SIZE)));
+            i += 8;
+        }
+        while i < n {
+            *dst.add(i) = E::load1(src.add(i * E::SIZE));
+            i += 1;
         }
     }
 
@@ -260,10 +457,12 @@ pub(crate) fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
 /// Gemma's RMSNorm of each row: `x / sqrt(mean(x²) + eps) · (1 + w)`, with `scale` holding `1 + w`
 /// (norm weights are stored zero-centred). The mean of squares is accumulated in f64.
 pub(crate) fn rms_norm(x: &mut Array2<f32>, scale: &[f32], eps: f64) {
-    x.axis_iter_mut(Axis(0)).into_par_iter().for_each(|mut row| {
-        let row = row.as_slice_mut().expect("rows are contiguous");
-        rms_norm_row(row, scale, eps);
-    });
+    x.axis_iter_mut(Axis(0))
+        .into_par_iter()
+        .for_each(|mut row| {
+            let row = row.as_slice_mut().expect("rows are contiguous");
+            rms_norm_row(row, scale, eps);
+        });
 }
 
 pub(crate) fn rms_norm_row(row: &mut [f32], scale: &[f32], eps: f64) {
@@ -303,33 +502,38 @@ pub(crate) struct Rope {
 impl Rope {
     pub(crate) fn new(head_dim: usize, theta: f64) -> Self {
         let base = theta as f32;
-        let inv_freq = (0..head_dim / 2).map(|i| 1.0 / base.powf((2 * i) as f32 / head_dim as f32)).collect();
+        let inv_freq = (0..head_dim / 2)
+            .map(|i| 1.0 / base.powf((2 * i) as f32 / head_dim as f32))
+            .collect();
         Self { inv_freq }
     }
 
     /// Rotates every head of every row of `x` ([n, heads · head_dim]); row t sits at position `first + t`.
     pub(crate) fn apply(&self, x: &mut ArrayViewMut2<f32>, head_dim: usize, first: usize) {
         let half = head_dim / 2;
-        x.axis_iter_mut(Axis(0)).into_par_iter().enumerate().for_each(|(t, mut row)| {
-            let row = row.as_slice_mut().expect("rows are contiguous");
-            let pos = (first + t) as f32;
-            let (cos, sin): (Vec<f32>, Vec<f32>) = self
-                .inv_freq
-                .iter()
-                .map(|&f| {
-                    let angle = (f * pos) as f64;
-                    (angle.cos() as f32, angle.sin() as f32)
-                })
-                .unzip();
-            for head in row.chunks_exact_mut(head_dim) {
-                let (x1, x2) = head.split_at_mut(half);
-                for i in 0..half {
-                    let (a, b) = (x1[i], x2[i]);
-                    x1[i] = a * cos[i] - b * sin[i];
-                    x2[i] = b * cos[i] + a * sin[i];
+        x.axis_iter_mut(Axis(0))
+            .into_par_iter()
+            .enumerate()
+            .for_each(|(t, mut row)| {
+                let row = row.as_slice_mut().expect("rows are contiguous");
+                let pos = (first + t) as f32;
+                let (cos, sin): (Vec<f32>, Vec<f32>) = self
+                    .inv_freq
+                    .iter()
+                    .map(|&f| {
+                        let angle = (f * pos) as f64;
+                        (angle.cos() as f32, angle.sin() as f32)
+                    })
+                    .unzip();
+                for head in row.chunks_exact_mut(head_dim) {
+                    let (x1, x2) = head.split_at_mut(half);
+                    for i in 0..half {
+                        let (a, b) = (x1[i], x2[i]);
+                        x1[i] = a * cos[i] - b * sin[i];
+                        x2[i] = b * cos[i] + a * sin[i];
+                    }
                 }
-            }
-        });
+            });
     }
 }
 
@@ -366,7 +570,12 @@ mod tests {
         // Position 1: pair (x0, x2) rotated by 1 rad, pair (x1, x3) by 0.01 rad.
         let (c0, s0) = (1f64.cos(), 1f64.sin());
         let (c1, s1) = (0.01f64.cos(), 0.01f64.sin());
-        let expect = [1.0 * c0 - 3.0 * s0, 2.0 * c1 - 4.0 * s1, 3.0 * c0 + 1.0 * s0, 4.0 * c1 + 2.0 * s1];
+        let expect = [
+            1.0 * c0 - 3.0 * s0,
+            2.0 * c1 - 4.0 * s1,
+            3.0 * c0 + 1.0 * s0,
+            4.0 * c1 + 2.0 * s1,
+        ];
         for (got, want) in x.row(1).iter().zip(expect) {
             assert!((*got as f64 - want).abs() < 1e-6, "{got} vs {want}");
         }
@@ -391,7 +600,9 @@ mod tests {
     #[test]
     fn gelu_tanh_matches_the_formula() {
         for x in [-5.0f64, -1.0, -0.1, 0.0, 0.5, 1.0, 3.0] {
-            let want = 0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh());
+            let want = 0.5
+                * x
+                * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh());
             let got = gelu_tanh(x as f32) as f64;
             assert!((got - want).abs() < 1e-6, "gelu({x}) = {got}, want {want}");
         }
@@ -402,7 +613,9 @@ mod tests {
     fn matmul_reference(x: &Array2<f32>, w: &[f32], m: usize) -> Array2<f32> {
         let k = x.ncols();
         Array2::from_shape_fn((x.nrows(), m), |(t, r)| {
-            (0..k).map(|i| x[[t, i]] as f64 * w[r * k + i] as f64).sum::<f64>() as f32
+            (0..k)
+                .map(|i| x[[t, i]] as f64 * w[r * k + i] as f64)
+                .sum::<f64>() as f32
         })
     }
 
@@ -410,18 +623,40 @@ mod tests {
     fn matmul_paths_agree_with_a_plain_product_for_every_dtype() {
         // k = 37 exercises the SIMD tails; n = 1..=9 and 20 cover the streaming blocks and the sgemm path.
         let (m, k) = (150, 37);
-        let w: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 211) as f32 / 64.0 - 1.5).collect();
+        let w: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 7919) % 211) as f32 / 64.0 - 1.5)
+            .collect();
         for dtype in [FloatType::BF16, FloatType::F16, FloatType::F32] {
             let weight = Weight::from_values(dtype, vec![m, k], &w).unwrap();
             let exact = weight.to_f32();
             for n in [1, 2, 3, 4, 5, 7, 9, 20] {
-                let x = Array2::from_shape_fn((n, k), |(t, i)| ((t * 31 + i * 17) % 13) as f32 / 8.0 - 0.7);
-                let got = matmul(x.view(), &weight);
+                let x = Array2::from_shape_fn((n, k), |(t, i)| {
+                    ((t * 31 + i * 17) % 13) as f32 / 8.0 - 0.7
+                });
                 let want = matmul_reference(&x, &exact, m);
-                let err = (&got - &want).iter().fold(0f32, |e, d| e.max(d.abs()));
-                assert!(err < 1e-4, "{dtype} n={n}: max error {err}");
+                // The dispatching product, and the portable sgemm path that this CPU may not take.
+                for got in [matmul(x.view(), &weight), matmul_sgemm(x.view(), &weight)] {
+                    let err = (&got - &want).iter().fold(0f32, |e, d| e.max(d.abs()));
+                    assert!(err < 1e-4, "{dtype} n={n}: max error {err}");
+                }
             }
         }
+    }
+
+    #[test]
+    fn tiled_path_sums_over_several_k_slices() {
+        // k = 1100 spans three 512-wide slices (the last one with an 8-lane tail); 13 rows, 50 outputs.
+        let (m, k, n) = (50, 1100, 13);
+        let w: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 31) % 97) as f32 / 97.0 - 0.5)
+            .collect();
+        let weight = Weight::from_values(FloatType::BF16, vec![m, k], &w).unwrap();
+        let x = Array2::from_shape_fn((n, k), |(t, i)| ((t * 7 + i * 3) % 29) as f32 / 29.0 - 0.5);
+        let want = matmul_reference(&x, &weight.to_f32(), m);
+        let err = (&matmul(x.view(), &weight) - &want)
+            .iter()
+            .fold(0f32, |e, d| e.max(d.abs()));
+        assert!(err < 1e-3, "max error {err}");
     }
 
     #[test]

@@ -39,12 +39,26 @@ impl std::fmt::Debug for Weight {
 
 impl Weight {
     /// An owned tensor from raw little-endian bytes of `dtype`.
-    pub fn from_bytes(dtype: FloatType, shape: Vec<usize>, bytes: Vec<u8>) -> Result<Self, ModelError> {
-        let expected = shape.iter().try_fold(dtype.size(), |acc, &d| acc.checked_mul(d));
+    pub fn from_bytes(
+        dtype: FloatType,
+        shape: Vec<usize>,
+        bytes: Vec<u8>,
+    ) -> Result<Self, ModelError> {
+        let expected = shape
+            .iter()
+            .try_fold(dtype.size(), |acc, &d| acc.checked_mul(d));
         if expected != Some(bytes.len()) {
-            return Err(ModelError::TensorData { shape, dtype: dtype.to_string(), len: bytes.len() });
+            return Err(ModelError::TensorData {
+                shape,
+                dtype: dtype.to_string(),
+                len: bytes.len(),
+            });
         }
-        Ok(Self { dtype, shape, data: Data::Owned(bytes.into()) })
+        Ok(Self {
+            dtype,
+            shape,
+            data: Data::Owned(bytes.into()),
+        })
     }
 
     /// An owned f32 tensor.
@@ -54,7 +68,11 @@ impl Weight {
 
     /// An owned tensor holding `values` rounded once to `dtype` (round-to-nearest-even), exactly as a
     /// checkpoint written in that type would hold them.
-    pub fn from_values(dtype: FloatType, shape: Vec<usize>, values: &[f32]) -> Result<Self, ModelError> {
+    pub fn from_values(
+        dtype: FloatType,
+        shape: Vec<usize>,
+        values: &[f32],
+    ) -> Result<Self, ModelError> {
         let mut bytes = Vec::new();
         dtype.encode(values, &mut bytes);
         Self::from_bytes(dtype, shape, bytes)
@@ -62,13 +80,22 @@ impl Weight {
 
     /// The tensor `name` of a memory-mapped checkpoint, `Ok(None)` when it has none.
     pub fn mapped(model: &Arc<Model>, name: &str) -> Result<Option<Self>, ModelError> {
-        let Some(info) = model.get(name) else { return Ok(None) };
+        let Some(info) = model.get(name) else {
+            return Ok(None);
+        };
         let dtype = FloatType::from_dtype(info.dtype).ok_or_else(|| ModelError::TensorDtype {
             origin: model.root().display().to_string(),
             name: name.to_string(),
             dtype: dtype_name(info.dtype),
         })?;
-        Ok(Some(Self { dtype, shape: info.shape.clone(), data: Data::Mapped { model: model.clone(), info: info.clone() } }))
+        Ok(Some(Self {
+            dtype,
+            shape: info.shape.clone(),
+            data: Data::Mapped {
+                model: model.clone(),
+                info: info.clone(),
+            },
+        }))
     }
 
     pub fn dtype(&self) -> FloatType {
@@ -102,7 +129,8 @@ impl Weight {
     pub(crate) fn decode_row(&self, i: usize, out: &mut [f32]) {
         let width = out.len();
         let size = self.dtype.size();
-        self.dtype.decode(&self.bytes()[i * width * size..(i + 1) * width * size], out);
+        self.dtype
+            .decode(&self.bytes()[i * width * size..(i + 1) * width * size], out);
     }
 }
 

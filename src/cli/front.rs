@@ -1,0 +1,197 @@
+//! `front`: the LITI front of a recipe, scored and drawn.
+
+use std::io::Write;
+
+use clap::Args;
+use gemma_merge::front::{base_folder, evaluate_front, FrontError, FrontRequest};
+use gemma_merge::model::{ModelError, Tokenizer};
+use gemma_merge::plot::{FrontPlot, Point};
+use gemma_merge::recipe::Plan;
+
+use super::eval::TokenInput;
+use super::{Global, PathArg, UsageError};
+
+#[derive(Debug, Args)]
+pub struct FrontArgs {
+    /// A recipe whose output step is a `liti` step.
+    pub recipe: PathArg,
+    #[command(flatten)]
+    pub input: TokenInput,
+    /// Reference model for KL (default: the liti step's base).
+    #[arg(long, value_name = "MODEL")]
+    pub reference: Option<PathArg>,
+    /// η values, comma separated (default: the step's list, else 0, 0.1, ..., 1).
+    #[arg(
+        long,
+        value_name = "LIST",
+        value_delimiter = ',',
+        allow_hyphen_values = true
+    )]
+    pub eta: Option<Vec<f64>>,
+    /// Draw the front as an SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathArg>,
+    /// Also write each η model as an ordinary output folder under DIR (DIR/eta-0.3, ...).
+    #[arg(long, value_name = "DIR")]
+    pub keep: Option<PathArg>,
+    /// With --keep: replace an existing DIR.
+    #[arg(long)]
+    pub force: bool,
+    /// Truncate the input to N tokens.
+    #[arg(long, value_name = "N")]
+    pub max_tokens: Option<usize>,
+    /// Window length, as for eval.
+    #[arg(long, value_name = "N")]
+    pub context: Option<usize>,
+    /// Do not score the SLERP step's input policies.
+    #[arg(long)]
+    pub no_policies: bool,
+    /// Print a JSON array instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn front(a: &FrontArgs, g: &Global) -> anyhow::Result<()> {
+    let placeholder = a.recipe.with_extension("front-not-written");
+    let plan = Plan::from_file(&a.recipe, Some(a.keep.as_deref().unwrap_or(&placeholder)))?;
+    if !g.quiet {
+        for w in &plan.warnings {
+            eprintln!("warning: {w}");
+        }
+    }
+    gemma_merge::front::liti_step(&plan).map_err(|e| UsageError(e.to_string()))?;
+    let folder = base_folder(&plan);
+    let config = gemma_merge::model::Config::from_folder(&folder)?;
+    let mut tokens = match (&a.input.text, &a.input.token_ids) {
+        (Some(path), _) => {
+            let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+            if text.is_empty() {
+                anyhow::bail!(
+                    "{}: the text file is empty: there are no tokens to run",
+                    path.display()
+                );
+            }
+            let Some(tok) = Tokenizer::from_folder_if_present(&folder)? else {
+                anyhow::bail!(
+                    "{}: no tokenizer.json, so --text cannot be tokenized; pass token ids instead, e.g. --token-ids 2,651,...",
+                    folder.display()
+                );
+            };
+            tok.encode_with_bos(&text, config.bos_token_id)?
+        }
+        (None, Some(ids)) => ids.clone(),
+        (None, None) => return Err(UsageError("give --text FILE or --token-ids IDS".into()).into()),
+    };
+    if let Some(n) = a.max_tokens {
+        tokens.truncate(n);
+    }
+    let name = a
+        .recipe
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let quiet = g.quiet || a.json;
+    let front = evaluate_front(
+        FrontRequest {
+            plan,
+            etas: a.eta.clone(),
+            reference: a.reference.clone(),
+            keep: a.keep.clone(),
+            force: a.force,
+            tokens: &tokens,
+            context: a.context,
+            policies: !a.no_policies,
+        },
+        &|msg| {
+            if !quiet && g.verbose {
+                eprintln!("{msg}");
+            }
+        },
+    )
+    .map_err(|e| match e {
+        FrontError::Usage(m) => anyhow::Error::new(UsageError(m)),
+        other => anyhow::Error::new(other),
+    })?;
+
+    let mut out = std::io::stdout().lock();
+    if a.json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&front.points)?)?;
+    } else {
+        writeln!(
+            out,
+            "LITI front of `{}` ({name}), {} tokens, reference {}",
+            front.step,
+            front.points.first().map(|p| p.tokens).unwrap_or(0),
+            front.reference.label
+        )?;
+        writeln!(
+            out,
+            "{:>6}  {:>10}  {:>10}  {:>11}  {:>9}",
+            "eta", "KL", "KL max", "perplexity", "top-1"
+        )?;
+        for p in &front.points {
+            writeln!(
+                out,
+                "{:>6}  {:>10.6}  {:>10.6}  {:>11.4}  {:>9.4}",
+                format!("{:?}", p.eta),
+                p.kl,
+                p.kl_max,
+                p.perplexity,
+                p.top1_agreement
+            )?;
+        }
+        writeln!(
+            out,
+            "{:>6}  {:>10.6}  {:>10}  {:>11.4}  {:>9.4}  {}",
+            "ref", 0.0, "", front.reference.perplexity, 1.0, front.reference.label
+        )?;
+        for m in &front.policies {
+            writeln!(
+                out,
+                "{:>6}  {:>10.6}  {:>10}  {:>11.4}  {:>9.4}  {} (policy)",
+                "", m.kl, "", m.perplexity, m.top1_agreement, m.label
+            )?;
+        }
+    }
+    if let Some(path) = &a.plot {
+        let reference_name = front
+            .reference
+            .label
+            .trim_end_matches(" (reference)")
+            .to_string();
+        let plot = FrontPlot {
+            title: format!("LITI front — {name}"),
+            x_label: format!("KL(model ‖ {reference_name}) [nats/token]"),
+            y_label: "perplexity".into(),
+            front: front
+                .points
+                .iter()
+                .map(|p| Point {
+                    label: format!("η={:?}", p.eta),
+                    x: p.kl,
+                    y: p.perplexity,
+                })
+                .collect(),
+            reference: Some(Point {
+                label: front.reference.label.clone(),
+                x: 0.0,
+                y: front.reference.perplexity,
+            }),
+            policies: front
+                .policies
+                .iter()
+                .map(|m| Point {
+                    label: m.label.clone(),
+                    x: m.kl,
+                    y: m.perplexity,
+                })
+                .collect(),
+        };
+        std::fs::write(path, plot.to_svg())
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        if !g.quiet && !a.json {
+            writeln!(out, "wrote {}", path.display())?;
+        }
+    }
+    Ok(())
+}

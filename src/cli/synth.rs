@@ -1,0 +1,252 @@
+//! `synth`: random checkpoints with the real Gemma 2 shapes, or a drifted copy of a model.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use clap::{Args, ValueEnum};
+use gemma_merge::format::{FloatType, Model};
+use gemma_merge::synth::{self, Shape};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::merge::human_bytes;
+use super::{Global, PathArg, UsageError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ShapeName {
+    #[value(name = "2b")]
+    B2,
+    #[value(name = "9b")]
+    B9,
+    #[value(name = "27b")]
+    B27,
+}
+
+impl ShapeName {
+    fn shape(self) -> Shape {
+        let name = match self {
+            Self::B2 => "2b",
+            Self::B9 => "9b",
+            Self::B27 => "27b",
+        };
+        Shape::named(name).expect("every ShapeName is in the table")
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DtypeName {
+    Bfloat16,
+    Float16,
+    Float32,
+}
+
+impl DtypeName {
+    fn float_type(self) -> FloatType {
+        match self {
+            Self::Bfloat16 => FloatType::BF16,
+            Self::Float16 => FloatType::F16,
+            Self::Float32 => FloatType::F32,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct SynthArgs {
+    /// Gemma 2 size whose shapes to use.
+    #[arg(
+        long,
+        value_enum,
+        required_unless_present = "from",
+        conflicts_with = "from"
+    )]
+    pub shape: Option<ShapeName>,
+    /// Number of layers (default: the real count: 26, 42, 46).
+    #[arg(long, value_name = "N", conflicts_with = "from")]
+    pub layers: Option<usize>,
+    /// Vocabulary size (default 256000); smaller values make small models for tests and quick experiments.
+    #[arg(long, value_name = "N", conflicts_with = "from")]
+    pub vocab_size: Option<usize>,
+    /// Hidden size override, for tests only.
+    #[arg(long, value_name = "N", hide = true, conflicts_with = "from")]
+    pub hidden_size: Option<usize>,
+    /// Intermediate (MLP) size override, for tests only.
+    #[arg(long, value_name = "N", hide = true, conflicts_with = "from")]
+    pub intermediate_size: Option<usize>,
+    /// Storage dtype of the weights.
+    #[arg(long, value_enum, default_value = "bfloat16", conflicts_with = "from")]
+    pub dtype: DtypeName,
+    /// Random seed: the same seed gives the same bytes.
+    #[arg(long, value_name = "S", default_value_t = 0)]
+    pub seed: u64,
+    /// Base model: write it plus noise of relative size --drift (an RL-like run near it).
+    #[arg(long, value_name = "MODEL", requires = "drift")]
+    pub from: Option<PathArg>,
+    /// Noise standard deviation relative to each tensor's RMS (with --from).
+    #[arg(long, value_name = "SIGMA", requires = "from")]
+    pub drift: Option<f64>,
+    /// Output folder (must not exist).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathArg,
+}
+
+/// A temporary folder beside the target, removed unless renamed into place.
+struct Staging {
+    tmp: PathBuf,
+    done: bool,
+}
+
+impl Staging {
+    fn begin(out: &Path) -> anyhow::Result<Self> {
+        if out.exists() {
+            return Err(UsageError(format!(
+                "{}: already exists (synth never overwrites)",
+                out.display()
+            ))
+            .into());
+        }
+        let parent = match out.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        std::fs::create_dir_all(&parent)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", parent.display()))?;
+        let name = out
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "synth".into());
+        let tmp = parent.join(format!(
+            ".{name}.gemma-merge-synth-tmp-{}",
+            std::process::id()
+        ));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(|e| anyhow::anyhow!("{}: {e}", tmp.display()))?;
+        }
+        std::fs::create_dir_all(&tmp).map_err(|e| anyhow::anyhow!("{}: {e}", tmp.display()))?;
+        Ok(Self { tmp, done: false })
+    }
+
+    fn commit(mut self, out: &Path) -> anyhow::Result<()> {
+        if out.exists() {
+            anyhow::bail!("{}: appeared while synth was writing", out.display());
+        }
+        std::fs::rename(&self.tmp, out).map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
+        self.done = true;
+        Ok(())
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = std::fs::remove_dir_all(&self.tmp);
+        }
+    }
+}
+
+pub fn synth(a: &SynthArgs, g: &Global) -> anyhow::Result<()> {
+    let started = Instant::now();
+    // clap does not enforce `requires` when the required flag conflicts with one given (--shape).
+    if a.drift.is_some() && a.from.is_none() {
+        return Err(UsageError("--drift needs --from MODEL".into()).into());
+    }
+    let base = match &a.from {
+        Some(from) => {
+            let sigma = a.drift.expect("clap requires --drift with --from");
+            if !sigma.is_finite() || sigma < 0.0 {
+                return Err(UsageError(format!(
+                    "--drift must be a finite number ≥ 0, got {sigma}"
+                ))
+                .into());
+            }
+            let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+            let model = Model::open(from)?;
+            if abs(&a.out).starts_with(abs(model.folder())) {
+                return Err(UsageError(format!(
+                    "--out {} is inside the base model's folder {}",
+                    a.out.display(),
+                    model.folder().display()
+                ))
+                .into());
+            }
+            Some((model, sigma as f32))
+        }
+        None => None,
+    };
+    let shape = match a.shape {
+        Some(name) => {
+            let mut s = name.shape();
+            for (flag, value, field) in [
+                ("--layers", a.layers, &mut s.num_hidden_layers),
+                ("--vocab-size", a.vocab_size, &mut s.vocab_size),
+                ("--hidden-size", a.hidden_size, &mut s.hidden_size),
+                (
+                    "--intermediate-size",
+                    a.intermediate_size,
+                    &mut s.intermediate_size,
+                ),
+            ] {
+                if let Some(v) = value {
+                    if v == 0 && flag != "--layers" {
+                        return Err(UsageError(format!("{flag} must be at least 1")).into());
+                    }
+                    *field = v;
+                }
+            }
+            Some(s)
+        }
+        None => None,
+    };
+    let staging = Staging::begin(&a.out)?;
+    let bar = progress_bar(g);
+    let progress = |done: u64, total: u64| {
+        if let Some(b) = &bar {
+            b.set_length(total);
+            b.set_position(done);
+        }
+    };
+    let records = match (&base, &shape) {
+        (Some((model, sigma)), _) => {
+            synth::write_drifted(&staging.tmp, model, *sigma, a.seed, &progress)?
+        }
+        (None, Some(shape)) => {
+            synth::write_random(&staging.tmp, shape, a.dtype.float_type(), a.seed, &progress)?
+        }
+        (None, None) => unreachable!("clap requires --shape or --from"),
+    };
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    staging.commit(&a.out)?;
+    if !g.quiet {
+        let bytes: u64 = records.iter().map(|r| r.size).sum();
+        let params = match (&base, &shape) {
+            (Some((model, _)), _) => model.tensors().iter().map(|t| t.numel() as u64).sum(),
+            (None, Some(s)) => s.parameters(),
+            (None, None) => 0,
+        };
+        println!(
+            "wrote {} ({} parameters, {} files, {}) in {:.2} s",
+            a.out.display(),
+            params,
+            records.len(),
+            human_bytes(bytes),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+fn progress_bar(g: &Global) -> Option<ProgressBar> {
+    if g.quiet || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let b = ProgressBar::new(0);
+    b.set_style(
+        ProgressStyle::with_template(
+            "{spinner} writing [{bar:40}] {percent:>3}% {bytes}/{total_bytes} eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    Some(b)
+}

@@ -1,0 +1,229 @@
+//! `gemma-merge front`: the LITI front scored in one pass, equal to what `run` + `compare` give, and drawn.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_gemma-merge"))
+}
+
+fn case() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/merge-case")
+}
+
+const IDS: &str = "2,71,294,35,133,63,256,233,244,336,197,110,51,252,17,202,224,314,4,359";
+
+fn run(args: &[&str]) -> (i32, String, String) {
+    let o = bin().args(args).output().expect("binary runs");
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+fn ok_json(args: &[&str]) -> serde_json::Value {
+    let (code, out, err) = run(args);
+    assert_eq!(code, 0, "{args:?}: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn front_rows_equal_compare_on_models_built_by_run() {
+    let recipe = case().join("recipes/front.yaml");
+    let front = ok_json(&["front", s(&recipe), "--token-ids", IDS, "--json"]);
+    let rows = front.as_array().unwrap();
+    assert_eq!(
+        rows.iter()
+            .map(|r| r["eta"].as_f64().unwrap())
+            .collect::<Vec<_>>(),
+        vec![0.0, 0.5, 1.0]
+    );
+
+    // η = 0 is the base: KL 0, agreement 1, the base's own perplexity (as `eval` reports it).
+    let eval = ok_json(&["eval", s(&case().join("sft")), "--token-ids", IDS, "--json"]);
+    assert_eq!(rows[0]["kl"], 0.0);
+    assert_eq!(rows[0]["top1_agreement"], 1.0);
+    let p0 = rows[0]["perplexity"].as_f64().unwrap();
+    assert!((p0 - eval["perplexity"].as_f64().unwrap()).abs() < 1e-9 * p0);
+
+    // Every η equals `compare` on the model that `run` writes for that η.
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("front");
+    let (code, _, err) = run(&["-q", "run", s(&recipe), "--out", s(&out)]);
+    assert_eq!(code, 0, "{err}");
+    for r in rows {
+        let eta = r["eta"].as_f64().unwrap();
+        let model = out.join(format!("eta-{eta:?}"));
+        let c = ok_json(&[
+            "compare",
+            s(&model),
+            "--reference",
+            s(&case().join("sft")),
+            "--token-ids",
+            IDS,
+            "--json",
+        ]);
+        for key in ["kl", "kl_max", "top1_agreement", "perplexity"] {
+            let (a, b) = (r[key].as_f64().unwrap(), c[key].as_f64().unwrap());
+            assert!(
+                (a - b).abs() <= 1e-12 * b.abs().max(1.0),
+                "η={eta} {key}: front {a} vs compare {b}"
+            );
+        }
+    }
+    // KL to the init grows along the front.
+    let kls: Vec<f64> = rows.iter().map(|r| r["kl"].as_f64().unwrap()).collect();
+    assert!(kls[0] < kls[1] && kls[1] < kls[2], "{kls:?}");
+}
+
+#[test]
+fn eta_flag_overrides_the_list_and_keep_writes_ordinary_folders() {
+    let d = tempfile::tempdir().unwrap();
+    let keep = d.path().join("kept");
+    let recipe = case().join("recipes/warp.yaml");
+    let rows = ok_json(&[
+        "front",
+        s(&recipe),
+        "--token-ids",
+        IDS,
+        "--eta",
+        "0,0.3,1",
+        "--keep",
+        s(&keep),
+        "--json",
+    ]);
+    assert_eq!(rows.as_array().unwrap().len(), 3);
+    for name in ["eta-0.0", "eta-0.3", "eta-1.0"] {
+        let (code, _, err) = run(&["verify", s(&keep.join(name))]);
+        assert_eq!(code, 0, "{name}: {err}");
+    }
+    // The kept η = 0.3 model is the recipe's own output.
+    let out = d.path().join("warp");
+    run(&["-q", "run", s(&recipe), "--out", s(&out)]);
+    assert_eq!(
+        std::fs::read(out.join("model.safetensors")).unwrap(),
+        std::fs::read(keep.join("eta-0.3/model.safetensors")).unwrap()
+    );
+}
+
+#[test]
+fn front_needs_a_liti_output_step() {
+    let (code, _, err) = run(&[
+        "front",
+        s(&case().join("recipes/linear.yaml")),
+        "--token-ids",
+        IDS,
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("needs a `liti` step"), "{err}");
+    let (code, _, err) = run(&[
+        "front",
+        s(&case().join("recipes/front.yaml")),
+        "--token-ids",
+        IDS,
+        "--eta",
+        "0.5,0.5",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("distinct"), "{err}");
+}
+
+/// Renders the SVG in headless Chromium and checks the picture: the front's blue, the policies' red and
+/// the reference's green are all drawn. Skipped (with the reason printed) only where Chromium is missing.
+#[test]
+fn front_plot_renders_in_headless_chromium() {
+    let d = tempfile::tempdir().unwrap();
+    let svg = d.path().join("front.svg");
+    let (code, _, err) = run(&[
+        "front",
+        s(&case().join("recipes/front.yaml")),
+        "--token-ids",
+        IDS,
+        "--plot",
+        s(&svg),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let text = std::fs::read_to_string(&svg).unwrap();
+    for needle in [
+        "LITI front — front",
+        "η=0.0",
+        "η=0.5",
+        "η=1.0",
+        "../sft (reference)",
+        "../run_a/step-300",
+        "perplexity",
+        "KL(model ‖ ../sft) [nats/token]",
+    ] {
+        assert!(text.contains(needle), "the SVG lacks {needle:?}");
+    }
+    let Some(chromium) = ["chromium", "chromium-browser", "google-chrome"]
+        .iter()
+        .find(|c| {
+            Command::new(c)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+    else {
+        println!("SKIPPED front_plot_renders_in_headless_chromium: no chromium on PATH (.ci/run installs Debian's chromium)");
+        return;
+    };
+    let png = d.path().join("front.png");
+    let profile = d.path().join("profile");
+    let o = Command::new(chromium)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--hide-scrollbars",
+            "--window-size=760,520",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg(format!("--screenshot={}", png.display()))
+        .arg(format!("file://{}", svg.display()))
+        .output()
+        .unwrap();
+    assert!(
+        png.exists(),
+        "chromium wrote no PNG: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&png).unwrap()));
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    assert_eq!((info.width, info.height), (760, 520));
+    let channels = info.color_type.samples();
+    let count = |rgb: (i32, i32, i32)| {
+        buf[..info.buffer_size()]
+            .chunks(channels)
+            .filter(|p| {
+                (p[0] as i32 - rgb.0).abs() < 30
+                    && (p[1] as i32 - rgb.1).abs() < 30
+                    && (p[2] as i32 - rgb.2).abs() < 30
+            })
+            .count()
+    };
+    assert!(
+        count((0x1f, 0x77, 0xb4)) > 200,
+        "the front (blue) is not drawn"
+    );
+    assert!(
+        count((0xd6, 0x27, 0x28)) > 40,
+        "the policies (red) are not drawn"
+    );
+    assert!(
+        count((0x2c, 0xa0, 0x2c)) > 20,
+        "the reference (green) is not drawn"
+    );
+}
