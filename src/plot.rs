@@ -226,12 +226,15 @@ impl FrontPlot {
                 esc(&r.label)
             );
         }
-        for p in self
+        // Policies often sit close together: stack their labels so they do not overprint.
+        for (i, p) in self
             .policies
             .iter()
             .filter(|p| p.x.is_finite() && p.y.is_finite())
+            .enumerate()
         {
             let (x, y) = (sx(p.x), sy(p.y));
+            let label_y = y + 13.0 + 14.0 * i as f64;
             let _ = writeln!(
                 s,
                 r##"<path d="M {:.1} {:.1} L {:.1} {:.1} L {:.1} {:.1} Z" fill="#d62728"><title>{}</title></path>"##,
@@ -247,7 +250,7 @@ impl FrontPlot {
                 s,
                 r##"<text x="{:.1}" y="{:.1}" fill="#d62728" font-size="12">{}</text>"##,
                 x + 7.0,
-                y + 13.0,
+                label_y,
                 esc(&p.label)
             );
         }
