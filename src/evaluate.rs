@@ -51,13 +51,15 @@ pub fn windows(n: usize, context: usize) -> Result<Vec<Window>, ModelError> {
         end: n.min(context),
         bos: false,
     }];
-    while out.last().expect("one window").end < n {
-        let start = out.last().expect("one window").end;
+    let mut start = out[0].end;
+    while start < n {
+        let end = n.min(start + context - 1);
         out.push(Window {
             start,
-            end: n.min(start + context - 1),
+            end,
             bos: true,
         });
+        start = end;
     }
     Ok(out)
 }

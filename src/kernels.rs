@@ -112,20 +112,20 @@ pub fn chain_lambdas(weights: &[f64]) -> Vec<f64> {
 /// f64, so a task vector (s = 0) carries no cancellation error and a merge (s = 1) is the base plus a
 /// small correction.
 pub fn combine(coefs: &[f64], sum: f64, inputs: &[&[f32]], reference: usize, out: &mut [f64]) {
-    let x_ref = inputs[reference];
-    let terms: Vec<(usize, f64)> = coefs
-        .iter()
-        .enumerate()
-        .filter(|&(i, &c)| i != reference && c != 0.0)
-        .map(|(i, &c)| (i, c))
-        .collect();
-    for (j, o) in out.iter_mut().enumerate() {
-        let r = x_ref[j] as f64;
-        let mut acc = 0f64;
-        for &(i, c) in &terms {
-            acc += c * (inputs[i][j] as f64 - r);
+    let x_ref = &inputs[reference][..out.len()];
+    out.fill(0.0);
+    // One streaming pass per input (vectorizes); the order of additions per element is the input order.
+    for (i, &c) in coefs.iter().enumerate() {
+        if i == reference || c == 0.0 {
+            continue;
         }
-        *o = sum * r + acc;
+        let x = &inputs[i][..out.len()];
+        for ((o, &xi), &r) in out.iter_mut().zip(x).zip(x_ref) {
+            *o += c * (xi as f64 - r as f64);
+        }
+    }
+    for (o, &r) in out.iter_mut().zip(x_ref) {
+        *o += sum * r as f64;
     }
 }
 

@@ -32,7 +32,7 @@ pub const CHUNK: usize = 1 << 16;
 pub const BLOCK: usize = 64;
 
 /// Where evaluated tensor bytes go, in tensor order: a shard writer, or memory.
-pub trait TensorSink {
+pub trait TensorSink: Send {
     fn write(&mut self, bytes: &[u8]) -> Result<(), MergeError>;
 }
 
@@ -292,8 +292,8 @@ impl<'p> Prepared<'p> {
         let per_model: u64 = specs.iter().map(|s| s.byte_len()).sum::<u64>() + 8 * 1024;
         let k = outputs.len() as u64;
         let l = self.models.len() as u64;
-        // Chunks in flight (one per thread): decoded inputs (f32) and an f64 result. Per block: the encoded
-        // results of every output, and the input pages mapped (released after the block). Per output: an
+        // Chunks in flight (one per thread): decoded inputs (f32) and an f64 result. Two blocks: the encoded
+        // results of every output (one being written while the next is computed), and the input pages mapped (released after the block). Per output: an
         // 8 MiB write buffer. Plus headers, plan and bookkeeping.
         let threads = rayon::current_num_threads() as u64;
         let block = (BLOCK * CHUNK) as u64;
@@ -627,9 +627,10 @@ impl<'p> Prepared<'p> {
             FloatType::from_dtype(t.out_dtype).expect("merged tensors have a float output type");
         let n = t.base.numel();
         let chunks = n.div_ceil(CHUNK);
-        for block_start in (0..chunks).step_by(BLOCK) {
+        // Evaluates chunks [block_start, block_start + BLOCK) in parallel: per chunk, per output, bytes.
+        let compute = |block_start: usize| -> Result<Vec<Vec<Vec<u8>>>, MergeError> {
             let block_end = (block_start + BLOCK).min(chunks);
-            let encoded: Vec<Vec<Vec<u8>>> = (block_start..block_end)
+            (block_start..block_end)
                 .into_par_iter()
                 .map(|c| {
                     let (lo, hi) = (c * CHUNK, ((c + 1) * CHUNK).min(n));
@@ -646,13 +647,38 @@ impl<'p> Prepared<'p> {
                         })
                         .collect())
                 })
-                .collect::<Result<_, MergeError>>()?;
-            for chunk in encoded {
-                for (w, bytes) in writers.iter_mut().zip(chunk) {
-                    w.write(&bytes)?;
-                }
+                .collect()
+        };
+        let blocks: Vec<usize> = (0..chunks).step_by(BLOCK).collect();
+        let Some(&first) = blocks.first() else {
+            return Ok(());
+        };
+        let mut pending = Some(compute(first)?);
+        // Block k is hashed and written while block k + 1 is computed.
+        for (k, &block_start) in blocks.iter().enumerate() {
+            let current = pending.take().expect("a computed block");
+            let next_start = blocks.get(k + 1).copied();
+            let (written, next) = rayon::join(
+                || -> Result<(), MergeError> {
+                    for chunk in current {
+                        for (w, bytes) in writers.iter_mut().zip(chunk) {
+                            w.write(&bytes)?;
+                        }
+                    }
+                    Ok(())
+                },
+                || next_start.map(compute),
+            );
+            written?;
+            if let Some(next) = next {
+                pending = Some(next?);
             }
-            self.release(t, &needed, block_start * CHUNK, (block_end * CHUNK).min(n));
+            self.release(
+                t,
+                &needed,
+                block_start * CHUNK,
+                ((block_start + BLOCK) * CHUNK).min(n),
+            );
         }
         Ok(())
     }

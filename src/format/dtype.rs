@@ -65,18 +65,21 @@ impl FloatType {
         debug_assert_eq!(bytes.len(), out.len() * self.size());
         match self {
             Self::BF16 => {
-                for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                    *o = f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16);
+                let (pairs, _) = bytes.as_chunks::<2>();
+                for (o, b) in out.iter_mut().zip(pairs) {
+                    *o = f32::from_bits((u16::from_le_bytes(*b) as u32) << 16);
                 }
             }
             Self::F16 => {
-                for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                    *o = f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
+                let (pairs, _) = bytes.as_chunks::<2>();
+                for (o, b) in out.iter_mut().zip(pairs) {
+                    *o = f16::from_bits(u16::from_le_bytes(*b)).to_f32();
                 }
             }
             Self::F32 => {
-                for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
-                    *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                let (quads, _) = bytes.as_chunks::<4>();
+                for (o, b) in out.iter_mut().zip(quads) {
+                    *o = f32::from_le_bytes(*b);
                 }
             }
         }
@@ -112,29 +115,30 @@ impl FloatType {
     /// correct (f32 has more than twice the precision of either, plus two bits): the result is the f64
     /// value rounded once.
     pub fn encode_f64(self, values: &[f64], out: &mut Vec<u8>) {
-        out.reserve(values.len() * self.size());
+        let start = out.len();
+        out.resize(start + values.len() * self.size(), 0);
+        let dst = &mut out[start..];
         match self {
             Self::F32 => {
-                for &v in values {
-                    out.extend_from_slice(&(v as f32).to_le_bytes());
+                let (quads, _) = dst.as_chunks_mut::<4>();
+                for (d, &v) in quads.iter_mut().zip(values) {
+                    *d = (v as f32).to_le_bytes();
                 }
             }
             Self::BF16 => {
-                for &v in values {
-                    out.extend_from_slice(
-                        &bf16::from_f32(f64_to_f32_round_odd(v))
-                            .to_bits()
-                            .to_le_bytes(),
-                    );
+                let (pairs, _) = dst.as_chunks_mut::<2>();
+                for (d, &v) in pairs.iter_mut().zip(values) {
+                    *d = bf16::from_f32(f64_to_f32_round_odd(v))
+                        .to_bits()
+                        .to_le_bytes();
                 }
             }
             Self::F16 => {
-                for &v in values {
-                    out.extend_from_slice(
-                        &f16::from_f32(f64_to_f32_round_odd(v))
-                            .to_bits()
-                            .to_le_bytes(),
-                    );
+                let (pairs, _) = dst.as_chunks_mut::<2>();
+                for (d, &v) in pairs.iter_mut().zip(values) {
+                    *d = f16::from_f32(f64_to_f32_round_odd(v))
+                        .to_bits()
+                        .to_le_bytes();
                 }
             }
         }

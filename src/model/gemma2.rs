@@ -1,7 +1,7 @@
 //! Gemma 2 (`Gemma2ForCausalLM`): config, weights named after the checkpoint keys, the forward pass, and
 //! the KV cache. Numerics follow transformers' eager implementation (`spec/gemma2.md`):
 //!
-//! - h = E[ids] · √H; each layer: h += post_attention_layernorm(attn(input_layernorm(h))), then
+//! - `h = E[ids] · √H`; each layer: h += post_attention_layernorm(attn(input_layernorm(h))), then
 //!   h += post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h))); RMSNorm scales by (1 + w).
 //! - attention: RoPE (rotate-half) on q and k; scores q·kᵀ · query_pre_attn_scalar^(−1/2), soft-capped
 //!   before the mask; causal, and on sliding layers query i sees only keys i − W < j ≤ i; grouped-query.
@@ -38,6 +38,7 @@ pub struct Config {
     pub head_dim: usize,
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
+    /// W: a query on a sliding layer sees its last W positions (`usize::MAX` when the config has null).
     pub sliding_window: usize,
     pub query_pre_attn_scalar: f64,
     /// `None` when the config sets it to null (no cap).
@@ -101,9 +102,17 @@ impl Config {
                 "\"rope_scaling\" is set: scaled RoPE is not supported for Gemma 2".into(),
             ));
         }
-        let sliding_layers = match obj.get("layer_types").filter(|v| !v.is_null()) {
+        let mut sliding_layers = match obj.get("layer_types").filter(|v| !v.is_null()) {
             Some(types) => layer_types(types, num_hidden_layers).map_err(invalid)?,
             None => (0..num_hidden_layers).map(|i| i % 2 == 0).collect(),
+        };
+        // "sliding_window": null means no window on any layer (as transformers reads it).
+        let sliding_window = match obj.get("sliding_window") {
+            Some(Value::Null) => {
+                sliding_layers.iter_mut().for_each(|s| *s = false);
+                usize::MAX
+            }
+            _ => f.usize("sliding_window", Some(4096)).map_err(invalid)?,
         };
         let activation = obj
             .get("hidden_activation")
@@ -152,7 +161,7 @@ impl Config {
             head_dim: f.usize("head_dim", Some(256)).map_err(invalid)?,
             rms_norm_eps: f.f64("rms_norm_eps", Some(1e-6)).map_err(invalid)?,
             rope_theta,
-            sliding_window: f.usize("sliding_window", Some(4096)).map_err(invalid)?,
+            sliding_window,
             query_pre_attn_scalar: f
                 .f64("query_pre_attn_scalar", Some(256.0))
                 .map_err(invalid)?,
@@ -899,6 +908,15 @@ mod tests {
             &|o| drop(o.insert("hidden_activation".into(), json!("relu"))),
             "relu",
         );
+    }
+
+    #[test]
+    fn null_sliding_window_means_full_attention_everywhere() {
+        let mut v = published();
+        v["sliding_window"] = Value::Null;
+        let c = Config::from_json(&v, Path::new("config.json")).unwrap();
+        assert_eq!(c.sliding_layers, vec![false; 4]);
+        assert_eq!(c.window(0), None);
     }
 
     #[test]
