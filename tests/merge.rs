@@ -607,7 +607,7 @@ fn integer_tensors_are_copied_and_extra_tensors_are_refused_unless_ignored() {
         shape: vec![3],
     });
     let mut w = ModelWriter::create(&base_dir, specs, u64::MAX).unwrap();
-    for (_, (_, _, v)) in &base {
+    for (_, _, v) in base.values() {
         let f: Vec<f32> = v.iter().map(|&x| x as f32).collect();
         let mut b = Vec::new();
         FloatType::F32.encode(&f, &mut b);

@@ -231,9 +231,11 @@ pub fn read_config(dir: &Path) -> Result<Option<serde_json::Value>, FormatError>
 }
 
 type WeightMap = Vec<(String, String)>;
+/// A folder's weight files, and its index (path and weight map) when it has one.
+type Discovered = (Vec<PathBuf>, Option<(PathBuf, WeightMap)>);
 
 /// Finds the weight files of a model folder, and its index if it has one.
-fn discover(dir: &Path) -> Result<(Vec<PathBuf>, Option<(PathBuf, WeightMap)>), FormatError> {
+fn discover(dir: &Path) -> Result<Discovered, FormatError> {
     let index_path = dir.join(INDEX_FILE);
     if index_path.is_file() {
         let text =
@@ -325,4 +327,154 @@ fn check_index(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::writer::{ModelWriter, TensorSpec};
+    use proptest::prelude::*;
+
+    fn write(dir: &Path, names: &[&str]) {
+        let specs = names
+            .iter()
+            .map(|n| TensorSpec {
+                name: n.to_string(),
+                dtype: Dtype::F32,
+                shape: vec![2],
+            })
+            .collect();
+        let mut w = ModelWriter::create(dir, specs, u64::MAX).unwrap();
+        for _ in names {
+            w.write(&[0u8; 8]).unwrap();
+        }
+        w.finish().unwrap();
+    }
+
+    #[test]
+    fn a_folder_without_weights_is_named() {
+        let d = tempfile::tempdir().unwrap();
+        let e = Model::open(d.path()).err().unwrap();
+        assert!(matches!(e, FormatError::NoWeights { .. }), "{e}");
+        assert!(e.to_string().contains("no .safetensors files"));
+    }
+
+    #[test]
+    fn several_files_without_index_are_one_model_and_duplicates_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let (a, b) = (d.path().join("a"), d.path().join("b"));
+        std::fs::create_dir_all(&a).unwrap();
+        std::fs::create_dir_all(&b).unwrap();
+        write(&a, &["x", "y"]);
+        write(&b, &["z"]);
+        std::fs::rename(a.join(SINGLE_FILE), d.path().join("part-1.safetensors")).unwrap();
+        std::fs::rename(b.join(SINGLE_FILE), d.path().join("part-2.safetensors")).unwrap();
+        let m = Model::open(d.path()).unwrap();
+        assert_eq!(
+            m.tensors()
+                .iter()
+                .map(|t| t.name.as_str())
+                .collect::<Vec<_>>(),
+            ["x", "y", "z"]
+        );
+        write(&b, &["y"]);
+        std::fs::rename(b.join(SINGLE_FILE), d.path().join("part-3.safetensors")).unwrap();
+        let e = Model::open(d.path()).err().unwrap();
+        assert!(matches!(e, FormatError::DuplicateTensor { .. }), "{e}");
+        assert!(e.to_string().contains("tensor `y` appears in both"), "{e}");
+    }
+
+    #[test]
+    fn an_index_must_agree_with_its_shards() {
+        let d = tempfile::tempdir().unwrap();
+        write(d.path(), &["x", "y"]);
+        std::fs::rename(d.path().join(SINGLE_FILE), d.path().join("s1.safetensors")).unwrap();
+        let index = |map: &str| {
+            std::fs::write(
+                d.path().join(INDEX_FILE),
+                format!("{{\"weight_map\": {{{map}}}}}"),
+            )
+            .unwrap()
+        };
+        index(r#""x": "s1.safetensors", "y": "s1.safetensors""#);
+        assert_eq!(Model::open(d.path()).unwrap().tensors().len(), 2);
+        index(r#""x": "s1.safetensors""#);
+        let e = Model::open(d.path()).err().unwrap();
+        assert!(
+            e.to_string().contains("tensor `y` is stored in")
+                && e.to_string().contains("missing from the index"),
+            "{e}"
+        );
+        index(r#""x": "s1.safetensors", "y": "s1.safetensors", "w": "s1.safetensors""#);
+        assert!(Model::open(d.path())
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("tensor `w` is listed in s1.safetensors but not stored there"));
+        index(r#""x": "../s1.safetensors""#);
+        assert!(Model::open(d.path())
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("is not a plain file name"));
+        index(r#""x": "missing.safetensors""#);
+        let e = Model::open(d.path()).err().unwrap();
+        assert!(
+            matches!(e, FormatError::Io { .. }) && e.to_string().contains("missing.safetensors"),
+            "{e}"
+        );
+        std::fs::write(d.path().join(INDEX_FILE), "{").unwrap();
+        assert!(matches!(
+            Model::open(d.path()).err().unwrap(),
+            FormatError::InvalidIndex { .. }
+        ));
+    }
+
+    #[test]
+    fn trailing_bytes_and_bad_offsets_are_invalid_headers() {
+        let d = tempfile::tempdir().unwrap();
+        write(d.path(), &["x"]);
+        let p = d.path().join(SINGLE_FILE);
+        let good = std::fs::read(&p).unwrap();
+        let mut longer = good.clone();
+        longer.push(0);
+        std::fs::write(&p, &longer).unwrap();
+        let e = Model::open(&p).err().unwrap();
+        assert!(matches!(e, FormatError::InvalidHeader { .. }), "{e}");
+        assert!(e.to_string().contains(p.to_str().unwrap()));
+        // A header whose data_offsets do not match dtype × shape.
+        let text = String::from_utf8_lossy(&good)
+            .replace("\"data_offsets\":[0,8]", "\"data_offsets\":[0,7]");
+        std::fs::write(&p, text.as_bytes()).unwrap();
+        assert!(matches!(
+            Model::open(&p).err().unwrap(),
+            FormatError::InvalidHeader { .. }
+        ));
+    }
+
+    #[test]
+    fn an_invalid_config_is_named() {
+        let d = tempfile::tempdir().unwrap();
+        write(d.path(), &["x"]);
+        std::fs::write(d.path().join("config.json"), "{nope").unwrap();
+        let e = Model::open(d.path()).unwrap().config().err().unwrap();
+        assert!(
+            matches!(e, FormatError::InvalidConfig { .. }) && e.to_string().contains("config.json"),
+            "{e}"
+        );
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+        /// Whatever the bytes, opening them is an error or a model, never a panic.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200), header in 0u64..120) {
+            let d = tempfile::tempdir().unwrap();
+            let p = d.path().join("x.safetensors");
+            let mut data = header.to_le_bytes().to_vec();
+            data.extend_from_slice(&bytes);
+            std::fs::write(&p, &data).unwrap();
+            let _ = Model::open(&p);
+        }
+    }
 }
