@@ -6,7 +6,7 @@
 #   LAYERS="2 4 8" benches/forward.sh
 #   LAYERS=26 PREFILL=64 DECODE=8 benches/forward.sh   # the whole 2b (5.2 GB bf16)
 #
-# For each size it writes the model with `gemma-merge synth` (kept in BENCH_DIR between runs), then:
+# For each size it writes the model with `gemma-merge synth` into BENCH_DIR (reused if there), then:
 #   prefill: gemma-merge eval MODEL --token-ids (PREFILL random ids after <bos>) --json      → tokens/s
 #   decode:  gemma-merge generate MODEL --token-ids (PROMPT ids) --max-new-tokens DECODE --json
 #            → decode_tokens_per_second (one-token forward passes with the KV cache)
@@ -18,7 +18,7 @@
 #
 # Environment: BENCH_DIR (default /tmp/gemma-merge-bench; never inside the repository), SHAPE (2b),
 # LAYERS ("4"), DTYPE (bfloat16), PREFILL (128), PROMPT (16), DECODE (32), REPEAT (3; medians),
-# THREADS (default: all cores), KEEP=0 deletes each model once measured (default: kept).
+# THREADS (default: all cores), KEEP=1 keeps the models for the next run (default: each is deleted once measured).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -30,7 +30,7 @@ PREFILL=${PREFILL:-128}
 PROMPT=${PROMPT:-16}
 DECODE=${DECODE:-32}
 REPEAT=${REPEAT:-3}
-KEEP=${KEEP:-1}
+KEEP=${KEEP:-0}
 THREADS=${THREADS:-$(nproc)}
 
 mkdir -p "$BENCH_DIR"

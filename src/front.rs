@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use crate::evaluate::{compare, CompareResult};
+use crate::evaluate::{compare, compare_to, CompareResult, ReferenceLogits};
 use crate::executor::{MemoryModel, Prepared, RunOptions};
 use crate::format::FloatType;
 use crate::model::{weights::Weight, Config, Gemma2, ModelError};
@@ -247,11 +247,24 @@ pub fn evaluate_front(req: FrontRequest<'_>, progress: &dyn Fn(&str)) -> Result<
     let context =
         context.unwrap_or_else(|| crate::evaluate::default_context(&reference_model, tokens.len()));
 
+    // The reference's logits are computed once and kept when they fit (positions × vocab f32 ≤ 1 GiB);
+    // otherwise the reference is rerun beside each model. Both give the same numbers.
+    let cached = if tokens.len().saturating_sub(1) * reference_model.config().vocab_size * 4 <= 1 << 30 {
+        Some(ReferenceLogits::new(&reference_model, tokens, context)?)
+    } else {
+        None
+    };
+    let score = |model: &Gemma2| -> Result<CompareResult, ModelError> {
+        match &cached {
+            Some(r) => compare_to(model, r),
+            None => compare(model, &reference_model, tokens, context),
+        }
+    };
     let mut points = Vec::with_capacity(n_eta);
     let mut reference_perplexity = f64::NAN;
     for (k, &eta) in etas.iter().enumerate() {
         let model = load_eta(k, &memory)?;
-        let c: CompareResult = compare(&model, &reference_model, tokens, context)?;
+        let c = score(&model)?;
         reference_perplexity = c.reference_perplexity;
         progress(&format!(
             "η = {eta:?}: KL {:.6}, perplexity {:.4}",
@@ -271,7 +284,7 @@ pub fn evaluate_front(req: FrontRequest<'_>, progress: &dyn Fn(&str)) -> Result<
     let first_policy = usize::from(reference_source.is_none());
     for (i, (label, _)) in extra_steps.iter().enumerate().skip(first_policy) {
         let model = to_gemma(&config, &memory[extra_offset + i])?;
-        let c = compare(&model, &reference_model, tokens, context)?;
+        let c = score(&model)?;
         markers.push(Marker {
             label: label.clone(),
             kl: c.kl,
@@ -281,7 +294,7 @@ pub fn evaluate_front(req: FrontRequest<'_>, progress: &dyn Fn(&str)) -> Result<
     }
     for (label, path) in &disk {
         let model = Gemma2::load(path)?;
-        let c = compare(&model, &reference_model, tokens, context)?;
+        let c = score(&model)?;
         markers.push(Marker {
             label: label.clone(),
             kl: c.kl,

@@ -813,6 +813,13 @@ mod tests {
     use serde_json::json;
 
     #[test]
+    fn models_can_be_shared_between_threads() {
+        fn shareable<T: Send + Sync>() {}
+        shareable::<Gemma2>();
+        shareable::<Cache>();
+    }
+
+    #[test]
     fn sliding_window_sees_exactly_the_last_w_keys() {
         // Query i sees i − W < j ≤ i: W keys including itself, fewer at the start.
         assert_eq!(key_range(0, Some(3)), 0..=0);
