@@ -1,8 +1,8 @@
 //! gemma-merge: WARP-style merging of Gemma-family checkpoints (EMA, SLERP, LITI, linear), streamed from
 //! memory-mapped safetensors into sharded safetensors, and a CPU Gemma 2 forward pass to check the result.
 //!
-//! Data flows one way: [`recipe`](crate::recipe) (YAML → validated plan) → [`kernels`](crate::kernels) (pure math) → [`executor`](crate::executor)
-//! (streams tensors through the kernels) → [`format`](crate::format) (safetensors in and out).
+//! Data flows one way: [`recipe`] (YAML → validated plan) → [`kernels`] (pure math) → [`executor`]
+//! (streams tensors through the kernels) → [`format`](mod@crate::format) (safetensors in and out).
 
 pub mod evaluate;
 pub mod executor;
