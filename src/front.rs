@@ -249,11 +249,12 @@ pub fn evaluate_front(req: FrontRequest<'_>, progress: &dyn Fn(&str)) -> Result<
 
     // The reference's logits are computed once and kept when they fit (positions × vocab f32 ≤ 1 GiB);
     // otherwise the reference is rerun beside each model. Both give the same numbers.
-    let cached = if tokens.len().saturating_sub(1) * reference_model.config().vocab_size * 4 <= 1 << 30 {
-        Some(ReferenceLogits::new(&reference_model, tokens, context)?)
-    } else {
-        None
-    };
+    let cached =
+        if tokens.len().saturating_sub(1) * reference_model.config().vocab_size * 4 <= 1 << 30 {
+            Some(ReferenceLogits::new(&reference_model, tokens, context)?)
+        } else {
+            None
+        };
     let score = |model: &Gemma2| -> Result<CompareResult, ModelError> {
         match &cached {
             Some(r) => compare_to(model, r),

@@ -359,17 +359,13 @@ impl<'p> Prepared<'p> {
         let seconds = started.elapsed().as_secs_f64();
         let input_files = output::input_records(&self.models, opts.hash_inputs)?;
         let mut bytes_written = 0u64;
-        for ((path, step, eta), recs) in outputs.iter().zip(records) {
-            let eta_value = match (&plan.steps[*step].kind, eta) {
-                (StepKind::Liti { etas, .. }, Some(k)) => Some(etas[*k]),
-                _ => None,
-            };
+        for (((path, step, _), eta), recs) in outputs.iter().zip(self.output_etas()).zip(records) {
             bytes_written += staging.finish_model(
                 path,
                 &self.models[plan.base],
                 plan,
                 *step,
-                eta_value,
+                eta,
                 recs,
                 &input_files,
                 seconds,
@@ -408,11 +404,6 @@ impl<'p> Prepared<'p> {
                 _ => None,
             })
             .collect()
-    }
-
-    /// The input models, in the plan's leaf order.
-    pub fn inputs(&self) -> &[Model] {
-        &self.models
     }
 
     /// Streams every tensor of every output model, in order, into `sinks` (one per output model).

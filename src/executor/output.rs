@@ -167,7 +167,7 @@ impl Staging {
             }
         }
         let step_name = &plan.steps[step].name;
-        let card = model_card(plan, base, step_name, eta, path);
+        let card = model_card(plan, step_name, eta, path);
         records.push(write_small_file(&dir, "README.md", card.as_bytes())?);
         let manifest = Manifest {
             tool: "gemma-merge".into(),
@@ -227,14 +227,13 @@ impl Drop for Staging {
     }
 }
 
-fn model_card(plan: &Plan, base: &Model, step: &str, eta: Option<f64>, path: &Path) -> String {
+fn model_card(plan: &Plan, step: &str, eta: Option<f64>, path: &Path) -> String {
     let base_name = &plan.leaves[plan.base].shown;
     let title = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "merged model".into());
     let eta_text = eta.map(|e| format!(", η = {e:?}")).unwrap_or_default();
-    let _ = base;
     format!(
         "---\nbase_model: {}\ntags:\n- merge\n- warp\n- gemma-merge\nlibrary_name: transformers\n---\n\n# {title}\n\n\
          Merged with gemma-merge {} from the recipe below (output step `{step}`{eta_text}): \
