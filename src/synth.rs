@@ -21,14 +21,8 @@ pub const SHARD_SIZE: u64 = 5_000_000_000;
 pub const MATRIX_STD: f32 = 0.02;
 /// Standard deviation of norm weights, stored zero-centred (RMSNorm scales by 1 + w).
 pub const NORM_STD: f32 = 0.05;
-/// Side files copied from the base model of a drifted copy, when present.
-pub const SIDE_FILES: [&str; 5] = [
-    "tokenizer.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "generation_config.json",
-];
+/// Side files copied from the base model of a drifted copy, when present: the same as a merge copies.
+pub use crate::executor::SIDE_FILES;
 
 /// Elements generated per write to the output (one chunk in flight while the previous one is written).
 const CHUNK: usize = 1 << 21;

@@ -114,7 +114,12 @@ fn parse_token_id(s: &str) -> Result<u32, String> {
 pub fn eval(args: &EvalArgs, g: &Global) -> anyhow::Result<()> {
     check_counts(args.max_tokens, args.context)?;
     let model = Gemma2::load(&args.model)?;
-    let tokens = input_tokens(&args.input, &[&args.model], &model, args.max_tokens)?;
+    let tokens = input_tokens(
+        &args.input,
+        &[&args.model],
+        model.config().bos_token_id,
+        args.max_tokens,
+    )?;
     evaluate::check_input(&model, &tokens)?;
     let context = args
         .context
@@ -288,7 +293,7 @@ pub fn compare(args: &CompareArgs, g: &Global) -> anyhow::Result<()> {
     let tokens = input_tokens(
         &args.input,
         &[&args.model, &args.reference],
-        &model,
+        model.config().bos_token_id,
         args.max_tokens,
     )?;
     evaluate::check_input(&model, &tokens)?;
@@ -339,10 +344,10 @@ fn check_counts(max_tokens: Option<usize>, context: Option<usize>) -> anyhow::Re
 
 /// The tokens of `--text` (tokenized with the first of `models` that has a tokenizer, `<bos>` prepended)
 /// or `--token-ids` (as given), truncated to `max_tokens`.
-fn input_tokens(
+pub(super) fn input_tokens(
     input: &TokenInput,
     models: &[&Path],
-    model: &Gemma2,
+    bos: u32,
     max_tokens: Option<usize>,
 ) -> anyhow::Result<Vec<u32>> {
     let mut tokens = match (&input.text, &input.token_ids) {
@@ -355,8 +360,7 @@ fn input_tokens(
                 );
             }
             let folders: Vec<&Path> = models.iter().map(|m| folder_of(m)).collect();
-            require_tokenizer(&folders, "--text")?
-                .encode_with_bos(&text, model.config().bos_token_id)?
+            require_tokenizer(&folders, "--text")?.encode_with_bos(&text, bos)?
         }
         (None, Some(ids)) => ids.clone(),
         (None, None) => return Err(UsageError("give --text FILE or --token-ids IDS".into()).into()),

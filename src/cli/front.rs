@@ -4,7 +4,6 @@ use std::io::Write;
 
 use clap::Args;
 use gemma_merge::front::{base_folder, evaluate_front, FrontError, FrontRequest};
-use gemma_merge::model::{ModelError, Tokenizer};
 use gemma_merge::plot::{FrontPlot, Point};
 use gemma_merge::recipe::Plan;
 
@@ -62,29 +61,8 @@ pub fn front(a: &FrontArgs, g: &Global) -> anyhow::Result<()> {
     gemma_merge::front::liti_step(&plan).map_err(|e| UsageError(e.to_string()))?;
     let folder = base_folder(&plan);
     let config = gemma_merge::model::Config::from_folder(&folder)?;
-    let mut tokens = match (&a.input.text, &a.input.token_ids) {
-        (Some(path), _) => {
-            let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
-            if text.is_empty() {
-                anyhow::bail!(
-                    "{}: the text file is empty: there are no tokens to run",
-                    path.display()
-                );
-            }
-            let Some(tok) = Tokenizer::from_folder_if_present(&folder)? else {
-                anyhow::bail!(
-                    "{}: no tokenizer.json, so --text cannot be tokenized; pass token ids instead, e.g. --token-ids 2,651,...",
-                    folder.display()
-                );
-            };
-            tok.encode_with_bos(&text, config.bos_token_id)?
-        }
-        (None, Some(ids)) => ids.clone(),
-        (None, None) => return Err(UsageError("give --text FILE or --token-ids IDS".into()).into()),
-    };
-    if let Some(n) = a.max_tokens {
-        tokens.truncate(n);
-    }
+    let tokens =
+        super::eval::input_tokens(&a.input, &[&folder], config.bos_token_id, a.max_tokens)?;
     let name = a
         .recipe
         .file_stem()

@@ -1,13 +1,11 @@
 //! `run`, `verify`, `inspect`: the merge engine on the command line.
 
 use std::collections::BTreeMap;
-use std::io::IsTerminal;
 
 use clap::Args;
 use gemma_merge::executor::{verify_folder, PlanSummary, Prepared, RunOptions};
 use gemma_merge::format::Model;
 use gemma_merge::recipe::Plan;
-use indicatif::{ProgressBar, ProgressStyle};
 
 use super::{Global, PathArg};
 
@@ -64,7 +62,10 @@ pub fn run(a: &RunArgs, g: &Global) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    let bar = progress_bar(g);
+    let bar = super::progress_bar(
+        g,
+        "{spinner} merging [{bar:40}] {percent:>3}% {elapsed_precise} eta {eta}",
+    );
     let report = prepared.run(
         &RunOptions {
             force: a.force,
@@ -94,21 +95,6 @@ pub fn run(a: &RunArgs, g: &Global) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-fn progress_bar(g: &Global) -> Option<ProgressBar> {
-    if g.quiet || !std::io::stderr().is_terminal() {
-        return None;
-    }
-    let b = ProgressBar::new(0);
-    b.set_style(
-        ProgressStyle::with_template(
-            "{spinner} merging [{bar:40}] {percent:>3}% {elapsed_precise} eta {eta}",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
-    Some(b)
 }
 
 fn print_summary(s: &PlanSummary) {

@@ -101,3 +101,18 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// A path argument, kept as given.
 pub type PathArg = PathBuf;
+
+/// A progress bar on stderr, only on a terminal and without `-q`, drawn with `template`.
+pub fn progress_bar(g: &Global, template: &str) -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal;
+    if g.quiet || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let b = indicatif::ProgressBar::new(0);
+    b.set_style(
+        indicatif::ProgressStyle::with_template(template)
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    Some(b)
+}

@@ -1,13 +1,11 @@
 //! `synth`: random checkpoints with the real Gemma 2 shapes, or a drifted copy of a model.
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use clap::{Args, ValueEnum};
 use gemma_merge::format::{FloatType, Model};
 use gemma_merge::synth::{self, Shape};
-use indicatif::{ProgressBar, ProgressStyle};
 
 use super::merge::human_bytes;
 use super::{Global, PathArg, UsageError};
@@ -197,7 +195,10 @@ pub fn synth(a: &SynthArgs, g: &Global) -> anyhow::Result<()> {
         None => None,
     };
     let staging = Staging::begin(&a.out)?;
-    let bar = progress_bar(g);
+    let bar = super::progress_bar(
+        g,
+        "{spinner} writing [{bar:40}] {percent:>3}% {bytes}/{total_bytes} eta {eta}",
+    );
     let progress = |done: u64, total: u64| {
         if let Some(b) = &bar {
             b.set_length(total);
@@ -234,19 +235,4 @@ pub fn synth(a: &SynthArgs, g: &Global) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-fn progress_bar(g: &Global) -> Option<ProgressBar> {
-    if g.quiet || !std::io::stderr().is_terminal() {
-        return None;
-    }
-    let b = ProgressBar::new(0);
-    b.set_style(
-        ProgressStyle::with_template(
-            "{spinner} writing [{bar:40}] {percent:>3}% {bytes}/{total_bytes} eta {eta}",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
-    Some(b)
 }

@@ -20,7 +20,7 @@ use rayon::prelude::*;
 use safetensors::Dtype;
 
 pub use error::MergeError;
-pub use output::{verify_folder, Manifest, VerifyReport};
+pub use output::{verify_folder, Manifest, VerifyReport, SIDE_FILES};
 
 use crate::format::{FloatType, Model, ModelWriter, TensorInfo, TensorSpec};
 use crate::kernels;
