@@ -281,27 +281,25 @@ pub fn evaluate_front(req: FrontRequest<'_>, progress: &dyn Fn(&str)) -> Result<
             tokens: c.tokens,
         });
     }
+    let marker = |label: &str, model: Gemma2| -> Result<Marker, ModelError> {
+        let c = score(&model)?;
+        Ok(Marker {
+            label: label.to_string(),
+            kl: c.kl,
+            perplexity: c.perplexity,
+            top1_agreement: c.top1_agreement,
+        })
+    };
     let mut markers = Vec::new();
     let first_policy = usize::from(reference_source.is_none());
     for (i, (label, _)) in extra_steps.iter().enumerate().skip(first_policy) {
-        let model = to_gemma(&config, &memory[extra_offset + i])?;
-        let c = score(&model)?;
-        markers.push(Marker {
-            label: label.clone(),
-            kl: c.kl,
-            perplexity: c.perplexity,
-            top1_agreement: c.top1_agreement,
-        });
+        markers.push(marker(
+            label,
+            to_gemma(&config, &memory[extra_offset + i])?,
+        )?);
     }
     for (label, path) in &disk {
-        let model = Gemma2::load(path)?;
-        let c = score(&model)?;
-        markers.push(Marker {
-            label: label.clone(),
-            kl: c.kl,
-            perplexity: c.perplexity,
-            top1_agreement: c.top1_agreement,
-        });
+        markers.push(marker(label, Gemma2::load(path)?)?);
     }
     Ok(Front {
         points,

@@ -114,16 +114,13 @@ fn parse_token_id(s: &str) -> Result<u32, String> {
 pub fn eval(args: &EvalArgs, g: &Global) -> anyhow::Result<()> {
     check_counts(args.max_tokens, args.context)?;
     let model = Gemma2::load(&args.model)?;
-    let tokens = input_tokens(
+    let (tokens, context) = scored_input(
         &args.input,
         &[&args.model],
-        model.config().bos_token_id,
+        &model,
         args.max_tokens,
+        args.context,
     )?;
-    evaluate::check_input(&model, &tokens)?;
-    let context = args
-        .context
-        .unwrap_or_else(|| evaluate::default_context(&model, tokens.len()));
 
     let started = Instant::now();
     let score = match &args.dump_logits {
@@ -290,16 +287,13 @@ pub fn compare(args: &CompareArgs, g: &Global) -> anyhow::Result<()> {
             )
         });
     }
-    let tokens = input_tokens(
+    let (tokens, context) = scored_input(
         &args.input,
         &[&args.model, &args.reference],
-        model.config().bos_token_id,
+        &model,
         args.max_tokens,
+        args.context,
     )?;
-    evaluate::check_input(&model, &tokens)?;
-    let context = args
-        .context
-        .unwrap_or_else(|| evaluate::default_context(&model, tokens.len()));
     let started = Instant::now();
     let r = evaluate::compare(&model, &reference, &tokens, context)?;
     let seconds = started.elapsed().as_secs_f64();
@@ -340,6 +334,20 @@ fn check_counts(max_tokens: Option<usize>, context: Option<usize>) -> anyhow::Re
         .into());
     }
     Ok(())
+}
+
+/// The input tokens, checked against `model`, and the window length (`--context`, else the default).
+fn scored_input(
+    input: &TokenInput,
+    models: &[&Path],
+    model: &Gemma2,
+    max_tokens: Option<usize>,
+    context: Option<usize>,
+) -> anyhow::Result<(Vec<u32>, usize)> {
+    let tokens = input_tokens(input, models, model.config().bos_token_id, max_tokens)?;
+    evaluate::check_input(model, &tokens)?;
+    let context = context.unwrap_or_else(|| evaluate::default_context(model, tokens.len()));
+    Ok((tokens, context))
 }
 
 /// The tokens of `--text` (tokenized with the first of `models` that has a tokenizer, `<bos>` prepended)
