@@ -12,6 +12,8 @@ use gemma_merge::evaluate::{self, LogitsWriter};
 use gemma_merge::model::sampling::{self, Sampler, SamplingParams};
 use gemma_merge::model::{folder_of, Gemma2, ModelError, Tokenizer};
 
+use gemma_merge::safe_out::{check_conflicts, check_target, model_inputs, Kind, Role, Staged};
+
 use super::{Global, PathArg, UsageError};
 
 /// Where the tokens come from: a text file (tokenized, `<bos>` prepended) or raw ids.
@@ -42,6 +44,9 @@ pub struct EvalArgs {
     /// Write the logits at every input position as a safetensors file (tensor `logits`, F32).
     #[arg(long, value_name = "FILE")]
     pub dump_logits: Option<PathArg>,
+    /// With --dump-logits: replace an existing logits file written by gemma-merge.
+    #[arg(long, requires = "dump_logits")]
+    pub force: bool,
     /// Print a JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -113,6 +118,14 @@ fn parse_token_id(s: &str) -> Result<u32, String> {
 
 pub fn eval(args: &EvalArgs, g: &Global) -> anyhow::Result<()> {
     check_counts(args.max_tokens, args.context)?;
+    if let Some(path) = &args.dump_logits {
+        let mut inputs = model_inputs("the model", &args.model);
+        if let Some(t) = &args.input.text {
+            inputs.push(Role::new("the --text file", t));
+        }
+        check_conflicts(&[Role::new("the --dump-logits file", path)], &inputs)?;
+        check_target(path, Kind::Logits, args.force)?;
+    }
     let model = Gemma2::load(&args.model)?;
     let (tokens, context) = scored_input(
         &args.input,
@@ -125,20 +138,16 @@ pub fn eval(args: &EvalArgs, g: &Global) -> anyhow::Result<()> {
     let started = Instant::now();
     let score = match &args.dump_logits {
         Some(path) => {
-            let mut writer = LogitsWriter::create(path, tokens.len(), model.config().vocab_size)?;
+            // The logits go to a temporary file renamed into place once complete: the target (checked
+            // above) is untouched until then, and removed with nothing else on failure.
+            let (staged, file) = Staged::file(path, Kind::Logits, args.force)?;
+            let mut writer =
+                LogitsWriter::new(file, staged.path(), tokens.len(), model.config().vocab_size)?;
             let score =
-                evaluate::score_with(&model, &tokens, context, |_, row| writer.write_row(row));
-            match score {
-                Ok(score) => {
-                    writer.finish()?;
-                    score
-                }
-                Err(e) => {
-                    drop(writer);
-                    let _ = std::fs::remove_file(path);
-                    return Err(e.into());
-                }
-            }
+                evaluate::score_with(&model, &tokens, context, |_, row| writer.write_row(row))?;
+            writer.finish()?;
+            staged.commit()?;
+            score
         }
         None => evaluate::score(&model, &tokens, context)?,
     };

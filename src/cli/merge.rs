@@ -16,7 +16,7 @@ pub struct RunArgs {
     /// Output folder (overrides the recipe's `output`).
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathArg>,
-    /// Replace an existing output folder (only once the new one is complete).
+    /// Replace an existing output folder written by gemma-merge (only once the new one is complete).
     #[arg(long)]
     pub force: bool,
     /// Validate everything that can be checked without reading tensor data, print the plan, write nothing.
@@ -53,7 +53,13 @@ pub fn run(a: &RunArgs, g: &Global) -> anyhow::Result<()> {
         }
     }
     let prepared = Prepared::new(&plan)?;
+    let opts = RunOptions {
+        force: a.force,
+        hash_inputs: a.hash_inputs,
+        extra_inputs: Vec::new(),
+    };
     if a.dry_run {
+        prepared.check_outputs(&opts)?;
         let s = prepared.summary();
         if a.json {
             println!("{}", serde_json::to_string_pretty(&s)?);
@@ -66,18 +72,12 @@ pub fn run(a: &RunArgs, g: &Global) -> anyhow::Result<()> {
         g,
         "{spinner} merging [{bar:40}] {percent:>3}% {elapsed_precise} eta {eta}",
     );
-    let report = prepared.run(
-        &RunOptions {
-            force: a.force,
-            hash_inputs: a.hash_inputs,
-        },
-        &|done, total| {
-            if let Some(b) = &bar {
-                b.set_length(total);
-                b.set_position(done);
-            }
-        },
-    )?;
+    let report = prepared.run(&opts, &|done, total| {
+        if let Some(b) = &bar {
+            b.set_length(total);
+            b.set_position(done);
+        }
+    })?;
     if let Some(b) = bar {
         b.finish_and_clear();
     }

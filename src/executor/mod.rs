@@ -13,7 +13,7 @@ mod error;
 mod output;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use rayon::prelude::*;
@@ -136,6 +136,8 @@ pub struct PlanSummary {
 pub struct RunOptions {
     pub force: bool,
     pub hash_inputs: bool,
+    /// Paths read besides the recipe and its models (a reference, a text file): no output may touch them.
+    pub extra_inputs: Vec<crate::safe_out::Role>,
 }
 
 /// What a run wrote.
@@ -334,6 +336,12 @@ impl<'p> Prepared<'p> {
         }
     }
 
+    /// Every check [`Prepared::run`] makes before writing (outputs against inputs, existing outputs, the
+    /// base's config), without writing: what `--dry-run` must reject too.
+    pub fn check_outputs(&self, opts: &RunOptions) -> Result<(), MergeError> {
+        output::check_outputs(self.plan, &self.models, opts.force, &opts.extra_inputs)
+    }
+
     /// Runs the merge and writes every output folder (each appears whole or not at all).
     pub fn run(
         &self,
@@ -342,7 +350,7 @@ impl<'p> Prepared<'p> {
     ) -> Result<RunReport, MergeError> {
         let started = Instant::now();
         let plan = self.plan;
-        let staging = output::Staging::begin(plan, &self.models, opts.force)?;
+        let staging = output::Staging::begin(plan, &self.models, opts.force, &opts.extra_inputs)?;
         let outputs = self.output_models();
         let specs = self.specs();
         let mut writers: Vec<ModelWriter> = outputs
@@ -769,46 +777,4 @@ fn is_integral(d: Dtype) -> bool {
 
 fn axpby(a: f64, x: &[f64], b: f64, y: &[f64]) -> Vec<f64> {
     x.iter().zip(y).map(|(x, y)| a * x + b * y).collect()
-}
-
-/// Checks that `target` neither is, contains, nor sits inside any input.
-pub(crate) fn check_not_input(target: &Path, models: &[Model]) -> Result<(), MergeError> {
-    let t = absolute(target);
-    for m in models {
-        let root = absolute(m.root());
-        let input_dir = if root.is_dir() {
-            root.clone()
-        } else {
-            root.parent().map(Path::to_path_buf).unwrap_or_default()
-        };
-        let clash = root.starts_with(&t) || (root.is_dir() && t.starts_with(&input_dir));
-        if clash {
-            return Err(MergeError::OutputIsInput {
-                output: target.into(),
-                input: m.root().into(),
-            });
-        }
-    }
-    Ok(())
-}
-
-/// An absolute, symlink-resolved path, also for paths that do not exist yet (resolved via the nearest
-/// existing ancestor).
-pub(crate) fn absolute(p: &Path) -> PathBuf {
-    if let Ok(c) = std::fs::canonicalize(p) {
-        return c;
-    }
-    match (p.parent(), p.file_name()) {
-        (Some(parent), Some(name)) => {
-            let parent = if parent.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                parent
-            };
-            absolute(parent).join(name)
-        }
-        _ => std::env::current_dir()
-            .map(|d| d.join(p))
-            .unwrap_or_else(|_| p.to_path_buf()),
-    }
 }
