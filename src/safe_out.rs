@@ -93,6 +93,9 @@ pub enum OutputError {
         second: PathBuf,
         relation: &'static str,
     },
+    /// A path above the target exists and is not a folder.
+    #[error("{target}: cannot be created, because {ancestor} is not a folder")]
+    ParentNotFolder { target: PathBuf, ancestor: PathBuf },
     /// The process is being stopped by a signal.
     #[error("interrupted")]
     Interrupted,
@@ -271,7 +274,14 @@ pub fn check_conflicts(outputs: &[Role], inputs: &[Role]) -> Result<(), OutputEr
 pub fn check_target(target: &Path, kind: Kind, force: bool) -> Result<(), OutputError> {
     let meta = match std::fs::symlink_metadata(target) {
         Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+            ) =>
+        {
+            return check_creatable(target)
+        }
         Err(e) => return Err(OutputError::io(target, e)),
     };
     if kind == Kind::NewFolder {
@@ -298,6 +308,35 @@ pub fn check_target(target: &Path, kind: Kind, force: bool) -> Result<(), Output
     verdict.map_err(not_ours)?;
     if !force {
         return Err(OutputError::Exists(target.to_path_buf()));
+    }
+    Ok(())
+}
+
+/// Ok when the nearest existing folder above a missing target is a folder we may write in.
+fn check_creatable(target: &Path) -> Result<(), OutputError> {
+    let abs = normalize(target);
+    let Some(ancestor) = abs
+        .ancestors()
+        .skip(1)
+        .find(|a| std::fs::symlink_metadata(a).is_ok())
+    else {
+        return Ok(());
+    };
+    if !ancestor.is_dir() {
+        return Err(OutputError::ParentNotFolder {
+            target: target.to_path_buf(),
+            ancestor: ancestor.to_path_buf(),
+        });
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        if let Ok(c) = std::ffi::CString::new(ancestor.as_os_str().as_bytes()) {
+            // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
+            if unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) } != 0 {
+                return Err(OutputError::io(ancestor, std::io::Error::last_os_error()));
+            }
+        }
     }
     Ok(())
 }
@@ -556,6 +595,8 @@ pub struct Staged {
     kind: Kind,
     force: bool,
     done: bool,
+    /// Parent folders this output created, outermost first: removed again (if empty) on failure.
+    created: Vec<PathBuf>,
 }
 
 impl Staged {
@@ -580,7 +621,16 @@ impl Staged {
     ) -> Result<(Self, T), OutputError> {
         check_target(target, kind, force)?;
         let parent = parent_of(target);
-        std::fs::create_dir_all(&parent).map_err(|e| OutputError::io(&parent, e))?;
+        let mut created: Vec<PathBuf> = parent
+            .ancestors()
+            .take_while(|a| !a.as_os_str().is_empty() && std::fs::symlink_metadata(a).is_err())
+            .map(Path::to_path_buf)
+            .collect();
+        created.reverse();
+        if let Err(e) = std::fs::create_dir_all(&parent) {
+            remove_empty(&created);
+            return Err(OutputError::io(&parent, e));
+        }
         remove_stale(&parent);
         let tmp = temp_path(target, TMP_INFIX, std::process::id());
         let mut reg = registry();
@@ -597,7 +647,13 @@ impl Staged {
             }
             remove_any(&tmp);
         }
-        let made = create(&tmp).map_err(|e| OutputError::io(&tmp, e))?;
+        let made = match create(&tmp) {
+            Ok(m) => m,
+            Err(e) => {
+                remove_empty(&created);
+                return Err(OutputError::io(&tmp, e));
+            }
+        };
         reg.push(tmp.clone());
         Ok((
             Self {
@@ -606,6 +662,7 @@ impl Staged {
                 kind,
                 force,
                 done: false,
+                created,
             },
             made,
         ))
@@ -666,6 +723,13 @@ impl Staged {
     }
 }
 
+/// Removes folders (innermost first) that are still empty.
+fn remove_empty(outermost_first: &[PathBuf]) {
+    for d in outermost_first.iter().rev() {
+        let _ = std::fs::remove_dir(d);
+    }
+}
+
 fn unregister(tmp: &Path) {
     registry().retain(|p| p != tmp);
 }
@@ -675,6 +739,7 @@ impl Drop for Staged {
         if !self.done {
             remove_any(&self.tmp);
             unregister(&self.tmp);
+            remove_empty(&self.created);
         }
     }
 }

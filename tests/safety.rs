@@ -674,3 +674,153 @@ fn killed_runs_leave_no_temporary() {
     no_temporaries(r);
     ok(&["verify", s(&r.join("out"))]);
 }
+
+// ---------------------------------------------------------------------------------------------------
+// Group 5: validation up front, nothing left behind, messages that help
+
+#[test]
+fn failed_runs_leave_no_folder_they_created() {
+    let (d, recipe) = workspace();
+    let r = d.path();
+    // A NaN at the end of a policy's last shard: found only while merging, after the outputs are staged.
+    let shard = r.join("b/model.safetensors");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    let n = bytes.len();
+    bytes[n - 4..].copy_from_slice(&[0xff; 4]);
+    std::fs::write(&shard, bytes).unwrap();
+    let before = snapshot(r);
+    let o = gm(&["run", s(&recipe), "--out", s(&r.join("new/deep/out"))]);
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    assert!(o.stderr.contains("non-finite"), "{}", o.stderr);
+    assert!(snapshot(r) == before, "a failed run left something behind");
+    // A parent that is a file: refused up front, by --dry-run too.
+    std::fs::write(r.join("afile"), "x").unwrap();
+    for dry in [true, false] {
+        let out = r.join("afile/sub");
+        let mut args = vec!["run", s(&recipe), "--out", s(&out)];
+        if dry {
+            args.push("--dry-run");
+        }
+        refused(
+            r,
+            2,
+            &args,
+            &["afile/sub: cannot be created, because", "is not a folder"],
+        );
+    }
+}
+
+#[test]
+fn messages_say_each_thing_once_without_library_internals() {
+    let (d, _) = workspace();
+    let r = d.path();
+    let yaml = |name: &str, body: &str| -> String {
+        let p = r.join(name);
+        std::fs::write(&p, body).unwrap();
+        let o = gm(&["run", s(&p)]);
+        assert_eq!(o.code, 2, "{body}: {}", o.stderr);
+        assert!(o.stderr.starts_with("error: "), "{}", o.stderr);
+        assert!(!r.join("out").exists());
+        o.stderr
+    };
+    let e = yaml("dup.yaml", "output: out\nbase: sft\nbase: a\nsteps: []\n");
+    assert_eq!(
+        e.trim_end(),
+        format!(
+            "error: {}:3:1: duplicate key `base`",
+            s(&r.join("dup.yaml"))
+        )
+    );
+    let e = yaml("typo.yaml", "output: out\nbase: sft\nsteps:\n  - name: e\n    method: ema\n    models: [sft, a]\n    decai: 0.5\n");
+    assert!(
+        e.contains("typo.yaml:7:5: unknown field `decai` (did you mean `decay`?)"),
+        "{e}"
+    );
+    let e = yaml("typo2.yaml", "output: out\nbase: sft\nstepz: []\n");
+    assert!(
+        e.contains("unknown field `stepz` (did you mean `steps`?)"),
+        "{e}"
+    );
+    let e = yaml("far.yaml", "output: out\nbase: sft\ntemperature: 1\n");
+    assert!(
+        e.contains("unknown field `temperature`; expected one of `output`"),
+        "{e}"
+    );
+    let e = yaml("syntax.yaml", "output: out\n  base: [\n");
+    assert!(e.contains("syntax.yaml:2:7: mapping values"), "{e}");
+    assert!(!e.contains("line 2") && !e.contains("at line"), "{e}");
+    let big = format!(
+        "output: out\nbase: sft\nsteps:\n  - name: e\n    method: linear\n    models: [{}]\n",
+        vec!["a"; 260_000].join(",")
+    );
+    let e = yaml("big.yaml", &big);
+    assert!(e.contains("recipe too large or too deeply nested"), "{e}");
+    let e = yaml("deep.yaml", &"[".repeat(100_000));
+    assert!(e.contains("too deeply nested"), "{e}");
+    for e in [&e] {
+        assert!(
+            !e.contains("budget") && !e.contains("Options") && !e.contains("{ "),
+            "{e}"
+        );
+    }
+
+    // A missing path is named once, with the OS error once.
+    for args in [
+        &["eval", s(&r.join("nothere")), "--token-ids", "2,3"][..],
+        &["inspect", s(&r.join("nothere"))],
+        &["run", s(&r.join("nothere.yaml"))],
+        &["verify", s(&r.join("nothere"))],
+    ] {
+        let o = gm(args);
+        assert_eq!(o.code, 1, "{args:?}: {}", o.stderr);
+        assert!(o.stderr.contains("nothere"), "{}", o.stderr);
+        assert_eq!(o.stderr.matches("(os error 2)").count(), 1, "{}", o.stderr);
+        assert!(!o.stderr.contains("config.json"), "{}", o.stderr);
+    }
+}
+
+#[test]
+fn a_shape_mismatch_names_the_recipe_step() {
+    let d = tempfile::tempdir().unwrap();
+    let r = d.path();
+    for (name, mlp) in [("p", "8"), ("q", "12")] {
+        ok(&[
+            "-q",
+            "synth",
+            "--shape",
+            "2b",
+            "--layers",
+            "1",
+            "--vocab-size",
+            "10",
+            "--hidden-size",
+            "8",
+            "--intermediate-size",
+            mlp,
+            "--out",
+            s(&r.join(name)),
+        ]);
+    }
+    let recipe = r.join("r.yaml");
+    std::fs::write(
+        &recipe,
+        "output: out\nbase: p\nsteps:\n  - name: mix\n    method: linear\n    models: [p, q]\n    weights: [1, 1]\n",
+    )
+    .unwrap();
+    for dry in [true, false] {
+        let mut args = vec!["run", s(&recipe)];
+        if dry {
+            args.push("--dry-run");
+        }
+        let e = refused(
+            r,
+            1,
+            &args,
+            &["step `mix` (", "r.yaml:4): tensor `model.layers.0.mlp."],
+        );
+        assert!(
+            e.contains("has shape [12, 8] in") || e.contains("has shape [8, 12] in"),
+            "{e}"
+        );
+    }
+}

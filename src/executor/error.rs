@@ -8,11 +8,19 @@ pub enum MergeError {
     #[error(transparent)]
     Format(#[from] FormatError),
     /// A floating tensor of the base is missing from an input.
-    #[error("tensor `{tensor}` of the base is missing from {model}")]
-    MissingTensor { tensor: String, model: PathBuf },
+    #[error("{step}: tensor `{tensor}` of the base is missing from {model}")]
+    MissingTensor {
+        /// The recipe step that reads the input: "step `s` (recipe.yaml:7)".
+        step: String,
+        tensor: String,
+        model: PathBuf,
+    },
     /// An input's tensor has another shape than the base's.
-    #[error("tensor `{tensor}` has shape {found:?} in {model} but {expected:?} in the base")]
+    #[error(
+        "{step}: tensor `{tensor}` has shape {found:?} in {model} but {expected:?} in the base"
+    )]
     ShapeMismatch {
+        step: String,
         tensor: String,
         model: PathBuf,
         expected: Vec<usize>,

@@ -178,15 +178,17 @@ impl<'p> Prepared<'p> {
             let treatment = match FloatType::from_dtype(t.dtype) {
                 Some(_) => {
                     let mut inputs = Vec::with_capacity(models.len());
-                    for m in &models {
+                    for (l, m) in models.iter().enumerate() {
                         let Some(x) = m.get(&t.name) else {
                             return Err(MergeError::MissingTensor {
+                                step: step_reading(plan, l),
                                 tensor: t.name.clone(),
                                 model: m.root().into(),
                             });
                         };
                         if x.shape != t.shape {
                             return Err(MergeError::ShapeMismatch {
+                                step: step_reading(plan, l),
                                 tensor: t.name.clone(),
                                 model: m.root().into(),
                                 expected: t.shape.clone(),
@@ -757,6 +759,19 @@ impl<'p> Prepared<'p> {
                     .release(info.start + lo * size, (hi - lo) * size);
             }
         }
+    }
+}
+
+/// The first step that reads input `leaf`, as "step `s` (recipe.yaml:7)", for messages.
+fn step_reading(plan: &Plan, leaf: usize) -> String {
+    let at = |line: u64| format!("{}:{line}", plan.recipe_path.display());
+    match plan
+        .steps
+        .iter()
+        .find(|s| crate::recipe::operands(&s.kind).contains(&Operand::Leaf(leaf)))
+    {
+        Some(s) => format!("step `{}` ({})", s.name, at(s.line)),
+        None => format!("input `{}`", plan.leaves[leaf].shown),
     }
 }
 

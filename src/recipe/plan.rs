@@ -118,12 +118,7 @@ impl Plan {
                 .location()
                 .map(|l| (l.line(), l.column()))
                 .unwrap_or((0, 0));
-            let full = e.to_string();
-            let first = full.lines().next().unwrap_or("").to_string();
-            let message = match first.find(": ") {
-                Some(i) if first.starts_with("error: line ") => first[i + 2..].to_string(),
-                _ => first.trim_start_matches("error: ").to_string(),
-            };
+            let message = super::error::yaml_message(&e);
             RecipeError::Invalid {
                 path: path.into(),
                 line,
