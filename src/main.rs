@@ -71,12 +71,17 @@ fn stop_cleanly_on_signals() {
             .spawn(move || {
                 let mut sig: libc::c_int = 0;
                 if libc::sigwait(&set, &mut sig) == 0 {
-                    gemma_merge::safe_out::remove_all_temps();
+                    let removed = gemma_merge::safe_out::remove_all_temps();
                     let name = SIGNALS
                         .iter()
                         .find(|(s, _)| *s == sig)
                         .map_or("a signal", |(_, n)| n);
-                    eprintln!("error: stopped by {name}; temporary outputs removed");
+                    let note = if removed > 0 {
+                        "; unfinished outputs removed"
+                    } else {
+                        ""
+                    };
+                    eprintln!("error: stopped by {name}{note}");
                     std::process::exit(128 + sig);
                 }
             });

@@ -93,6 +93,9 @@ pub enum OutputError {
         second: PathBuf,
         relation: &'static str,
     },
+    /// The target ends in `.`, `..` or a root: there is no name to write under.
+    #[error("{0}: an output path must end in a file or folder name (not `.` or `..`)")]
+    NoName(PathBuf),
     /// A path above the target exists and is not a folder.
     #[error("{target}: cannot be created, because {ancestor} is not a folder")]
     ParentNotFolder { target: PathBuf, ancestor: PathBuf },
@@ -272,7 +275,11 @@ pub fn check_conflicts(outputs: &[Role], inputs: &[Role]) -> Result<(), OutputEr
 
 /// Checks whether `target` may be written: absent, or present, `force` given and ours.
 pub fn check_target(target: &Path, kind: Kind, force: bool) -> Result<(), OutputError> {
-    let meta = match std::fs::symlink_metadata(target) {
+    if !matches!(target.components().next_back(), Some(Component::Normal(_))) {
+        return Err(OutputError::NoName(target.to_path_buf()));
+    }
+    let real = real_path(target);
+    let meta = match std::fs::symlink_metadata(&real) {
         Ok(m) => m,
         Err(e)
             if matches!(
@@ -301,15 +308,24 @@ pub fn check_target(target: &Path, kind: Kind, force: bool) -> Result<(), Output
         return Err(not_ours("is a folder, not a file".into()));
     }
     let verdict = match kind {
-        Kind::ModelFolder => folder_is_ours(target, target, 0),
+        Kind::ModelFolder => folder_is_ours(&real, &real, 0),
         Kind::NewFolder => unreachable!("handled above"),
-        Kind::Logits | Kind::Svg | Kind::Png => file_is_ours(target, kind),
+        Kind::Logits | Kind::Svg | Kind::Png => file_is_ours(&real, kind),
     };
     verdict.map_err(not_ours)?;
     if !force {
         return Err(OutputError::Exists(target.to_path_buf()));
     }
     Ok(())
+}
+
+/// The path a target names on disk: its parent normalised (`..` and symlinks resolved), its own name kept
+/// (a symlink at the target itself is not followed).
+fn real_path(target: &Path) -> PathBuf {
+    match target.file_name() {
+        Some(name) => normalize(&parent_of(target)).join(name),
+        None => normalize(target),
+    }
 }
 
 /// Ok when the nearest existing folder above a missing target is a folder we may write in.
@@ -545,16 +561,18 @@ fn registry() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
     TEMPS.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Removes every registered temporary and refuses new ones. For a signal handler that then exits; the
-/// registry stays locked by the caller's thread until the process ends, so no rename completes after.
-pub fn remove_all_temps() {
+/// Removes every registered temporary and refuses new ones; returns how many there were. For a signal
+/// handler that then exits: the registry stays locked until the process ends, so no rename completes after.
+pub fn remove_all_temps() -> usize {
     STOPPING.store(true, Ordering::SeqCst);
     let guard = registry();
     for p in guard.iter() {
         remove_any(p);
     }
+    let n = guard.len();
     // Keep the lock: the process is about to exit, and no commit may start meanwhile.
     std::mem::forget(guard);
+    n
 }
 
 /// Removes a file or a folder (a few tries: a writer thread may add a file meanwhile).
@@ -590,7 +608,10 @@ fn parent_of(target: &Path) -> PathBuf {
 /// place.
 #[derive(Debug)]
 pub struct Staged {
+    /// The target as given (for messages and for callers mapping paths under it).
     target: PathBuf,
+    /// The target on disk (see [`real_path`]): what is renamed.
+    real: PathBuf,
     tmp: PathBuf,
     kind: Kind,
     force: bool,
@@ -620,7 +641,8 @@ impl Staged {
         create: impl FnOnce(&Path) -> std::io::Result<T>,
     ) -> Result<(Self, T), OutputError> {
         check_target(target, kind, force)?;
-        let parent = parent_of(target);
+        let real = real_path(target);
+        let parent = parent_of(&real);
         let mut created: Vec<PathBuf> = parent
             .ancestors()
             .take_while(|a| !a.as_os_str().is_empty() && std::fs::symlink_metadata(a).is_err())
@@ -632,7 +654,7 @@ impl Staged {
             return Err(OutputError::io(&parent, e));
         }
         remove_stale(&parent);
-        let tmp = temp_path(target, TMP_INFIX, std::process::id());
+        let tmp = temp_path(&real, TMP_INFIX, std::process::id());
         let mut reg = registry();
         if STOPPING.load(Ordering::SeqCst) {
             return Err(OutputError::Interrupted);
@@ -658,6 +680,7 @@ impl Staged {
         Ok((
             Self {
                 target: target.to_path_buf(),
+                real,
                 tmp,
                 kind,
                 force,
@@ -686,16 +709,16 @@ impl Staged {
             return Err(OutputError::Interrupted);
         }
         check_target(&self.target, self.kind, self.force)?;
-        let exists = std::fs::symlink_metadata(&self.target).is_ok();
+        let exists = std::fs::symlink_metadata(&self.real).is_ok();
         if !exists {
-            rename_noreplace(&self.tmp, &self.target)
+            rename_noreplace(&self.tmp, &self.real)
                 .map_err(|e| OutputError::io(&self.target, e))?;
             self.done = true;
             drop(reg);
             unregister(&self.tmp);
             return Ok(());
         }
-        match exchange(&self.tmp, &self.target) {
+        match exchange(&self.tmp, &self.real) {
             Ok(()) => {
                 // The old copy now sits at the temporary name: remove it.
                 self.done = true;
@@ -705,11 +728,10 @@ impl Staged {
                 Ok(())
             }
             Err(e) if exchange_unsupported(&e) => {
-                let old = temp_path(&self.target, OLD_INFIX, std::process::id());
-                std::fs::rename(&self.target, &old)
-                    .map_err(|e| OutputError::io(&self.target, e))?;
-                if let Err(e) = std::fs::rename(&self.tmp, &self.target) {
-                    let _ = std::fs::rename(&old, &self.target);
+                let old = temp_path(&self.real, OLD_INFIX, std::process::id());
+                std::fs::rename(&self.real, &old).map_err(|e| OutputError::io(&self.target, e))?;
+                if let Err(e) = std::fs::rename(&self.tmp, &self.real) {
+                    let _ = std::fs::rename(&old, &self.real);
                     return Err(OutputError::io(&self.target, e));
                 }
                 self.done = true;

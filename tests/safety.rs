@@ -269,6 +269,25 @@ fn outputs_may_not_touch_inputs_through_dotdot_or_symlinks() {
     )
     .unwrap();
     refused(r, 2, &["run", s(&nested)], &["overlap"]);
+    // `..` over a missing folder: written where the OS resolves it, without creating the missing folder.
+    let fresh = r.join("nonexist/../fresh");
+    ok(&["-q", "run", s(&recipe), "--out", s(&fresh)]);
+    assert!(r.join("fresh/eta-0.5/merge-manifest.json").exists());
+    assert!(!r.join("nonexist").exists());
+    refused(
+        r,
+        2,
+        &["run", s(&recipe), "--out", s(&fresh)],
+        &["exists (pass --force"],
+    );
+    ok(&["-q", "run", s(&recipe), "--out", s(&fresh), "--force"]);
+    let up = r.join("fresh/eta-0.5/..");
+    refused(
+        r,
+        2,
+        &["run", s(&recipe), "--out", s(&up), "--force"],
+        &["output"],
+    );
     no_temporaries(r);
 }
 

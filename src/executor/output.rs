@@ -99,7 +99,14 @@ pub(crate) fn check_outputs(
     for t in &plan.targets {
         check_target(&t.path, Kind::ModelFolder, force)?;
     }
-    models[plan.base].config()?;
+    let base = &models[plan.base];
+    base.config()?;
+    for name in SIDE_FILES {
+        let src = base.folder().join(name);
+        if src.is_file() {
+            std::fs::File::open(&src).map_err(|e| MergeError::io(&src, e))?;
+        }
+    }
     Ok(())
 }
 
