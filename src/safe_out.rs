@@ -718,30 +718,40 @@ impl Staged {
             unregister(&self.tmp);
             return Ok(());
         }
-        match exchange(&self.tmp, &self.real) {
-            Ok(()) => {
-                // The old copy now sits at the temporary name: remove it.
-                self.done = true;
-                remove_any(&self.tmp);
-                drop(reg);
-                unregister(&self.tmp);
-                Ok(())
-            }
-            Err(e) if exchange_unsupported(&e) => {
-                let old = temp_path(&self.real, OLD_INFIX, std::process::id());
-                std::fs::rename(&self.real, &old).map_err(|e| OutputError::io(&self.target, e))?;
-                if let Err(e) = std::fs::rename(&self.tmp, &self.real) {
-                    let _ = std::fs::rename(&old, &self.real);
-                    return Err(OutputError::io(&self.target, e));
-                }
-                self.done = true;
-                remove_any(&old);
-                drop(reg);
-                unregister(&self.tmp);
-                Ok(())
-            }
-            Err(e) => Err(OutputError::io(&self.target, e)),
+        replace(&self.tmp, &self.real, false).map_err(|e| OutputError::io(&self.target, e))?;
+        self.done = true;
+        drop(reg);
+        unregister(&self.tmp);
+        Ok(())
+    }
+}
+
+/// Puts `tmp` in the place of the existing `target` and removes the old copy: one atomic exchange where
+/// the OS and file system offer it (or unless `two_renames`), else the old copy is moved aside to
+/// `.NAME.gemma-merge-old-PID` first (the next run puts it back if this process dies in between).
+fn replace(tmp: &Path, target: &Path, two_renames: bool) -> std::io::Result<()> {
+    let swapped = if two_renames {
+        Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
+    } else {
+        exchange(tmp, target)
+    };
+    match swapped {
+        Ok(()) => {
+            // The old copy now sits at the temporary name.
+            remove_any(tmp);
+            Ok(())
         }
+        Err(e) if exchange_unsupported(&e) => {
+            let old = temp_path(target, OLD_INFIX, std::process::id());
+            std::fs::rename(target, &old)?;
+            if let Err(e) = std::fs::rename(tmp, target) {
+                let _ = std::fs::rename(&old, target);
+                return Err(e);
+            }
+            remove_any(&old);
+            Ok(())
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -984,6 +994,25 @@ mod tests {
         std::fs::write(a.join("f"), b"x").unwrap();
         std::fs::hard_link(a.join("f"), d.path().join("h")).unwrap();
         assert_eq!(relation(&d.path().join("h"), &a.join("f")), Some("is"));
+    }
+
+    #[test]
+    fn both_ways_of_replacing_leave_only_the_new_copy() {
+        for two_renames in [false, true] {
+            let d = tempfile::tempdir().unwrap();
+            let (tmp, target) = (d.path().join(".t.gemma-merge-tmp-1"), d.path().join("t"));
+            std::fs::create_dir(&tmp).unwrap();
+            std::fs::write(tmp.join("new"), b"1").unwrap();
+            std::fs::create_dir(&target).unwrap();
+            std::fs::write(target.join("old"), b"0").unwrap();
+            replace(&tmp, &target, two_renames).unwrap();
+            let names: Vec<_> = std::fs::read_dir(d.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            assert_eq!(names, ["t"], "two_renames={two_renames}");
+            assert!(target.join("new").exists() && !target.join("old").exists());
+        }
     }
 
     #[test]
