@@ -14,6 +14,7 @@
 //! - temporaries are registered so that a signal handler can remove them ([`remove_all_temps`]), and stale
 //!   temporaries of dead processes are removed by the next run that writes beside them.
 
+use std::collections::HashSet;
 use std::fs::File;
 use std::io::Read;
 use std::path::{Component, Path, PathBuf};
@@ -27,7 +28,7 @@ const TMP_INFIX: &str = ".gemma-merge-tmp-";
 /// The infix of an old copy moved aside by the fallback swap: `.NAME.gemma-merge-old-PID`.
 const OLD_INFIX: &str = ".gemma-merge-old-";
 /// Largest manifest or recognisable file read to decide ownership.
-const MAX_SNIFF: u64 = 256 << 20;
+const MAX_SNIFF: u64 = 16 << 20;
 /// Deepest folder nesting searched when deciding whether a folder is ours.
 const MAX_DEPTH: usize = 4;
 /// Value of `__metadata__.producer` in the logits files `eval --dump-logits` writes.
@@ -302,7 +303,7 @@ pub fn check_target(target: &Path, kind: Kind, force: bool) -> Result<(), Output
         return Err(not_ours("is a symbolic link".into()));
     }
     if kind.is_folder() && !meta.is_dir() {
-        return Err(not_ours("is a file, not a folder".into()));
+        return Err(not_ours("is not a folder".into()));
     }
     if !kind.is_folder() && meta.is_dir() {
         return Err(not_ours("is a folder, not a file".into()));
@@ -410,7 +411,7 @@ fn list_dir(dir: &Path) -> Result<Vec<PathBuf>, String> {
 }
 
 /// The relative paths a manifest lists as written (plus the manifest itself), if it is ours.
-fn manifest_outputs(manifest: &Path) -> Result<Vec<String>, String> {
+fn manifest_outputs(manifest: &Path) -> Result<HashSet<String>, String> {
     let bytes = read_regular(manifest, MAX_SNIFF)
         .map_err(|e| format!("has a {MANIFEST} that cannot be read ({e})"))?;
     let json: serde_json::Value = serde_json::from_slice(&bytes)
@@ -422,28 +423,37 @@ fn manifest_outputs(manifest: &Path) -> Result<Vec<String>, String> {
         .get("outputs")
         .and_then(|o| o.as_array())
         .ok_or_else(|| format!("has a {MANIFEST} without an `outputs` list"))?;
-    let mut listed = vec![MANIFEST.to_string()];
+    let mut listed = HashSet::from([MANIFEST.to_string()]);
     for o in outputs {
         let p = o
             .get("path")
             .and_then(|p| p.as_str())
             .ok_or_else(|| format!("has a {MANIFEST} with an output that has no path"))?;
-        listed.push(p.to_string());
+        // Every folder above a listed file is listed too, as "dir/".
+        for (i, _) in p.match_indices('/') {
+            listed.insert(p[..=i].to_string());
+        }
+        listed.insert(p.to_string());
     }
     Ok(listed)
 }
 
 /// Ok when every file under `dir` is listed in the manifest of `base` (as a path relative to `base`).
-fn only_listed(root: &Path, base: &Path, listed: &[String], depth: usize) -> Result<(), String> {
+fn only_listed(
+    root: &Path,
+    base: &Path,
+    listed: &HashSet<String>,
+    depth: usize,
+) -> Result<(), String> {
     let mut stack = vec![(base.to_path_buf(), depth)];
     while let Some((dir, depth)) = stack.pop() {
         for e in list_dir(&dir)? {
             let rel = rel_name(base, &e);
             let meta = std::fs::symlink_metadata(&e).map_err(|x| x.to_string())?;
             let prefix = format!("{rel}/");
-            if meta.is_dir() && depth < MAX_DEPTH && listed.iter().any(|l| l.starts_with(&prefix)) {
+            if meta.is_dir() && depth < MAX_DEPTH && listed.contains(&prefix) {
                 stack.push((e, depth + 1));
-            } else if !meta.is_file() || !listed.iter().any(|l| *l == rel) {
+            } else if !meta.is_file() || !listed.contains(&rel) {
                 let shown = rel_name(root, &e);
                 let manifest = rel_name(root, &base.join(MANIFEST));
                 return Err(format!(

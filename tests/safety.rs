@@ -163,7 +163,7 @@ fn run_force_never_replaces_a_folder_gemma_merge_did_not_write() {
         r,
         2,
         &["run", s(&recipe), "--out", s(&file), "--force"],
-        &["is a file, not a folder"],
+        &["file is not a folder"],
     );
     // An output of ours with a user's file added is not ours any more.
     let out = r.join("out");
