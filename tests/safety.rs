@@ -760,6 +760,11 @@ fn messages_say_each_thing_once_without_library_internals() {
         e.contains("unknown field `stepz` (did you mean `steps`?)"),
         "{e}"
     );
+    let e = yaml("ref.yaml", &RECIPE.replace("model: slerp", "model: slepr"));
+    assert!(
+        e.contains("`slepr` is not a step") && e.contains("(did you mean `slerp`?)"),
+        "{e}"
+    );
     let e = yaml("far.yaml", "output: out\nbase: sft\ntemperature: 1\n");
     assert!(
         e.contains("unknown field `temperature`; expected one of `output`"),

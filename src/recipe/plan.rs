@@ -227,10 +227,17 @@ impl<'a> Resolver<'a> {
         }
         let path = self.dir.join(target);
         if !path.exists() {
+            let names: Vec<&str> = (self.all_steps.keys())
+                .chain(self.aliases.keys())
+                .map(String::as_str)
+                .collect();
+            let hint = super::error::closest(shown, &names)
+                .map(|n| format!(" (did you mean `{n}`?)"))
+                .unwrap_or_default();
             return Err(self.err(
                 loc,
                 format!(
-                    "`{shown}` is not a step, an alias, or an existing path ({} not found)",
+                    "`{shown}` is not a step, an alias, or an existing path ({} not found){hint}",
                     path.display()
                 ),
             ));
