@@ -150,17 +150,6 @@ pub struct RunReport {
     pub seconds: f64,
 }
 
-fn unit_key(name: &str) -> &str {
-    if let Some(rest) = name.strip_prefix("model.layers.") {
-        if let Some(dot) = rest.find('.') {
-            if rest[..dot].bytes().all(|b| b.is_ascii_digit()) && dot > 0 {
-                return &name[..("model.layers.".len() + dot + 1)];
-            }
-        }
-    }
-    name
-}
-
 impl<'p> Prepared<'p> {
     /// Opens every input (headers only) and checks names, shapes and dtypes against the base.
     pub fn new(plan: &'p Plan) -> Result<Self, MergeError> {
@@ -217,7 +206,7 @@ impl<'p> Prepared<'p> {
                 (Treatment::Merge { .. }, Some(d)) => d.dtype(),
                 _ => t.dtype,
             };
-            let key = unit_key(&t.name).to_string();
+            let key = crate::model::family::layer_group(&t.name).to_string();
             let unit = *unit_of.entry(key).or_insert_with(|| {
                 units.push(Vec::new());
                 units.len() - 1
