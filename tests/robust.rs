@@ -1,0 +1,176 @@
+//! Hostile inputs (issue 8, groups 2–4): every case ends with exit 1 or 2 and an `error:` line naming the
+//! culprit, no panic or signal, nothing left behind, no hang.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use gemma_merge::format::writer::{ModelWriter, TensorSpec};
+use gemma_merge::format::{FloatType, Model};
+
+struct Out {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs the binary with a deadline (a hang is a failure, not a stuck test run).
+fn gm_in(dir: Option<&Path>, args: &[&str]) -> Out {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_gemma-merge"));
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(d) = dir {
+        cmd.current_dir(d);
+    }
+    let mut child = cmd.spawn().expect("binary runs");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("gemma-merge {args:?} hung");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let o = child.wait_with_output().unwrap();
+    let out = Out {
+        code: o.status.code(),
+        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+    };
+    assert!(
+        !out.stderr.contains("panicked") && !out.stderr.contains("RUST_BACKTRACE"),
+        "gemma-merge {args:?} panicked:\n{}",
+        out.stderr
+    );
+    assert!(out.code.is_some(), "gemma-merge {args:?} died of a signal");
+    out
+}
+
+fn gm(args: &[&str]) -> Out {
+    gm_in(None, args)
+}
+
+/// Asserts a clean failure: the exit code, one `error:` line, and that it mentions every `needles`.
+fn fails(o: &Out, code: i32, needles: &[&str]) {
+    assert_eq!(o.code, Some(code), "stdout:\n{}\nstderr:\n{}", o.stdout, o.stderr);
+    assert!(o.stderr.contains("error: "), "{}", o.stderr);
+    for n in needles {
+        assert!(o.stderr.contains(n), "{n:?} not in:\n{}", o.stderr);
+    }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Writes a model folder with the given f32 tensors stored as `dtype`, and a minimal config.json.
+fn write_model(dir: &Path, dtype: FloatType, tensors: &[(&str, Vec<usize>, Vec<f32>)]) {
+    std::fs::create_dir_all(dir).unwrap();
+    let specs: Vec<TensorSpec> = tensors
+        .iter()
+        .map(|(n, shape, _)| TensorSpec {
+            name: n.to_string(),
+            dtype: dtype.dtype(),
+            shape: shape.clone(),
+        })
+        .collect();
+    let mut w = ModelWriter::create(dir, specs, u64::MAX).unwrap();
+    for (_, _, v) in tensors {
+        let mut b = Vec::new();
+        dtype.encode(v, &mut b);
+        w.write(&b).unwrap();
+    }
+    w.finish().unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        "{\"model_type\": \"gemma2\", \"torch_dtype\": \"float32\"}\n",
+    )
+    .unwrap();
+}
+
+/// f32 values of every tensor of a model.
+fn values(path: &Path, name: &str) -> Vec<f32> {
+    let m = Model::open(path).unwrap();
+    let t = m.get(name).unwrap();
+    let ft = FloatType::from_dtype(t.dtype).unwrap();
+    let mut v = vec![0f32; t.numel()];
+    ft.decode(m.data(t), &mut v);
+    v
+}
+
+/// Names of the entries of a folder.
+fn entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// A base `a` and a model `b`, each with two small tensors, in `root`.
+fn pair(root: &Path) -> (PathBuf, PathBuf) {
+    let (a, b) = (root.join("a"), root.join("b"));
+    write_model(
+        &a,
+        FloatType::F32,
+        &[("x", vec![3], vec![1.0, 2.0, 3.0]), ("y", vec![2], vec![0.5, -0.5])],
+    );
+    write_model(
+        &b,
+        FloatType::F32,
+        &[("x", vec![3], vec![3.0, 2.0, 1.0]), ("y", vec![2], vec![1.5, 0.5])],
+    );
+    (a, b)
+}
+
+fn recipe(root: &Path, body: &str) -> PathBuf {
+    let p = root.join("r.yaml");
+    std::fs::write(&p, body).unwrap();
+    p
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Group 2: zero-element tensors
+
+#[test]
+fn zero_element_tensors_first_and_between_are_merged() {
+    let d = tempfile::tempdir().unwrap();
+    let t = |x: f32| {
+        vec![
+            ("empty", vec![0usize], vec![]),
+            ("empty2", vec![0, 5], vec![]),
+            ("x", vec![2], vec![x, 2.0 * x]),
+            ("mid", vec![4, 0], vec![]),
+            ("z", vec![1], vec![x]),
+        ]
+    };
+    write_model(&d.path().join("a"), FloatType::F32, &t(1.0));
+    write_model(&d.path().join("b"), FloatType::F32, &t(3.0));
+    let r = recipe(
+        d.path(),
+        "output: out\nbase: a\nsteps:\n  - {name: l, method: liti, model: b, eta: 0.5}\n",
+    );
+    let o = gm(&["run", s(&r)]);
+    assert_eq!(o.code, Some(0), "{}", o.stderr);
+    let out = d.path().join("out");
+    assert_eq!(values(&out, "x"), [2.0, 4.0]);
+    assert_eq!(values(&out, "z"), [2.0]);
+    let m = Model::open(&out).unwrap();
+    assert_eq!(m.get("empty2").unwrap().shape, vec![0, 5]);
+    assert_eq!(m.get("mid").unwrap().shape, vec![4, 0]);
+    assert_eq!(gm(&["verify", s(&out)]).code, Some(0));
+
+    // A base made only of empty tensors merges into a model of empty tensors.
+    let e = |_: f32| vec![("empty", vec![0usize], vec![]), ("e2", vec![0, 3], vec![])];
+    write_model(&d.path().join("a"), FloatType::F32, &e(0.0));
+    write_model(&d.path().join("b"), FloatType::F32, &e(0.0));
+    let o = gm(&["run", s(&r), "--force"]);
+    assert_eq!(o.code, Some(0), "{}", o.stderr);
+    assert_eq!(Model::open(&out).unwrap().tensors().len(), 2);
+}
