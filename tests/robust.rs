@@ -174,3 +174,67 @@ fn zero_element_tensors_first_and_between_are_merged() {
     assert_eq!(o.code, Some(0), "{}", o.stderr);
     assert_eq!(Model::open(&out).unwrap().tensors().len(), 2);
 }
+
+// ---------------------------------------------------------------------------------------------------
+// Group 2: closed pipes, flag bounds
+
+/// Runs with stdout a pipe whose reading end is closed at once: the output must fail quietly.
+fn with_closed_stdout(args: &[&str]) -> (Option<i32>, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gemma-merge"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let o = child.wait_with_output().unwrap();
+    (o.status.code(), String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
+#[test]
+fn a_closed_stdout_pipe_is_not_a_panic() {
+    let d = tempfile::tempdir().unwrap();
+    let (a, b) = pair(d.path());
+    let r = recipe(
+        d.path(),
+        "output: out\nbase: a\nsteps:\n  - {name: l, method: liti, model: b, eta: 0.5}\n",
+    );
+    assert_eq!(gm(&["run", s(&r)]).code, Some(0));
+    let out = d.path().join("out");
+    for args in [
+        vec!["inspect", s(&a)],
+        vec!["inspect", s(&b), "--json"],
+        vec!["verify", "-v", s(&out)],
+        vec!["run", s(&r), "--dry-run"],
+        vec!["run", s(&r), "--dry-run", "--json"],
+    ] {
+        let (code, stderr) = with_closed_stdout(&args);
+        assert_eq!(code, Some(0), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn thread_counts_are_bounded() {
+    let d = tempfile::tempdir().unwrap();
+    let (a, _) = pair(d.path());
+    for n in ["100000000", "1025", "18446744073709551615", "0"] {
+        let o = gm(&["--threads", n, "inspect", s(&a)]);
+        fails(&o, 2, &["--threads"]);
+    }
+    assert_eq!(gm(&["--threads", "3", "inspect", s(&a)]).code, Some(0));
+}
+
+#[test]
+fn max_new_tokens_is_bounded_before_anything_is_allocated() {
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/gemma2-tiny-A");
+    for n in ["1000000000", "4611686018427387904", "1e9"] {
+        let o = gm(&["generate", s(&model), "--token-ids", "2,5", "--max-new-tokens", n]);
+        fails(&o, 2, &["--max-new-tokens"]);
+    }
+    let o = gm(&["generate", s(&model), "--token-ids", "2,5", "--max-new-tokens", "3", "--json"]);
+    assert_eq!(o.code, Some(0), "{}", o.stderr);
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    assert!(v["token_ids"].as_array().unwrap().len() <= 3);
+}
