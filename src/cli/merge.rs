@@ -113,7 +113,9 @@ fn print_summary(s: &PlanSummary) -> std::io::Result<()> {
     }
     outln!(
         "tensors: {} ({} merged, {} copied)",
-        s.tensors, s.merged_tensors, s.copied_tensors
+        s.tensors,
+        s.merged_tensors,
+        s.copied_tensors
     )?;
     outln!("passes over the inputs: {}", s.passes)?;
     outln!("bytes to read: {} (at most)", human_bytes(s.bytes_to_read))?;

@@ -37,6 +37,15 @@ pub enum MergeError {
         file: PathBuf,
         index: usize,
     },
+    /// A merged value is NaN or ±Inf once rounded to the output dtype (overflow of float16 beyond
+    /// ±65504, an extreme η or weights); allowed with `allow_nonfinite: true`.
+    #[error("step {step}: tensor `{tensor}` is not finite at element {index} once merged and rounded to {dtype} (overflow? set `allow_nonfinite: true` to write it anyway)")]
+    NonFiniteOutput {
+        step: String,
+        tensor: String,
+        index: usize,
+        dtype: String,
+    },
     /// The output folder exists and `--force` was not given.
     #[error("{0} exists (pass --force to replace it)")]
     TargetExists(PathBuf),

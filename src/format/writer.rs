@@ -410,7 +410,8 @@ mod tests {
     #[test]
     fn too_many_bytes_for_a_tensor_is_an_error_naming_it() {
         let dir = tempfile::tempdir().unwrap();
-        let mut w = ModelWriter::create(dir.path(), vec![spec("w", Dtype::F32, &[1])], 100).unwrap();
+        let mut w =
+            ModelWriter::create(dir.path(), vec![spec("w", Dtype::F32, &[1])], 100).unwrap();
         let e = w.write(&[0; 5]).unwrap_err().to_string();
         assert!(e.contains("tensor `w`") && e.contains("has 4 left"), "{e}");
     }
