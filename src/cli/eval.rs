@@ -69,8 +69,8 @@ pub struct GenerateArgs {
     /// Truncate the prompt to N tokens.
     #[arg(long, value_name = "N")]
     pub max_tokens: Option<usize>,
-    /// Stop after N generated tokens.
-    #[arg(long, value_name = "N", default_value_t = 64)]
+    /// Stop after N generated tokens (at most 1000000).
+    #[arg(long, value_name = "N", default_value_t = 64, value_parser = parse_max_new_tokens)]
     pub max_new_tokens: usize,
     /// Sampling temperature; 0 is greedy.
     #[arg(long, default_value_t = 0.0)]
@@ -110,6 +110,21 @@ pub struct CompareArgs {
 }
 
 /// One token id of a comma-separated list; spaces around it are allowed.
+/// Largest `--max-new-tokens`: far beyond what a CPU decodes in a session, small enough that nothing
+/// sized by it can exhaust memory.
+pub const MAX_NEW_TOKENS: usize = 1_000_000;
+
+fn parse_max_new_tokens(s: &str) -> Result<usize, String> {
+    let n: u128 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of tokens (a non-negative integer)"))?;
+    if n > MAX_NEW_TOKENS as u128 {
+        return Err(format!("{s} is more than {MAX_NEW_TOKENS} tokens"));
+    }
+    Ok(n as usize)
+}
+
 fn parse_token_id(s: &str) -> Result<u32, String> {
     s.trim()
         .parse()

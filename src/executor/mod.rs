@@ -414,6 +414,19 @@ impl<'p> Prepared<'p> {
         let mut done = 0u64;
         let mut coefs: HashMap<usize, Vec<Vec<Vec<f64>>>> = HashMap::new();
         let mut remaining: Vec<usize> = self.units.iter().map(|u| u.len()).collect();
+        // The step (and η) of each output, to name it in a non-finite error.
+        let labels: Vec<String> = outputs
+            .iter()
+            .map(|&(_, step, eta)| {
+                let name = &self.plan.steps[step].name;
+                match (&self.plan.steps[step].kind, eta) {
+                    (StepKind::Liti { etas, .. }, Some(k)) => {
+                        format!("`{name}` (η = {:?})", etas[k])
+                    }
+                    _ => format!("`{name}`"),
+                }
+            })
+            .collect();
         for (ti, t) in self.tensors.iter().enumerate() {
             match &t.treatment {
                 Treatment::Copy => self.copy_tensor(t, sinks)?,
@@ -432,7 +445,7 @@ impl<'p> Prepared<'p> {
                         .iter()
                         .map(|&(_, step, eta)| self.output_vector(&unit_coefs[pos], step, eta))
                         .collect();
-                    self.write_tensor(t, &vectors, sinks)?;
+                    self.write_tensor(t, &vectors, &labels, sinks)?;
                 }
             }
             remaining[t.unit] -= 1;
@@ -604,6 +617,7 @@ impl<'p> Prepared<'p> {
         &self,
         t: &OutTensor,
         vectors: &[Vec<f64>],
+        labels: &[String],
         writers: &mut [impl TensorSink],
     ) -> Result<(), MergeError> {
         let needed = self.needed_leaves(vectors);
@@ -625,15 +639,28 @@ impl<'p> Prepared<'p> {
                     let inputs = self.decode_chunk(t, &needed, lo, hi)?;
                     let views: Vec<&[f32]> = inputs.iter().map(|v| v.as_slice()).collect();
                     let mut out = vec![0f64; hi - lo];
-                    Ok(coefs
+                    coefs
                         .iter()
-                        .map(|(c, s)| {
+                        .zip(labels)
+                        .map(|((c, s), label)| {
                             kernels::combine(c, *s, &views, self.plan.base, &mut out);
                             let mut bytes = Vec::new();
                             out_type.encode_f64(&out, &mut bytes);
-                            bytes
+                            // Checked once rounded: float16 overflows beyond ±65504 even when the
+                            // f64 sum is finite.
+                            if !self.plan.allow_nonfinite {
+                                if let Some(i) = out_type.first_nonfinite(&bytes) {
+                                    return Err(MergeError::NonFiniteOutput {
+                                        step: label.clone(),
+                                        tensor: t.base.name.clone(),
+                                        index: lo + i,
+                                        dtype: out_type.torch_name().to_string(),
+                                    });
+                                }
+                            }
+                            Ok(bytes)
                         })
-                        .collect())
+                        .collect()
                 })
                 .collect()
         };

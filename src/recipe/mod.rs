@@ -7,7 +7,7 @@ mod raw;
 
 pub use error::RecipeError;
 pub use plan::{
-    eta_label, operands, Angle, Leaf, Operand, OutputModel, OutputTarget, Plan, Step, StepKind,
-    DEFAULT_SHARD_SIZE,
+    duplicate_eta, eta_label, operands, Angle, Leaf, Operand, OutputModel, OutputTarget, Plan,
+    Step, StepKind, DEFAULT_SHARD_SIZE,
 };
 pub use raw::parse_byte_size;

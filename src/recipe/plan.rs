@@ -140,9 +140,17 @@ impl Plan {
     }
 }
 
-/// Shortest decimal that reads back as the same f64, with at least one digit after the point.
+/// Shortest decimal that reads back as the same f64, with at least one digit after the point
+/// (−0.0 is written `eta-0.0`).
 pub fn eta_label(eta: f64) -> String {
-    format!("eta-{eta:?}")
+    format!("eta-{:?}", eta + 0.0)
+}
+
+/// A value that appears twice in an η list (−0.0 and 0.0 are the same η), if any.
+pub fn duplicate_eta(etas: &[f64]) -> Option<f64> {
+    let mut sorted: Vec<f64> = etas.iter().map(|&e| e + 0.0).collect();
+    sorted.sort_by(f64::total_cmp);
+    sorted.windows(2).find(|w| w[0] == w[1]).map(|w| w[0])
 }
 
 struct Resolver<'a> {
@@ -418,7 +426,7 @@ impl<'a> Resolver<'a> {
 
     fn target(&self, path: PathBuf, step: usize, s: &Step) -> OutputTarget {
         let models = match &s.kind {
-            StepKind::Liti { etas, .. } if etas.len() > 1 => etas
+            StepKind::Liti { etas, .. } if self.list_steps.contains(&step) => etas
                 .iter()
                 .enumerate()
                 .map(|(k, &e)| OutputModel {
@@ -579,14 +587,12 @@ impl<'a> Resolver<'a> {
                 }
                 let mut w: Vec<f64> = weights.value.iter().map(|w| w.value).collect();
                 if s.normalize.as_ref().map(|n| n.value).unwrap_or(true) {
-                    let total: f64 = w.iter().sum();
-                    if total == 0.0 {
-                        return Err(self.err(
+                    w = kernels::normalize_weights(&w).ok_or_else(|| {
+                        self.err(
                             &weights.referenced,
-                            "`weights` sum to 0: cannot normalize (set `normalize: false`)",
-                        ));
-                    }
-                    w.iter_mut().for_each(|x| *x /= total);
+                            "`weights` sum to 0 (or cancel to almost nothing): cannot normalize (set `normalize: false`)",
+                        )
+                    })?;
                 }
                 StepKind::Weighted {
                     terms: ops.into_iter().zip(w).collect(),
@@ -682,12 +688,15 @@ impl<'a> Resolver<'a> {
                         if list.is_empty() {
                             return Err(self.err(&eta.referenced, "`eta` is an empty list"));
                         }
-                        let mut labels: Vec<String> = list.iter().map(|&e| eta_label(e)).collect();
-                        labels.sort();
-                        if labels.windows(2).any(|w| w[0] == w[1]) {
-                            return Err(self.err(&eta.referenced, "`eta` lists a value twice"));
+                        // −0.0 is 0.0: one folder, `eta-0.0`.
+                        let list: Vec<f64> = list.iter().map(|&e| e + 0.0).collect();
+                        if let Some(e) = duplicate_eta(&list) {
+                            return Err(self.err(
+                                &eta.referenced,
+                                format!("`eta` lists {e:?} twice (each η is one output folder)"),
+                            ));
                         }
-                        list.clone()
+                        list
                     }
                 };
                 for &e in &etas {
@@ -704,7 +713,8 @@ impl<'a> Resolver<'a> {
                 StepKind::Liti { base, model, etas }
             }
         };
-        if matches!(&kind, StepKind::Liti { etas, .. } if etas.len() > 1) {
+        // A list, even of one η, writes `OUTPUT/eta-<η>` folders.
+        if matches!(s.eta.as_ref().map(|e| &e.value), Some(Eta::List(_))) {
             self.list_steps.push(index);
         }
         Ok(Step {
