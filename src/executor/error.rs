@@ -37,6 +37,9 @@ pub enum MergeError {
         file: PathBuf,
         index: usize,
     },
+    /// A method cannot compute a tensor (weights summing to 0 where they must be normalized, ...).
+    #[error("tensor `{tensor}`: {message}")]
+    Method { tensor: String, message: String },
     /// The output folder exists and `--force` was not given.
     #[error("{0} exists (pass --force to replace it)")]
     TargetExists(PathBuf),

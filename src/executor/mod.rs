@@ -11,6 +11,8 @@
 
 mod error;
 mod output;
+mod steps;
+mod values;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -23,8 +25,8 @@ pub use error::MergeError;
 pub use output::{verify_folder, Manifest, VerifyReport, SIDE_FILES};
 
 use crate::format::{FloatType, Model, ModelWriter, TensorInfo, TensorSpec};
-use crate::kernels;
-use crate::recipe::{Angle, Operand, Plan, StepKind};
+use crate::recipe::{Operand, Plan, StepKind};
+use values::{ChunkInputs, Val};
 
 /// Elements per chunk: the unit of parallel work and of f64 partial sums.
 pub const CHUNK: usize = 1 << 16;
@@ -103,6 +105,9 @@ struct OutTensor {
     treatment: Treatment,
     out_dtype: Dtype,
     unit: usize,
+    /// Position of the tensor's layer among the layers, in [0, 1] (0 outside the layers): where
+    /// parameter gradients are evaluated.
+    t: f64,
 }
 
 /// A recipe bound to its opened inputs and fully validated; ready to run or to describe.
@@ -148,6 +153,24 @@ pub struct RunReport {
     pub seconds: f64,
 }
 
+/// N of a tensor `model.layers.N.…`.
+fn layer_index(name: &str) -> Option<usize> {
+    let key = unit_key(name);
+    key.strip_prefix("model.layers.")?
+        .strip_suffix('.')?
+        .parse()
+        .ok()
+}
+
+/// Layer i of n sits at t = i / (n − 1) (t = 1 when n = 1); tensors outside the layers at t = 0.
+fn layer_position(name: &str, n_layers: usize) -> f64 {
+    match layer_index(name) {
+        Some(_) if n_layers <= 1 => 1.0,
+        Some(i) => i as f64 / (n_layers - 1) as f64,
+        None => 0.0,
+    }
+}
+
 fn unit_key(name: &str) -> &str {
     if let Some(rest) = name.strip_prefix("model.layers.") {
         if let Some(dot) = rest.find('.') {
@@ -171,6 +194,12 @@ impl<'p> Prepared<'p> {
         let mut tensors = Vec::with_capacity(base.tensors().len());
         let mut unit_of: HashMap<String, usize> = HashMap::new();
         let mut units: Vec<Vec<usize>> = Vec::new();
+        let n_layers = base
+            .tensors()
+            .iter()
+            .filter_map(|t| layer_index(&t.name))
+            .max()
+            .map_or(0, |l| l + 1);
         for t in base.tensors() {
             let base_file = base.file_of(t).path().to_path_buf();
             let treatment = match FloatType::from_dtype(t.dtype) {
@@ -226,6 +255,7 @@ impl<'p> Prepared<'p> {
                 treatment,
                 out_dtype,
                 unit,
+                t: layer_position(&t.name, n_layers),
             });
         }
         if !plan.ignore_extra_tensors {
@@ -274,11 +304,7 @@ impl<'p> Prepared<'p> {
     /// Describes the run without reading tensor data.
     pub fn summary(&self) -> PlanSummary {
         let plan = self.plan;
-        let n_slerp = plan
-            .steps
-            .iter()
-            .filter(|s| matches!(s.kind, StepKind::Slerp { .. }))
-            .count();
+        let n_slerp: usize = plan.steps.iter().map(|s| steps::passes(&s.kind)).sum();
         let read_once: u64 = self
             .tensors
             .iter()
@@ -415,27 +441,27 @@ impl<'p> Prepared<'p> {
     ) -> Result<(), MergeError> {
         let total: u64 = self.tensors.iter().map(|t| t.base.numel() as u64).sum();
         let mut done = 0u64;
-        let mut coefs: HashMap<usize, Vec<Vec<Vec<f64>>>> = HashMap::new();
+        let mut coefs: HashMap<usize, Vec<Vec<Val>>> = HashMap::new();
         let mut remaining: Vec<usize> = self.units.iter().map(|u| u.len()).collect();
         for (ti, t) in self.tensors.iter().enumerate() {
             match &t.treatment {
                 Treatment::Copy => self.copy_tensor(t, sinks)?,
                 Treatment::Merge { .. } => {
-                    let unit_coefs = match coefs.entry(t.unit) {
+                    let unit_vals = match coefs.entry(t.unit) {
                         std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                         std::collections::hash_map::Entry::Vacant(e) => {
-                            e.insert(self.unit_coefficients(t.unit)?)
+                            e.insert(self.unit_values(t.unit)?)
                         }
                     };
                     let pos = self.units[t.unit]
                         .iter()
                         .position(|&i| i == ti)
                         .expect("tensor in its unit");
-                    let vectors: Vec<Vec<f64>> = outputs
+                    let values: Vec<Val> = outputs
                         .iter()
-                        .map(|&(_, step, eta)| self.output_vector(&unit_coefs[pos], step, eta))
+                        .map(|&(_, step, eta)| self.output_value(&unit_vals[pos], step, eta))
                         .collect();
-                    self.write_tensor(t, &vectors, sinks)?;
+                    self.write_tensor(t, &values, sinks)?;
                 }
             }
             remaining[t.unit] -= 1;
@@ -448,172 +474,37 @@ impl<'p> Prepared<'p> {
         Ok(())
     }
 
-    /// Coefficient vector (over leaves) of output model `(step, eta)` for one tensor.
-    fn output_vector(&self, step_vecs: &[Vec<f64>], step: usize, eta: Option<usize>) -> Vec<f64> {
+    /// The value of output model `(step, eta)` for one tensor.
+    fn output_value(&self, step_vals: &[Val], step: usize, eta: Option<usize>) -> Val {
         match (&self.plan.steps[step].kind, eta) {
             (StepKind::Liti { base, model, etas }, Some(k)) => {
                 let e = etas[k];
-                axpby(
+                Val::axpby(
                     1.0 - e,
-                    &self.vector(*base, step_vecs),
+                    &self.value(*base, step_vals),
                     e,
-                    &self.vector(*model, step_vecs),
+                    &self.value(*model, step_vals),
                 )
             }
-            _ => step_vecs[step].clone(),
+            _ => step_vals[step].clone(),
         }
     }
 
-    fn vector(&self, op: Operand, step_vecs: &[Vec<f64>]) -> Vec<f64> {
+    fn value(&self, op: Operand, step_vals: &[Val]) -> Val {
         match op {
-            Operand::Leaf(l) => {
-                let mut v = vec![0.0; self.models.len()];
-                v[l] = 1.0;
-                v
-            }
-            Operand::Step(s) => step_vecs[s].clone(),
+            Operand::Leaf(l) => Val::leaf(l, self.models.len()),
+            Operand::Step(s) => step_vals[s].clone(),
         }
-    }
-
-    /// Every step's coefficient vector for every tensor of a unit (`[tensor][step][leaf]`), running the
-    /// reduction passes that SLERP steps need.
-    fn unit_coefficients(&self, unit: usize) -> Result<Vec<Vec<Vec<f64>>>, MergeError> {
-        let members: Vec<usize> = self.units[unit]
-            .iter()
-            .copied()
-            .filter(|&i| matches!(self.tensors[i].treatment, Treatment::Merge { .. }))
-            .collect();
-        let all = &self.units[unit];
-        let mut per_tensor: Vec<Vec<Vec<f64>>> =
-            vec![Vec::with_capacity(self.plan.steps.len()); all.len()];
-        for step in &self.plan.steps {
-            match &step.kind {
-                StepKind::Weighted { terms } => {
-                    for sv in per_tensor.iter_mut() {
-                        let mut v = vec![0.0; self.models.len()];
-                        for (op, w) in terms {
-                            let x = self.vector(*op, sv);
-                            v.iter_mut().zip(&x).for_each(|(a, b)| *a += w * b);
-                        }
-                        sv.push(v);
-                    }
-                }
-                StepKind::Liti { base, model, etas } => {
-                    for sv in per_tensor.iter_mut() {
-                        let e = etas[0];
-                        let v = axpby(
-                            1.0 - e,
-                            &self.vector(*base, sv),
-                            e,
-                            &self.vector(*model, sv),
-                        );
-                        sv.push(v);
-                    }
-                }
-                StepKind::Slerp {
-                    base,
-                    models,
-                    lambdas,
-                    angle,
-                } => {
-                    // Task vectors δ_m = θ_m − θ_base as coefficient vectors, per tensor.
-                    let deltas: Vec<Vec<Vec<f64>>> = per_tensor
-                        .iter()
-                        .map(|sv| {
-                            let b = self.vector(*base, sv);
-                            models
-                                .iter()
-                                .map(|&m| axpby(1.0, &self.vector(m, sv), -1.0, &b))
-                                .collect()
-                        })
-                        .collect();
-                    let mut grams: Vec<Vec<Vec<f64>>> = Vec::with_capacity(all.len());
-                    for (pos, &ti) in all.iter().enumerate() {
-                        if members.contains(&ti) {
-                            grams.push(self.gram_pass(&self.tensors[ti], &deltas[pos])?);
-                        } else {
-                            grams.push(vec![vec![0.0; models.len()]; models.len()]);
-                        }
-                    }
-                    let layer_gram = (*angle == Angle::Layer).then(|| {
-                        let mut g = vec![vec![0.0; models.len()]; models.len()];
-                        for t in &grams {
-                            for (row, trow) in g.iter_mut().zip(t) {
-                                row.iter_mut().zip(trow).for_each(|(a, b)| *a += b);
-                            }
-                        }
-                        g
-                    });
-                    for (pos, sv) in per_tensor.iter_mut().enumerate() {
-                        let g = layer_gram.as_ref().unwrap_or(&grams[pos]);
-                        let r = kernels::slerp_chain(g, lambdas);
-                        let mut v = self.vector(*base, sv);
-                        for (rm, d) in r.iter().zip(&deltas[pos]) {
-                            v.iter_mut().zip(d).for_each(|(a, b)| *a += rm * b);
-                        }
-                        sv.push(v);
-                    }
-                }
-            }
-        }
-        Ok(per_tensor)
-    }
-
-    /// One reduction pass over a tensor: the f64 Gram matrix of the given task vectors.
-    fn gram_pass(&self, t: &OutTensor, deltas: &[Vec<f64>]) -> Result<Vec<Vec<f64>>, MergeError> {
-        let m = deltas.len();
-        let needed = self.needed_leaves(deltas);
-        let coefs: Vec<(&[f64], f64)> = deltas
-            .iter()
-            .map(|d| (d.as_slice(), d.iter().sum::<f64>()))
-            .collect();
-        let n = t.base.numel();
-        let chunks = n.div_ceil(CHUNK);
-        let mut gram = vec![vec![0.0; m]; m];
-        for block_start in (0..chunks).step_by(BLOCK) {
-            let block_end = (block_start + BLOCK).min(chunks);
-            let partials: Vec<Vec<Vec<f64>>> = (block_start..block_end)
-                .into_par_iter()
-                .map(|c| {
-                    let (lo, hi) = (c * CHUNK, ((c + 1) * CHUNK).min(n));
-                    let inputs = self.decode_chunk(t, &needed, lo, hi)?;
-                    let views: Vec<&[f32]> = inputs.iter().map(|v| v.as_slice()).collect();
-                    let vectors: Vec<Vec<f64>> = coefs
-                        .iter()
-                        .map(|(c, s)| {
-                            let mut out = vec![0f64; hi - lo];
-                            kernels::combine(c, *s, &views, self.plan.base, &mut out);
-                            out
-                        })
-                        .collect();
-                    let vrefs: Vec<&[f64]> = vectors.iter().map(|v| v.as_slice()).collect();
-                    let mut g = vec![vec![0.0; m]; m];
-                    kernels::gram_accumulate(&vrefs, &mut g);
-                    Ok(g)
-                })
-                .collect::<Result<_, MergeError>>()?;
-            for p in partials {
-                for (row, prow) in gram.iter_mut().zip(&p) {
-                    row.iter_mut().zip(prow).for_each(|(a, b)| *a += b);
-                }
-            }
-            self.release(t, &needed, block_start * CHUNK, (block_end * CHUNK).min(n));
-        }
-        Ok(gram)
     }
 
     /// The writing pass of one merged tensor: every output's weighted sum, rounded once, in order.
     fn write_tensor(
         &self,
         t: &OutTensor,
-        vectors: &[Vec<f64>],
+        values: &[Val],
         writers: &mut [impl TensorSink],
     ) -> Result<(), MergeError> {
-        let needed = self.needed_leaves(vectors);
-        let coefs: Vec<(&[f64], f64)> = vectors
-            .iter()
-            .map(|v| (v.as_slice(), v.iter().sum::<f64>()))
-            .collect();
+        let needed = self.needed_leaves(values);
         let out_type =
             FloatType::from_dtype(t.out_dtype).expect("merged tensors have a float output type");
         let n = t.base.numel();
@@ -626,12 +517,12 @@ impl<'p> Prepared<'p> {
                 .map(|c| {
                     let (lo, hi) = (c * CHUNK, ((c + 1) * CHUNK).min(n));
                     let inputs = self.decode_chunk(t, &needed, lo, hi)?;
-                    let views: Vec<&[f32]> = inputs.iter().map(|v| v.as_slice()).collect();
+                    let x = self.chunk_inputs(&inputs, lo);
                     let mut out = vec![0f64; hi - lo];
-                    Ok(coefs
+                    Ok(values
                         .iter()
-                        .map(|(c, s)| {
-                            kernels::combine(c, *s, &views, self.plan.base, &mut out);
+                        .map(|v| {
+                            v.eval(&x, &mut out);
                             let mut bytes = Vec::new();
                             out_type.encode_f64(&out, &mut bytes);
                             bytes
@@ -693,10 +584,21 @@ impl<'p> Prepared<'p> {
 
     /// Leaves with a non-zero coefficient in any vector, and always the base (the reference of
     /// [`kernels::combine`]).
-    fn needed_leaves(&self, vectors: &[Vec<f64>]) -> Vec<bool> {
-        (0..self.models.len())
-            .map(|l| l == self.plan.base || vectors.iter().any(|v| v[l] != 0.0))
-            .collect()
+    fn needed_leaves(&self, values: &[Val]) -> Vec<bool> {
+        let mut needed = vec![false; self.models.len()];
+        needed[self.plan.base] = true;
+        for v in values {
+            v.mark_needed(&mut needed);
+        }
+        needed
+    }
+
+    fn chunk_inputs<'a>(&self, inputs: &'a [Vec<f32>], lo: usize) -> ChunkInputs<'a> {
+        ChunkInputs {
+            views: inputs.iter().map(|v| v.as_slice()).collect(),
+            reference: self.plan.base,
+            first: lo,
+        }
     }
 
     /// Decodes elements `lo..hi` of a tensor from every needed leaf (empty vectors for the others),
@@ -765,10 +667,6 @@ fn is_integral(d: Dtype) -> bool {
             | Dtype::I64
             | Dtype::U64
     )
-}
-
-fn axpby(a: f64, x: &[f64], b: f64, y: &[f64]) -> Vec<f64> {
-    x.iter().zip(y).map(|(x, y)| a * x + b * y).collect()
 }
 
 /// Checks that `target` neither is, contains, nor sits inside any input.

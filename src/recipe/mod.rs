@@ -3,11 +3,11 @@
 
 mod error;
 mod plan;
-mod raw;
+pub(crate) mod raw;
 
 pub use error::RecipeError;
 pub use plan::{
-    eta_label, operands, Angle, Leaf, Operand, OutputModel, OutputTarget, Plan, Step, StepKind,
-    DEFAULT_SHARD_SIZE,
+    eta_label, operands, Angle, Grouping, Leaf, Operand, OutputModel, OutputTarget, Plan, Sparsify,
+    Step, StepKind, TaskVectorStep, DEFAULT_SHARD_SIZE,
 };
 pub use raw::parse_byte_size;
