@@ -10,6 +10,7 @@
 //! order, so the output is byte-identical for any `--threads`.
 
 mod error;
+mod layout;
 mod output;
 mod steps;
 mod values;
@@ -91,9 +92,10 @@ impl TensorSink for MemoryModel {
 /// How a base tensor reaches the output.
 #[derive(Debug, Clone)]
 enum Treatment {
-    /// Merged: the input dtype of each leaf (all leaves hold it, same shape).
+    /// Merged: the input dtype and tensor of each leaf that takes part (all of them, except in a layer
+    /// layout where each output layer has its own sources).
     Merge {
-        inputs: Vec<(FloatType, TensorInfo)>,
+        inputs: Vec<Option<(FloatType, TensorInfo)>>,
     },
     /// Integer or bool tensors are copied from the base unchanged.
     Copy,
@@ -108,6 +110,10 @@ struct OutTensor {
     /// Position of the tensor's layer among the layers, in [0, 1] (0 outside the layers): where
     /// parameter gradients are evaluated.
     t: f64,
+    /// The leaf whose tensor is the reference of [`kernels::combine`] and the source of copies.
+    reference: usize,
+    /// That leaf's tensor (its own name; `base` carries the output name).
+    source: TensorInfo,
 }
 
 /// A recipe bound to its opened inputs and fully validated; ready to run or to describe.
@@ -191,30 +197,33 @@ impl<'p> Prepared<'p> {
             .map(|l| Model::open(&l.path))
             .collect::<Result<_, _>>()?;
         let base = &models[plan.base];
-        let mut tensors = Vec::with_capacity(base.tensors().len());
+        let wanted = match &plan.layout {
+            None => layout::from_base(base, plan.base, models.len()),
+            Some(slices) => layout::from_slices(slices, &models)?,
+        };
+        let mut tensors = Vec::with_capacity(wanted.len());
         let mut unit_of: HashMap<String, usize> = HashMap::new();
         let mut units: Vec<Vec<usize>> = Vec::new();
-        let n_layers = base
-            .tensors()
-            .iter()
-            .filter_map(|t| layer_index(&t.name))
-            .max()
-            .map_or(0, |l| l + 1);
-        for t in base.tensors() {
-            let base_file = base.file_of(t).path().to_path_buf();
+        for w in wanted {
+            let t = &w.template;
+            let reference = &models[w.reference];
             let treatment = match FloatType::from_dtype(t.dtype) {
                 Some(_) => {
                     let mut inputs = Vec::with_capacity(models.len());
-                    for m in &models {
-                        let Some(x) = m.get(&t.name) else {
+                    for (m, source) in models.iter().zip(&w.sources) {
+                        let Some(source) = source else {
+                            inputs.push(None);
+                            continue;
+                        };
+                        let Some(x) = m.get(source) else {
                             return Err(MergeError::MissingTensor {
-                                tensor: t.name.clone(),
+                                tensor: source.clone(),
                                 model: m.root().into(),
                             });
                         };
                         if x.shape != t.shape {
                             return Err(MergeError::ShapeMismatch {
-                                tensor: t.name.clone(),
+                                tensor: source.clone(),
                                 model: m.root().into(),
                                 expected: t.shape.clone(),
                                 found: x.shape.clone(),
@@ -222,12 +231,12 @@ impl<'p> Prepared<'p> {
                         }
                         let Some(ft) = FloatType::from_dtype(x.dtype) else {
                             return Err(MergeError::UnsupportedDtype {
-                                tensor: t.name.clone(),
+                                tensor: source.clone(),
                                 file: m.file_of(x).path().into(),
                                 dtype: format!("{:?}", x.dtype),
                             });
                         };
-                        inputs.push((ft, x.clone()));
+                        inputs.push(Some((ft, x.clone())));
                     }
                     Treatment::Merge { inputs }
                 }
@@ -235,7 +244,7 @@ impl<'p> Prepared<'p> {
                 None => {
                     return Err(MergeError::UnsupportedDtype {
                         tensor: t.name.clone(),
-                        file: base_file,
+                        file: reference.file_of(t).path().to_path_buf(),
                         dtype: format!("{:?}", t.dtype),
                     })
                 }
@@ -244,21 +253,25 @@ impl<'p> Prepared<'p> {
                 (Treatment::Merge { .. }, Some(d)) => d.dtype(),
                 _ => t.dtype,
             };
-            let key = unit_key(&t.name).to_string();
+            let key = unit_key(&w.name).to_string();
             let unit = *unit_of.entry(key).or_insert_with(|| {
                 units.push(Vec::new());
                 units.len() - 1
             });
             units[unit].push(tensors.len());
+            let mut info = t.clone();
+            info.name = w.name;
             tensors.push(OutTensor {
-                base: t.clone(),
+                base: info,
+                source: t.clone(),
                 treatment,
                 out_dtype,
                 unit,
-                t: layer_position(&t.name, n_layers),
+                t: w.t,
+                reference: w.reference,
             });
         }
-        if !plan.ignore_extra_tensors {
+        if !plan.ignore_extra_tensors && plan.layout.is_none() {
             for m in &models {
                 if let Some(x) = m.tensors().iter().find(|x| base.get(&x.name).is_none()) {
                     return Err(MergeError::ExtraTensor {
@@ -309,7 +322,9 @@ impl<'p> Prepared<'p> {
             .tensors
             .iter()
             .map(|t| match &t.treatment {
-                Treatment::Merge { inputs } => inputs.iter().map(|(_, i)| i.len as u64).sum(),
+                Treatment::Merge { inputs } => {
+                    inputs.iter().flatten().map(|(_, i)| i.len as u64).sum()
+                }
                 Treatment::Copy => t.base.len as u64,
             })
             .sum();
@@ -384,6 +399,15 @@ impl<'p> Prepared<'p> {
         }
         let seconds = started.elapsed().as_secs_f64();
         let input_files = output::input_records(&self.models, opts.hash_inputs)?;
+        let side = output::SideSources {
+            config_patch: match &plan.layout {
+                Some(slices) => layout::config_patch(slices, &self.models)?,
+                None => Default::default(),
+            },
+            tokenizer: self.models[plan.tokenizer_source.unwrap_or(plan.base)]
+                .folder()
+                .to_path_buf(),
+        };
         let mut bytes_written = 0u64;
         for (((path, step, _), eta), recs) in outputs.iter().zip(self.output_etas()).zip(records) {
             bytes_written += staging.finish_model(
@@ -395,6 +419,7 @@ impl<'p> Prepared<'p> {
                 recs,
                 &input_files,
                 seconds,
+                &side,
             )?;
         }
         let written = staging.commit()?;
@@ -504,7 +529,7 @@ impl<'p> Prepared<'p> {
         values: &[Val],
         writers: &mut [impl TensorSink],
     ) -> Result<(), MergeError> {
-        let needed = self.needed_leaves(values);
+        let needed = self.needed_leaves(t, values);
         let out_type =
             FloatType::from_dtype(t.out_dtype).expect("merged tensors have a float output type");
         let n = t.base.numel();
@@ -517,7 +542,7 @@ impl<'p> Prepared<'p> {
                 .map(|c| {
                     let (lo, hi) = (c * CHUNK, ((c + 1) * CHUNK).min(n));
                     let inputs = self.decode_chunk(t, &needed, lo, hi)?;
-                    let x = self.chunk_inputs(&inputs, lo);
+                    let x = self.chunk_inputs(t, &inputs, lo);
                     let mut out = vec![0f64; hi - lo];
                     Ok(values
                         .iter()
@@ -571,32 +596,38 @@ impl<'p> Prepared<'p> {
         t: &OutTensor,
         writers: &mut [impl TensorSink],
     ) -> Result<(), MergeError> {
-        let base = &self.models[self.plan.base];
-        let data = base.data(&t.base);
+        let base = &self.models[t.reference];
+        let data = base.data(&t.source);
         for piece in data.chunks(BLOCK * CHUNK) {
             for w in writers.iter_mut() {
                 w.write(piece)?;
             }
         }
-        base.file_of(&t.base).release(t.base.start, t.base.len);
+        base.file_of(&t.source)
+            .release(t.source.start, t.source.len);
         Ok(())
     }
 
     /// Leaves with a non-zero coefficient in any vector, and always the base (the reference of
     /// [`kernels::combine`]).
-    fn needed_leaves(&self, values: &[Val]) -> Vec<bool> {
+    fn needed_leaves(&self, t: &OutTensor, values: &[Val]) -> Vec<bool> {
         let mut needed = vec![false; self.models.len()];
-        needed[self.plan.base] = true;
+        needed[t.reference] = true;
         for v in values {
             v.mark_needed(&mut needed);
         }
         needed
     }
 
-    fn chunk_inputs<'a>(&self, inputs: &'a [Vec<f32>], lo: usize) -> ChunkInputs<'a> {
+    fn chunk_inputs<'a>(
+        &self,
+        t: &OutTensor,
+        inputs: &'a [Vec<f32>],
+        lo: usize,
+    ) -> ChunkInputs<'a> {
         ChunkInputs {
             views: inputs.iter().map(|v| v.as_slice()).collect(),
-            reference: self.plan.base,
+            reference: t.reference,
             first: lo,
         }
     }
@@ -614,11 +645,11 @@ impl<'p> Prepared<'p> {
             unreachable!("decode of a copied tensor")
         };
         let mut out = Vec::with_capacity(inputs.len());
-        for (l, (ft, info)) in inputs.iter().enumerate() {
-            if !needed[l] {
+        for (l, input) in inputs.iter().enumerate() {
+            let Some((ft, info)) = input.as_ref().filter(|_| needed[l]) else {
                 out.push(Vec::new());
                 continue;
-            }
+            };
             let size = ft.size();
             let model = &self.models[l];
             let bytes = &model.data(info)[lo * size..hi * size];
@@ -643,8 +674,8 @@ impl<'p> Prepared<'p> {
         let Treatment::Merge { inputs } = &t.treatment else {
             return;
         };
-        for (l, (ft, info)) in inputs.iter().enumerate() {
-            if needed[l] {
+        for (l, input) in inputs.iter().enumerate() {
+            if let Some((ft, info)) = input.as_ref().filter(|_| needed[l]) {
                 let size = ft.size();
                 self.models[l]
                     .file_of(info)

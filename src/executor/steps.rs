@@ -115,6 +115,13 @@ impl Prepared<'_> {
 
     /// The value of one step for one merged tensor, given the earlier steps' values.
     fn step_value(&self, t: &OutTensor, kind: &StepKind, sv: &[Val]) -> Result<Val, MergeError> {
+        let restricted;
+        let kind = if self.plan.layout.is_some() {
+            restricted = restrict(t, kind)?;
+            &restricted
+        } else {
+            kind
+        };
         let name = t.base.name.as_str();
         let at = |p: &crate::methods::Param, default: f64| p.or_default(name, t.t, default);
         let n = self.leaves();
@@ -348,7 +355,7 @@ impl Prepared<'_> {
         f: impl Fn(usize, &[Vec<f64>]) -> A + Sync,
         mut sink: impl FnMut(usize, Option<A>),
     ) -> Result<(), MergeError> {
-        let needed = self.needed_leaves(vals);
+        let needed = self.needed_leaves(t, vals);
         let numel = t.base.numel();
         let chunks = numel.div_ceil(CHUNK);
         for block_start in (0..chunks).step_by(BLOCK) {
@@ -361,7 +368,7 @@ impl Prepared<'_> {
                     }
                     let (lo, hi) = (c * CHUNK, ((c + 1) * CHUNK).min(numel));
                     let inputs = self.decode_chunk(t, &needed, lo, hi)?;
-                    let x = self.chunk_inputs(&inputs, lo);
+                    let x = self.chunk_inputs(t, &inputs, lo);
                     let values: Vec<Vec<f64>> = vals
                         .iter()
                         .map(|v| {
@@ -501,4 +508,74 @@ fn grouped(terms: Vec<(Val, Vec<f64>)>, group: GroupOf, n: usize) -> Val {
         return Val::sum(terms.into_iter().map(|(v, c)| (v, c[0])).collect(), n);
     }
     Val::Node(Arc::new(Node::Grouped { terms, group }))
+}
+
+/// A step limited to the models that are sources of this tensor's slice (layer layouts only).
+fn restrict(t: &OutTensor, kind: &StepKind) -> Result<StepKind, MergeError> {
+    let Treatment::Merge { inputs } = &t.treatment else {
+        return Ok(kind.clone());
+    };
+    let active = |op: &Operand| match op {
+        Operand::Leaf(l) => inputs[*l].is_some(),
+        Operand::Step(_) => true,
+    };
+    let keep = |models: &[Operand]| -> Vec<usize> {
+        (0..models.len()).filter(|&i| active(&models[i])).collect()
+    };
+    fn pick<T: Clone>(v: &[T], idx: &[usize]) -> Vec<T> {
+        idx.iter().map(|&i| v[i].clone()).collect()
+    }
+    let out = match kind {
+        StepKind::Linear {
+            models,
+            weights,
+            normalize,
+        } => {
+            let i = keep(models);
+            StepKind::Linear {
+                models: pick(models, &i),
+                weights: pick(weights, &i),
+                normalize: *normalize,
+            }
+        }
+        StepKind::Passthrough { models, scale } => {
+            let i = keep(models);
+            StepKind::Passthrough {
+                models: pick(models, &i),
+                scale: pick(scale, &i),
+            }
+        }
+        StepKind::TaskVectors(tv) => {
+            let i = keep(&tv.models);
+            let mut tv = tv.clone();
+            tv.weights = pick(&tv.weights, &i);
+            tv.density = pick(&tv.density, &i);
+            tv.gamma = pick(&tv.gamma, &i);
+            tv.models = pick(&tv.models, &i);
+            StepKind::TaskVectors(tv)
+        }
+        StepKind::ModelStock {
+            base,
+            models,
+            filter_wise,
+        } => {
+            let i = keep(models);
+            StepKind::ModelStock {
+                base: *base,
+                models: pick(models, &i),
+                filter_wise: *filter_wise,
+            }
+        }
+        other => other.clone(),
+    };
+    if let Some(Operand::Leaf(l)) = crate::recipe::operands(&out)
+        .into_iter()
+        .find(|op| !active(op))
+    {
+        return Err(MergeError::Method {
+            tensor: t.base.name.clone(),
+            message: format!("input model {l} is not a source of this tensor's slice"),
+        });
+    }
+    Ok(out)
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde_saphyr::Location;
 
 use super::raw::{RawParam, RawRecipe, RawStep, S};
-use super::RecipeError;
+use super::{hub, RecipeError};
 use crate::format::FloatType;
 use crate::methods::{self, NativeArgs, Param};
 pub use crate::methods::{Sparsify, TaskVectorStep};
@@ -109,6 +109,17 @@ pub struct Leaf {
     pub path: PathBuf,
     /// How the recipe wrote it (alias or path).
     pub shown: String,
+    /// The Hugging Face id (`org/name`) when the model was found in the hub cache by that id.
+    pub hub_id: Option<String>,
+}
+
+/// One slice of a layer layout (mergekit `slices`): `len` layers taken from each source, from its layer
+/// `start` on; sources are merged layer by layer.
+#[derive(Debug, Clone)]
+pub struct LayoutSlice {
+    /// (leaf, first layer) of each source.
+    pub sources: Vec<(usize, usize)>,
+    pub len: usize,
 }
 
 /// One model to write: a step, and which η of a LITI list.
@@ -143,38 +154,39 @@ pub struct Plan {
     pub allow_nonfinite: bool,
     /// Things worth saying that do not stop the run (η outside [0, 1], ...).
     pub warnings: Vec<String>,
+    /// Output layers stacked from layer ranges (mergekit `slices`); `None`: the base's layers.
+    pub layout: Option<Vec<LayoutSlice>>,
+    /// The model whose tokenizer files are copied (default: the base).
+    pub tokenizer_source: Option<usize>,
+    /// A chat template to set in the output's tokenizer_config.json.
+    pub chat_template: Option<String>,
+    /// Files written into every output folder besides the usual ones (name, contents).
+    pub extra_files: Vec<(String, String)>,
 }
 
 impl Plan {
     /// Reads and validates a recipe file. `out` overrides the recipe's `output`.
     pub fn from_file(path: &Path, out: Option<&Path>) -> Result<Plan, RecipeError> {
+        Self::load(path, out, None)
+    }
+
+    /// Reads and validates a gemma-merge recipe or, when it has a top-level `merge_method`, a mergekit
+    /// config (whose model paths are relative to the current directory, and which needs `out`). `seed`
+    /// is mergekit's `--seed` (a gemma-merge recipe sets `seed:` itself).
+    pub fn load(path: &Path, out: Option<&Path>, seed: Option<u64>) -> Result<Plan, RecipeError> {
         let text = std::fs::read_to_string(path).map_err(|source| RecipeError::Io {
             path: path.into(),
             source,
         })?;
+        if super::mergekit::is_mergekit(&text) {
+            return super::mergekit::plan(&text, path, out, seed.unwrap_or(0));
+        }
         Self::from_text(&text, path, out)
     }
 
     /// Validates recipe `text` as if read from `path` (relative references resolve against its folder).
     pub fn from_text(text: &str, path: &Path, out: Option<&Path>) -> Result<Plan, RecipeError> {
-        let raw: RawRecipe = serde_saphyr::from_str(text).map_err(|e| {
-            let (line, column) = e
-                .location()
-                .map(|l| (l.line(), l.column()))
-                .unwrap_or((0, 0));
-            let full = e.to_string();
-            let first = full.lines().next().unwrap_or("").to_string();
-            let message = match first.find(": ") {
-                Some(i) if first.starts_with("error: line ") => first[i + 2..].to_string(),
-                _ => first.trim_start_matches("error: ").to_string(),
-            };
-            RecipeError::Invalid {
-                path: path.into(),
-                line,
-                column,
-                message,
-            }
-        })?;
+        let raw: RawRecipe = parse_yaml(text, path)?;
         Resolver::new(path, text).resolve(raw, out)
     }
 
@@ -182,6 +194,31 @@ impl Plan {
     pub fn step_names(&self) -> Vec<&str> {
         self.steps.iter().map(|s| s.name.as_str()).collect()
     }
+}
+
+/// Parses YAML into `T`, turning a syntax or schema error into one with the file's line and column.
+pub(crate) fn parse_yaml<T: serde::de::DeserializeOwned>(
+    text: &str,
+    path: &Path,
+) -> Result<T, RecipeError> {
+    serde_saphyr::from_str(text).map_err(|e| {
+        let (line, column) = e
+            .location()
+            .map(|l| (l.line(), l.column()))
+            .unwrap_or((0, 0));
+        let full = e.to_string();
+        let first = full.lines().next().unwrap_or("").to_string();
+        let message = match first.find(": ") {
+            Some(i) if first.starts_with("error: line ") => first[i + 2..].to_string(),
+            _ => first.trim_start_matches("error: ").to_string(),
+        };
+        RecipeError::Invalid {
+            path: path.into(),
+            line,
+            column,
+            message,
+        }
+    })
 }
 
 /// Shortest decimal that reads back as the same f64, with at least one digit after the point.
@@ -277,15 +314,20 @@ impl<'a> Resolver<'a> {
         if target.is_empty() {
             return Err(self.err(loc, "empty model reference"));
         }
-        let path = self.dir.join(target);
+        let mut path = self.dir.join(target);
+        let mut hub_id = None;
         if !path.exists() {
-            return Err(self.err(
-                loc,
-                format!(
-                    "`{shown}` is not a step, an alias, or an existing path ({} not found)",
-                    path.display()
-                ),
-            ));
+            if !hub::is_hub_id(target) {
+                return Err(self.err(
+                    loc,
+                    format!(
+                        "`{shown}` is not a step, an alias, or an existing path ({} not found)",
+                        path.display()
+                    ),
+                ));
+            }
+            path = hub::resolve(target).map_err(|m| self.err(loc, m))?;
+            hub_id = Some(target.split('@').next().unwrap_or(target).to_string());
         }
         let key = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
         if let Some(&i) = self.leaf_by_path.get(&key) {
@@ -294,6 +336,7 @@ impl<'a> Resolver<'a> {
         self.leaves.push(Leaf {
             path,
             shown: shown.to_string(),
+            hub_id,
         });
         self.leaf_by_path.insert(key, self.leaves.len() - 1);
         Ok(self.leaves.len() - 1)
@@ -461,6 +504,10 @@ impl<'a> Resolver<'a> {
             ignore_extra_tensors,
             allow_nonfinite: raw.allow_nonfinite.map(|v| v.value).unwrap_or(false),
             warnings: self.warnings,
+            layout: None,
+            tokenizer_source: None,
+            chat_template: None,
+            extra_files: Vec::new(),
         })
     }
 
