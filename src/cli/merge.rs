@@ -28,6 +28,9 @@ pub struct RunArgs {
     /// Print a JSON summary.
     #[arg(long)]
     pub json: bool,
+    /// Seed of random methods (DARE) for a mergekit config; a recipe sets `seed:` itself.
+    #[arg(long, value_name = "N")]
+    pub seed: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -46,7 +49,7 @@ pub struct InspectArgs {
 }
 
 pub fn run(a: &RunArgs, g: &Global) -> anyhow::Result<()> {
-    let plan = Plan::from_file(&a.recipe, a.out.as_deref())?;
+    let plan = Plan::load(&a.recipe, a.out.as_deref(), a.seed)?;
     if !g.quiet {
         for w in &plan.warnings {
             eprintln!("warning: {w}");

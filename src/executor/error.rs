@@ -49,6 +49,9 @@ pub enum MergeError {
         index: usize,
         dtype: String,
     },
+    /// A method cannot compute a tensor (weights summing to 0 where they must be normalized, ...).
+    #[error("tensor `{tensor}`: {message}")]
+    Method { tensor: String, message: String },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
