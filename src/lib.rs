@@ -12,4 +12,5 @@ pub mod kernels;
 pub mod model;
 pub mod plot;
 pub mod recipe;
+pub mod simd;
 pub mod synth;

@@ -9,6 +9,8 @@
 //!
 //! Perplexity, KL and top-1 agreement over windows live in [`crate::evaluate`].
 
+#[doc(hidden)]
+pub mod gemm;
 pub mod gemma2;
 mod ops;
 pub mod sampling;
@@ -19,6 +21,7 @@ use std::path::{Path, PathBuf};
 
 use crate::format::FormatError;
 
+pub use gemm::Precision;
 pub use gemma2::{Cache, Config, Gemma2};
 pub use sampling::{Sampler, SamplingParams};
 pub use tokenizer::Tokenizer;
