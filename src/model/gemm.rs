@@ -42,7 +42,7 @@ const STREAM_ROWS: usize = 16;
 
 /// A raw output pointer shared by work items that write disjoint elements.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+pub(crate) struct OutPtr(*mut f32);
 // SAFETY: every work item writes a disjoint set of elements (its own weight rows' columns), and the
 // buffer outlives the parallel region.
 unsafe impl Send for OutPtr {}
@@ -58,42 +58,67 @@ pub fn matmul_into(
     w: &Weight,
     y: &mut [f32],
 ) {
-    let (m, k) = (w.shape()[0], w.shape()[1]);
+    matmul_many(level, precision, x, n, &[w], &mut [y]);
+}
+
+/// `ys[i] = x · ws[i]ᵀ` for weights sharing k, in one parallel region (one packing of `x`): q/k/v, or
+/// gate/up, as one product.
+pub fn matmul_many(
+    level: Level,
+    precision: Precision,
+    x: &[f32],
+    n: usize,
+    ws: &[&Weight],
+    ys: &mut [&mut [f32]],
+) {
+    assert_eq!(ws.len(), ys.len());
+    assert!(
+        level <= crate::simd::detected(),
+        "SIMD level above the CPU's"
+    );
+    let Some(k) = ws.first().map(|w| w.shape()[1]) else {
+        return;
+    };
     assert_eq!(x.len(), n * k, "matmul: activations are not [n, k]");
-    assert_eq!(y.len(), n * m, "matmul: output is not [n, m]");
-    if n == 0 || m == 0 {
+    for (w, y) in ws.iter().zip(ys.iter()) {
+        assert_eq!(w.shape()[1], k, "matmul: inner dimensions differ");
+        assert_eq!(y.len(), n * w.shape()[0], "matmul: output is not [n, m]");
+    }
+    if n == 0 {
         return;
     }
     if k == 0 {
-        y.fill(0.0);
+        ys.iter_mut().for_each(|y| y.fill(0.0));
         return;
     }
+    let outs: Vec<OutPtr> = ys.iter_mut().map(|y| OutPtr(y.as_mut_ptr())).collect();
     if n <= STREAM_MAX_ROWS {
-        streaming(level, x, n, w, y);
+        streaming(level, x, n, ws, &outs);
         return;
     }
     #[cfg(target_arch = "x86_64")]
     if precision == Precision::Bf16 && level == Level::Avx512 && crate::simd::cpu_has_bf16_dot() {
         // SAFETY: the CPU has AVX-512 F/BW/VL and AVX512-BF16 (checked just above).
-        unsafe { x86::avx512::gemm_bf16(x, n, w, y) };
+        unsafe { x86::avx512::gemm_bf16(x, n, ws, &outs) };
         return;
     }
     let _ = precision;
     match level {
+        // The level is at most the CPU's (asserted above): the kernels' instructions are there.
         #[cfg(target_arch = "x86_64")]
-        Level::Avx512 => {
-            // SAFETY: `level` never exceeds `simd::detected()` (callers pass `simd::level()` or one of
-            // `simd::available()`): the CPU has AVX-512 F/BW/VL/DQ, AVX2, FMA and F16C.
-            assert!(level <= crate::simd::detected());
-            gemm::<x86::avx512::V>(x, n, w, y)
-        }
+        Level::Avx512 => gemm::<x86::avx512::V>(x, n, ws, &outs),
         #[cfg(target_arch = "x86_64")]
-        Level::Avx2 => {
-            assert!(level <= crate::simd::detected());
-            gemm::<x86::avx2::V>(x, n, w, y)
-        }
-        _ => gemm::<portable::V>(x, n, w, y),
+        Level::Avx2 => gemm::<x86::avx2::V>(x, n, ws, &outs),
+        _ => gemm::<portable::V>(x, n, ws, &outs),
     }
+}
+
+/// Work items of a product over several weights: (weight index, first row), `rows` rows each.
+fn work_items(ws: &[&Weight], rows: usize) -> Vec<(usize, usize)> {
+    ws.iter()
+        .enumerate()
+        .flat_map(|(i, w)| (0..w.shape()[0]).step_by(rows).map(move |r| (i, r)))
+        .collect()
 }
 
 /// One SIMD level's vector of f32 lanes and the panel kernels built on it.
@@ -131,23 +156,19 @@ thread_local! {
 }
 
 /// The packed-panel product at level `S` (see the module documentation).
-fn gemm<S: Simd>(x: &[f32], n: usize, w: &Weight, y: &mut [f32]) {
-    let (m, k) = (w.shape()[0], w.shape()[1]);
-    let dtype = w.dtype();
-    let row_bytes = k * dtype.size();
-    let bytes = w.bytes();
+fn gemm<S: Simd>(x: &[f32], n: usize, ws: &[&Weight], outs: &[OutPtr]) {
+    let k = ws[0].shape()[1];
     let xp = pack_x(x, n, k, S::L);
-    let out = OutPtr(y.as_mut_ptr());
-    let panels = m.div_ceil(S::MR);
-    (0..panels).into_par_iter().for_each(|p| {
-        let out = out;
-        let col0 = p * S::MR;
+    work_items(ws, S::MR).into_par_iter().for_each(|(i, col0)| {
+        let (w, out) = (ws[i], outs[i]);
+        let (m, dtype) = (w.shape()[0], w.dtype());
+        let row_bytes = k * dtype.size();
         let rows = S::MR.min(m - col0);
         PANEL.with(|panel| {
             // SAFETY: the caller checked the level; this work item alone writes columns col0..col0+rows.
             unsafe {
                 S::panel(
-                    &bytes[col0 * row_bytes..(col0 + rows) * row_bytes],
+                    &w.bytes()[col0 * row_bytes..(col0 + rows) * row_bytes],
                     dtype,
                     rows,
                     k,
@@ -207,24 +228,25 @@ fn store_tile(
     }
 }
 
-/// The streaming path: `yt[r, t] = w[r] · x[t]`, computed per weight row and stored transposed.
-fn streaming(level: Level, x: &[f32], n: usize, w: &Weight, y: &mut [f32]) {
-    let (m, k) = (w.shape()[0], w.shape()[1]);
-    let dtype = w.dtype();
-    let (bytes, row_bytes) = (w.bytes(), k * dtype.size());
-    let out = OutPtr(y.as_mut_ptr());
-    (0..m.div_ceil(STREAM_ROWS)).into_par_iter().for_each(|c| {
-        let out = out;
-        let mut o = [0f32; STREAM_MAX_ROWS];
-        for row in c * STREAM_ROWS..((c + 1) * STREAM_ROWS).min(m) {
-            let wr = &bytes[row * row_bytes..(row + 1) * row_bytes];
-            dot_rows(level, wr, dtype, x, k, &mut o[..n]);
-            for (t, v) in o[..n].iter().enumerate() {
-                // SAFETY: y is [n, m]; this work item alone writes column `row`.
-                unsafe { *out.0.add(t * m + row) = *v };
+/// The streaming path: `y[t, r] = w[r] · x[t]`, one weight row at a time.
+fn streaming(level: Level, x: &[f32], n: usize, ws: &[&Weight], outs: &[OutPtr]) {
+    let k = ws[0].shape()[1];
+    work_items(ws, STREAM_ROWS)
+        .into_par_iter()
+        .for_each(|(i, first)| {
+            let (w, out) = (ws[i], outs[i]);
+            let (m, dtype) = (w.shape()[0], w.dtype());
+            let (bytes, row_bytes) = (w.bytes(), k * dtype.size());
+            let mut o = [0f32; STREAM_MAX_ROWS];
+            for row in first..(first + STREAM_ROWS).min(m) {
+                let wr = &bytes[row * row_bytes..(row + 1) * row_bytes];
+                dot_rows(level, wr, dtype, x, k, &mut o[..n]);
+                for (t, v) in o[..n].iter().enumerate() {
+                    // SAFETY: y is [n, m]; this work item alone writes column `row`.
+                    unsafe { *out.0.add(t * m + row) = *v };
+                }
             }
-        }
-    });
+        });
 }
 
 /// `out[t] = Σᵢ w[i]·x[t·k + i]` for each of the `out.len()` activation rows of `x`: one weight row in its
@@ -717,36 +739,40 @@ pub(crate) mod x86 {
         ///
         /// # Safety
         /// The CPU has AVX-512 F/BW/VL and AVX512-BF16.
-        pub unsafe fn gemm_bf16(x: &[f32], n: usize, w: &Weight, y: &mut [f32]) {
-            let (m, k) = (w.shape()[0], w.shape()[1]);
-            let dtype = w.dtype();
-            let row_bytes = k * dtype.size();
-            let bytes = w.bytes();
+        pub unsafe fn gemm_bf16(
+            x: &[f32],
+            n: usize,
+            ws: &[&Weight],
+            outs: &[super::super::OutPtr],
+        ) {
+            let k = ws[0].shape()[1];
             let xp = pack_x_bf16(x, n, k);
-            let out = super::super::OutPtr(y.as_mut_ptr());
-            (0..m.div_ceil(MR)).into_par_iter().for_each(|p| {
-                let out = out;
-                let col0 = p * MR;
-                let rows = MR.min(m - col0);
-                let w = &bytes[col0 * row_bytes..(col0 + rows) * row_bytes];
-                PANEL16.with(|panel| {
-                    // SAFETY: the caller checked the CPU; this work item alone writes these columns.
-                    unsafe {
-                        panel_bf16(
-                            w,
-                            dtype,
-                            rows,
-                            k,
-                            &xp,
-                            n,
-                            out.0,
-                            m,
-                            col0,
-                            &mut panel.borrow_mut(),
-                        )
-                    }
+            super::super::work_items(ws, MR)
+                .into_par_iter()
+                .for_each(|(i, col0)| {
+                    let (w, out) = (ws[i], outs[i]);
+                    let (m, dtype) = (w.shape()[0], w.dtype());
+                    let row_bytes = k * dtype.size();
+                    let rows = MR.min(m - col0);
+                    let w = &w.bytes()[col0 * row_bytes..(col0 + rows) * row_bytes];
+                    PANEL16.with(|panel| {
+                        // SAFETY: the caller checked the CPU; this work item alone writes these columns.
+                        unsafe {
+                            panel_bf16(
+                                w,
+                                dtype,
+                                rows,
+                                k,
+                                &xp,
+                                n,
+                                out.0,
+                                m,
+                                col0,
+                                &mut panel.borrow_mut(),
+                            )
+                        }
+                    });
                 });
-            });
         }
 
         /// Weight rows as bf16 pairs in [kp/32][MR][16] (u32 each: two consecutive columns); f16 and

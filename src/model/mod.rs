@@ -15,6 +15,7 @@ pub mod gemma2;
 mod ops;
 pub mod sampling;
 pub mod tokenizer;
+mod vmath;
 pub mod weights;
 
 use std::path::{Path, PathBuf};

@@ -5,24 +5,45 @@ use ndarray::{Array2, ArrayView2, ArrayViewMut2, Axis};
 use rayon::prelude::*;
 
 pub(crate) use super::gemm::Precision;
+pub(crate) use super::vmath::{exp_in_place, gelu_mul, softcap};
 use super::weights::Weight;
 
-/// `x · wᵀ` for activations `x` [n, k] and a weight `w` [m, k] in its stored type: [n, m], in exact mode
-/// at the process's SIMD level (see [`super::gemm`]). The weight is never converted as a whole.
-pub(crate) fn matmul(x: ArrayView2<f32>, w: &Weight) -> Array2<f32> {
-    matmul_p(x, w, Precision::Exact)
-}
-
-/// [`matmul`] with a chosen [`Precision`].
+/// `x · wᵀ` for activations `x` [n, k] and a weight `w` [m, k] in its stored type: [n, m], at the
+/// process's SIMD level (see [`super::gemm`]). The weight is never converted as a whole.
 pub(crate) fn matmul_p(x: ArrayView2<f32>, w: &Weight, precision: Precision) -> Array2<f32> {
     let n = x.nrows();
     let m = w.shape()[0];
-    let mut y = Vec::with_capacity(n * m);
-    // SAFETY-free uninitialised output: `matmul_into` writes every element before anything reads it,
-    // so it is sized with `resize` only after the product (no zero-filling pass over fresh pages).
-    y.resize(n * m, 0.0);
+    // Zeroed allocation: large ones are fresh zero pages that the product then writes once (no
+    // zero-filling pass, no read before the first write).
+    let mut y = vec![0f32; n * m];
     matmul_into(x, w, precision, &mut y);
     Array2::from_shape_vec((n, m), y).expect("n·m elements")
+}
+
+/// `x · wsᵢᵀ` for several weights sharing k, in one parallel region (q/k/v; gate/up).
+pub(crate) fn matmul_many<const N: usize>(
+    x: ArrayView2<f32>,
+    ws: [&Weight; N],
+    precision: Precision,
+) -> [Array2<f32>; N] {
+    let (n, k) = x.dim();
+    let x = x.as_standard_layout();
+    let xs = x.as_slice().expect("standard layout");
+    let mut ys: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; n * w.shape()[0]]).collect();
+    let mut outs: Vec<&mut [f32]> = ys.iter_mut().map(|y| y.as_mut_slice()).collect();
+    for w in ws {
+        assert_eq!(
+            w.shape().get(1),
+            Some(&k),
+            "matmul: inner dimensions differ"
+        );
+    }
+    super::gemm::matmul_many(crate::simd::level(), precision, xs, n, &ws, &mut outs);
+    let mut it = ys.into_iter().zip(ws);
+    std::array::from_fn(|_| {
+        let (y, w) = it.next().expect("N outputs");
+        Array2::from_shape_vec((n, w.shape()[0]), y).expect("n·m elements")
+    })
 }
 
 /// `y = x · wᵀ` into a caller's buffer of n·m elements (every element written).
@@ -82,23 +103,6 @@ pub(crate) fn rms_norm_row(row: &mut [f32], scale: &[f32], eps: f64) {
     for (v, s) in row.iter_mut().zip(scale) {
         *v = (*v * inv) * s;
     }
-}
-
-/// `cap · tanh(v / cap)` in place (Gemma 2's attention and final logit soft-caps).
-#[inline]
-pub(crate) fn softcap(values: &mut [f32], cap: f32) {
-    for v in values {
-        *v = (*v / cap).tanh() * cap;
-    }
-}
-
-/// The tanh approximation of GELU (`gelu_pytorch_tanh`): `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`.
-#[inline]
-pub(crate) fn gelu_tanh(x: f32) -> f32 {
-    const SQRT_2_OVER_PI: f32 = 0.797_884_6; // √(2/π), as PyTorch's kBeta rounded to f32
-    const KAPPA: f32 = 0.044715;
-    let inner = SQRT_2_OVER_PI * (x + KAPPA * (x * x * x));
-    0.5 * x * (1.0 + inner.tanh())
 }
 
 /// Rotary position embedding, non-interleaved ("rotate half": element i pairs with i + head_dim/2).
@@ -206,18 +210,5 @@ mod tests {
         assert!(v[2] < 30.0 && v[2] > 29.9);
         assert_eq!(v[3], -v[2]);
         assert!((v[4] as f64 - 30.0 * 1f64.tanh()).abs() < 1e-5);
-    }
-
-    #[test]
-    fn gelu_tanh_matches_the_formula() {
-        for x in [-5.0f64, -1.0, -0.1, 0.0, 0.5, 1.0, 3.0] {
-            let want = 0.5
-                * x
-                * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh());
-            let got = gelu_tanh(x as f32) as f64;
-            assert!((got - want).abs() < 1e-6, "gelu({x}) = {got}, want {want}");
-        }
-        // Not the erf GELU: at x = 1 they differ by ~1.6e-4.
-        assert!((gelu_tanh(1.0) - 0.841_192).abs() < 1e-5);
     }
 }
