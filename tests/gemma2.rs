@@ -931,3 +931,42 @@ fn every_simd_level_matches_transformers() {
         );
     }
 }
+
+/// `--fast` (bf16 products where the CPU has AVX512-BF16): close to exact mode on every golden model
+/// (relative perplexity within 1e-2, logits within 0.05), and, on such a CPU, not the exact numbers.
+#[test]
+fn fast_mode_stays_close_to_exact() {
+    let tmp = tempfile::tempdir().unwrap();
+    for name in MODELS {
+        let g = golden(name);
+        let model = fixture(name);
+        let fast_dump = tmp
+            .path()
+            .join(format!("{}.fast.safetensors", name.replace('/', "-")));
+        let v = run_json(&[
+            "eval",
+            model.to_str().unwrap(),
+            "--token-ids",
+            &csv(&g.tokens),
+            "--fast",
+            "--dump-logits",
+            fast_dump.to_str().unwrap(),
+            "--json",
+        ]);
+        let ppl = v["perplexity"].as_f64().unwrap();
+        assert!(
+            ((ppl - g.perplexity) / g.perplexity).abs() < 1e-2,
+            "{name}: {ppl} vs {}",
+            g.perplexity
+        );
+        let fast = read_logits(&fast_dump);
+        let err = max_abs_diff(&fast, &g.logits);
+        assert!(err < 0.05, "{name}: fast logits differ by {err}");
+        if gemma_merge::simd::has_bf16_dot() && g.tokens.len() > 8 {
+            assert!(
+                err > 1e-6,
+                "{name}: --fast gave the exact logits on a CPU with AVX512-BF16"
+            );
+        }
+    }
+}

@@ -42,6 +42,11 @@ pub struct EvalArgs {
     /// Write the logits at every input position as a safetensors file (tensor `logits`, F32).
     #[arg(long, value_name = "FILE")]
     pub dump_logits: Option<PathArg>,
+    /// Fast mode: bf16 × bf16 matrix products with f32 sums (AVX512-BF16 `vdpbf16ps`, as llama.cpp and
+    /// PyTorch's bf16 path), activations rounded to bf16; exact mode where the CPU lacks AVX512-BF16.
+    /// Less exact than the default (see docs/performance.md for the measured deviation).
+    #[arg(long)]
+    pub fast: bool,
     /// Print a JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -79,6 +84,11 @@ pub struct GenerateArgs {
     /// Random seed for sampling.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Fast mode: bf16 × bf16 matrix products with f32 sums (AVX512-BF16 `vdpbf16ps`, as llama.cpp and
+    /// PyTorch's bf16 path), activations rounded to bf16; exact mode where the CPU lacks AVX512-BF16.
+    /// Less exact than the default (see docs/performance.md for the measured deviation).
+    #[arg(long)]
+    pub fast: bool,
     /// Print a JSON object instead of streaming text.
     #[arg(long)]
     pub json: bool,
@@ -99,6 +109,11 @@ pub struct CompareArgs {
     /// Window length, as for eval.
     #[arg(long, value_name = "N")]
     pub context: Option<usize>,
+    /// Fast mode: bf16 × bf16 matrix products with f32 sums (AVX512-BF16 `vdpbf16ps`, as llama.cpp and
+    /// PyTorch's bf16 path), activations rounded to bf16; exact mode where the CPU lacks AVX512-BF16.
+    /// Less exact than the default (see docs/performance.md for the measured deviation).
+    #[arg(long)]
+    pub fast: bool,
     /// Print a JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -113,6 +128,7 @@ fn parse_token_id(s: &str) -> Result<u32, String> {
 
 pub fn eval(args: &EvalArgs, g: &Global) -> anyhow::Result<()> {
     check_counts(args.max_tokens, args.context)?;
+    set_fast(args.fast);
     let model = Gemma2::load(&args.model)?;
     let (tokens, context) = scored_input(
         &args.input,
@@ -183,6 +199,7 @@ pub fn generate(args: &GenerateArgs, g: &Global) -> anyhow::Result<()> {
     params
         .validate()
         .map_err(|e| UsageError(format!("--{e}")))?;
+    set_fast(args.fast);
     let model = Gemma2::load(&args.model)?;
     let folder = folder_of(&args.model);
     let (mut prompt, tokenizer) = match (&args.prompt, &args.token_ids) {
@@ -271,6 +288,7 @@ pub fn generate(args: &GenerateArgs, g: &Global) -> anyhow::Result<()> {
 
 pub fn compare(args: &CompareArgs, g: &Global) -> anyhow::Result<()> {
     check_counts(args.max_tokens, args.context)?;
+    set_fast(args.fast);
     let model = Gemma2::load(&args.model)?;
     let reference = Gemma2::load(&args.reference)?;
     let (vm, vr) = (model.config().vocab_size, reference.config().vocab_size);
@@ -323,6 +341,13 @@ pub fn compare(args: &CompareArgs, g: &Global) -> anyhow::Result<()> {
 }
 
 /// `--max-tokens` and `--context` values that cannot work are usage errors.
+/// `--fast`: every model this process builds from now on computes in bf16 (see `model::gemm`).
+pub(super) fn set_fast(fast: bool) {
+    if fast {
+        gemma_merge::model::set_default_precision(gemma_merge::model::Precision::Bf16);
+    }
+}
+
 fn check_counts(max_tokens: Option<usize>, context: Option<usize>) -> anyhow::Result<()> {
     if max_tokens == Some(0) {
         return Err(UsageError("--max-tokens must be at least 1".into()).into());

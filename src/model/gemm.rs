@@ -35,6 +35,24 @@ pub enum Precision {
     Bf16,
 }
 
+/// The precision new models start with (see [`set_default_precision`]).
+static DEFAULT_FAST: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Sets the precision of every model built from now on in this process (the CLI's `--fast`); a model's
+/// own can still be changed with `Gemma2::set_precision`.
+pub fn set_default_precision(p: Precision) {
+    DEFAULT_FAST.store(p == Precision::Bf16, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// See [`set_default_precision`]; [`Precision::Exact`] unless it was called.
+pub fn default_precision() -> Precision {
+    if DEFAULT_FAST.load(std::sync::atomic::Ordering::Relaxed) {
+        Precision::Bf16
+    } else {
+        Precision::Exact
+    }
+}
+
 /// Up to this many activation rows, a product streams each weight row once ([`dot_rows`]).
 pub(crate) const STREAM_MAX_ROWS: usize = 8;
 /// Weight rows per parallel work item on the streaming path.

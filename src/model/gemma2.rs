@@ -590,7 +590,7 @@ impl Gemma2 {
             lm_head,
             rope,
             normalizer,
-            precision: Precision::Exact,
+            precision: super::gemm::default_precision(),
         })
     }
 

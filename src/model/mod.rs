@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 
 use crate::format::FormatError;
 
-pub use gemm::Precision;
+pub use gemm::{default_precision, set_default_precision, Precision};
 pub use gemma2::{Cache, Config, Gemma2};
 pub use sampling::{Sampler, SamplingParams};
 pub use tokenizer::Tokenizer;
