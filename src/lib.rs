@@ -15,4 +15,5 @@ pub mod plot;
 pub mod recipe;
 pub mod safe_out;
 pub mod selection;
+pub mod simd;
 pub mod synth;

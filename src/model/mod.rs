@@ -14,10 +14,13 @@
 //! Perplexity, KL and top-1 agreement over windows live in [`crate::evaluate`].
 
 pub mod family;
+#[doc(hidden)]
+pub mod gemm;
 pub mod gemma2;
 mod ops;
 pub mod sampling;
 pub mod tokenizer;
+mod vmath;
 pub mod weights;
 
 use std::path::{Path, PathBuf};
@@ -25,6 +28,7 @@ use std::path::{Path, PathBuf};
 use crate::format::FormatError;
 
 pub use family::Family;
+pub use gemm::{default_precision, set_default_precision, Precision};
 pub use gemma2::{Cache, Config, Gemma2};
 /// The model of any member of the family (the type's historical name is [`Gemma2`]).
 pub type Gemma = Gemma2;
@@ -67,7 +71,9 @@ pub enum ModelError {
         layers: usize,
     },
     /// A weight holds NaN or an infinity.
-    #[error("{origin}: tensor `{name}` holds a non-finite value (NaN or infinity) at element {index}")]
+    #[error(
+        "{origin}: tensor `{name}` holds a non-finite value (NaN or infinity) at element {index}"
+    )]
     NonFiniteWeight {
         origin: String,
         name: String,

@@ -584,7 +584,10 @@ impl<'a> Resolver<'a> {
         };
         let kind = (def.resolve)(&mut args)?;
         // A list, even of one η, writes `OUTPUT/eta-<η>` folders.
-        if matches!(s.eta.as_ref().map(|e| &e.value), Some(crate::recipe::raw::Eta::List(_))) {
+        if matches!(
+            s.eta.as_ref().map(|e| &e.value),
+            Some(crate::recipe::raw::Eta::List(_))
+        ) {
             self.list_steps.push(index);
         }
         Ok(Step {
