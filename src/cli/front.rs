@@ -46,12 +46,18 @@ pub struct FrontArgs {
     /// Do not score the SLERP step's input policies.
     #[arg(long)]
     pub no_policies: bool,
+    /// Fast mode: bf16 × bf16 matrix products with f32 sums (AVX512-BF16 `vdpbf16ps`, as llama.cpp and
+    /// PyTorch's bf16 path), activations rounded to bf16; exact mode where the CPU lacks AVX512-BF16.
+    /// Less exact than the default (see docs/performance.md for the measured deviation).
+    #[arg(long)]
+    pub fast: bool,
     /// Print a JSON array instead of a table.
     #[arg(long)]
     pub json: bool,
 }
 
 pub fn front(a: &FrontArgs, g: &Global) -> anyhow::Result<()> {
+    super::eval::set_fast(a.fast);
     let placeholder = a.recipe.with_extension("front-not-written");
     let plan = Plan::from_file(&a.recipe, Some(a.keep.as_deref().unwrap_or(&placeholder)))?;
     if !g.quiet {

@@ -174,14 +174,14 @@ pub fn synth(a: &SynthArgs, g: &Global) -> anyhow::Result<()> {
             (None, Some(s)) => s.parameters(),
             (None, None) => 0,
         };
-        println!(
+        outln!(
             "wrote {} ({} parameters, {} files, {}) in {:.2} s",
             a.out.display(),
             params,
             records.len(),
             human_bytes(bytes),
             started.elapsed().as_secs_f64()
-        );
+        )?;
     }
     Ok(())
 }

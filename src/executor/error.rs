@@ -48,6 +48,18 @@ pub enum MergeError {
     /// An output may not be written there (exists, not ours, inside an input, overlapping).
     #[error(transparent)]
     Output(#[from] crate::safe_out::OutputError),
+    /// A merged value is NaN or ±Inf once rounded to the output dtype (overflow of float16 beyond
+    /// ±65504, an extreme η or weights); allowed with `allow_nonfinite: true`.
+    #[error("step {step}: tensor `{tensor}` is not finite at element {index} once merged and rounded to {dtype} (overflow? set `allow_nonfinite: true` to write it anyway)")]
+    NonFiniteOutput {
+        step: String,
+        tensor: String,
+        index: usize,
+        dtype: String,
+    },
+    /// A method cannot compute a tensor (weights summing to 0 where they must be normalized, ...).
+    #[error("tensor `{tensor}`: {message}")]
+    Method { tensor: String, message: String },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,

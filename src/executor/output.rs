@@ -156,6 +156,7 @@ impl Staging {
         mut records: Vec<FileRecord>,
         inputs: &[InputRecord],
         seconds: f64,
+        side: &SideSources,
     ) -> Result<u64, MergeError> {
         let dir = self.staged(path);
         let dtype = plan
@@ -175,17 +176,26 @@ impl Staging {
                     "torch_dtype".into(),
                     serde_json::Value::String(dtype.clone()),
                 );
+                for (k, v) in &side.config_patch {
+                    obj.insert(k.clone(), v.clone());
+                }
             }
             let mut text = serde_json::to_string_pretty(&config).expect("JSON serializes");
             text.push('\n');
             records.push(write_small_file(&dir, "config.json", text.as_bytes())?);
         }
         for name in SIDE_FILES {
-            let src = base.folder().join(name);
+            let src = side.tokenizer.join(name);
             if src.is_file() {
-                let bytes = std::fs::read(&src).map_err(|e| MergeError::io(&src, e))?;
+                let mut bytes = std::fs::read(&src).map_err(|e| MergeError::io(&src, e))?;
+                if let (Some(template), "tokenizer_config.json") = (&plan.chat_template, name) {
+                    bytes = with_chat_template(&bytes, template, &src)?;
+                }
                 records.push(write_small_file(&dir, name, &bytes)?);
             }
+        }
+        for (name, text) in &plan.extra_files {
+            records.push(write_small_file(&dir, name, text.as_bytes())?);
         }
         let step_name = &plan.steps[step].name;
         let card = model_card(plan, step_name, eta, path);
@@ -224,20 +234,56 @@ impl Staging {
     }
 }
 
+/// Where an output's config.json and tokenizer files come from, beyond the base's config.
+pub(crate) struct SideSources {
+    /// Keys set in config.json (a layer layout's `num_hidden_layers` and `layer_types`).
+    pub config_patch: serde_json::Map<String, serde_json::Value>,
+    /// The folder whose tokenizer and generation files are copied.
+    pub tokenizer: PathBuf,
+}
+
+/// tokenizer_config.json with its `chat_template` replaced.
+fn with_chat_template(bytes: &[u8], template: &str, src: &Path) -> Result<Vec<u8>, MergeError> {
+    let mut v: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
+        MergeError::io(
+            src,
+            std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
+        )
+    })?;
+    if let Some(obj) = v.as_object_mut() {
+        obj.insert("chat_template".into(), template.into());
+    }
+    let mut text = serde_json::to_string_pretty(&v).expect("JSON serializes");
+    text.push('\n');
+    Ok(text.into_bytes())
+}
+
 fn model_card(plan: &Plan, step: &str, eta: Option<f64>, path: &Path) -> String {
     let base_name = &plan.leaves[plan.base].shown;
+    // `base_model` names a model on the Hub: only a model found by its hub id can be one.
+    let base_line = match &plan.leaves[plan.base].hub_id {
+        Some(id) => format!(
+            "base_model: {}\n",
+            serde_json::to_string(id).expect("a string serializes")
+        ),
+        None => String::new(),
+    };
+    let merged: String = plan
+        .leaves
+        .iter()
+        .map(|l| format!("- {}\n", l.hub_id.as_deref().unwrap_or(&l.shown)))
+        .collect();
     let title = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "merged model".into());
     let eta_text = eta.map(|e| format!(", η = {e:?}")).unwrap_or_default();
     format!(
-        "---\nbase_model: {}\ntags:\n- merge\n- warp\n- gemma-merge\nlibrary_name: transformers\n---\n\n# {title}\n\n\
+        "---\n{base_line}tags:\n- merge\n- warp\n- gemma-merge\nlibrary_name: transformers\n---\n\n# {title}\n\n\
          Merged with gemma-merge {} from the recipe below (output step `{step}`{eta_text}): \
          WARP-style weight averaging (EMA, SLERP of task vectors, LITI towards the init) of checkpoints \
          sharing the base `{base_name}`. `merge-manifest.json` lists every input and the SHA-256 of every file \
-         here; `gemma-merge verify` re-checks them.\n\n## Recipe\n\n```yaml\n{}\n```\n",
-        serde_json::to_string(base_name).expect("a string serializes"),
+         here; `gemma-merge verify` re-checks them.\n\n## Merged models\n\n{merged}\n## Recipe\n\n```yaml\n{}\n```\n",
         env!("CARGO_PKG_VERSION"),
         plan.recipe_text.trim_end()
     )
