@@ -567,6 +567,28 @@ fn synth_never_overwrites_and_stays_out_of_its_base() {
 // ---------------------------------------------------------------------------------------------------
 // Temporaries: removed on SIGINT/SIGTERM/SIGHUP, and by the next run after SIGKILL
 
+/// A one-layer model with Gemma 2 2b's layout and the given sizes, written by `synth`.
+fn synth_one_layer(out: &Path, vocab: &str, hidden: &str, mlp: &str, seed: &str) {
+    ok(&[
+        "-q",
+        "synth",
+        "--shape",
+        "2b",
+        "--layers",
+        "1",
+        "--vocab-size",
+        vocab,
+        "--hidden-size",
+        hidden,
+        "--intermediate-size",
+        mlp,
+        "--seed",
+        seed,
+        "--out",
+        s(out),
+    ]);
+}
+
 /// A process id that is not running (a child that has exited and been reaped).
 fn dead_pid() -> u32 {
     let mut c = Command::new("true").spawn().unwrap();
@@ -656,22 +678,7 @@ fn killed_runs_leave_no_temporary() {
     let r = d.path();
     // Two inputs large enough that a merge takes a while (about 60 MB each).
     for (name, seed) in [("p", "1"), ("q", "2")] {
-        ok(&[
-            "-q",
-            "synth",
-            "--shape",
-            "2b",
-            "--layers",
-            "1",
-            "--vocab-size",
-            "1000",
-            "--intermediate-size",
-            "2048",
-            "--seed",
-            seed,
-            "--out",
-            s(&r.join(name)),
-        ]);
+        synth_one_layer(&r.join(name), "1000", "2304", "2048", seed);
     }
     let recipe = r.join("r.yaml");
     std::fs::write(
@@ -808,22 +815,7 @@ fn a_shape_mismatch_names_the_recipe_step() {
     let d = tempfile::tempdir().unwrap();
     let r = d.path();
     for (name, mlp) in [("p", "8"), ("q", "12")] {
-        ok(&[
-            "-q",
-            "synth",
-            "--shape",
-            "2b",
-            "--layers",
-            "1",
-            "--vocab-size",
-            "10",
-            "--hidden-size",
-            "8",
-            "--intermediate-size",
-            mlp,
-            "--out",
-            s(&r.join(name)),
-        ]);
+        synth_one_layer(&r.join(name), "10", "8", mlp, "0");
     }
     let recipe = r.join("r.yaml");
     std::fs::write(
