@@ -317,7 +317,8 @@ pub fn check_target(target: &Path, kind: Kind, force: bool) -> Result<(), Output
     if !force {
         return Err(OutputError::Exists(target.to_path_buf()));
     }
-    Ok(())
+    // Replacing needs a temporary beside the target.
+    check_creatable(target)
 }
 
 /// The path a target names on disk: its parent normalised (`..` and symlinks resolved), its own name kept
@@ -329,7 +330,7 @@ fn real_path(target: &Path) -> PathBuf {
     }
 }
 
-/// Ok when the nearest existing folder above a missing target is a folder we may write in.
+/// Ok when the nearest existing folder above the target is a folder we may write in.
 fn check_creatable(target: &Path) -> Result<(), OutputError> {
     let abs = normalize(target);
     let Some(ancestor) = abs
