@@ -565,10 +565,11 @@ fn is_our_png(path: &Path) -> bool {
 // ---------------------------------------------------------------------------------------------------
 // Temporaries and the registry the signal handler empties
 
-static TEMPS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+/// Every live temporary, with the parent folders its output created (outermost first).
+static TEMPS: Mutex<Vec<(PathBuf, Vec<PathBuf>)>> = Mutex::new(Vec::new());
 static STOPPING: AtomicBool = AtomicBool::new(false);
 
-fn registry() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
+fn registry() -> std::sync::MutexGuard<'static, Vec<(PathBuf, Vec<PathBuf>)>> {
     TEMPS.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -577,8 +578,9 @@ fn registry() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
 pub fn remove_all_temps() -> usize {
     STOPPING.store(true, Ordering::SeqCst);
     let guard = registry();
-    for p in guard.iter() {
-        remove_any(p);
+    for (tmp, created) in guard.iter() {
+        remove_any(tmp);
+        remove_empty(created);
     }
     let n = guard.len();
     // Keep the lock: the process is about to exit, and no commit may start meanwhile.
@@ -687,7 +689,7 @@ impl Staged {
                 return Err(OutputError::io(&tmp, e));
             }
         };
-        reg.push(tmp.clone());
+        reg.push((tmp.clone(), created.clone()));
         Ok((
             Self {
                 target: target.to_path_buf(),
@@ -774,7 +776,7 @@ fn remove_empty(outermost_first: &[PathBuf]) {
 }
 
 fn unregister(tmp: &Path) {
-    registry().retain(|p| p != tmp);
+    registry().retain(|(p, _)| p != tmp);
 }
 
 impl Drop for Staged {

@@ -637,10 +637,11 @@ fn kill_while_writing(args: &[&str], dir: &Path, signal: &str) -> std::process::
     let tmp_prefix = ".out.gemma-merge-tmp-";
     let started = Instant::now();
     loop {
-        let seen = std::fs::read_dir(dir)
-            .unwrap()
-            .flatten()
-            .any(|e| e.file_name().to_string_lossy().starts_with(tmp_prefix));
+        let seen = std::fs::read_dir(dir).is_ok_and(|entries| {
+            entries
+                .flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with(tmp_prefix))
+        });
         if seen {
             break;
         }
@@ -686,13 +687,19 @@ fn killed_runs_leave_no_temporary() {
         "output: out\nbase: p\nsteps:\n  - name: m\n    method: linear\n    models: [p, q]\n    weights: [1, 1]\n",
     )
     .unwrap();
-    let args = ["-q", "--threads", "1", "run", s(&recipe)];
+    // The output's parent folders do not exist yet: the run creates them, and removes them when stopped.
+    let deep = r.join("new/deeper/out");
+    let args = ["-q", "--threads", "1", "run", s(&recipe), "--out", s(&deep)];
     for (signal, code) in [("-TERM", 143), ("-INT", 130), ("-HUP", 129)] {
-        let status = kill_while_writing(&args, r, signal);
+        let status = kill_while_writing(&args, &r.join("new/deeper"), signal);
         assert_eq!(status.code(), Some(code), "{signal}: {status}");
         no_temporaries(r);
-        assert!(!r.join("out").exists());
+        assert!(
+            !r.join("new").exists(),
+            "{signal}: created folders left behind"
+        );
     }
+    let args = ["-q", "--threads", "1", "run", s(&recipe)];
     // SIGKILL cannot be caught: the temporary stays until the next run beside it removes it.
     let status = kill_while_writing(&args, r, "-KILL");
     assert_eq!(status.signal(), Some(9));
