@@ -644,7 +644,6 @@ impl Staged {
         Self::begin(target, kind, force, |tmp| {
             File::options().write(true).create_new(true).open(tmp)
         })
-        .map(|(s, f)| (s, f))
     }
 
     fn begin<T>(

@@ -754,6 +754,9 @@ fn messages_say_each_thing_once_without_library_internals() {
         assert_eq!(o.code, 2, "{body}: {}", o.stderr);
         assert!(o.stderr.starts_with("error: "), "{}", o.stderr);
         assert!(!r.join("out").exists());
+        for internal in ["budget", "Options", "{ ", "line 1 column", "at line"] {
+            assert!(!o.stderr.contains(internal), "{body}: {}", o.stderr);
+        }
         o.stderr
     };
     let e = yaml("dup.yaml", "output: out\nbase: sft\nbase: a\nsteps: []\n");
@@ -795,12 +798,6 @@ fn messages_say_each_thing_once_without_library_internals() {
     assert!(e.contains("recipe too large or too deeply nested"), "{e}");
     let e = yaml("deep.yaml", &"[".repeat(100_000));
     assert!(e.contains("too deeply nested"), "{e}");
-    for e in [&e] {
-        assert!(
-            !e.contains("budget") && !e.contains("Options") && !e.contains("{ "),
-            "{e}"
-        );
-    }
 
     // A missing path is named once, with the OS error once.
     for args in [
