@@ -248,11 +248,10 @@ fn cached_decoding_gives_the_full_pass_logits() {
                 .collect();
             assert_eq!(cache.held_positions(), held, "{name}");
             let cached = Array2::from_shape_vec((n, full.ncols()), rows.concat()).unwrap();
-            // Equal up to f32 summation order (products of 1 row and of n rows block differently):
-            // relative to the logits' scale, which Gemma 1 and 3 do not cap.
-            let scale = full.iter().fold(1f32, |m, v| m.max(v.abs()));
+            // Equal up to f32 summation order (products of 1 row and of n rows block differently; Gemma
+            // 1's uncapped residual stream grows the most): well inside the 1e-4 bound to transformers.
             let err = max_abs_diff(&cached, &full);
-            assert!(err < 1e-5 * scale, "{name}: cached vs full: {err} (scale {scale})");
+            assert!(err < 3e-5, "{name}: cached vs full: {err}");
         }
     }
 }
@@ -847,7 +846,7 @@ fn errors_are_clear_with_the_right_exit_code() {
     run_err(
         &["eval", nan.to_str().unwrap(), "--token-ids", "2,3,4"],
         1,
-        "prediction of input position 1 is not finite",
+        "tensor `model.layers.0.mlp.gate_proj.weight` holds a non-finite value (NaN or infinity) at element 0",
     );
     // Different vocabularies cannot be compared.
     let mut ts = tensors(&a);
@@ -898,4 +897,231 @@ fn errors_are_clear_with_the_right_exit_code() {
         "top-p",
     );
     run_err(&["eval", a_str], 2, "");
+}
+
+// ------------------------------------------------------------------------------------- the family
+
+/// A copy of a fixture folder (all its files) whose config.json is edited by `edit`.
+fn edited_copy(dir: &Path, from: &str, edit: impl Fn(&mut Value)) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    for e in std::fs::read_dir(fixture(from)).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
+    }
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    edit(&mut cfg);
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    dir.to_path_buf()
+}
+
+#[test]
+fn absurd_or_inconsistent_configs_are_clear_errors_before_allocation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let eval = |dir: &Path, needle: &str| {
+        run_err(
+            &["eval", dir.to_str().unwrap(), "--token-ids", "2,3"],
+            1,
+            needle,
+        );
+        run_err(
+            &["generate", dir.to_str().unwrap(), "--token-ids", "2,3"],
+            1,
+            needle,
+        );
+    };
+    // heads × head_dim wraps to a small number on 64 bits without checked arithmetic.
+    let wrap = edited_copy(&t.join("wrap"), "gemma2-tiny-A", |c| {
+        c["num_attention_heads"] = (1u64 << 33).into();
+        c["num_key_value_heads"] = (1u64 << 33).into();
+        c["head_dim"] = (1u64 << 31).into();
+    });
+    eval(&wrap, "is absurd");
+    // Fewer layers in config.json than in the checkpoint: the extra layers are named, not ignored.
+    let fewer = edited_copy(&t.join("fewer"), "family/gemma3-mm-tiny", |c| {
+        c["text_config"]["num_hidden_layers"] = 5.into();
+    });
+    eval(&fewer, "tensor `language_model.model.layers.5.");
+    eval(&fewer, "beyond num_hidden_layers = 5");
+    let more = edited_copy(&t.join("more"), "family/gemma1-tiny", |c| {
+        c["num_hidden_layers"] = 4.into();
+    });
+    eval(&more, "tensor `model.layers.3.");
+    eval(&more, "` is missing");
+    let nopos = edited_copy(&t.join("nopos"), "family/gemma3-tiny", |c| {
+        c["max_position_embeddings"] = 0.into();
+    });
+    eval(&nopos, "max_position_embeddings must be positive");
+    let scaled = edited_copy(&t.join("scaled"), "family/gemma3-tiny", |c| {
+        c["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": 4.0});
+    });
+    eval(&scaled, "rope_scaling.rope_type \"yarn\" is not supported");
+    // An infinity in a norm weight of Gemma 2 would be hidden by the soft-caps; NaN in Gemma 3's QK-norm.
+    let inf = scaled_copy(
+        &t.join("inf"),
+        "model.layers.1.pre_feedforward_layernorm.weight",
+        f32::INFINITY,
+    );
+    eval(
+        &inf,
+        "tensor `model.layers.1.pre_feedforward_layernorm.weight` holds a non-finite value",
+    );
+    let g3 = fixture("family/gemma3-tiny");
+    let mut ts = tensors(&g3);
+    let k = ts
+        .iter_mut()
+        .find(|t| t.0 == "model.layers.2.self_attn.k_norm.weight")
+        .unwrap();
+    k.3[6..8].copy_from_slice(&half::bf16::NAN.to_bits().to_le_bytes());
+    let nan = t.join("nan3");
+    write_model(&nan, &g3, &ts);
+    eval(&nan, "tensor `model.layers.2.self_attn.k_norm.weight` holds a non-finite value (NaN or infinity) at element 3");
+}
+
+#[test]
+fn chat_turns_render_with_the_template_and_only_model_tokens_count() {
+    use gemma_merge::model::chat::{self, ChatFormat};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = model_with_tokenizer(tmp.path());
+    let tok = Tokenizer::from_folder(&dir).unwrap();
+    let convo = vec![
+        serde_json::json!({"role": "user", "content": "the cat"}),
+        serde_json::json!({"role": "assistant", "content": " the son "}),
+        serde_json::json!({"role": "user", "content": "cat"}),
+        serde_json::json!({"role": "assistant", "content": "on"}),
+    ];
+    let g2 = std::fs::read_to_string(fixture("chat/gemma2-chat-template.jinja")).unwrap();
+    let g3 = std::fs::read_to_string(fixture("chat/gemma3-chat-template.jinja")).unwrap();
+    // The built-in format is Gemma 3's published template.
+    assert_eq!(g3, chat::GEMMA_TEMPLATE);
+    for template in [&g2, &g3] {
+        let f = ChatFormat::from_template(template, "<bos>");
+        let text = f.render(&convo, false).unwrap();
+        assert_eq!(
+            text,
+            "<bos><start_of_turn>user\nthe cat<end_of_turn>\n<start_of_turn>model\nthe son<end_of_turn>\n\
+             <start_of_turn>user\ncat<end_of_turn>\n<start_of_turn>model\non<end_of_turn>\n"
+        );
+        let (ids, counted) = f.tokens(&tok, &convo, 2).unwrap();
+        // By hand: "the" 272, "▁s" 276, "on" 277, <end_of_turn> 5; then "on" 277, <end_of_turn> 5. The
+        // newline after <end_of_turn> (byte token 0x0A = 16) is the template's, not the model's.
+        let model_tokens: Vec<u32> = ids
+            .iter()
+            .zip(&counted)
+            .filter(|(_, c)| **c)
+            .map(|(i, _)| *i)
+            .collect();
+        assert_eq!(model_tokens, vec![272, 276, 277, 5, 277, 5]);
+        let first = counted.iter().position(|c| *c).unwrap();
+        // ... and they come right after "<start_of_turn>model\n" ("model": m o d e l, bytes but o, e).
+        let prefix = tok.encode("<start_of_turn>model\n").unwrap();
+        assert_eq!(&ids[first - prefix.len()..first], &prefix[..]);
+        assert_eq!(ids[first + 4], 6 + b'\n' as u32);
+        assert!(!counted[first + 4]);
+        assert_eq!(ids[0], 2);
+        assert_eq!(ids.iter().filter(|&&i| i == 2).count(), 1, "one <bos>");
+    }
+    // Gemma 2's template refuses a system turn; it is folded into the first user turn instead.
+    let sys = chat::user_turn(Some("Be brief."), "Hi");
+    let want = "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n";
+    assert_eq!(
+        ChatFormat::from_template(&g2, "<bos>")
+            .render(&sys, true)
+            .unwrap(),
+        want
+    );
+    assert_eq!(ChatFormat::gemma().render(&sys, true).unwrap(), want);
+
+    // The CLI: a template from tokenizer_config.json; eval --chat-file scores only the model's turns.
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        serde_json::json!({"bos_token": "<bos>", "chat_template": g2}).to_string(),
+    )
+    .unwrap();
+    let file = tmp.path().join("chats.jsonl");
+    std::fs::write(
+        &file,
+        format!(
+            "{}\n\n{}\n",
+            serde_json::json!({"messages": convo}),
+            serde_json::json!({"messages": convo[..2]})
+        ),
+    )
+    .unwrap();
+    let d = dir.to_str().unwrap();
+    let v = run_json(&["eval", d, "--chat-file", file.to_str().unwrap(), "--json"]);
+    let model = Gemma2::load(&dir).unwrap();
+    let f = ChatFormat::from_folder(&dir).unwrap();
+    let (mut sum, mut n) = (0.0, 0);
+    for c in [&convo[..], &convo[..2]] {
+        let (ids, counted) = f.tokens(&tok, c, 2).unwrap();
+        let s = evaluate::score(&model, &ids, ids.len()).unwrap();
+        for (lp, _) in s.log_probs.iter().zip(&counted[1..]).filter(|(_, c)| **c) {
+            sum -= lp;
+            n += 1;
+        }
+    }
+    assert_eq!(v["tokens"], n);
+    assert_eq!(n, 6 + 4);
+    assert!((v["mean_nll"].as_f64().unwrap() - sum / n as f64).abs() < 1e-9);
+    let c = run_json(&[
+        "compare",
+        d,
+        "--reference",
+        d,
+        "--chat-file",
+        file.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(c["tokens"], n);
+    assert_eq!(c["kl"].as_f64().unwrap(), 0.0);
+    // generate --chat: the prompt is the rendered user turn plus the generation prompt.
+    let g = run_json(&[
+        "generate",
+        d,
+        "--chat",
+        "--system",
+        "Be brief.",
+        "--prompt",
+        "Hi",
+        "--max-new-tokens",
+        "2",
+        "--json",
+    ]);
+    assert_eq!(g["prompt_tokens"], tok.encode(want).unwrap().len());
+    // A chat file without model turns, or not JSONL: clear errors naming the file and line.
+    let bad = tmp.path().join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}\nnot json\n",
+    )
+    .unwrap();
+    run_err(
+        &["eval", d, "--chat-file", bad.to_str().unwrap()],
+        1,
+        "bad.jsonl:2: not JSON",
+    );
+    std::fs::write(
+        &bad,
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}\n",
+    )
+    .unwrap();
+    run_err(
+        &["eval", d, "--chat-file", bad.to_str().unwrap()],
+        1,
+        "no model (assistant) turns",
+    );
+    run_err(
+        &[
+            "eval",
+            d,
+            "--chat-file",
+            bad.to_str().unwrap(),
+            "--text",
+            bad.to_str().unwrap(),
+        ],
+        2,
+        "",
+    );
 }

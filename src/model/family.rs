@@ -117,10 +117,7 @@ pub fn layer_group(name: &str) -> &str {
     while let Some(found) = name[start..].find("layers.") {
         let at = start + found;
         let after = at + "layers.".len();
-        let digits = name[after..]
-            .bytes()
-            .take_while(u8::is_ascii_digit)
-            .count();
+        let digits = name[after..].bytes().take_while(u8::is_ascii_digit).count();
         let boundary = at == 0 || name.as_bytes()[at - 1] == b'.';
         if boundary && digits > 0 && name.as_bytes().get(after + digits) == Some(&b'.') {
             return &name[..after + digits + 1];
@@ -277,11 +274,10 @@ impl Config {
                 ))
             }
         };
-        let family =
-            Family::from_model_type(model_type).ok_or_else(|| ModelError::NotGemma {
-                path: path.to_path_buf(),
-                model_type: model_type.to_string(),
-            })?;
+        let family = Family::from_model_type(model_type).ok_or_else(|| ModelError::NotGemma {
+            path: path.to_path_buf(),
+            model_type: model_type.to_string(),
+        })?;
         // A multimodal Gemma 3 config keeps the language model's fields in `text_config` (possibly
         // absent or sparse: missing fields take Gemma3TextConfig's defaults).
         let empty = Map::new();
@@ -311,7 +307,9 @@ impl Config {
                 Family::Gemma => vec![false; num_hidden_layers],
                 Family::Gemma2 => (0..num_hidden_layers).map(|i| i % 2 == 0).collect(),
                 Family::Gemma3 => {
-                    let pattern = f.usize("sliding_window_pattern", Some(6)).map_err(invalid)?;
+                    let pattern = f
+                        .usize("sliding_window_pattern", Some(6))
+                        .map_err(invalid)?;
                     if pattern == 0 {
                         return Err(invalid("sliding_window_pattern must be positive".into()));
                     }
@@ -398,7 +396,9 @@ impl Config {
             family,
             multimodal,
             vocab_size: f.usize("vocab_size", Some(d.vocab_size)).map_err(invalid)?,
-            hidden_size: f.usize("hidden_size", Some(d.hidden_size)).map_err(invalid)?,
+            hidden_size: f
+                .usize("hidden_size", Some(d.hidden_size))
+                .map_err(invalid)?,
             intermediate_size: f
                 .usize("intermediate_size", Some(d.intermediate_size))
                 .map_err(invalid)?,
@@ -452,19 +452,45 @@ impl Config {
     /// Checks the relations between fields that the forward pass relies on, and bounds every size so that
     /// no product of them overflows or asks for an absurd allocation.
     pub fn validate(&self) -> Result<(), String> {
+        // (name, value, may it be 0, largest sane value)
         let sizes = [
-            ("vocab_size", self.vocab_size, MAX_VOCAB),
-            ("hidden_size", self.hidden_size, MAX_WIDTH),
-            ("intermediate_size", self.intermediate_size, MAX_WIDTH),
-            ("num_attention_heads", self.num_attention_heads, MAX_HEADS),
-            ("num_key_value_heads", self.num_key_value_heads, MAX_HEADS),
-            ("head_dim", self.head_dim, MAX_WIDTH),
-            ("num_hidden_layers", self.num_hidden_layers, MAX_LAYERS),
-            ("max_position_embeddings", self.max_position_embeddings, usize::MAX),
-            ("sliding_window", self.sliding_window, usize::MAX),
+            ("vocab_size", self.vocab_size, false, MAX_VOCAB),
+            ("hidden_size", self.hidden_size, false, MAX_WIDTH),
+            (
+                "intermediate_size",
+                self.intermediate_size,
+                false,
+                MAX_WIDTH,
+            ),
+            (
+                "num_attention_heads",
+                self.num_attention_heads,
+                false,
+                MAX_HEADS,
+            ),
+            (
+                "num_key_value_heads",
+                self.num_key_value_heads,
+                false,
+                MAX_HEADS,
+            ),
+            ("head_dim", self.head_dim, false, MAX_WIDTH),
+            (
+                "num_hidden_layers",
+                self.num_hidden_layers,
+                true,
+                MAX_LAYERS,
+            ),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                false,
+                usize::MAX,
+            ),
+            ("sliding_window", self.sliding_window, false, usize::MAX),
         ];
-        for (name, value, max) in sizes {
-            if value == 0 {
+        for (name, value, zero_ok, max) in sizes {
+            if value == 0 && !zero_ok {
                 return Err(format!("{name} must be positive"));
             }
             if value > max {
@@ -485,7 +511,11 @@ impl Config {
         let q = product(heads, head_dim, MAX_WIDTH)?;
         product(kv_heads, head_dim, MAX_WIDTH)?;
         product(("vocab_size", self.vocab_size), hidden, MAX_MATRIX)?;
-        product(("intermediate_size", self.intermediate_size), hidden, MAX_MATRIX)?;
+        product(
+            ("intermediate_size", self.intermediate_size),
+            hidden,
+            MAX_MATRIX,
+        )?;
         product(("num_attention_heads × head_dim", q), hidden, MAX_MATRIX)?;
         if !self
             .num_attention_heads
@@ -512,7 +542,9 @@ impl Config {
         let finite_positive = |v: f64| v.is_finite() && v > 0.0;
         let rope_ok = |r: &RopeParams| finite_positive(r.theta) && finite_positive(r.factor);
         if !(rope_ok(&self.rope_full) && rope_ok(&self.rope_sliding)) {
-            return Err("rope_theta, rope_local_base_freq and RoPE scaling factors must be positive".into());
+            return Err(
+                "rope_theta, rope_local_base_freq and RoPE scaling factors must be positive".into(),
+            );
         }
         let valid = finite_positive(self.query_pre_attn_scalar)
             && self.rms_norm_eps.is_finite()
@@ -840,21 +872,54 @@ mod tests {
             old.sliding_layers,
             vec![true, true, false, true, true, false, true]
         );
-        assert_eq!(old.rope(2), RopeParams { theta: 1e6, factor: 8.0 });
-        assert_eq!(old.rope(0), RopeParams { theta: 1e4, factor: 1.0 });
+        assert_eq!(
+            old.rope(2),
+            RopeParams {
+                theta: 1e6,
+                factor: 8.0
+            }
+        );
+        assert_eq!(
+            old.rope(0),
+            RopeParams {
+                theta: 1e4,
+                factor: 1.0
+            }
+        );
         assert_eq!(old.attn_logit_softcapping, None);
         assert_eq!(old.query_pre_attn_scalar, 256.0);
         let mut v5 = published.clone();
         let o = v5.as_object_mut().unwrap();
-        for k in ["rope_theta", "rope_local_base_freq", "rope_scaling", "sliding_window_pattern"] {
+        for k in [
+            "rope_theta",
+            "rope_local_base_freq",
+            "rope_scaling",
+            "sliding_window_pattern",
+        ] {
             o.remove(k);
         }
-        o.insert("layer_types".into(), json!(["sliding_attention", "sliding_attention", "full_attention",
-            "sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]));
-        o.insert("rope_parameters".into(), json!({
+        o.insert(
+            "layer_types".into(),
+            json!([
+                "sliding_attention",
+                "sliding_attention",
+                "full_attention",
+                "sliding_attention",
+                "sliding_attention",
+                "full_attention",
+                "sliding_attention"
+            ]),
+        );
+        o.insert(
+            "rope_parameters".into(),
+            json!({
             "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
-            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}));
-        assert_eq!(Config::from_json(&v5, Path::new("config.json")).unwrap(), old);
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
+        );
+        assert_eq!(
+            Config::from_json(&v5, Path::new("config.json")).unwrap(),
+            old
+        );
     }
 
     #[test]
@@ -864,9 +929,18 @@ mod tests {
         let c = Config::from_json(&mm, Path::new("config.json")).unwrap();
         assert!(c.multimodal);
         assert_eq!(c.family, Family::Gemma3);
-        assert_eq!((c.head_dim, c.num_attention_heads, c.num_key_value_heads), (256, 8, 4));
+        assert_eq!(
+            (c.head_dim, c.num_attention_heads, c.num_key_value_heads),
+            (256, 8, 4)
+        );
         assert_eq!((c.sliding_window, c.query_pre_attn_scalar), (4096, 256.0));
-        assert_eq!(c.rope_full, RopeParams { theta: 1e6, factor: 1.0 });
+        assert_eq!(
+            c.rope_full,
+            RopeParams {
+                theta: 1e6,
+                factor: 1.0
+            }
+        );
         assert_eq!(c.eos_token_ids, vec![1, 106]);
         assert_eq!(c.prefixes()[0], "language_model.model.");
     }
@@ -878,7 +952,10 @@ mod tests {
             "hidden_act": "gelu"});
         let c = Config::from_json(&g1, Path::new("config.json")).unwrap();
         assert_eq!(c.sliding_layers, vec![false; 3]);
-        assert_eq!((c.attn_logit_softcapping, c.final_logit_softcapping), (None, None));
+        assert_eq!(
+            (c.attn_logit_softcapping, c.final_logit_softcapping),
+            (None, None)
+        );
         assert_eq!(c.query_pre_attn_scalar, 24.0);
     }
 
@@ -887,29 +964,58 @@ mod tests {
         let check = |key: &str, value: Value, needle: &str| {
             let mut v = published();
             v[key] = value;
-            let err = Config::from_json(&v, Path::new("m/config.json")).unwrap_err().to_string();
+            let err = Config::from_json(&v, Path::new("m/config.json"))
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(needle), "{err:?} lacks {needle:?}");
         };
         // heads × head_dim wraps to 0 on 64 bits without checked arithmetic.
-        check("num_attention_heads", json!(1u64 << 33), "num_attention_heads");
+        check(
+            "num_attention_heads",
+            json!(1u64 << 33),
+            "num_attention_heads",
+        );
         check("head_dim", json!(1u64 << 62), "head_dim");
-        check("num_attention_heads", json!(8192), "num_attention_heads × head_dim");
+        check("head_dim", json!(1 << 19), "num_attention_heads × head_dim");
         check("vocab_size", json!(1u64 << 40), "vocab_size");
-        check("num_hidden_layers", json!(1_000_000), "num_hidden_layers 1000000 is absurd");
-        check("max_position_embeddings", json!(0), "max_position_embeddings must be positive");
-        check("rope_scaling", json!({"rope_type": "dynamic", "factor": 2.0}), "dynamic");
+        check(
+            "num_hidden_layers",
+            json!(1_000_000),
+            "num_hidden_layers 1000000 is absurd",
+        );
+        check(
+            "max_position_embeddings",
+            json!(0),
+            "max_position_embeddings must be positive",
+        );
+        check(
+            "rope_scaling",
+            json!({"rope_type": "dynamic", "factor": 2.0}),
+            "dynamic",
+        );
     }
 
     #[test]
     fn layer_groups_under_every_prefix() {
         for (name, group) in [
             ("model.layers.12.mlp.up_proj.weight", "model.layers.12."),
-            ("language_model.model.layers.0.self_attn.q_norm.weight", "language_model.model.layers.0."),
-            ("model.language_model.layers.3.input_layernorm.weight", "model.language_model.layers.3."),
-            ("vision_tower.vision_model.encoder.layers.1.mlp.fc1.weight",
-             "vision_tower.vision_model.encoder.layers.1."),
+            (
+                "language_model.model.layers.0.self_attn.q_norm.weight",
+                "language_model.model.layers.0.",
+            ),
+            (
+                "model.language_model.layers.3.input_layernorm.weight",
+                "model.language_model.layers.3.",
+            ),
+            (
+                "vision_tower.vision_model.encoder.layers.1.mlp.fc1.weight",
+                "vision_tower.vision_model.encoder.layers.1.",
+            ),
             ("model.embed_tokens.weight", "model.embed_tokens.weight"),
-            ("multi_modal_projector.mm_input_projection_weight", "multi_modal_projector.mm_input_projection_weight"),
+            (
+                "multi_modal_projector.mm_input_projection_weight",
+                "multi_modal_projector.mm_input_projection_weight",
+            ),
             ("model.layers.x.weight", "model.layers.x.weight"),
             ("model.sublayers.1.w", "model.sublayers.1.w"),
             ("layers.4.w", "layers.4."),

@@ -25,9 +25,9 @@ use rayon::prelude::*;
 
 use crate::format::Model;
 
-use super::ops::{axpy, dot, gelu_tanh, matmul, rms_norm, softcap, Rope};
-use super::family::{layer_group, lm_head_name};
 pub use super::family::Config;
+use super::family::{layer_group, lm_head_name};
+use super::ops::{axpy, dot, gelu_tanh, matmul, rms_norm, softcap, Rope};
 use super::weights::{Weight, WeightSource};
 use super::ModelError;
 
@@ -289,8 +289,8 @@ impl Gemma2 {
             l.get(lm_head_name(prefix), &[c.vocab_size, h])?
         };
         let family = c.family;
-        let ropes = [c.rope_full, c.rope_sliding]
-            .map(|r| Arc::new(Rope::linear(hd, r.theta, r.factor)));
+        let ropes =
+            [c.rope_full, c.rope_sliding].map(|r| Arc::new(Rope::linear(hd, r.theta, r.factor)));
         let eps = c.rms_norm_eps;
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for n in 0..c.num_hidden_layers {
@@ -499,12 +499,7 @@ impl Mlp {
 
 impl Attention {
     /// Attention of the rows of `x` (positions `first..`) over the cached positions and themselves.
-    fn forward(
-        &self,
-        x: &Array2<f32>,
-        first: usize,
-        cache: &mut LayerCache,
-    ) -> Array2<f32> {
+    fn forward(&self, x: &Array2<f32>, first: usize, cache: &mut LayerCache) -> Array2<f32> {
         let (n, nh, hd) = (x.nrows(), self.num_heads, self.head_dim);
         let group = nh / self.num_kv_heads;
         let kv_width = self.num_kv_heads * hd;

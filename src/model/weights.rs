@@ -134,7 +134,9 @@ impl Weight {
         let exponent_all_ones: fn(&[u8]) -> bool = match self.dtype {
             FloatType::BF16 => |b| u16::from_le_bytes([b[0], b[1]]) & 0x7f80 == 0x7f80,
             FloatType::F16 => |b| u16::from_le_bytes([b[0], b[1]]) & 0x7c00 == 0x7c00,
-            FloatType::F32 => |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & 0x7f80_0000 == 0x7f80_0000,
+            FloatType::F32 => {
+                |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & 0x7f80_0000 == 0x7f80_0000
+            }
         };
         self.bytes()
             .par_chunks(BLOCK * size)
