@@ -17,9 +17,11 @@ use serde_json::Value;
 
 /// Models with transformers' outputs: A and A2 (given), and variants that change what A keeps fixed
 /// (f16 in 3 shards with one kv head, no soft-caps, explicit layer_types; see gemma2-variants/make.py).
-/// The rest of the family (fixtures/family, from golden/family and tools/make_family.py): Gemma 1, Gemma 3
-/// text and Gemma 3 multimodal (language model under `language_model.model.`), in several config forms.
-const MODELS: [&str; 8] = [
+/// The rest of the family (fixtures/family: the shared goldens, then variants from tools/make_family.py):
+/// Gemma 1 (MHA; MQA in f16 over 6 shards), Gemma 3 text (published form; transformers 5's form with
+/// linear RoPE factor 8 on every 3rd layer and soft-caps; published form with pattern 2, factor 4 and an
+/// untied lm_head) and Gemma 3 multimodal (`language_model.model.` and `model.language_model.` layouts).
+const MODELS: [&str; 12] = [
     "gemma2-tiny-A",
     "gemma2-tiny-A2",
     "gemma2-variants/gemma2-tiny-mqa-f16",
@@ -28,6 +30,10 @@ const MODELS: [&str; 8] = [
     "family/gemma1-tiny",
     "family/gemma3-tiny",
     "family/gemma3-mm-tiny",
+    "family/gemma1-mqa-f16",
+    "family/gemma3-linear8-t5",
+    "family/gemma3-published-untied",
+    "family/gemma3-mm-t5",
 ];
 
 fn fixture(name: &str) -> PathBuf {
@@ -163,6 +169,7 @@ fn logits_match_transformers() {
         let model = Gemma2::load(&fixture(name)).unwrap();
         let logits = model.forward(&g.tokens).unwrap();
         let err = max_abs_diff(&logits, &g.logits);
+        eprintln!("{name}: max |logits − golden| = {err:.2e}");
         assert!(err < 1e-4, "{name}: max |logits − golden| = {err}");
     }
 }

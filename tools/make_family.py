@@ -79,12 +79,32 @@ VARIANTS = {
                                num_hidden_layers=1, patch_size=14, vision_use_head=False),
             mm_tokens_per_image=4, boi_token_index=300, eoi_token_index=301, image_token_index=302,
             eos_token_id=[1, 106]),
-        dtype=torch.bfloat16, shard="150KB", form="t5"),
+        dtype=torch.bfloat16, shard="150KB", form="t5", rename=True),
 }
+
+
+def rename_to_t5_layout(d):
+    """Renames a multimodal checkpoint's tensors to transformers 5's module layout: `model.language_model.`,
+    `model.vision_tower.`, `model.multi_modal_projector.` (transformers 5 still saves the legacy names, and
+    reads both)."""
+    from safetensors.torch import load_file, save_file as save_torch
+    files = sorted(f for f in os.listdir(d) if f.endswith(".safetensors"))
+    index_path = os.path.join(d, "model.safetensors.index.json")
+    index = json.load(open(index_path)) if os.path.exists(index_path) else None
+    new_name = lambda k: ("model.language_model." + k[len("language_model.model."):]
+                          if k.startswith("language_model.model.") else
+                          "model." + k if k.startswith(("vision_tower.", "multi_modal_projector.")) else k)
+    for f in files:
+        tensors = load_file(os.path.join(d, f))
+        save_torch({new_name(k): v for k, v in tensors.items()}, os.path.join(d, f), metadata={"format": "pt"})
+    if index is not None:
+        index["weight_map"] = {new_name(k): v for k, v in index["weight_map"].items()}
+        json.dump(index, open(index_path, "w"), indent=2)
 
 
 def published(c, pattern):
     """transformers 5's Gemma 3 text config rewritten in the published (4.50) form."""
+    c.pop("_sliding_window_pattern", None)
     types = c.pop("layer_types")
     assert types == layer_types(len(types), pattern), types
     c["sliding_window_pattern"] = pattern
@@ -127,7 +147,12 @@ def main(out):
         elif v["form"] == "gemma1":
             c = gemma1(c)
         json.dump(c, open(path, "w"), indent=2)
-        ref = v["cls"].from_pretrained(d, attn_implementation="eager", dtype=torch.float64).eval()
+        if v.get("rename"):
+            rename_to_t5_layout(d)
+        ref, info = v["cls"].from_pretrained(d, attn_implementation="eager", dtype=torch.float64,
+                                            output_loading_info=True)
+        ref.eval()
+        assert not info["missing_keys"] and not info["unexpected_keys"], info
         vocab = c.get("text_config", c)["vocab_size"]
         g = torch.Generator().manual_seed(1)
         tokens = [2] + torch.randint(3, min(vocab, 300), (29,), generator=g).tolist()

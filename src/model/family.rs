@@ -60,6 +60,13 @@ impl Family {
         self != Self::Gemma
     }
 
+    /// Whether attention scores are soft-capped by `attn_logit_softcapping`. Only Gemma 2's are:
+    /// transformers' Gemma 3 attention reads the field but never applies it (checked against transformers
+    /// 5.24 with a cap of 20: fixtures/family/gemma3-linear8-t5), and the forward pass follows transformers.
+    pub fn attention_softcap(self) -> bool {
+        self == Self::Gemma2
+    }
+
     /// Whether attention normalises each head's q and k (`self_attn.q_norm`, `self_attn.k_norm`).
     pub fn qk_norm(self) -> bool {
         self == Self::Gemma3

@@ -320,7 +320,10 @@ impl Gemma2 {
                     num_kv_heads: c.num_key_value_heads,
                     head_dim: hd,
                     scaling: c.query_pre_attn_scalar.powf(-0.5) as f32,
-                    softcap: c.attn_logit_softcapping.map(|v| v as f32),
+                    softcap: c
+                        .attn_logit_softcapping
+                        .filter(|_| family.attention_softcap())
+                        .map(|v| v as f32),
                     window: c.window(n),
                     rope: ropes[usize::from(c.sliding_layers[n])].clone(),
                 },
