@@ -1132,3 +1132,108 @@ fn chat_turns_render_with_the_template_and_only_model_tokens_count() {
         "",
     );
 }
+
+/// Gemma 3's vocabulary size (262 208, `<start_of_turn>` 105, `<end_of_turn>` 106, `<image_soft_token>`
+/// 262 144) through the same tokenizers crate, end to end: a synthetic Gemma 3 4B-shaped model (1 layer,
+/// narrow) with a tokenizer of that size, `generate --chat` rendering Gemma's turn format.
+#[test]
+fn gemma3_vocabulary_and_chat_end_to_end() {
+    const V: usize = 262_208;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("g3");
+    let out = run(&[
+        "-q",
+        "synth",
+        "--shape",
+        "gemma3-4b",
+        "--layers",
+        "1",
+        "--hidden-size",
+        "64",
+        "--intermediate-size",
+        "32",
+        "--dtype",
+        "bfloat16",
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut vocab = serde_json::Map::new();
+    let mut specials = vec![
+        (0, "<pad>"),
+        (1, "<eos>"),
+        (2, "<bos>"),
+        (3, "<unk>"),
+        (105, "<start_of_turn>"),
+        (106, "<end_of_turn>"),
+        (262_144, "<image_soft_token>"),
+    ];
+    specials.sort();
+    for (id, s) in &specials {
+        vocab.insert(s.to_string(), (*id).into());
+    }
+    let mut next = 0usize;
+    let mut take = |vocab: &mut serde_json::Map<String, Value>, piece: String| {
+        while specials.iter().any(|(id, _)| *id == next) {
+            next += 1;
+        }
+        vocab.insert(piece, next.into());
+        next += 1;
+    };
+    for b in 0..256 {
+        take(&mut vocab, format!("<0x{b:02X}>"));
+    }
+    for p in ["▁", "h", "i", "hi", "▁hi"] {
+        take(&mut vocab, p.to_string());
+    }
+    while vocab.len() < V {
+        let n = vocab.len();
+        take(&mut vocab, format!("[unused{n}]"));
+    }
+    assert_eq!(vocab.len(), V);
+    let added: Vec<Value> = specials.iter()
+        .map(|(id, s)| serde_json::json!({"id": id, "content": s, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}))
+        .collect();
+    let tok = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+        "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}, "pre_tokenizer": null,
+        "post_processor": null,
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "}, {"type": "ByteFallback"}, {"type": "Fuse"}]},
+        "model": {"type": "BPE", "dropout": null, "unk_token": "<unk>", "continuing_subword_prefix": null,
+            "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+            "vocab": vocab, "merges": ["h i", "▁ hi"]}
+    });
+    std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
+    let t = Tokenizer::from_folder(&dir).unwrap();
+    assert_eq!(t.token_id("<end_of_turn>"), Some(106));
+    assert_eq!(t.token_id("<image_soft_token>"), Some(262_144));
+    let rendered = "<bos><start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n";
+    let ids = t.encode(rendered).unwrap();
+    assert_eq!((ids[0], ids[1]), (2, 105));
+    assert_eq!(ids.iter().filter(|&&i| i == 105).count(), 2);
+    assert!(ids.contains(&106));
+    let v = run_json(&[
+        "generate",
+        dir.to_str().unwrap(),
+        "--chat",
+        "--prompt",
+        "hi",
+        "--max-new-tokens",
+        "3",
+        "--json",
+    ]);
+    assert_eq!(v["prompt_tokens"], ids.len());
+    let model = Gemma2::load(&dir).unwrap();
+    assert_eq!(model.config().vocab_size, V);
+    assert_eq!(model.config().eos_token_ids, vec![1, 106]);
+    assert!(v["token_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|i| i.as_u64().unwrap() < V as u64));
+}
