@@ -203,15 +203,20 @@ pub fn score_with(
     if let Some(i) = log_probs.iter().position(|lp| !lp.is_finite()) {
         return Err(ModelError::NonFinite { position: i + 1 });
     }
+    Ok(score_of(log_probs, run.windows, run.positions_run))
+}
+
+/// The [`Score`] of the scored positions' log-probabilities.
+fn score_of(log_probs: Vec<f64>, windows: usize, positions_run: usize) -> Score {
     let mean_nll = -log_probs.iter().sum::<f64>() / log_probs.len() as f64;
-    Ok(Score {
+    Score {
         tokens: log_probs.len(),
         mean_nll,
         perplexity: mean_nll.exp(),
         log_probs,
-        windows: run.windows,
-        positions_run: run.positions_run,
-    })
+        windows,
+        positions_run,
+    }
 }
 
 /// A model against a reference on the same tokens.
@@ -296,15 +301,7 @@ pub fn score_chats(
     if log_probs.is_empty() {
         return Err(no_model_turns());
     }
-    let mean_nll = -log_probs.iter().sum::<f64>() / log_probs.len() as f64;
-    Ok(Score {
-        tokens: log_probs.len(),
-        mean_nll,
-        perplexity: mean_nll.exp(),
-        log_probs,
-        windows,
-        positions_run,
-    })
+    Ok(score_of(log_probs, windows, positions_run))
 }
 
 /// [`compare`] over conversations, counting only the positions that predict a model turn's tokens.
