@@ -20,14 +20,16 @@ use std::ops::RangeInclusive;
 use std::path::Path;
 use std::sync::Arc;
 
-use ndarray::{Array2, ArrayView2, Zip};
+use ndarray::{Array2, ArrayView2};
 use rayon::prelude::*;
 
 use crate::format::Model;
 
 pub use super::family::Config;
 use super::family::{layer_group, lm_head_name};
-use super::ops::{axpy, dot, gelu_tanh, matmul, rms_norm, softcap, Rope};
+use super::ops::{
+    axpy, dot, exp_in_place, gelu_mul, matmul_many, matmul_p, rms_norm, softcap, Precision, Rope,
+};
 use super::weights::{Weight, WeightSource};
 use super::ModelError;
 
@@ -109,6 +111,8 @@ pub struct Gemma2 {
     lm_head: Weight,
     /// `√hidden_size`, rounded to f32 as transformers rounds it to the activation dtype.
     normalizer: f32,
+    /// How matrix products are computed (exact unless `--fast`).
+    precision: Precision,
 }
 
 /// The keys and values seen so far, per layer. A sliding layer keeps only its last W positions (a ring
@@ -361,6 +365,7 @@ impl Gemma2 {
             norm,
             lm_head,
             normalizer,
+            precision: super::gemm::default_precision(),
         })
     }
 
@@ -387,6 +392,16 @@ impl Gemma2 {
 
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// Chooses how matrix products are computed: [`Precision::Exact`] (the default) or the faster
+    /// [`Precision::Bf16`] (bf16 products where the CPU has AVX512-BF16; see `model::gemm`).
+    pub fn set_precision(&mut self, precision: Precision) {
+        self.precision = precision;
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// An empty KV cache for this model.
@@ -452,7 +467,7 @@ impl Gemma2 {
         let first = cache.len;
         let mut h = self.embed(tokens);
         for (layer, layer_cache) in self.layers.iter().zip(&mut cache.layers) {
-            layer.forward(&mut h, first, layer_cache);
+            layer.forward(&mut h, first, layer_cache, self.precision);
         }
         cache.len += tokens.len();
         self.norm.forward(&mut h);
@@ -461,7 +476,7 @@ impl Gemma2 {
 
     /// Logits [n, vocab] of final hidden states: `h · Eᵀ`, then the final soft-cap.
     pub fn logits(&self, hidden: ArrayView2<f32>) -> Array2<f32> {
-        let mut logits = matmul(hidden, &self.lm_head);
+        let mut logits = matmul_p(hidden, &self.lm_head, self.precision);
         if let Some(cap) = self.config.final_logit_softcapping {
             let cap = cap as f32;
             logits
@@ -485,17 +500,17 @@ impl Gemma2 {
 }
 
 impl DecoderLayer {
-    fn forward(&self, h: &mut Array2<f32>, first: usize, cache: &mut LayerCache) {
+    fn forward(&self, h: &mut Array2<f32>, first: usize, cache: &mut LayerCache, p: Precision) {
         let mut x = h.clone();
         self.input_layernorm.forward(&mut x);
-        let mut a = self.self_attn.forward(&x, first, cache);
+        let mut a = self.self_attn.forward(&x, first, cache, p);
         if let Some(norm) = &self.post_attention_layernorm {
             norm.forward(&mut a);
         }
         *h += &a;
         let mut x = h.clone();
         self.pre_feedforward_layernorm.forward(&mut x);
-        let mut m = self.mlp.forward(&x);
+        let mut m = self.mlp.forward(&x, p);
         if let Some(norm) = &self.post_feedforward_layernorm {
             norm.forward(&mut m);
         }
@@ -504,25 +519,31 @@ impl DecoderLayer {
 }
 
 impl Mlp {
-    fn forward(&self, x: &Array2<f32>) -> Array2<f32> {
-        let mut gate = matmul(x.view(), &self.gate_proj);
-        let up = matmul(x.view(), &self.up_proj);
-        Zip::from(&mut gate)
-            .and(&up)
-            .par_for_each(|g, &u| *g = gelu_tanh(*g) * u);
-        matmul(gate.view(), &self.down_proj)
+    fn forward(&self, x: &Array2<f32>, p: Precision) -> Array2<f32> {
+        let [mut gate, up] = matmul_many(x.view(), [&self.gate_proj, &self.up_proj], p);
+        gate.as_slice_mut()
+            .expect("contiguous")
+            .par_chunks_mut(4096)
+            .zip(up.as_slice().expect("contiguous").par_chunks(4096))
+            .for_each(|(g, u)| gelu_mul(g, u));
+        matmul_p(gate.view(), &self.down_proj, p)
     }
 }
 
 impl Attention {
     /// Attention of the rows of `x` (positions `first..`) over the cached positions and themselves.
-    fn forward(&self, x: &Array2<f32>, first: usize, cache: &mut LayerCache) -> Array2<f32> {
+    fn forward(
+        &self,
+        x: &Array2<f32>,
+        first: usize,
+        cache: &mut LayerCache,
+        p: Precision,
+    ) -> Array2<f32> {
         let (n, nh, hd) = (x.nrows(), self.num_heads, self.head_dim);
         let group = nh / self.num_kv_heads;
         let kv_width = self.num_kv_heads * hd;
-        let mut q = matmul(x.view(), &self.q_proj);
-        let mut k = matmul(x.view(), &self.k_proj);
-        let v = matmul(x.view(), &self.v_proj);
+        let [mut q, mut k, v] =
+            matmul_many(x.view(), [&self.q_proj, &self.k_proj, &self.v_proj], p);
         if let (Some(q_norm), Some(k_norm)) = (&self.q_norm, &self.k_norm) {
             q = q_norm.per_head(q, hd);
             k = k_norm.per_head(k, hd);
@@ -570,17 +591,15 @@ impl Attention {
                     softcap(&mut scores, cap);
                 }
                 let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-                let mut sum = 0f32;
-                for s in scores.iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
+                scores.iter_mut().for_each(|s| *s -= max);
+                exp_in_place(&mut scores);
+                let sum: f32 = scores.iter().sum();
                 for (p, j) in scores.iter().zip(keys) {
                     axpy(p / sum, value(j, g), o);
                 }
             });
         cache.append(first, &k, &v);
-        matmul(out.view(), &self.o_proj)
+        matmul_p(out.view(), &self.o_proj, p)
     }
 }
 

@@ -16,10 +16,13 @@
 
 pub mod chat;
 pub mod family;
+#[doc(hidden)]
+pub mod gemm;
 pub mod gemma2;
 mod ops;
 pub mod sampling;
 pub mod tokenizer;
+mod vmath;
 pub mod weights;
 
 use std::path::{Path, PathBuf};
@@ -27,6 +30,7 @@ use std::path::{Path, PathBuf};
 use crate::format::FormatError;
 
 pub use family::Family;
+pub use gemm::{default_precision, set_default_precision, Precision};
 pub use gemma2::{Cache, Config, Gemma2};
 /// The model of any member of the family (the type's historical name is [`Gemma2`]).
 pub type Gemma = Gemma2;
