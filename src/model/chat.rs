@@ -21,6 +21,8 @@ pub const GEMMA_TEMPLATE: &str = include_str!("gemma_chat_template.jinja");
 
 /// Largest side file read for a template (templates are a few kB).
 const MAX_TEMPLATE_FILE: u64 = 16 << 20;
+/// Largest chat file read (it is held in memory with its token ids).
+const MAX_CHAT_FILE: u64 = 1 << 30;
 /// Template evaluation budget (minijinja "fuel"), so a hostile template cannot hang.
 const FUEL: u64 = 10_000_000;
 
@@ -245,8 +247,14 @@ fn template_of(v: &Value, path: &Path) -> Result<Option<String>, ModelError> {
     }
 }
 
-/// A side file's text, `None` when there is none; bounded in size, regular files only.
+/// A side file's text, `None` when there is none.
 fn read_text(path: &Path) -> Result<Option<String>, ModelError> {
+    read_bounded(path, MAX_TEMPLATE_FILE)
+}
+
+/// A file's text, `None` when there is none; at most `limit` bytes, regular files only (a FIFO or a
+/// device would hang or never end).
+fn read_bounded(path: &Path, limit: u64) -> Result<Option<String>, ModelError> {
     let meta = match std::fs::metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -258,10 +266,10 @@ fn read_text(path: &Path) -> Result<Option<String>, ModelError> {
             reason: "not a regular file".into(),
         });
     }
-    if meta.len() > MAX_TEMPLATE_FILE {
+    if meta.len() > limit {
         return Err(ModelError::Chat {
             origin: path.display().to_string(),
-            reason: format!("{} bytes is too large for a side file", meta.len()),
+            reason: format!("{} bytes is too large (at most {limit})", meta.len()),
         });
     }
     std::fs::read_to_string(path)
@@ -284,7 +292,7 @@ fn read_json(path: &Path) -> Result<Option<Value>, ModelError> {
 /// The conversations of a JSONL file: one `{"messages": [{"role": ..., "content": ...}, ...]}` per
 /// non-empty line. Errors name the file and line.
 pub fn read_chat_file(path: &Path) -> Result<Vec<Vec<Value>>, ModelError> {
-    let text = read_text(path)?.ok_or_else(|| {
+    let text = read_bounded(path, MAX_CHAT_FILE)?.ok_or_else(|| {
         ModelError::io(
             path,
             std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),

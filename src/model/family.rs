@@ -1030,4 +1030,57 @@ mod tests {
             assert_eq!(layer_group(name), group, "{name}");
         }
     }
+
+    mod prop {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn size() -> impl Strategy<Value = Value> {
+            prop_oneof![
+                (0u64..64).prop_map(Value::from),
+                any::<u64>().prop_map(Value::from),
+                (0u32..40).prop_map(|b| Value::from(1u64 << b)),
+                Just(Value::Null),
+                Just(json!(-1)),
+                Just(json!(1.5)),
+                Just(json!("8")),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+            /// Arbitrary sizes in any family and form: a config is read or refused, never a panic, and
+            /// what is accepted has every product the forward pass forms within the bounds.
+            #[test]
+            fn config_reader_never_panics_and_bounds_products(
+                model_type in prop_oneof![Just("gemma"), Just("gemma2"), Just("gemma3_text"), Just("gemma3")],
+                vals in proptest::collection::vec(size(), 9),
+                nested in any::<bool>(),
+            ) {
+                let keys = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
+                    "sliding_window"];
+                let mut fields = Map::new();
+                for (k, v) in keys.iter().zip(vals) {
+                    fields.insert(k.to_string(), v);
+                }
+                let config = if model_type == "gemma3" && nested {
+                    json!({"model_type": "gemma3", "text_config": fields})
+                } else {
+                    let mut f = fields;
+                    f.insert("model_type".into(), model_type.into());
+                    Value::Object(f)
+                };
+                if let Ok(c) = Config::from_json(&config, Path::new("config.json")) {
+                    let q = c.num_attention_heads.checked_mul(c.head_dim).unwrap();
+                    prop_assert!(q <= MAX_WIDTH);
+                    prop_assert!(c.vocab_size.checked_mul(c.hidden_size).unwrap() <= MAX_MATRIX);
+                    prop_assert!(q.checked_mul(c.hidden_size).unwrap() <= MAX_MATRIX);
+                    prop_assert!(c.intermediate_size.checked_mul(c.hidden_size).unwrap() <= MAX_MATRIX);
+                    prop_assert!(c.max_position_embeddings > 0);
+                    prop_assert_eq!(c.sliding_layers.len(), c.num_hidden_layers);
+                }
+            }
+        }
+    }
 }
