@@ -174,8 +174,11 @@ pub fn eval(args: &EvalArgs, g: &Global) -> anyhow::Result<()> {
     set_fast(args.fast);
     let model = Gemma2::load(&args.model)?;
     if let Some(file) = &args.chat_file {
-        if args.dump_logits.is_some() {
-            return Err(UsageError("--dump-logits does not go with --chat-file".into()).into());
+        if args.dump_logits.is_some() || args.max_tokens.is_some() {
+            return Err(UsageError(
+                "--dump-logits and --max-tokens do not go with --chat-file".into(),
+            )
+            .into());
         }
         let conversations = chat_inputs(file, &[&args.model], &model)?;
         let started = Instant::now();
@@ -382,6 +385,9 @@ pub fn compare(args: &CompareArgs, g: &Global) -> anyhow::Result<()> {
     let started = Instant::now();
     let (r, context) = match &args.chat_file {
         Some(file) => {
+            if args.max_tokens.is_some() {
+                return Err(UsageError("--max-tokens does not go with --chat-file".into()).into());
+            }
             let conversations = chat_inputs(file, &[&args.model, &args.reference], &model)?;
             let r = evaluate::compare_chats(&model, &reference, &conversations, args.context)?;
             (r, args.context)
