@@ -922,8 +922,10 @@ fn looks_like_our_temp(p: &Path, depth: usize) -> bool {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let ours_file = name.ends_with(".safetensors")
-            || name.ends_with(".json")
+        // Shards, config and side files, the card, the chat template, a mergekit config.
+        let ours_file = [".safetensors", ".json", ".jinja", ".yml", ".yaml"]
+            .iter()
+            .any(|ext| name.ends_with(ext))
             || name == "README.md"
             || name == "tokenizer.model";
         match std::fs::symlink_metadata(e) {
