@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use clap::Args;
-use gemma_merge::executor::{verify_folder, PlanSummary, Prepared, RunOptions};
+use gemma_merge::executor::{verify_folder, PlanSummary, Prepared, RunOptions, RunReport};
 use gemma_merge::format::Model;
 use gemma_merge::recipe::Plan;
 
@@ -28,6 +28,13 @@ pub struct RunArgs {
     /// Print a JSON summary.
     #[arg(long)]
     pub json: bool,
+    /// Write only part I of N of the output shards (from 1), for `join` to assemble; `auto` reads a SLURM
+    /// array task or a Kubernetes Indexed Job (see docs/distributed.md).
+    #[arg(long, value_name = "I/N|auto", conflicts_with = "join")]
+    pub part: Option<String>,
+    /// Assemble the parts written by `--part` runs into the output (the same as `gemma-merge join`).
+    #[arg(long, conflicts_with = "dry_run")]
+    pub join: bool,
 }
 
 #[derive(Debug, Args)]
@@ -46,6 +53,11 @@ pub struct InspectArgs {
 }
 
 pub fn run(a: &RunArgs, g: &Global) -> anyhow::Result<()> {
+    let part = a
+        .part
+        .as_deref()
+        .map(|spec| super::parts::resolve_part(spec, &|name| std::env::var(name).ok()))
+        .transpose()?;
     let plan = Plan::from_file(&a.recipe, a.out.as_deref())?;
     if !g.quiet {
         for w in &plan.warnings {
@@ -53,6 +65,20 @@ pub fn run(a: &RunArgs, g: &Global) -> anyhow::Result<()> {
         }
     }
     let prepared = Prepared::new(&plan)?;
+    if let Some(part) = part {
+        return super::parts::run_part(
+            &prepared,
+            part,
+            a.force,
+            a.hash_inputs,
+            a.dry_run,
+            a.json,
+            g,
+        );
+    }
+    if a.join {
+        return super::parts::join_prepared(&prepared, a.force, a.hash_inputs, a.json, g);
+    }
     if a.dry_run {
         let s = prepared.summary();
         if a.json {
@@ -81,7 +107,12 @@ pub fn run(a: &RunArgs, g: &Global) -> anyhow::Result<()> {
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    if a.json {
+    print_run_report(&report, a.json, g)
+}
+
+/// What `run` and `join` print when done.
+pub fn print_run_report(report: &RunReport, json: bool, g: &Global) -> anyhow::Result<()> {
+    if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else if !g.quiet {
         for o in &report.outputs {

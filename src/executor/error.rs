@@ -46,6 +46,12 @@ pub enum MergeError {
     /// Two outputs of the recipe name the same folder.
     #[error("two outputs of the recipe write to {0}")]
     DuplicateOutput(PathBuf),
+    /// A part of a split run (`run --part`, `join`) is missing, stale, foreign or damaged.
+    #[error("{path}: {message}")]
+    Part { path: PathBuf, message: String },
+    /// A part number outside 1..=N.
+    #[error("{0}")]
+    BadPart(String),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -59,7 +65,10 @@ impl MergeError {
     pub fn is_usage(&self) -> bool {
         matches!(
             self,
-            Self::TargetExists(_) | Self::OutputIsInput { .. } | Self::DuplicateOutput(_)
+            Self::TargetExists(_)
+                | Self::OutputIsInput { .. }
+                | Self::DuplicateOutput(_)
+                | Self::BadPart(_)
         )
     }
 

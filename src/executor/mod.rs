@@ -11,6 +11,7 @@
 
 mod error;
 mod output;
+mod parts;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -20,7 +21,11 @@ use rayon::prelude::*;
 use safetensors::Dtype;
 
 pub use error::MergeError;
-pub use output::{verify_folder, Manifest, VerifyReport, SIDE_FILES};
+pub use output::{verify_folder, InputRecord, Manifest, VerifyReport, SIDE_FILES};
+pub use parts::{
+    part_manifest_name, parts_dir, split_by_bytes, Part, PartFile, PartLayout, PartManifest,
+    PartReport,
+};
 
 use crate::format::{FloatType, Model, ModelWriter, TensorInfo, TensorSpec};
 use crate::kernels;
@@ -351,7 +356,7 @@ impl<'p> Prepared<'p> {
                 ModelWriter::create(&staging.staged(path), specs.clone(), plan.shard_size)
             })
             .collect::<Result<_, _>>()?;
-        self.evaluate(&outputs, &mut writers, progress)?;
+        self.evaluate(&outputs, &mut writers, None, progress)?;
         let mut records = Vec::with_capacity(writers.len());
         for w in writers {
             records.push(w.finish()?);
@@ -391,7 +396,7 @@ impl<'p> Prepared<'p> {
         let specs = self.specs();
         let mut sinks: Vec<MemoryModel> =
             outputs.iter().map(|_| MemoryModel::new(&specs)).collect();
-        self.evaluate(&outputs, &mut sinks, progress)?;
+        self.evaluate(&outputs, &mut sinks, None, progress)?;
         Ok(sinks)
     }
 
@@ -406,18 +411,32 @@ impl<'p> Prepared<'p> {
             .collect()
     }
 
-    /// Streams every tensor of every output model, in order, into `sinks` (one per output model).
+    /// Streams every tensor of every output model, in order, into `sinks` (one per output model). With
+    /// `subset` (a flag per tensor), only the flagged tensors are evaluated and streamed (one part's shards);
+    /// the statistics of their units (SLERP's layer Gram) still cover every tensor of the unit.
     fn evaluate<W: TensorSink>(
         &self,
         outputs: &[(PathBuf, usize, Option<usize>)],
         sinks: &mut [W],
+        subset: Option<&[bool]>,
         progress: &(dyn Fn(u64, u64) + Sync),
     ) -> Result<(), MergeError> {
-        let total: u64 = self.tensors.iter().map(|t| t.base.numel() as u64).sum();
+        let wanted = |ti: usize| subset.is_none_or(|s| s[ti]);
+        let total: u64 = (0..self.tensors.len())
+            .filter(|&ti| wanted(ti))
+            .map(|ti| self.tensors[ti].base.numel() as u64)
+            .sum();
         let mut done = 0u64;
         let mut coefs: HashMap<usize, Vec<Vec<Vec<f64>>>> = HashMap::new();
-        let mut remaining: Vec<usize> = self.units.iter().map(|u| u.len()).collect();
+        let mut remaining: Vec<usize> = self
+            .units
+            .iter()
+            .map(|u| u.iter().filter(|&&ti| wanted(ti)).count())
+            .collect();
         for (ti, t) in self.tensors.iter().enumerate() {
+            if !wanted(ti) {
+                continue;
+            }
             match &t.treatment {
                 Treatment::Copy => self.copy_tensor(t, sinks)?,
                 Treatment::Merge { .. } => {

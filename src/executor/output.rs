@@ -65,21 +65,7 @@ impl Staging {
     /// Checks every target (exists without --force, inside an input, duplicated) and creates the
     /// temporary folders. Nothing is created when a check fails.
     pub fn begin(plan: &Plan, models: &[Model], force: bool) -> Result<Self, MergeError> {
-        let mut seen: Vec<PathBuf> = Vec::new();
-        for t in &plan.targets {
-            let abs = absolute(&t.path);
-            if seen
-                .iter()
-                .any(|s| s.starts_with(&abs) || abs.starts_with(s))
-            {
-                return Err(MergeError::DuplicateOutput(t.path.clone()));
-            }
-            seen.push(abs);
-            if t.path.exists() && !force {
-                return Err(MergeError::TargetExists(t.path.clone()));
-            }
-            check_not_input(&t.path, models)?;
-        }
+        check_targets(plan, models, force)?;
         let mut staging = Self {
             targets: Vec::new(),
             force,
@@ -217,6 +203,27 @@ impl Staging {
     }
 }
 
+/// Checks every output target without creating anything: no two overlap, none exists (unless `force`),
+/// none is, holds or sits inside an input.
+pub(crate) fn check_targets(plan: &Plan, models: &[Model], force: bool) -> Result<(), MergeError> {
+    let mut seen: Vec<PathBuf> = Vec::new();
+    for t in &plan.targets {
+        let abs = absolute(&t.path);
+        if seen
+            .iter()
+            .any(|s| s.starts_with(&abs) || abs.starts_with(s))
+        {
+            return Err(MergeError::DuplicateOutput(t.path.clone()));
+        }
+        seen.push(abs);
+        if t.path.exists() && !force {
+            return Err(MergeError::TargetExists(t.path.clone()));
+        }
+        check_not_input(&t.path, models)?;
+    }
+    Ok(())
+}
+
 impl Drop for Staging {
     fn drop(&mut self) {
         if !self.committed {
@@ -266,7 +273,7 @@ pub(crate) fn input_records(models: &[Model], hash: bool) -> Result<Vec<InputRec
     Ok(out)
 }
 
-fn hash_file(path: &Path) -> Result<String, MergeError> {
+pub(crate) fn hash_file(path: &Path) -> Result<String, MergeError> {
     let mut f = std::fs::File::open(path).map_err(|e| MergeError::io(path, e))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 8 << 20];
