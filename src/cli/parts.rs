@@ -67,20 +67,19 @@ pub fn resolve_part(spec: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<
         };
         let step = var("SLURM_ARRAY_TASK_STEP")?.unwrap_or(1).max(1);
         let slurm_count = var("SLURM_ARRAY_TASK_COUNT")?;
-        let count = match (count, slurm_count) {
-            (Some(a), Some(b)) if a != b => {
-                return Err(bad(format!(
-                    "{a} parts asked, but the SLURM array has {b} tasks"
-                )))
-            }
-            (Some(a), _) | (None, Some(a)) => a,
-            (None, None) => {
-                return Err(bad(
+        let count =
+            match (count, slurm_count) {
+                (Some(a), Some(b)) if a != b => {
+                    return Err(bad(format!(
+                        "{a} parts asked, but the SLURM array has {b} tasks"
+                    )))
+                }
+                (Some(a), _) | (None, Some(a)) => a,
+                (None, None) => return Err(bad(
                     "SLURM_ARRAY_TASK_COUNT is not set: give the number of parts as --part auto/N"
                         .into(),
-                ))
-            }
-        };
+                )),
+            };
         if id < min || (id - min) % step != 0 {
             return Err(bad(format!(
                 "SLURM_ARRAY_TASK_ID={id} is not in the array {min}, {}, ... (use --array=1-N or 0-(N-1))",
@@ -147,19 +146,12 @@ pub fn run_part(
         g,
         "{spinner} merging part [{bar:40}] {percent:>3}% {elapsed_precise} eta {eta}",
     );
-    let report = prepared.run_part(
-        part,
-        &RunOptions {
-            force,
-            hash_inputs,
-        },
-        &|done, total| {
-            if let Some(b) = &bar {
-                b.set_length(total);
-                b.set_position(done);
-            }
-        },
-    )?;
+    let report = prepared.run_part(part, &RunOptions { force, hash_inputs }, &|done, total| {
+        if let Some(b) = &bar {
+            b.set_length(total);
+            b.set_position(done);
+        }
+    })?;
     if let Some(b) = bar {
         b.finish_and_clear();
     }
@@ -214,10 +206,7 @@ pub fn join_prepared(
     json: bool,
     g: &Global,
 ) -> anyhow::Result<()> {
-    let report = prepared.join(&RunOptions {
-        force,
-        hash_inputs,
-    })?;
+    let report = prepared.join(&RunOptions { force, hash_inputs })?;
     print_run_report(&report, json, g)
 }
 
@@ -280,7 +269,10 @@ mod tests {
         assert!(part("auto", &off).is_err());
         assert!(part(
             "auto",
-            &[("SLURM_ARRAY_TASK_ID", "1"), ("SLURM_ARRAY_TASK_COUNT", "2")]
+            &[
+                ("SLURM_ARRAY_TASK_ID", "1"),
+                ("SLURM_ARRAY_TASK_COUNT", "2")
+            ]
         )
         .unwrap_err()
         .contains("SLURM_ARRAY_TASK_MIN"));

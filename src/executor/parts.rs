@@ -23,8 +23,8 @@ use sha2::{Digest, Sha256};
 
 use super::output::{self, check_targets, hash_file, InputRecord, Staging};
 use super::{absolute, check_not_input, MergeError, Prepared, RunOptions, RunReport};
-use crate::format::writer::{hex, index_text, plan_shards, shard_name, FileRecord};
 use crate::format::reader::INDEX_FILE;
+use crate::format::writer::{hex, index_text, plan_shards, shard_name, FileRecord};
 use crate::format::ModelWriter;
 
 /// Version of the part manifest format (in the plan hash, so parts of another format are stale).
@@ -61,8 +61,8 @@ impl std::fmt::Display for Part {
 }
 
 /// Assigns items (shards, input files) of the given sizes, in order, to `parts` parts: contiguous runs,
-/// balanced by bytes. Item k goes to the part whose share of the total, `[p·T/N, (p+1)·T/N)`, holds the
-/// item's midpoint. Returns the 0-based part of each item (non-decreasing). Pure and deterministic, so
+/// balanced by bytes. Item k goes to the part whose share of the total, `(p·T/N, (p+1)·T/N]`, holds the
+/// item's midpoint (the lower part on a tie). Returns the 0-based part of each item (non-decreasing). Pure and deterministic, so
 /// every part and the join agree on it.
 pub fn split_by_bytes(sizes: &[u64], parts: usize) -> Vec<usize> {
     let total: u128 = sizes.iter().map(|&s| s as u128).sum();
@@ -75,7 +75,8 @@ pub fn split_by_bytes(sizes: &[u64], parts: usize) -> Vec<usize> {
             let p = if total == 0 {
                 k as u128 * n / sizes.len() as u128
             } else {
-                (2 * start + s as u128) * n / (2 * total)
+                // ⌈midpoint·N/T⌉ − 1: a midpoint on a boundary goes to the lower part.
+                ((2 * start + s as u128) * n).saturating_sub(1) / (2 * total)
             };
             start += s as u128;
             p.min(n - 1) as usize
@@ -116,6 +117,8 @@ pub struct PartManifest {
     pub tool: String,
     pub version: String,
     pub plan_hash: String,
+    /// The recipe, resolved, and the SHA-256 of its text (to tell a stale part from a foreign one).
+    pub recipe_path: String,
     pub recipe_sha256: String,
     pub part: usize,
     pub parts: usize,
@@ -335,6 +338,7 @@ impl Prepared<'_> {
             tool: "gemma-merge".into(),
             version: env!("CARGO_PKG_VERSION").into(),
             plan_hash: self.plan_hash(),
+            recipe_path: absolute(&plan.recipe_path).display().to_string(),
             recipe_sha256: hex(&Sha256::digest(plan.recipe_text.as_bytes())),
             part: part.index,
             parts: part.count,
@@ -411,6 +415,7 @@ impl Prepared<'_> {
         let layout = self.part_layout(count);
         let plan_hash = self.plan_hash();
         let recipe_sha = hex(&Sha256::digest(plan.recipe_text.as_bytes()));
+        let recipe_path = absolute(&plan.recipe_path).display().to_string();
         let mut inputs = output::input_records(&self.models, false)?;
         let mut hash_inputs = opts.hash_inputs;
         // (target, path) → the record of the file a part wrote.
@@ -420,8 +425,10 @@ impl Prepared<'_> {
         for (path, m) in &manifests {
             let part = Part::new(m.part, m.parts)?;
             if m.tool != "gemma-merge" || m.plan_hash != plan_hash {
-                let why = if m.recipe_sha256 != recipe_sha {
-                    "belongs to another recipe (its recipe's SHA-256 differs)".to_string()
+                let why = if m.recipe_path != recipe_path {
+                    format!("belongs to another recipe ({})", m.recipe_path)
+                } else if m.recipe_sha256 != recipe_sha {
+                    "is stale: the recipe changed since it ran".to_string()
                 } else if m.version != env!("CARGO_PKG_VERSION") {
                     format!(
                         "was written by gemma-merge {}, this is {}",
@@ -435,14 +442,20 @@ impl Prepared<'_> {
                 };
                 return Err(part_err(
                     path,
-                    format!("part {part} {why}: plan hash {} ≠ {plan_hash}; rerun `run --part {part}`", m.plan_hash),
+                    format!(
+                        "part {part} {why}: plan hash {} ≠ {plan_hash}; rerun `run --part {part}`",
+                        m.plan_hash
+                    ),
                 ));
             }
             let expected = layout.shards_of(part);
             if m.shards != expected {
                 return Err(part_err(
                     path,
-                    format!("part {part} lists shards {:?}, but the plan gives it {expected:?}", m.shards),
+                    format!(
+                        "part {part} lists shards {:?}, but the plan gives it {expected:?}",
+                        m.shards
+                    ),
                 ));
             }
             if m.inputs.len() != inputs.len() {
@@ -668,13 +681,15 @@ impl Prepared<'_> {
                 }
                 Err(e) => return Err(MergeError::io(&path, e)),
             };
-            let m: PartManifest = serde_json::from_str(&text).map_err(|e| {
-                part_err(&path, format!("not a part manifest of gemma-merge: {e}"))
-            })?;
+            let m: PartManifest = serde_json::from_str(&text)
+                .map_err(|e| part_err(&path, format!("not a part manifest of gemma-merge: {e}")))?;
             if m.part != i || m.parts != count {
                 return Err(part_err(
                     &path,
-                    format!("says it is part {}/{}, its name says {i}/{count}", m.part, m.parts),
+                    format!(
+                        "says it is part {}/{}, its name says {i}/{count}",
+                        m.part, m.parts
+                    ),
                 ));
             }
             out.push((path, m));
@@ -724,5 +739,73 @@ fn remove_staging(
     }
     for d in dirs {
         let _ = std::fs::remove_dir(d);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_is_contiguous_balanced_and_covers_every_part_when_it_can() {
+        assert_eq!(split_by_bytes(&[10, 10, 10, 10], 2), vec![0, 0, 1, 1]);
+        assert_eq!(split_by_bytes(&[10, 10, 10], 3), vec![0, 1, 2]);
+        assert_eq!(split_by_bytes(&[7], 3), vec![1]);
+        assert_eq!(split_by_bytes(&[7, 7], 4), vec![0, 2]);
+        // One big item among small ones: it takes a part of its own.
+        assert_eq!(split_by_bytes(&[1, 1, 100, 1, 1], 3), vec![0, 0, 1, 2, 2]);
+        // The 5 GB shards of a 27B model (10 full, one of 4.5 GB) over 4 parts: at most 15 GB each.
+        let mut shards = vec![5_000_000_000u64; 10];
+        shards.push(4_500_000_000);
+        let p = split_by_bytes(&shards, 4);
+        assert_eq!(p, vec![0, 0, 0, 1, 1, 2, 2, 2, 3, 3, 3]);
+        // Zero sizes are spread by count; no items, no parts.
+        assert_eq!(split_by_bytes(&[0, 0, 0, 0], 2), vec![0, 0, 1, 1]);
+        assert_eq!(split_by_bytes(&[], 5), Vec::<usize>::new());
+        // Invariants over many shapes: non-decreasing, in range, the heaviest part within one item of T/N.
+        for n in 1..7usize {
+            for len in 0..12usize {
+                let sizes: Vec<u64> = (0..len as u64)
+                    .map(|k| 1 + (k * 37 + n as u64) % 11)
+                    .collect();
+                let p = split_by_bytes(&sizes, n);
+                assert!(p.windows(2).all(|w| w[0] <= w[1]) && p.iter().all(|&x| x < n));
+                let total: u64 = sizes.iter().sum();
+                let biggest = sizes.iter().copied().max().unwrap_or(0);
+                for part in 0..n {
+                    let load: u64 = sizes
+                        .iter()
+                        .zip(&p)
+                        .filter(|(_, &q)| q == part)
+                        .map(|(s, _)| s)
+                        .sum();
+                    assert!(
+                        load as f64 <= total as f64 / n as f64 + biggest as f64,
+                        "{sizes:?} {n} {p:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn part_numbers_and_manifest_names() {
+        assert!(Part::new(0, 3).is_err() && Part::new(4, 3).is_err() && Part::new(1, 0).is_err());
+        assert_eq!(Part::new(3, 3).unwrap().to_string(), "3/3");
+        assert_eq!(part_manifest_name(2, 12), "part-00002-of-00012.json");
+        assert_eq!(
+            parse_manifest_name("part-00002-of-00012.json"),
+            Some((2, 12))
+        );
+        assert_eq!(parse_manifest_name("part-2-of-x.json"), None);
+        assert_eq!(parse_manifest_name("part-00002-of-00012.json.tmp"), None);
+        assert_eq!(
+            parts_dir(Path::new("out/warp")),
+            Path::new("out/.warp.gemma-merge-parts")
+        );
+        assert_eq!(
+            parts_dir(Path::new("warp")),
+            Path::new("./.warp.gemma-merge-parts")
+        );
     }
 }

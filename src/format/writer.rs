@@ -305,7 +305,8 @@ pub fn index_text(specs: &[TensorSpec], shards: &[Vec<usize>]) -> Option<String>
     for (name, file) in map {
         weight_map.insert(name.to_string(), serde_json::Value::String(file));
     }
-    let index = serde_json::json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
+    let index =
+        serde_json::json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
     let mut text = serde_json::to_string_pretty(&index).expect("JSON serializes");
     text.push('\n');
     Some(text)
@@ -389,6 +390,55 @@ mod tests {
         assert_eq!(m.data(m.get("w1").unwrap()), &w1[..]);
         assert_eq!(m.data(m.get("w2").unwrap()), &[1, 2, 3, 4, 5, 6]);
         assert_eq!(m.get("ids").unwrap().shape, vec![2]);
+    }
+
+    #[test]
+    fn a_part_writes_the_same_shard_bytes_and_no_index() {
+        let specs = vec![
+            spec("a", Dtype::F32, &[4]),
+            spec("b", Dtype::BF16, &[6]),
+            spec("c", Dtype::F32, &[2]),
+            spec("d", Dtype::I64, &[1]),
+        ];
+        let data: Vec<Vec<u8>> = specs
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                (0..s.byte_len())
+                    .map(|b| (b as u8) ^ (i as u8 * 40))
+                    .collect()
+            })
+            .collect();
+        assert_eq!(plan_shards(&specs, 12).len(), 4);
+        let full = tempfile::tempdir().unwrap();
+        let mut w = ModelWriter::create(full.path(), specs.clone(), 12).unwrap();
+        for d in &data {
+            w.write(d).unwrap();
+        }
+        let all = w.finish().unwrap();
+        assert_eq!(all.len(), 5);
+        let part = tempfile::tempdir().unwrap();
+        let mut w = ModelWriter::create_part(part.path(), specs.clone(), 12, &[1, 3]).unwrap();
+        w.write(&data[1]).unwrap();
+        w.write(&data[3]).unwrap();
+        let some = w.finish().unwrap();
+        assert_eq!(some, vec![all[1].clone(), all[3].clone()]);
+        let mut names: Vec<String> = std::fs::read_dir(part.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, vec![shard_name(1, 4), shard_name(3, 4)]);
+        // The index a join writes is the plain run's.
+        let index = std::fs::read_to_string(full.path().join(INDEX_FILE)).unwrap();
+        assert_eq!(index_text(&specs, &plan_shards(&specs, 12)), Some(index));
+        assert_eq!(index_text(&specs, &plan_shards(&specs, 1000)), None);
+        // A part with no shard writes nothing; one fed too little is an error.
+        let empty = tempfile::tempdir().unwrap();
+        let w = ModelWriter::create_part(empty.path(), specs.clone(), 12, &[]).unwrap();
+        assert!(w.finish().unwrap().is_empty());
+        let short = ModelWriter::create_part(empty.path(), specs, 12, &[0]).unwrap();
+        assert!(short.finish().is_err());
     }
 
     #[test]
