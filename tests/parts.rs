@@ -257,6 +257,10 @@ fn warp_parts_in_any_order_and_concurrently_join_to_the_plain_run() {
         "parts unbalanced: {per_part:?} bytes (shards of ~60 KB)"
     );
 
+    // What a part killed before its commit leaves behind: a temporary folder, cleaned up by the join.
+    let killed = staging.join(".part-00002-of-00003.tmp-999999");
+    std::fs::create_dir(&killed).unwrap();
+    std::fs::write(killed.join("model-00005-of-00011.safetensors"), b"partial").unwrap();
     let out = ok(&["run", s(&r), "--join", "--json"]);
     let report: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
     assert_eq!(report["tensors"], 46);

@@ -717,8 +717,8 @@ fn link_or_copy(from: &Path, to: &Path) -> Result<(), MergeError> {
     Ok(())
 }
 
-/// After a join: removes the parts' files and manifests, then the staging folders if nothing else is in
-/// them (best effort: what is left is harmless and named like ours).
+/// After a join: removes the parts' files and manifests and the temporary folders of killed parts, then
+/// the staging folders if nothing else is in them (best effort: what is left is harmless).
 fn remove_staging(
     dirs: &[PathBuf],
     places: &[(usize, Option<String>)],
@@ -738,6 +738,15 @@ fn remove_staging(
         }
     }
     for d in dirs {
+        // Temporary folders of parts killed before their commit (every part has finished by now).
+        if let Ok(entries) = std::fs::read_dir(d) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with(".part-") && name.contains(".tmp-") {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
         let _ = std::fs::remove_dir(d);
     }
 }
