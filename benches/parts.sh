@@ -8,7 +8,7 @@
 #
 # Inputs (gemma-merge synth): an SFT model and two RL-like runs (SFT plus relative noise DRIFT). Recipe:
 # SLERP of the two runs' task vectors by layer, then LITI η 0.3, bf16, shards of SHARD bytes (the
-# default 100 MB gives ~8 shards of the 0.77 GB model). Prints, per N and mode: the bytes each part wrote,
+# default 100 MB gives 9 shards of the 0.77 GB model). Prints, per N and mode: the bytes each part wrote,
 # the wall time of each part, the sum and the longest, the join's wall time, and the whole run's.
 #
 # Environment: GM (a gemma-merge binary; default: build the release one), BENCH_DIR (default
