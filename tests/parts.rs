@@ -257,6 +257,40 @@ fn warp_parts_in_any_order_and_concurrently_join_to_the_plain_run() {
         "parts unbalanced: {per_part:?} bytes (shards of ~60 KB)"
     );
 
+    // Some layer straddles two parts, so its SLERP angle (one per layer) needed tensors of both.
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(plain.join("model.safetensors.index.json")).unwrap())
+            .unwrap();
+    let mut part_of_shard = BTreeMap::new();
+    for i in 1..=3u64 {
+        let m: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(staging.join(format!("part-{i:05}-of-00003.json"))).unwrap(),
+        )
+        .unwrap();
+        for k in m["shards"].as_array().unwrap() {
+            let n = shards_in(&plain);
+            part_of_shard.insert(
+                format!("model-{:05}-of-{n:05}.safetensors", k.as_u64().unwrap() + 1),
+                i,
+            );
+        }
+    }
+    let mut parts_of_layer: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for (name, file) in index["weight_map"].as_object().unwrap() {
+        if let Some(rest) = name.strip_prefix("model.layers.") {
+            let layer = rest.split('.').next().unwrap().to_string();
+            let p = part_of_shard[file.as_str().unwrap()];
+            let v = parts_of_layer.entry(layer).or_default();
+            if !v.contains(&p) {
+                v.push(p);
+            }
+        }
+    }
+    assert!(
+        parts_of_layer.values().any(|v| v.len() > 1),
+        "no layer straddles two parts: {parts_of_layer:?}"
+    );
+
     // What a part killed before its commit leaves behind: a temporary folder, cleaned up by the join.
     let killed = staging.join(".part-00002-of-00003.tmp-999999");
     std::fs::create_dir(&killed).unwrap();
@@ -352,6 +386,22 @@ fn an_unsharded_output_splits_into_one_busy_part_and_empty_ones() {
     assert_eq!(m["shards"], serde_json::json!([]));
     ok(&["-q", "join", s(&r)]);
     assert_same_tree(&d.path().join("out/warp"), &plain);
+}
+
+#[test]
+fn slerp_by_tensor_in_four_parts_joins_to_the_plain_run() {
+    let d = tempfile::tempdir().unwrap();
+    let text = "output: out/slerp\ndtype: float32\nbase: @/sft\nshard_size: 100000\nsteps:\n  - name: slerp\n    \
+                method: slerp\n    models: [@/run_a/step-300, @/run_b/step-300]\n    t: 0.3\n    angle: tensor\n";
+    let r = recipe(d.path(), "slerp.yaml", text);
+    let plain = d.path().join("plain/slerp");
+    ok(&["-q", "run", s(&r), "--out", s(&plain)]);
+    assert!(shards_in(&plain) >= 8);
+    for i in [4, 2, 1, 3] {
+        ok(&["-q", "run", s(&r), "--part", &format!("{i}/4")]);
+    }
+    ok(&["-q", "join", s(&r)]);
+    assert_same_tree(&d.path().join("out/slerp"), &plain);
 }
 
 #[test]
