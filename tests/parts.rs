@@ -178,6 +178,12 @@ fn entries(dir: &Path) -> Vec<String> {
     v
 }
 
+/// The manifest of part `i` of `n` in a staging folder.
+fn part_manifest(staging: &Path, i: usize, n: usize) -> serde_json::Value {
+    let path = staging.join(format!("part-{i:05}-of-{n:05}.json"));
+    serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap()
+}
+
 fn shards_in(dir: &Path) -> usize {
     entries(dir)
         .iter()
@@ -222,10 +228,7 @@ fn warp_parts_in_any_order_and_concurrently_join_to_the_plain_run() {
     let mut all: Vec<u64> = Vec::new();
     let mut per_part = Vec::new();
     for i in 1..=3 {
-        let m: serde_json::Value = serde_json::from_slice(
-            &std::fs::read(staging.join(format!("part-{i:05}-of-00003.json"))).unwrap(),
-        )
-        .unwrap();
+        let m = part_manifest(&staging, i as usize, 3);
         assert_eq!(m["part"], i);
         let shards: Vec<u64> = m["shards"]
             .as_array()
@@ -263,10 +266,7 @@ fn warp_parts_in_any_order_and_concurrently_join_to_the_plain_run() {
             .unwrap();
     let mut part_of_shard = BTreeMap::new();
     for i in 1..=3u64 {
-        let m: serde_json::Value = serde_json::from_slice(
-            &std::fs::read(staging.join(format!("part-{i:05}-of-00003.json"))).unwrap(),
-        )
-        .unwrap();
+        let m = part_manifest(&staging, i as usize, 3);
         for k in m["shards"].as_array().unwrap() {
             let n = shards_in(&plain);
             part_of_shard.insert(
@@ -380,9 +380,7 @@ fn an_unsharded_output_splits_into_one_busy_part_and_empty_ones() {
         ok(&["-q", "run", s(&r), "--part", &format!("{i}/2")]);
     }
     let staging = d.path().join("out/.warp.gemma-merge-parts");
-    let m: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(staging.join("part-00002-of-00002.json")).unwrap())
-            .unwrap();
+    let m = part_manifest(&staging, 2, 2);
     assert_eq!(m["shards"], serde_json::json!([]));
     ok(&["-q", "join", s(&r)]);
     assert_same_tree(&d.path().join("out/warp"), &plain);
@@ -418,10 +416,7 @@ fn a_rerun_part_replaces_only_its_own_files() {
         (m.ino(), m.mtime_nsec(), m.mtime())
     };
     let files_of = |i: usize| -> Vec<String> {
-        let m: serde_json::Value = serde_json::from_slice(
-            &std::fs::read(staging.join(format!("part-{i:05}-of-00003.json"))).unwrap(),
-        )
-        .unwrap();
+        let m = part_manifest(&staging, i as usize, 3);
         m["files"]
             .as_array()
             .unwrap()
@@ -502,9 +497,7 @@ fn a_missing_part_fails_and_writes_nothing() {
     // A part's shard deleted or truncated after it ran is caught by size, naming the file.
     ok(&["-q", "run", s(&r), "--part", "2/3"]);
     let staging = d.path().join("out/.warp.gemma-merge-parts");
-    let m: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(staging.join("part-00002-of-00003.json")).unwrap())
-            .unwrap();
+    let m = part_manifest(&staging, 2, 3);
     let victim = staging.join(m["files"][0]["path"].as_str().unwrap());
     let bytes = std::fs::read(&victim).unwrap();
     std::fs::write(&victim, &bytes[..bytes.len() - 1]).unwrap();

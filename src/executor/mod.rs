@@ -363,19 +363,7 @@ impl<'p> Prepared<'p> {
         }
         let seconds = started.elapsed().as_secs_f64();
         let input_files = output::input_records(&self.models, opts.hash_inputs)?;
-        let mut bytes_written = 0u64;
-        for (((path, step, _), eta), recs) in outputs.iter().zip(self.output_etas()).zip(records) {
-            bytes_written += staging.finish_model(
-                path,
-                &self.models[plan.base],
-                plan,
-                *step,
-                eta,
-                recs,
-                &input_files,
-                seconds,
-            )?;
-        }
+        let bytes_written = self.finish_outputs(&staging, records, &input_files, seconds)?;
         let written = staging.commit()?;
         Ok(RunReport {
             output: plan.targets[0].path.clone(),
@@ -384,6 +372,37 @@ impl<'p> Prepared<'p> {
             bytes_written,
             seconds: started.elapsed().as_secs_f64(),
         })
+    }
+
+    /// Completes every staged output model (config, side files, model card, manifest) given the records
+    /// of its weight files, in output order; returns the bytes written. `run` and `join` both end here.
+    fn finish_outputs(
+        &self,
+        staging: &output::Staging,
+        records: Vec<Vec<crate::format::FileRecord>>,
+        inputs: &[output::InputRecord],
+        seconds: f64,
+    ) -> Result<u64, MergeError> {
+        let plan = self.plan;
+        let mut bytes_written = 0u64;
+        for (((path, step, _), eta), recs) in self
+            .output_models()
+            .iter()
+            .zip(self.output_etas())
+            .zip(records)
+        {
+            bytes_written += staging.finish_model(
+                path,
+                &self.models[plan.base],
+                plan,
+                *step,
+                eta,
+                recs,
+                inputs,
+                seconds,
+            )?;
+        }
+        Ok(bytes_written)
     }
 
     /// Evaluates every output model into memory (for scoring without writing; see `front`). Each model's

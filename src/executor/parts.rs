@@ -24,7 +24,9 @@ use sha2::{Digest, Sha256};
 use super::output::{self, check_targets, hash_file, InputRecord, Staging};
 use super::{absolute, check_not_input, MergeError, Prepared, RunOptions, RunReport};
 use crate::format::reader::INDEX_FILE;
-use crate::format::writer::{hex, index_text, plan_shards, shard_name, FileRecord};
+use crate::format::writer::{
+    hex, index_text, plan_shards, shard_name, write_small_file, FileRecord,
+};
 use crate::format::ModelWriter;
 
 /// Version of the part manifest format (in the plan hash, so parts of another format are stale).
@@ -293,13 +295,7 @@ impl Prepared<'_> {
             tmps.push(TempDir(Some(tmp)));
         }
         let tmp_of = |t: usize| tmps[t].0.as_ref().expect("a temporary folder");
-        // (target, sub-folder) of each output model, in output order.
-        let mut places: Vec<(usize, Option<String>)> = Vec::new();
-        for (t, target) in plan.targets.iter().enumerate() {
-            for m in &target.models {
-                places.push((t, m.subdir.clone()));
-            }
-        }
+        let places = self.places();
         let specs = self.specs();
         let mut writers = Vec::with_capacity(places.len());
         for (t, sub) in &places {
@@ -383,16 +379,31 @@ impl Prepared<'_> {
         })
     }
 
+    /// (target, sub-folder) of each output model, in output order.
+    fn places(&self) -> Vec<(usize, Option<String>)> {
+        let mut places = Vec::new();
+        for (t, target) in self.plan.targets.iter().enumerate() {
+            for m in &target.models {
+                places.push((t, m.subdir.clone()));
+            }
+        }
+        places
+    }
+
+    /// Every input file, in the order of [`output::input_records`].
+    fn input_paths(&self) -> Vec<&Path> {
+        self.models
+            .iter()
+            .flat_map(|m| m.files().iter().map(|f| f.path()))
+            .collect()
+    }
+
     /// Every input file's size, and with `hash` the SHA-256 of this part's share of the files (split by
     /// bytes like the shards), so that across all parts each input file is hashed exactly once.
     fn part_input_records(&self, part: Part, hash: bool) -> Result<Vec<InputRecord>, MergeError> {
         let mut records = output::input_records(&self.models, false)?;
         if hash {
-            let files: Vec<&Path> = self
-                .models
-                .iter()
-                .flat_map(|m| m.files().iter().map(|f| f.path()))
-                .collect();
+            let files = self.input_paths();
             let sizes: Vec<u64> = records.iter().map(|r| r.size).collect();
             let owner = split_by_bytes(&sizes, part.count);
             for ((rec, path), p) in records.iter_mut().zip(files).zip(owner) {
@@ -535,12 +546,7 @@ impl Prepared<'_> {
         // Every shard of every output model, from the part that owns it.
         let n_shards = layout.shards.len();
         let outputs = self.output_models();
-        let mut places: Vec<(usize, Option<String>)> = Vec::new();
-        for (t, target) in plan.targets.iter().enumerate() {
-            for m in &target.models {
-                places.push((t, m.subdir.clone()));
-            }
-        }
+        let places = self.places();
         let mut shard_records: Vec<Vec<(PathBuf, FileRecord)>> = Vec::new();
         for (t, sub) in &places {
             let mut recs = Vec::with_capacity(n_shards);
@@ -562,12 +568,7 @@ impl Prepared<'_> {
             shard_records.push(recs);
         }
         if hash_inputs {
-            let files: Vec<&Path> = self
-                .models
-                .iter()
-                .flat_map(|m| m.files().iter().map(|f| f.path()))
-                .collect();
-            for (rec, path) in inputs.iter_mut().zip(files) {
+            for (rec, path) in inputs.iter_mut().zip(self.input_paths()) {
                 if rec.sha256.is_none() {
                     rec.sha256 = Some(hash_file(path)?);
                 }
@@ -580,39 +581,21 @@ impl Prepared<'_> {
 
         // Assemble exactly as a plain run: shards, index, then config, side files, card and manifest.
         let staging = Staging::begin(plan, &self.models, opts.force)?;
-        let specs = self.specs();
-        let index = index_text(&specs, &layout.shards);
-        let mut bytes_written = 0u64;
-        for ((((path, step, _), eta), recs), _) in outputs
-            .iter()
-            .zip(self.output_etas())
-            .zip(shard_records)
-            .zip(&places)
-        {
+        let index = index_text(&self.specs(), &layout.shards);
+        let mut records = Vec::with_capacity(outputs.len());
+        for ((path, _, _), recs) in outputs.iter().zip(shard_records) {
             let dir = staging.staged(path);
-            let mut records = Vec::with_capacity(recs.len() + 1);
+            let mut model = Vec::with_capacity(recs.len() + 1);
             for (from, rec) in recs {
                 link_or_copy(&from, &dir.join(&rec.path))?;
-                records.push(rec);
+                model.push(rec);
             }
             if let Some(text) = &index {
-                records.push(crate::format::writer::write_small_file(
-                    &dir,
-                    INDEX_FILE,
-                    text.as_bytes(),
-                )?);
+                model.push(write_small_file(&dir, INDEX_FILE, text.as_bytes())?);
             }
-            bytes_written += staging.finish_model(
-                path,
-                &self.models[plan.base],
-                plan,
-                *step,
-                eta,
-                records,
-                &inputs,
-                seconds,
-            )?;
+            records.push(model);
         }
+        let bytes_written = self.finish_outputs(&staging, records, &inputs, seconds)?;
         let written_targets = staging.commit()?;
         remove_staging(&dirs, &places, &manifests);
         Ok(RunReport {
