@@ -416,7 +416,7 @@ fn a_rerun_part_replaces_only_its_own_files() {
         (m.ino(), m.mtime_nsec(), m.mtime())
     };
     let files_of = |i: usize| -> Vec<String> {
-        let m = part_manifest(&staging, i as usize, 3);
+        let m = part_manifest(&staging, i, 3);
         m["files"]
             .as_array()
             .unwrap()
