@@ -292,7 +292,7 @@ fn warp_parts_in_any_order_and_concurrently_join_to_the_plain_run() {
     );
 
     // What a part killed before its commit leaves behind: a temporary folder, cleaned up by the join.
-    let killed = staging.join(".part-00002-of-00003.tmp-999999");
+    let killed = staging.join(".part-00002-of-00003.gemma-merge-tmp-999999");
     std::fs::create_dir(&killed).unwrap();
     std::fs::write(killed.join("model-00005-of-00011.safetensors"), b"partial").unwrap();
     let out = ok(&["run", s(&r), "--join", "--json"]);

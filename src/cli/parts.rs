@@ -28,6 +28,9 @@ pub struct JoinArgs {
     /// Print a JSON summary.
     #[arg(long)]
     pub json: bool,
+    /// Seed of random methods (DARE) for a mergekit config: the one the parts were run with.
+    #[arg(long, value_name = "N")]
+    pub seed: Option<u64>,
 }
 
 /// Resolves a `--part` value: `I/N` (1-based), `auto`, or `auto/N`. `auto` reads a SLURM array task
@@ -114,13 +117,13 @@ pub fn resolve_part(spec: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<
 pub fn run_part(
     prepared: &Prepared,
     part: Part,
-    force: bool,
-    hash_inputs: bool,
+    opts: &RunOptions,
     dry_run: bool,
     json: bool,
     g: &Global,
 ) -> anyhow::Result<()> {
     if dry_run {
+        prepared.check_outputs(opts)?;
         let layout = prepared.part_layout(part.count);
         let mine = layout.shards_of(part);
         let bytes: u64 = mine.iter().map(|&k| layout.shard_bytes[k]).sum();
@@ -130,15 +133,15 @@ pub fn run_part(
                 "part": part.index, "parts": part.count, "shards": mine,
                 "shard_count": layout.shards.len(), "bytes": bytes, "total_bytes": total,
             });
-            println!("{}", serde_json::to_string_pretty(&v)?);
+            outln!("{}", serde_json::to_string_pretty(&v)?)?;
         } else {
-            println!(
+            outln!(
                 "part {part} (dry run: nothing is written): shards {} of {}, {} of {} per output model",
                 shard_list(&mine),
                 layout.shards.len(),
                 human_bytes(bytes),
                 human_bytes(total)
-            );
+            )?;
         }
         return Ok(());
     }
@@ -146,7 +149,7 @@ pub fn run_part(
         g,
         "{spinner} merging part [{bar:40}] {percent:>3}% {elapsed_precise} eta {eta}",
     );
-    let report = prepared.run_part(part, &RunOptions { force, hash_inputs }, &|done, total| {
+    let report = prepared.run_part(part, opts, &|done, total| {
         if let Some(b) = &bar {
             b.set_length(total);
             b.set_position(done);
@@ -156,16 +159,16 @@ pub fn run_part(
         b.finish_and_clear();
     }
     if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?)?;
     } else if !g.quiet {
-        println!(
+        outln!(
             "wrote part {part}: {} shard(s) per output model, {} tensors, {} in {:.2} s ({})",
             report.shards.len(),
             report.tensors,
             human_bytes(report.bytes_written),
             report.seconds,
             report.manifest.display()
-        );
+        )?;
     }
     Ok(())
 }
@@ -193,20 +196,24 @@ fn shard_list(shards: &[usize]) -> String {
 }
 
 pub fn join(a: &JoinArgs, g: &Global) -> anyhow::Result<()> {
-    let plan = Plan::from_file(&a.recipe, a.out.as_deref())?;
+    let plan = Plan::load(&a.recipe, a.out.as_deref(), a.seed)?;
     let prepared = Prepared::new(&plan)?;
-    join_prepared(&prepared, a.force, a.hash_inputs, a.json, g)
+    let opts = RunOptions {
+        force: a.force,
+        hash_inputs: a.hash_inputs,
+        extra_inputs: Vec::new(),
+    };
+    join_prepared(&prepared, &opts, a.json, g)
 }
 
 /// The join, for `join` and `run --join`.
 pub fn join_prepared(
     prepared: &Prepared,
-    force: bool,
-    hash_inputs: bool,
+    opts: &RunOptions,
     json: bool,
     g: &Global,
 ) -> anyhow::Result<()> {
-    let report = prepared.join(&RunOptions { force, hash_inputs })?;
+    let report = prepared.join(opts)?;
     print_run_report(&report, json, g)
 }
 

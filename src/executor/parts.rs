@@ -21,13 +21,14 @@ use std::time::Instant;
 
 use sha2::{Digest, Sha256};
 
-use super::output::{self, check_targets, hash_file, InputRecord, Staging};
-use super::{absolute, check_not_input, MergeError, Prepared, RunOptions, RunReport};
+use super::output::{self, check_outputs, hash_file, run_inputs, InputRecord, Staging};
+use super::{MergeError, Prepared, RunOptions, RunReport};
 use crate::format::reader::INDEX_FILE;
 use crate::format::writer::{
     hex, index_text, plan_shards, shard_name, write_small_file, FileRecord,
 };
 use crate::format::ModelWriter;
+use crate::safe_out::{check_conflicts, normalize, remove_stale, Kind, Role, Staged};
 
 /// Version of the part manifest format (in the plan hash, so parts of another format are stale).
 const PART_FORMAT: u32 = 1;
@@ -167,17 +168,6 @@ impl PartLayout {
     }
 }
 
-/// A temporary folder removed on drop unless kept.
-struct TempDir(Option<PathBuf>);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if let Some(p) = self.0.take() {
-            let _ = std::fs::remove_dir_all(p);
-        }
-    }
-}
-
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> MergeError + '_ {
     move |e| MergeError::io(path, e)
 }
@@ -212,8 +202,9 @@ impl Prepared<'_> {
     }
 
     /// SHA-256 of everything the output bytes depend on besides the inputs' contents: the tool version and
-    /// part format, the recipe text, the inputs' resolved paths, the outputs' names and models, and every
-    /// output tensor's name, dtype and shape with the shard size (hence the shard layout).
+    /// part format, the recipe text, the inputs' resolved paths, the outputs' paths and models, every
+    /// output tensor's name, dtype and shape with the shard size (hence the shard layout), and the resolved
+    /// steps, layout and side-file options.
     pub fn plan_hash(&self) -> String {
         let plan = self.plan;
         let specs: Vec<serde_json::Value> = self
@@ -230,13 +221,13 @@ impl Prepared<'_> {
                     .iter()
                     .map(|m| serde_json::json!([m.subdir, m.step, m.eta]))
                     .collect();
-                serde_json::json!([absolute(&t.path).display().to_string(), models])
+                serde_json::json!([normalize(&t.path).display().to_string(), models])
             })
             .collect();
         let leaves: Vec<String> = plan
             .leaves
             .iter()
-            .map(|l| absolute(&l.path).display().to_string())
+            .map(|l| normalize(&l.path).display().to_string())
             .collect();
         let doc = serde_json::json!({
             "tool": "gemma-merge",
@@ -248,6 +239,16 @@ impl Prepared<'_> {
             "targets": targets,
             "shard_size": plan.shard_size,
             "tensors": specs,
+            // What the recipe text alone may not fix (a mergekit config's `--seed`, resolved weights):
+            // every step's resolved parameters, the layer layout and the side-file sources.
+            "steps": format!("{:?}", plan.steps),
+            "layout": format!("{:?}", plan.layout),
+            "dtype": format!("{:?}", plan.dtype),
+            "extra_tensors_ignored": plan.ignore_extra_tensors,
+            "allow_nonfinite": plan.allow_nonfinite,
+            "tokenizer_source": plan.tokenizer_source,
+            "chat_template": plan.chat_template,
+            "extra_files": plan.extra_files,
         });
         hex(&Sha256::digest(doc.to_string().as_bytes()))
     }
@@ -261,11 +262,13 @@ impl Prepared<'_> {
     ) -> Result<PartReport, MergeError> {
         let started = Instant::now();
         let plan = self.plan;
-        check_targets(plan, &self.models, opts.force)?;
+        check_outputs(plan, &self.models, opts.force, &opts.extra_inputs)?;
         let dirs: Vec<PathBuf> = plan.targets.iter().map(|t| parts_dir(&t.path)).collect();
-        for d in &dirs {
-            check_not_input(d, &self.models)?;
-        }
+        let roles: Vec<Role> = dirs
+            .iter()
+            .map(|d| Role::new("the parts' staging folder", d))
+            .collect();
+        check_conflicts(&roles, &run_inputs(plan, &self.models, &opts.extra_inputs))?;
         let layout = self.part_layout(part.count);
         let mine = layout.shards_of(part);
         let mut subset = vec![false; self.tensors.len()];
@@ -277,31 +280,25 @@ impl Prepared<'_> {
         let n_shards = layout.shards.len();
         let shard_names: Vec<String> = mine.iter().map(|&k| shard_name(k, n_shards)).collect();
 
-        // Write into a temporary folder inside each staging folder (same filesystem: renames are atomic).
-        let tmp_name = format!(
-            ".part-{:05}-of-{:05}.tmp-{}",
-            part.index,
-            part.count,
-            std::process::id()
-        );
+        // Write into a temporary folder inside each staging folder (same filesystem: renames are atomic),
+        // registered for the signal handler and removed unless moved out of; never committed itself.
+        let tmp_target = format!("part-{:05}-of-{:05}", part.index, part.count);
         let mut tmps = Vec::with_capacity(dirs.len());
         for d in &dirs {
-            std::fs::create_dir_all(d).map_err(io_err(d))?;
-            let tmp = d.join(&tmp_name);
-            if tmp.exists() {
-                std::fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
-            }
-            std::fs::create_dir(&tmp).map_err(io_err(&tmp))?;
-            tmps.push(TempDir(Some(tmp)));
+            tmps.push(Staged::folder(
+                &d.join(&tmp_target),
+                Kind::NewFolder,
+                false,
+            )?);
         }
-        let tmp_of = |t: usize| tmps[t].0.as_ref().expect("a temporary folder");
+        let tmp_of = |t: usize| tmps[t].path().to_path_buf();
         let places = self.places();
         let specs = self.specs();
         let mut writers = Vec::with_capacity(places.len());
         for (t, sub) in &places {
             let dir = match sub {
                 Some(s) => tmp_of(*t).join(s),
-                None => tmp_of(*t).clone(),
+                None => tmp_of(*t),
             };
             std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
             writers.push(ModelWriter::create_part(
@@ -334,7 +331,7 @@ impl Prepared<'_> {
             tool: "gemma-merge".into(),
             version: env!("CARGO_PKG_VERSION").into(),
             plan_hash: self.plan_hash(),
-            recipe_path: absolute(&plan.recipe_path).display().to_string(),
+            recipe_path: normalize(&plan.recipe_path).display().to_string(),
             recipe_sha256: hex(&Sha256::digest(plan.recipe_text.as_bytes())),
             part: part.index,
             parts: part.count,
@@ -419,14 +416,14 @@ impl Prepared<'_> {
     pub fn join(&self, opts: &RunOptions) -> Result<RunReport, MergeError> {
         let started = Instant::now();
         let plan = self.plan;
-        check_targets(plan, &self.models, opts.force)?;
+        check_outputs(plan, &self.models, opts.force, &opts.extra_inputs)?;
         let dirs: Vec<PathBuf> = plan.targets.iter().map(|t| parts_dir(&t.path)).collect();
         let manifests = self.read_parts(&dirs[0])?;
         let count = manifests.len();
         let layout = self.part_layout(count);
         let plan_hash = self.plan_hash();
         let recipe_sha = hex(&Sha256::digest(plan.recipe_text.as_bytes()));
-        let recipe_path = absolute(&plan.recipe_path).display().to_string();
+        let recipe_path = normalize(&plan.recipe_path).display().to_string();
         let mut inputs = output::input_records(&self.models, false)?;
         let mut hash_inputs = opts.hash_inputs;
         // (target, path) → the record of the file a part wrote.
@@ -580,7 +577,7 @@ impl Prepared<'_> {
         }
 
         // Assemble exactly as a plain run: shards, index, then config, side files, card and manifest.
-        let staging = Staging::begin(plan, &self.models, opts.force)?;
+        let staging = Staging::begin(plan, &self.models, opts.force, &opts.extra_inputs)?;
         let index = index_text(&self.specs(), &layout.shards);
         let mut records = Vec::with_capacity(outputs.len());
         for ((path, _, _), recs) in outputs.iter().zip(shard_records) {
@@ -721,15 +718,8 @@ fn remove_staging(
         }
     }
     for d in dirs {
-        // Temporary folders of parts killed before their commit (every part has finished by now).
-        if let Ok(entries) = std::fs::read_dir(d) {
-            for e in entries.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if name.starts_with(".part-") && name.contains(".tmp-") {
-                    let _ = std::fs::remove_dir_all(e.path());
-                }
-            }
-        }
+        // Temporary folders of parts killed before their commit.
+        remove_stale(d);
         let _ = std::fs::remove_dir(d);
     }
 }
