@@ -292,7 +292,7 @@ fn warp_parts_in_any_order_and_concurrently_join_to_the_plain_run() {
     );
 
     // What a part killed before its commit leaves behind: a temporary folder, cleaned up by the join.
-    let killed = staging.join(".part-00002-of-00003.gemma-merge-tmp-999999");
+    let killed = staging.join(".part-00002-of-00003.tmp-otherhost-4242");
     std::fs::create_dir(&killed).unwrap();
     std::fs::write(killed.join("model-00005-of-00011.safetensors"), b"partial").unwrap();
     let out = ok(&["run", s(&r), "--join", "--json"]);
@@ -432,6 +432,14 @@ fn a_rerun_part_replaces_only_its_own_files() {
             "part-00003-of-00003.json".into(),
         ])
         .collect();
+    // Another machine's part in progress (its process id means nothing here): left alone.
+    let elsewhere = staging.join(".part-00003-of-00003.tmp-otherhost-1");
+    std::fs::create_dir(&elsewhere).unwrap();
+    std::fs::write(
+        elsewhere.join("model-00009-of-00011.safetensors"),
+        b"in progress",
+    )
+    .unwrap();
     let before: Vec<_> = others.iter().map(|n| stamp(n)).collect();
     let mine_before: Vec<_> = files_of(2).iter().map(|n| stamp(n)).collect();
     ok(&["-q", "run", s(&r), "--part", "2/3"]);
@@ -442,12 +450,21 @@ fn a_rerun_part_replaces_only_its_own_files() {
         mine_before.iter().zip(&mine_after).all(|(a, b)| a.0 != b.0),
         "part 2's files were not replaced"
     );
-    // No temporary folder is left behind.
-    assert!(entries(&staging).iter().all(|n| !n.starts_with('.')));
+    assert!(elsewhere.join("model-00009-of-00011.safetensors").is_file());
+    // No temporary folder of this machine is left behind.
+    assert_eq!(
+        entries(&staging)
+            .iter()
+            .filter(|n| n.starts_with('.'))
+            .collect::<Vec<_>>(),
+        vec![".part-00003-of-00003.tmp-otherhost-1"]
+    );
     let plain = d.path().join("plain/warp");
     ok(&["-q", "run", s(&r), "--out", s(&plain)]);
     ok(&["-q", "join", s(&r)]);
     assert_same_tree(&d.path().join("out/warp"), &plain);
+    // Once every part is joined, leftovers of killed parts go with the staging folder.
+    assert_eq!(entries(&d.path().join("out")), vec!["warp"]);
 }
 
 /// Lists everything under `dir` (paths and sizes), to show that a refused join wrote nothing.

@@ -28,7 +28,29 @@ use crate::format::writer::{
     hex, index_text, plan_shards, shard_name, write_small_file, FileRecord,
 };
 use crate::format::ModelWriter;
-use crate::safe_out::{check_conflicts, normalize, remove_stale, Kind, Role, Staged};
+use crate::safe_out::{check_conflicts, normalize, Role, TempFolder};
+
+/// The infix of a part's temporary folder: `.part-0000I-of-0000N.tmp-HOST-PID`.
+const TMP_INFIX: &str = ".tmp-";
+
+/// This machine's name, for temporary names (parts of other machines write into the same folder).
+fn host_name() -> String {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_default();
+    let clean: String = name
+        .trim()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '.')
+        .take(64)
+        .collect();
+    if clean.is_empty() {
+        "host".into()
+    } else {
+        clean
+    }
+}
 
 /// Version of the part manifest format (in the plan hash, so parts of another format are stale).
 const PART_FORMAT: u32 = 1;
@@ -281,15 +303,19 @@ impl Prepared<'_> {
         let shard_names: Vec<String> = mine.iter().map(|&k| shard_name(k, n_shards)).collect();
 
         // Write into a temporary folder inside each staging folder (same filesystem: renames are atomic),
-        // registered for the signal handler and removed unless moved out of; never committed itself.
-        let tmp_target = format!("part-{:05}-of-{:05}", part.index, part.count);
+        // named after this machine and process (parts of other machines write beside it), removed on
+        // failure and by the signal handler.
+        let tmp_name = format!(
+            ".part-{:05}-of-{:05}{TMP_INFIX}{}-{}",
+            part.index,
+            part.count,
+            host_name(),
+            std::process::id()
+        );
         let mut tmps = Vec::with_capacity(dirs.len());
         for d in &dirs {
-            tmps.push(Staged::folder(
-                &d.join(&tmp_target),
-                Kind::NewFolder,
-                false,
-            )?);
+            std::fs::create_dir_all(d).map_err(io_err(d))?;
+            tmps.push(TempFolder::create(&d.join(&tmp_name))?);
         }
         let tmp_of = |t: usize| tmps[t].path().to_path_buf();
         let places = self.places();
@@ -718,8 +744,15 @@ fn remove_staging(
         }
     }
     for d in dirs {
-        // Temporary folders of parts killed before their commit.
-        remove_stale(d);
+        // Temporary folders of parts killed before their commit (every part has finished by now).
+        if let Ok(entries) = std::fs::read_dir(d) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with(".part-") && name.contains(TMP_INFIX) {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
         let _ = std::fs::remove_dir(d);
     }
 }
