@@ -602,6 +602,43 @@ fn remove_any(p: &Path) {
     }
 }
 
+/// A temporary folder at a path the caller names, which [`remove_stale`] does not recognise (so that no
+/// other process, on this machine or another one sharing the file system, removes it while it is in use):
+/// removed on drop and by the signal handler. For `run --part`, whose parts run on several machines.
+#[derive(Debug)]
+pub struct TempFolder {
+    path: PathBuf,
+}
+
+impl TempFolder {
+    /// Creates the folder `path` (its parent must exist), replacing a leftover of that name.
+    pub fn create(path: &Path) -> Result<Self, OutputError> {
+        let mut reg = registry();
+        if STOPPING.load(Ordering::SeqCst) {
+            return Err(OutputError::Interrupted);
+        }
+        if std::fs::symlink_metadata(path).is_ok() {
+            remove_any(path);
+        }
+        std::fs::create_dir(path).map_err(|e| OutputError::io(path, e))?;
+        reg.push(path.to_path_buf());
+        Ok(Self {
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for TempFolder {
+    fn drop(&mut self) {
+        remove_any(&self.path);
+        unregister(&self.path);
+    }
+}
+
 fn temp_path(target: &Path, infix: &str, pid: u32) -> PathBuf {
     let name = target
         .file_name()

@@ -66,7 +66,7 @@ pub(crate) struct Staging {
 }
 
 /// The paths a run reads: every input model (its root and weight files) and the recipe.
-fn run_inputs(plan: &Plan, models: &[Model], extra: &[Role]) -> Vec<Role> {
+pub(crate) fn run_inputs(plan: &Plan, models: &[Model], extra: &[Role]) -> Vec<Role> {
     let mut inputs = Vec::new();
     for (leaf, m) in plan.leaves.iter().zip(models) {
         let role = format!("the input model `{}`", leaf.shown);
@@ -314,7 +314,7 @@ pub(crate) fn input_records(models: &[Model], hash: bool) -> Result<Vec<InputRec
     Ok(out)
 }
 
-fn hash_file(path: &Path) -> Result<String, MergeError> {
+pub(crate) fn hash_file(path: &Path) -> Result<String, MergeError> {
     let mut f = std::fs::File::open(path).map_err(|e| MergeError::io(path, e))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 8 << 20];
