@@ -178,7 +178,12 @@ fn output_folder_has_config_card_and_manifest() {
     assert_eq!(config["torch_dtype"], "bfloat16");
     assert_eq!(config["model_type"], "gemma2");
     let card = std::fs::read_to_string(out.join("README.md")).unwrap();
-    assert!(card.starts_with("---\nbase_model: \"sft\"\ntags:\n- merge\n- warp\n- gemma-merge\nlibrary_name: transformers\n---\n"), "{card}");
+    assert!(
+        card.starts_with(
+            "---\ntags:\n- merge\n- warp\n- gemma-merge\nlibrary_name: transformers\n---\n"
+        ),
+        "{card}"
+    );
     assert!(
         card.contains("method: slerp"),
         "the card carries the recipe"
