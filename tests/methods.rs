@@ -474,3 +474,67 @@ fn a_local_base_is_not_written_as_the_cards_base_model() {
         assert!(card.contains(&format!("- {m}\n")), "{card}");
     }
 }
+
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// The SLERP pair of recipe.md, written out: coefficients of a and b.
+fn slerp_pair(a: &[f64], b: &[f64], lambda: f64) -> (f64, f64) {
+    let (na, nb) = (dot(a, a).sqrt(), dot(b, b).sqrt());
+    if na == 0.0 || nb == 0.0 {
+        return (1.0 - lambda, lambda);
+    }
+    let omega = (dot(a, b) / (na * nb)).clamp(-1.0, 1.0).acos();
+    if omega.sin() < 1e-6 {
+        return (1.0 - lambda, lambda);
+    }
+    (
+        ((1.0 - lambda) * omega).sin() / omega.sin(),
+        (lambda * omega).sin() / omega.sin(),
+    )
+}
+
+#[test]
+fn per_row_and_per_column_angles_match_explicit_evaluation() {
+    let d = tempfile::tempdir().unwrap();
+    let recipe = native_recipe(
+        d.path(),
+        "dtype: float32\nsteps:\n  - {name: r, method: nuslerp, models: [ft_a, ft_c], weights: [1.0, 2.0], nuslerp_flatten: false, save: rows}\n  - {name: c, method: nuslerp, models: [ft_a, ft_c], weights: [1.0, 2.0], nuslerp_flatten: false, nuslerp_row_wise: true, save: cols}\n  - {name: m, method: model_stock, models: [ft_a, ft_b, ft_c], filter_wise: true}\n  - {name: out, method: linear, models: [r, c, m], weights: [1, 1, 1]}\n",
+    );
+    ok_in(d.path(), &["-q", "run", s(&recipe)]);
+    let (rows, cols) = (load(&d.path().join("rows")), load(&d.path().join("cols")));
+    let base = load(&case().join("sft"));
+    let fts: Vec<Tensors> = ["ft_a", "ft_b", "ft_c"]
+        .iter()
+        .map(|m| load(&case().join(m)))
+        .collect();
+    let name = "model.layers.1.mlp.gate_proj.weight"; // [160, 64]
+    let (r, c) = (160, 64);
+    let b = &base[name].2;
+    let delta = |k: usize, i: usize| fts[k][name].2[i] - b[i];
+    let check = |got: f64, want: f64, what: &str| {
+        let tol = ulp(FloatType::F32, want) + 8.0 * ulp(FloatType::F32, 0.1);
+        assert!((got - want).abs() <= tol, "{what}: {got} vs {want}");
+    };
+    // Rows: one angle per row of 64.
+    for row in [0, 17, 159] {
+        let idx: Vec<usize> = (row * c..(row + 1) * c).collect();
+        let a: Vec<f64> = idx.iter().map(|&i| delta(0, i)).collect();
+        let z: Vec<f64> = idx.iter().map(|&i| delta(2, i)).collect();
+        let (ca, cz) = slerp_pair(&a, &z, 2.0 / 3.0);
+        for (j, &i) in idx.iter().enumerate() {
+            check(rows[name].2[i], b[i] + ca * a[j] + cz * z[j], "row");
+        }
+    }
+    // Columns (row_wise): one angle per vector along the first dimension.
+    for col in [0, 31, 63] {
+        let idx: Vec<usize> = (0..r).map(|k| k * c + col).collect();
+        let a: Vec<f64> = idx.iter().map(|&i| delta(0, i)).collect();
+        let z: Vec<f64> = idx.iter().map(|&i| delta(2, i)).collect();
+        let (ca, cz) = slerp_pair(&a, &z, 2.0 / 3.0);
+        for (j, &i) in idx.iter().enumerate() {
+            check(cols[name].2[i], b[i] + ca * a[j] + cz * z[j], "column");
+        }
+    }
+}
