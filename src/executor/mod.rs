@@ -159,13 +159,11 @@ pub struct RunReport {
     pub seconds: f64,
 }
 
-/// N of a tensor `model.layers.N.…`.
+/// N of a tensor `model.layers.N.…` (the layer numbering of mergekit's gradients and slices).
 fn layer_index(name: &str) -> Option<usize> {
-    let key = unit_key(name);
-    key.strip_prefix("model.layers.")?
-        .strip_suffix('.')?
-        .parse()
-        .ok()
+    let rest = name.strip_prefix("model.layers.")?;
+    let dot = rest.find('.')?;
+    rest[..dot].parse().ok()
 }
 
 /// Layer i of n sits at t = i / (n − 1) (t = 1 when n = 1); tensors outside the layers at t = 0.

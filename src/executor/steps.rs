@@ -12,8 +12,8 @@ use crate::kernels;
 use crate::recipe::{Angle, Grouping, Operand, Sparsify, StepKind, TaskVectorStep};
 use crate::selection::{magnitude_key, probability_threshold, stream_key, Pass, RankSelect};
 
-/// Data passes a step makes over each tensor before the writing pass (for `--dry-run`; an estimate for
-/// rank selections, which take two or three).
+/// Data passes a step makes over each tensor before the writing pass (for `--dry-run`; rank selections
+/// usually take three, all models together: two histograms, then a sort of the candidates left).
 pub(super) fn passes(kind: &StepKind) -> usize {
     match kind {
         StepKind::Slerp { .. }
@@ -23,8 +23,7 @@ pub(super) fn passes(kind: &StepKind) -> usize {
         StepKind::TaskVectors(tv) => match tv.sparsify {
             Sparsify::None => 0,
             Sparsify::Random => tv.rescale as usize,
-            Sparsify::Magnitude => 3 * tv.models.len() + tv.rescale as usize,
-            Sparsify::MagnitudeOutliers => 6 * tv.models.len() + tv.rescale as usize,
+            Sparsify::Magnitude | Sparsify::MagnitudeOutliers => 3 + tv.rescale as usize,
         },
         _ => 0,
     }
