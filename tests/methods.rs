@@ -175,9 +175,14 @@ fn passthrough_writes_the_layer_count_and_each_layers_kind() {
 
 /// Writes a recipe into `dir` whose model aliases point at the fixtures.
 fn native_recipe(dir: &Path, body: &str) -> PathBuf {
+    native_recipe_on(dir, "sft", body)
+}
+
+/// [`native_recipe`] with another recipe `base`.
+fn native_recipe_on(dir: &Path, base: &str, body: &str) -> PathBuf {
     let c = case();
     let text = format!(
-        "output: out\nbase: sft\nmodels:\n  sft: {}\n  ft_a: {}\n  ft_b: {}\n  ft_c: {}\n{body}",
+        "output: out\nbase: {base}\nmodels:\n  sft: {}\n  ft_a: {}\n  ft_b: {}\n  ft_c: {}\n{body}",
         s(&c.join("sft")),
         s(&c.join("ft_a")),
         s(&c.join("ft_b")),
@@ -200,11 +205,19 @@ fn native_steps_give_the_same_bytes_as_the_mergekit_configs() {
         ("breadcrumbs", "  - {name: b, method: breadcrumbs, models: [ft_a, ft_b], weights: [0.5, 0.5], density: [0.8, 0.7], gamma: [0.05, 0.02]}\n"),
         ("model_stock", "  - {name: m, method: model_stock, models: [ft_a, ft_b, ft_c]}\n"),
         ("nuslerp", "  - {name: n, method: nuslerp, models: [ft_a, ft_c], weights: [1.0, 2.0]}\n"),
+        ("task_arithmetic", "  - {name: t, method: task_arithmetic, models: [ft_a, ft_b, ft_c], weights: [0.6, 0.4, 0.3], lambda: 0.9}\n"),
+        ("slerp", "  - {name: s, method: weight_slerp, models: [ft_b], t: [{filter: self_attn, value: [0, 0.5, 0.3, 0.7, 1]}, {filter: mlp, value: [1, 0.5, 0.7, 0.3, 0]}, {value: 0.5}]}\n"),
     ];
     for (name, step) in cases {
         let dir = d.path().join(name);
         std::fs::create_dir_all(&dir).unwrap();
-        let recipe = native_recipe(&dir, &format!("dtype: float32\nsteps:\n{step}"));
+        // The configs' out_dtype, and their base (the reference every weighted sum is evaluated against).
+        let (dtype, base) = match name {
+            "task_arithmetic" => ("bfloat16", "sft"),
+            "slerp" => ("bfloat16", "ft_a"),
+            _ => ("float32", "sft"),
+        };
+        let recipe = native_recipe_on(&dir, base, &format!("dtype: {dtype}\nsteps:\n{step}"));
         ok_in(&dir, &["-q", "run", s(&recipe)]);
         let mk = d.path().join(format!("{name}-mk"));
         run_config(&format!("{name}.yml"), &mk, &[]);
