@@ -410,7 +410,8 @@ fn position_stats(a: &[f32], b: &[f32], target: u32) -> PositionStats {
 }
 
 /// Writes logits row by row as a safetensors file with one F32 tensor `logits` [rows, vocab] and header
-/// metadata `{"format": "pt"}`, without holding them all in memory.
+/// metadata `{"format": "pt", "producer": "gemma-merge eval --dump-logits"}` (how a later `--force`
+/// recognises the file as one it may replace), without holding them all in memory.
 pub struct LogitsWriter {
     out: BufWriter<File>,
     path: PathBuf,
@@ -421,18 +422,19 @@ pub struct LogitsWriter {
 }
 
 impl LogitsWriter {
-    pub fn create(path: &Path, rows: usize, vocab: usize) -> Result<Self, ModelError> {
+    /// Writes into `file` (a temporary, see [`crate::safe_out::Staged`]); `path` names it in errors.
+    pub fn new(file: File, path: &Path, rows: usize, vocab: usize) -> Result<Self, ModelError> {
         let io = |e| ModelError::io(path, e);
         let bytes = rows * vocab * 4;
         let header = serde_json::json!({
-            "__metadata__": {"format": "pt"},
+            "__metadata__": {"format": "pt", "producer": crate::safe_out::LOGITS_PRODUCER},
             "logits": {"dtype": "F32", "shape": [rows, vocab], "data_offsets": [0, bytes]},
         })
         .to_string();
         // The data must start 8-byte aligned: pad the header with spaces, as the safetensors writer does.
         let padded = header.len().div_ceil(8) * 8;
         let header = format!("{header:padded$}");
-        let mut out = BufWriter::with_capacity(1 << 20, File::create(path).map_err(io)?);
+        let mut out = BufWriter::with_capacity(1 << 20, file);
         out.write_all(&(header.len() as u64).to_le_bytes())
             .map_err(io)?;
         out.write_all(header.as_bytes()).map_err(io)?;

@@ -94,15 +94,40 @@ pub fn slerp_chain(gram: &[Vec<f64>], lambdas: &[f64]) -> Vec<f64> {
 }
 
 /// λ_m = w_m / (w₁ + … + w_m) for m = 2..M (WARP appendix B.3): equal weights give 1/2, 1/3, ...
+/// The weights are scaled by their largest first, so sums of huge weights (1e308) cannot overflow.
 pub fn chain_lambdas(weights: &[f64]) -> Vec<f64> {
-    let mut acc = weights[0];
+    let scale = weights.iter().fold(0f64, |m, w| m.max(w.abs()));
+    let scale = if scale > 0.0 && scale.is_finite() {
+        scale
+    } else {
+        1.0
+    };
+    let mut acc = weights[0] / scale;
     weights[1..]
         .iter()
         .map(|&w| {
+            let w = w / scale;
             acc += w;
             w / acc
         })
         .collect()
+}
+
+/// `weights` divided by their sum, computed without overflow or underflow (scaled by the largest
+/// magnitude before summing). `None` when the sum is zero or the quotients are not finite (a sum that
+/// cancels to almost nothing): there is no representable normalisation.
+pub fn normalize_weights(weights: &[f64]) -> Option<Vec<f64>> {
+    let scale = weights.iter().fold(0f64, |m, w| m.max(w.abs()));
+    if !(scale > 0.0 && scale.is_finite()) {
+        return None;
+    }
+    let scaled: Vec<f64> = weights.iter().map(|w| w / scale).collect();
+    let total: f64 = scaled.iter().sum();
+    if total == 0.0 {
+        return None;
+    }
+    let out: Vec<f64> = scaled.iter().map(|w| w / total).collect();
+    out.iter().all(|w| w.is_finite()).then_some(out)
 }
 
 /// out = Σ_i c_i·x_i, evaluated as s·x_ref + Σ_{i≠ref} c_i·(x_i − x_ref) with s = Σ c_i.
@@ -287,6 +312,29 @@ mod tests {
             .map(|j| (0..3).map(|m| r[m] * v[m][j]).sum())
             .collect();
         assert!((out[0] - 0.5 / 3.0).abs() < 1e-15 && (out[1] + 1.0).abs() < 1e-15);
+    }
+
+    #[test]
+    fn huge_and_tiny_weights_normalise_without_overflow() {
+        assert_eq!(normalize_weights(&[1e308, 1e308]), Some(vec![0.5, 0.5]));
+        assert_eq!(
+            normalize_weights(&[3e307, 1e308]).unwrap()[1],
+            1e308 / 1.3e308
+        );
+        assert_eq!(normalize_weights(&[5e-324, 5e-324]), Some(vec![0.5, 0.5]));
+        assert_eq!(normalize_weights(&[2.0, 6.0]), Some(vec![0.25, 0.75]));
+        assert_eq!(normalize_weights(&[1.0, -1.0]), None);
+        assert_eq!(normalize_weights(&[0.0, 0.0]), None);
+        // 1e308 − 1e308 + 1 is 1: exact, and representable.
+        assert_eq!(
+            normalize_weights(&[1e308, -1e308, 1.0]),
+            Some(vec![1e308, -1e308, 1.0])
+        );
+        // 1e308 − 1e308 + 1e-10 cancels to 1e-318 of the largest: the quotients overflow.
+        assert_eq!(normalize_weights(&[1e308, -1e308, 1e-10]), None);
+        assert_eq!(chain_lambdas(&[1e308, 1e308, 1e308]), vec![0.5, 1.0 / 3.0]);
+        assert!((chain_lambdas(&[1.6e308, 1.2e308])[0] - 3.0 / 7.0).abs() < 1e-15);
+        assert_eq!(chain_lambdas(&[5e-324, 5e-324]), vec![0.5]);
     }
 
     #[test]

@@ -13,5 +13,7 @@ pub mod methods;
 pub mod model;
 pub mod plot;
 pub mod recipe;
+pub mod safe_out;
 pub mod selection;
+pub mod simd;
 pub mod synth;

@@ -298,7 +298,7 @@ fn existing_output_needs_force() {
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("lin");
     run_golden("linear.yaml", &out);
-    std::fs::write(out.join("marker"), "old").unwrap();
+    std::fs::write(out.join("README.md"), "old").unwrap();
     let r = fixtures().join("recipes/linear.yaml");
     let o = gm(&["run", s(&r), "--out", s(&out)]);
     assert_eq!(o.code, 2);
@@ -307,9 +307,16 @@ fn existing_output_needs_force() {
         "{}",
         o.stderr
     );
-    assert!(out.join("marker").exists(), "the old folder is untouched");
+    assert_eq!(
+        std::fs::read_to_string(out.join("README.md")).unwrap(),
+        "old"
+    );
     ok(&["-q", "run", s(&r), "--out", s(&out), "--force"]);
-    assert!(!out.join("marker").exists(), "--force replaced the folder");
+    assert_ne!(
+        std::fs::read_to_string(out.join("README.md")).unwrap(),
+        "old",
+        "--force replaced the folder"
+    );
     ok(&["verify", s(&out)]);
 }
 
@@ -854,7 +861,7 @@ fn output_inside_an_input_is_refused() {
     let o = gm(&["run", s(&recipe)]);
     assert_eq!(o.code, 2);
     assert!(
-        o.stderr.contains("would write into the input"),
+        o.stderr.contains("lies inside the input model `base`"),
         "{}",
         o.stderr
     );

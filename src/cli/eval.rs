@@ -12,6 +12,8 @@ use gemma_merge::evaluate::{self, LogitsWriter};
 use gemma_merge::model::sampling::{self, Sampler, SamplingParams};
 use gemma_merge::model::{folder_of, Gemma2, ModelError, Tokenizer};
 
+use gemma_merge::safe_out::{check_conflicts, check_target, model_inputs, Kind, Role, Staged};
+
 use super::{Global, PathArg, UsageError};
 
 /// Where the tokens come from: a text file (tokenized, `<bos>` prepended) or raw ids.
@@ -42,6 +44,14 @@ pub struct EvalArgs {
     /// Write the logits at every input position as a safetensors file (tensor `logits`, F32).
     #[arg(long, value_name = "FILE")]
     pub dump_logits: Option<PathArg>,
+    /// With --dump-logits: replace an existing logits file written by gemma-merge.
+    #[arg(long, requires = "dump_logits")]
+    pub force: bool,
+    /// Fast mode: bf16 × bf16 matrix products with f32 sums (AVX512-BF16 `vdpbf16ps`, as llama.cpp and
+    /// PyTorch's bf16 path), activations rounded to bf16; exact mode where the CPU lacks AVX512-BF16.
+    /// Less exact than the default (see docs/performance.md for the measured deviation).
+    #[arg(long)]
+    pub fast: bool,
     /// Print a JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -64,8 +74,8 @@ pub struct GenerateArgs {
     /// Truncate the prompt to N tokens.
     #[arg(long, value_name = "N")]
     pub max_tokens: Option<usize>,
-    /// Stop after N generated tokens.
-    #[arg(long, value_name = "N", default_value_t = 64)]
+    /// Stop after N generated tokens (at most 1000000).
+    #[arg(long, value_name = "N", default_value_t = 64, value_parser = parse_max_new_tokens)]
     pub max_new_tokens: usize,
     /// Sampling temperature; 0 is greedy.
     #[arg(long, default_value_t = 0.0)]
@@ -79,6 +89,11 @@ pub struct GenerateArgs {
     /// Random seed for sampling.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Fast mode: bf16 × bf16 matrix products with f32 sums (AVX512-BF16 `vdpbf16ps`, as llama.cpp and
+    /// PyTorch's bf16 path), activations rounded to bf16; exact mode where the CPU lacks AVX512-BF16.
+    /// Less exact than the default (see docs/performance.md for the measured deviation).
+    #[arg(long)]
+    pub fast: bool,
     /// Print a JSON object instead of streaming text.
     #[arg(long)]
     pub json: bool,
@@ -99,12 +114,32 @@ pub struct CompareArgs {
     /// Window length, as for eval.
     #[arg(long, value_name = "N")]
     pub context: Option<usize>,
+    /// Fast mode: bf16 × bf16 matrix products with f32 sums (AVX512-BF16 `vdpbf16ps`, as llama.cpp and
+    /// PyTorch's bf16 path), activations rounded to bf16; exact mode where the CPU lacks AVX512-BF16.
+    /// Less exact than the default (see docs/performance.md for the measured deviation).
+    #[arg(long)]
+    pub fast: bool,
     /// Print a JSON object instead of text.
     #[arg(long)]
     pub json: bool,
 }
 
 /// One token id of a comma-separated list; spaces around it are allowed.
+/// Largest `--max-new-tokens`: far beyond what a CPU decodes in a session, small enough that nothing
+/// sized by it can exhaust memory.
+pub const MAX_NEW_TOKENS: usize = 1_000_000;
+
+fn parse_max_new_tokens(s: &str) -> Result<usize, String> {
+    let n: u128 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of tokens (a non-negative integer)"))?;
+    if n > MAX_NEW_TOKENS as u128 {
+        return Err(format!("{s} is more than {MAX_NEW_TOKENS} tokens"));
+    }
+    Ok(n as usize)
+}
+
 fn parse_token_id(s: &str) -> Result<u32, String> {
     s.trim()
         .parse()
@@ -113,6 +148,15 @@ fn parse_token_id(s: &str) -> Result<u32, String> {
 
 pub fn eval(args: &EvalArgs, g: &Global) -> anyhow::Result<()> {
     check_counts(args.max_tokens, args.context)?;
+    if let Some(path) = &args.dump_logits {
+        let mut inputs = model_inputs("the model", &args.model);
+        if let Some(t) = &args.input.text {
+            inputs.push(Role::new("the --text file", t));
+        }
+        check_conflicts(&[Role::new("the --dump-logits file", path)], &inputs)?;
+        check_target(path, Kind::Logits, args.force)?;
+    }
+    set_fast(args.fast);
     let model = Gemma2::load(&args.model)?;
     let (tokens, context) = scored_input(
         &args.input,
@@ -125,20 +169,16 @@ pub fn eval(args: &EvalArgs, g: &Global) -> anyhow::Result<()> {
     let started = Instant::now();
     let score = match &args.dump_logits {
         Some(path) => {
-            let mut writer = LogitsWriter::create(path, tokens.len(), model.config().vocab_size)?;
+            // The logits go to a temporary file renamed into place once complete: the target (checked
+            // above) is untouched until then, and removed with nothing else on failure.
+            let (staged, file) = Staged::file(path, Kind::Logits, args.force)?;
+            let mut writer =
+                LogitsWriter::new(file, staged.path(), tokens.len(), model.config().vocab_size)?;
             let score =
-                evaluate::score_with(&model, &tokens, context, |_, row| writer.write_row(row));
-            match score {
-                Ok(score) => {
-                    writer.finish()?;
-                    score
-                }
-                Err(e) => {
-                    drop(writer);
-                    let _ = std::fs::remove_file(path);
-                    return Err(e.into());
-                }
-            }
+                evaluate::score_with(&model, &tokens, context, |_, row| writer.write_row(row))?;
+            writer.finish()?;
+            staged.commit()?;
+            score
         }
         None => evaluate::score(&model, &tokens, context)?,
     };
@@ -183,6 +223,7 @@ pub fn generate(args: &GenerateArgs, g: &Global) -> anyhow::Result<()> {
     params
         .validate()
         .map_err(|e| UsageError(format!("--{e}")))?;
+    set_fast(args.fast);
     let model = Gemma2::load(&args.model)?;
     let folder = folder_of(&args.model);
     let (mut prompt, tokenizer) = match (&args.prompt, &args.token_ids) {
@@ -271,6 +312,7 @@ pub fn generate(args: &GenerateArgs, g: &Global) -> anyhow::Result<()> {
 
 pub fn compare(args: &CompareArgs, g: &Global) -> anyhow::Result<()> {
     check_counts(args.max_tokens, args.context)?;
+    set_fast(args.fast);
     let model = Gemma2::load(&args.model)?;
     let reference = Gemma2::load(&args.reference)?;
     let (vm, vr) = (model.config().vocab_size, reference.config().vocab_size);
@@ -323,6 +365,13 @@ pub fn compare(args: &CompareArgs, g: &Global) -> anyhow::Result<()> {
 }
 
 /// `--max-tokens` and `--context` values that cannot work are usage errors.
+/// `--fast`: every model this process builds from now on computes in bf16 (see `model::gemm`).
+pub(super) fn set_fast(fast: bool) {
+    if fast {
+        gemma_merge::model::set_default_precision(gemma_merge::model::Precision::Bf16);
+    }
+}
+
 fn check_counts(max_tokens: Option<usize>, context: Option<usize>) -> anyhow::Result<()> {
     if max_tokens == Some(0) {
         return Err(UsageError("--max-tokens must be at least 1".into()).into());

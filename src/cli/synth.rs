@@ -1,10 +1,10 @@
 //! `synth`: random checkpoints with the real Gemma 2 shapes, or a drifted copy of a model.
 
-use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use clap::{Args, ValueEnum};
 use gemma_merge::format::{FloatType, Model};
+use gemma_merge::safe_out::{check_conflicts, model_inputs, Kind, Role, Staged};
 use gemma_merge::synth::{self, Shape};
 
 use super::merge::human_bytes;
@@ -87,60 +87,6 @@ pub struct SynthArgs {
     pub out: PathArg,
 }
 
-/// A temporary folder beside the target, removed unless renamed into place.
-struct Staging {
-    tmp: PathBuf,
-    done: bool,
-}
-
-impl Staging {
-    fn begin(out: &Path) -> anyhow::Result<Self> {
-        if out.exists() {
-            return Err(UsageError(format!(
-                "{}: already exists (synth never overwrites)",
-                out.display()
-            ))
-            .into());
-        }
-        let parent = match out.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        std::fs::create_dir_all(&parent)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", parent.display()))?;
-        let name = out
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "synth".into());
-        let tmp = parent.join(format!(
-            ".{name}.gemma-merge-synth-tmp-{}",
-            std::process::id()
-        ));
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(|e| anyhow::anyhow!("{}: {e}", tmp.display()))?;
-        }
-        std::fs::create_dir_all(&tmp).map_err(|e| anyhow::anyhow!("{}: {e}", tmp.display()))?;
-        Ok(Self { tmp, done: false })
-    }
-
-    fn commit(mut self, out: &Path) -> anyhow::Result<()> {
-        if out.exists() {
-            anyhow::bail!("{}: appeared while synth was writing", out.display());
-        }
-        std::fs::rename(&self.tmp, out).map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
-        self.done = true;
-        Ok(())
-    }
-}
-
-impl Drop for Staging {
-    fn drop(&mut self) {
-        if !self.done {
-            let _ = std::fs::remove_dir_all(&self.tmp);
-        }
-    }
-}
-
 pub fn synth(a: &SynthArgs, g: &Global) -> anyhow::Result<()> {
     let started = Instant::now();
     // clap does not enforce `requires` when the required flag conflicts with one given (--shape).
@@ -156,16 +102,15 @@ pub fn synth(a: &SynthArgs, g: &Global) -> anyhow::Result<()> {
                 ))
                 .into());
             }
-            let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
             let model = Model::open(from)?;
-            if abs(&a.out).starts_with(abs(model.folder())) {
-                return Err(UsageError(format!(
-                    "--out {} is inside the base model's folder {}",
-                    a.out.display(),
-                    model.folder().display()
-                ))
-                .into());
-            }
+            let mut inputs = model_inputs("the --from model", from);
+            inputs.extend(
+                model
+                    .files()
+                    .iter()
+                    .map(|f| Role::new("the --from model", f.path())),
+            );
+            check_conflicts(&[Role::new("the --out folder", &a.out)], &inputs)?;
             Some((model, sigma as f32))
         }
         None => None,
@@ -194,7 +139,7 @@ pub fn synth(a: &SynthArgs, g: &Global) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let staging = Staging::begin(&a.out)?;
+    let staging = Staged::folder(&a.out, Kind::NewFolder, false)?;
     let bar = super::progress_bar(
         g,
         "{spinner} writing [{bar:40}] {percent:>3}% {bytes}/{total_bytes} eta {eta}",
@@ -207,17 +152,21 @@ pub fn synth(a: &SynthArgs, g: &Global) -> anyhow::Result<()> {
     };
     let records = match (&base, &shape) {
         (Some((model, sigma)), _) => {
-            synth::write_drifted(&staging.tmp, model, *sigma, a.seed, &progress)?
+            synth::write_drifted(staging.path(), model, *sigma, a.seed, &progress)?
         }
-        (None, Some(shape)) => {
-            synth::write_random(&staging.tmp, shape, a.dtype.float_type(), a.seed, &progress)?
-        }
+        (None, Some(shape)) => synth::write_random(
+            staging.path(),
+            shape,
+            a.dtype.float_type(),
+            a.seed,
+            &progress,
+        )?,
         (None, None) => unreachable!("clap requires --shape or --from"),
     };
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    staging.commit(&a.out)?;
+    staging.commit()?;
     if !g.quiet {
         let bytes: u64 = records.iter().map(|r| r.size).sum();
         let params = match (&base, &shape) {
@@ -225,14 +174,14 @@ pub fn synth(a: &SynthArgs, g: &Global) -> anyhow::Result<()> {
             (None, Some(s)) => s.parameters(),
             (None, None) => 0,
         };
-        println!(
+        outln!(
             "wrote {} ({} parameters, {} files, {}) in {:.2} s",
             a.out.display(),
             params,
             records.len(),
             human_bytes(bytes),
             started.elapsed().as_secs_f64()
-        );
+        )?;
     }
     Ok(())
 }

@@ -16,7 +16,7 @@ mod steps;
 mod values;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use rayon::prelude::*;
@@ -147,6 +147,8 @@ pub struct PlanSummary {
 pub struct RunOptions {
     pub force: bool,
     pub hash_inputs: bool,
+    /// Paths read besides the recipe and its models (a reference, a text file): no output may touch them.
+    pub extra_inputs: Vec<crate::safe_out::Role>,
 }
 
 /// What a run wrote.
@@ -159,11 +161,16 @@ pub struct RunReport {
     pub seconds: f64,
 }
 
-/// N of a tensor `model.layers.N.…` (the layer numbering of mergekit's gradients and slices).
+/// N of a language-model layer tensor (`model.layers.N.…`, or under a multimodal prefix).
 fn layer_index(name: &str) -> Option<usize> {
-    let rest = name.strip_prefix("model.layers.")?;
-    let dot = rest.find('.')?;
-    rest[..dot].parse().ok()
+    let key = crate::model::family::layer_group(name);
+    crate::model::family::LM_PREFIXES.iter().find_map(|p| {
+        key.strip_prefix(p)?
+            .strip_prefix("layers.")?
+            .strip_suffix('.')?
+            .parse()
+            .ok()
+    })
 }
 
 /// Layer i of n sits at t = i / (n − 1) (t = 1 when n = 1); tensors outside the layers at t = 0.
@@ -173,17 +180,6 @@ fn layer_position(name: &str, n_layers: usize) -> f64 {
         Some(i) => i as f64 / (n_layers - 1) as f64,
         None => 0.0,
     }
-}
-
-fn unit_key(name: &str) -> &str {
-    if let Some(rest) = name.strip_prefix("model.layers.") {
-        if let Some(dot) = rest.find('.') {
-            if rest[..dot].bytes().all(|b| b.is_ascii_digit()) && dot > 0 {
-                return &name[..("model.layers.".len() + dot + 1)];
-            }
-        }
-    }
-    name
 }
 
 impl<'p> Prepared<'p> {
@@ -251,7 +247,7 @@ impl<'p> Prepared<'p> {
                 (Treatment::Merge { .. }, Some(d)) => d.dtype(),
                 _ => t.dtype,
             };
-            let key = unit_key(&w.name).to_string();
+            let key = crate::model::family::layer_group(&w.name).to_string();
             let unit = *unit_of.entry(key).or_insert_with(|| {
                 units.push(Vec::new());
                 units.len() - 1
@@ -373,6 +369,12 @@ impl<'p> Prepared<'p> {
         }
     }
 
+    /// Every check [`Prepared::run`] makes before writing (outputs against inputs, existing outputs, the
+    /// base's config), without writing: what `--dry-run` must reject too.
+    pub fn check_outputs(&self, opts: &RunOptions) -> Result<(), MergeError> {
+        output::check_outputs(self.plan, &self.models, opts.force, &opts.extra_inputs)
+    }
+
     /// Runs the merge and writes every output folder (each appears whole or not at all).
     pub fn run(
         &self,
@@ -381,7 +383,7 @@ impl<'p> Prepared<'p> {
     ) -> Result<RunReport, MergeError> {
         let started = Instant::now();
         let plan = self.plan;
-        let staging = output::Staging::begin(plan, &self.models, opts.force)?;
+        let staging = output::Staging::begin(plan, &self.models, opts.force, &opts.extra_inputs)?;
         let outputs = self.output_models();
         let specs = self.specs();
         let mut writers: Vec<ModelWriter> = outputs
@@ -466,6 +468,19 @@ impl<'p> Prepared<'p> {
         let mut done = 0u64;
         let mut coefs: HashMap<usize, Vec<Vec<Val>>> = HashMap::new();
         let mut remaining: Vec<usize> = self.units.iter().map(|u| u.len()).collect();
+        // The step (and η) of each output, to name it in a non-finite error.
+        let labels: Vec<String> = outputs
+            .iter()
+            .map(|&(_, step, eta)| {
+                let name = &self.plan.steps[step].name;
+                match (&self.plan.steps[step].kind, eta) {
+                    (StepKind::Liti { etas, .. }, Some(k)) => {
+                        format!("`{name}` (η = {:?})", etas[k])
+                    }
+                    _ => format!("`{name}`"),
+                }
+            })
+            .collect();
         for (ti, t) in self.tensors.iter().enumerate() {
             match &t.treatment {
                 Treatment::Copy => self.copy_tensor(t, sinks)?,
@@ -484,7 +499,7 @@ impl<'p> Prepared<'p> {
                         .iter()
                         .map(|&(_, step, eta)| self.output_value(&unit_vals[pos], step, eta))
                         .collect();
-                    self.write_tensor(t, &values, sinks)?;
+                    self.write_tensor(t, &values, &labels, sinks)?;
                 }
             }
             remaining[t.unit] -= 1;
@@ -525,6 +540,7 @@ impl<'p> Prepared<'p> {
         &self,
         t: &OutTensor,
         values: &[Val],
+        labels: &[String],
         writers: &mut [impl TensorSink],
     ) -> Result<(), MergeError> {
         let needed = self.needed_leaves(t, values);
@@ -542,15 +558,28 @@ impl<'p> Prepared<'p> {
                     let inputs = self.decode_chunk(t, &needed, lo, hi)?;
                     let x = self.chunk_inputs(t, &inputs, lo);
                     let mut out = vec![0f64; hi - lo];
-                    Ok(values
+                    values
                         .iter()
-                        .map(|v| {
+                        .zip(labels)
+                        .map(|(v, label)| {
                             v.eval(&x, &mut out);
                             let mut bytes = Vec::new();
                             out_type.encode_f64(&out, &mut bytes);
-                            bytes
+                            // Checked once rounded: float16 overflows beyond ±65504 even when the
+                            // f64 sum is finite.
+                            if !self.plan.allow_nonfinite {
+                                if let Some(i) = out_type.first_nonfinite(&bytes) {
+                                    return Err(MergeError::NonFiniteOutput {
+                                        step: label.clone(),
+                                        tensor: t.base.name.clone(),
+                                        index: lo + i,
+                                        dtype: out_type.torch_name().to_string(),
+                                    });
+                                }
+                            }
+                            Ok(bytes)
                         })
-                        .collect())
+                        .collect()
                 })
                 .collect()
         };
@@ -696,46 +725,4 @@ fn is_integral(d: Dtype) -> bool {
             | Dtype::I64
             | Dtype::U64
     )
-}
-
-/// Checks that `target` neither is, contains, nor sits inside any input.
-pub(crate) fn check_not_input(target: &Path, models: &[Model]) -> Result<(), MergeError> {
-    let t = absolute(target);
-    for m in models {
-        let root = absolute(m.root());
-        let input_dir = if root.is_dir() {
-            root.clone()
-        } else {
-            root.parent().map(Path::to_path_buf).unwrap_or_default()
-        };
-        let clash = root.starts_with(&t) || (root.is_dir() && t.starts_with(&input_dir));
-        if clash {
-            return Err(MergeError::OutputIsInput {
-                output: target.into(),
-                input: m.root().into(),
-            });
-        }
-    }
-    Ok(())
-}
-
-/// An absolute, symlink-resolved path, also for paths that do not exist yet (resolved via the nearest
-/// existing ancestor).
-pub(crate) fn absolute(p: &Path) -> PathBuf {
-    if let Ok(c) = std::fs::canonicalize(p) {
-        return c;
-    }
-    match (p.parent(), p.file_name()) {
-        (Some(parent), Some(name)) => {
-            let parent = if parent.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                parent
-            };
-            absolute(parent).join(name)
-        }
-        _ => std::env::current_dir()
-            .map(|d| d.join(p))
-            .unwrap_or_else(|_| p.to_path_buf()),
-    }
 }

@@ -24,14 +24,12 @@ fn resolve(a: &mut dyn StepArgs) -> Result<StepKind, RecipeError> {
     let constants: Option<Vec<f64>> = weights.iter().map(|w| w.as_const()).collect();
     if let Some(mut w) = constants {
         if normalize {
-            let total: f64 = w.iter().sum();
-            if total == 0.0 {
-                return Err(a.error(
+            w = crate::kernels::normalize_weights(&w).ok_or_else(|| {
+                a.error(
                     Some("weight"),
-                    "`weights` sum to 0: cannot normalize (set `normalize: false`)".into(),
-                ));
-            }
-            w.iter_mut().for_each(|x| *x /= total);
+                    "`weights` sum to 0 (or cancel to almost nothing): cannot normalize (set `normalize: false`)".into(),
+                )
+            })?;
         }
         return Ok(StepKind::Weighted {
             terms: models.into_iter().zip(w).collect(),

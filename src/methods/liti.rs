@@ -3,7 +3,7 @@
 
 use super::{MethodDef, StepArgs};
 use crate::recipe::raw::Eta;
-use crate::recipe::{eta_label, RecipeError, StepKind};
+use crate::recipe::{duplicate_eta, RecipeError, StepKind};
 
 pub static LITI: MethodDef = MethodDef {
     name: "liti",
@@ -34,12 +34,15 @@ fn resolve(a: &mut dyn StepArgs) -> Result<StepKind, RecipeError> {
             if list.is_empty() {
                 return Err(n.err_at(&eta.referenced, "`eta` is an empty list".into()));
             }
-            let mut labels: Vec<String> = list.iter().map(|&e| eta_label(e)).collect();
-            labels.sort();
-            if labels.windows(2).any(|w| w[0] == w[1]) {
-                return Err(n.err_at(&eta.referenced, "`eta` lists a value twice".into()));
+            // −0.0 is 0.0: one folder, `eta-0.0`.
+            let list: Vec<f64> = list.iter().map(|&e| e + 0.0).collect();
+            if let Some(e) = duplicate_eta(&list) {
+                return Err(n.err_at(
+                    &eta.referenced,
+                    format!("`eta` lists {e:?} twice (each η is one output folder)"),
+                ));
             }
-            list.clone()
+            list
         }
     };
     for &e in &etas {

@@ -9,7 +9,7 @@ pub(crate) mod raw;
 
 pub use error::RecipeError;
 pub use plan::{
-    eta_label, operands, Angle, Grouping, LayoutSlice, Leaf, Operand, OutputModel, OutputTarget,
-    Plan, Sparsify, Step, StepKind, TaskVectorStep, DEFAULT_SHARD_SIZE,
+    duplicate_eta, eta_label, operands, Angle, Grouping, LayoutSlice, Leaf, Operand, OutputModel,
+    OutputTarget, Plan, Sparsify, Step, StepKind, TaskVectorStep, DEFAULT_SHARD_SIZE,
 };
 pub use raw::parse_byte_size;

@@ -221,9 +221,17 @@ pub(crate) fn parse_yaml<T: serde::de::DeserializeOwned>(
     })
 }
 
-/// Shortest decimal that reads back as the same f64, with at least one digit after the point.
+/// Shortest decimal that reads back as the same f64, with at least one digit after the point
+/// (−0.0 is written `eta-0.0`).
 pub fn eta_label(eta: f64) -> String {
-    format!("eta-{eta:?}")
+    format!("eta-{:?}", eta + 0.0)
+}
+
+/// A value that appears twice in an η list (−0.0 and 0.0 are the same η), if any.
+pub fn duplicate_eta(etas: &[f64]) -> Option<f64> {
+    let mut sorted: Vec<f64> = etas.iter().map(|&e| e + 0.0).collect();
+    sorted.sort_by(f64::total_cmp);
+    sorted.windows(2).find(|w| w[0] == w[1]).map(|w| w[0])
 }
 
 struct Resolver<'a> {
@@ -513,7 +521,7 @@ impl<'a> Resolver<'a> {
 
     fn target(&self, path: PathBuf, step: usize, s: &Step) -> OutputTarget {
         let models = match &s.kind {
-            StepKind::Liti { etas, .. } if etas.len() > 1 => etas
+            StepKind::Liti { etas, .. } if self.list_steps.contains(&step) => etas
                 .iter()
                 .enumerate()
                 .map(|(k, &e)| OutputModel {
@@ -575,7 +583,11 @@ impl<'a> Resolver<'a> {
             is_output,
         };
         let kind = (def.resolve)(&mut args)?;
-        if matches!(&kind, StepKind::Liti { etas, .. } if etas.len() > 1) {
+        // A list, even of one η, writes `OUTPUT/eta-<η>` folders.
+        if matches!(
+            s.eta.as_ref().map(|e| &e.value),
+            Some(crate::recipe::raw::Eta::List(_))
+        ) {
             self.list_steps.push(index);
         }
         Ok(Step {
