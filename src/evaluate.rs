@@ -203,15 +203,20 @@ pub fn score_with(
     if let Some(i) = log_probs.iter().position(|lp| !lp.is_finite()) {
         return Err(ModelError::NonFinite { position: i + 1 });
     }
+    Ok(score_of(log_probs, run.windows, run.positions_run))
+}
+
+/// The [`Score`] of the scored positions' log-probabilities.
+fn score_of(log_probs: Vec<f64>, windows: usize, positions_run: usize) -> Score {
     let mean_nll = -log_probs.iter().sum::<f64>() / log_probs.len() as f64;
-    Ok(Score {
+    Score {
         tokens: log_probs.len(),
         mean_nll,
         perplexity: mean_nll.exp(),
         log_probs,
-        windows: run.windows,
-        positions_run: run.positions_run,
-    })
+        windows,
+        positions_run,
+    }
 }
 
 /// A model against a reference on the same tokens.
@@ -242,6 +247,17 @@ pub fn compare(
     tokens: &[u32],
     context: usize,
 ) -> Result<CompareResult, ModelError> {
+    let (stats, positions_run) = compare_stats(model, reference, tokens, context)?;
+    summarize(stats, positions_run)
+}
+
+/// The per-position statistics of [`compare`], in input order, and the positions run per model.
+fn compare_stats(
+    model: &Gemma2,
+    reference: &Gemma2,
+    tokens: &[u32],
+    context: usize,
+) -> Result<(Vec<PositionStats>, usize), ModelError> {
     check_vocab(model, reference.config().vocab_size)?;
     check_input(model, tokens)?;
     let mut stats: Vec<PositionStats> = Vec::with_capacity(tokens.len() - 1);
@@ -254,7 +270,71 @@ pub fn compare(
         stats.extend(found);
         Ok(())
     })?;
-    summarize(stats, run.positions_run)
+    Ok((stats, run.positions_run))
+}
+
+/// Conversations as token ids with, per token, whether it belongs to a model turn (see
+/// [`crate::model::chat::ChatFormat::tokens`]).
+pub type Conversation = (Vec<u32>, Vec<bool>);
+
+/// [`score`] over conversations, each scored on its own (`context`: window length, default the whole
+/// conversation up to `max_position_embeddings`), counting only the tokens of model turns.
+pub fn score_chats(
+    model: &Gemma2,
+    conversations: &[Conversation],
+    context: Option<usize>,
+) -> Result<Score, ModelError> {
+    let (mut log_probs, mut windows, mut positions_run) = (Vec::new(), 0, 0);
+    for (tokens, counted) in conversations {
+        let context = context.unwrap_or_else(|| default_context(model, tokens.len()));
+        let s = score(model, tokens, context)?;
+        log_probs.extend(
+            s.log_probs
+                .iter()
+                .zip(&counted[1..])
+                .filter(|(_, c)| **c)
+                .map(|(lp, _)| *lp),
+        );
+        windows += s.windows;
+        positions_run += s.positions_run;
+    }
+    if log_probs.is_empty() {
+        return Err(no_model_turns());
+    }
+    Ok(score_of(log_probs, windows, positions_run))
+}
+
+/// [`compare`] over conversations, counting only the positions that predict a model turn's tokens.
+pub fn compare_chats(
+    model: &Gemma2,
+    reference: &Gemma2,
+    conversations: &[Conversation],
+    context: Option<usize>,
+) -> Result<CompareResult, ModelError> {
+    let (mut all, mut positions_run) = (Vec::new(), 0);
+    for (tokens, counted) in conversations {
+        let context = context.unwrap_or_else(|| default_context(model, tokens.len()));
+        let (stats, run) = compare_stats(model, reference, tokens, context)?;
+        all.extend(
+            stats
+                .into_iter()
+                .zip(&counted[1..])
+                .filter(|(_, c)| **c)
+                .map(|(s, _)| s),
+        );
+        positions_run += run;
+    }
+    if all.is_empty() {
+        return Err(no_model_turns());
+    }
+    summarize(all, positions_run)
+}
+
+fn no_model_turns() -> ModelError {
+    ModelError::Chat {
+        origin: "the conversations".into(),
+        reason: "have no model (assistant) turns to score".into(),
+    }
 }
 
 /// A reference model's logits at every predicted position of an input, computed once so that many

@@ -1,4 +1,4 @@
-//! `synth`: random checkpoints with the real Gemma 2 shapes, or a drifted copy of a model.
+//! `synth`: random checkpoints with the real shapes of the Gemma family, or a drifted copy of a model.
 
 use std::time::Instant;
 
@@ -18,6 +18,18 @@ pub enum ShapeName {
     B9,
     #[value(name = "27b")]
     B27,
+    #[value(name = "gemma-2b")]
+    Gemma2b,
+    #[value(name = "gemma-7b")]
+    Gemma7b,
+    #[value(name = "gemma3-1b")]
+    Gemma3B1,
+    #[value(name = "gemma3-4b")]
+    Gemma3B4,
+    #[value(name = "gemma3-12b")]
+    Gemma3B12,
+    #[value(name = "gemma3-27b")]
+    Gemma3B27,
 }
 
 impl ShapeName {
@@ -26,6 +38,12 @@ impl ShapeName {
             Self::B2 => "2b",
             Self::B9 => "9b",
             Self::B27 => "27b",
+            Self::Gemma2b => "gemma-2b",
+            Self::Gemma7b => "gemma-7b",
+            Self::Gemma3B1 => "gemma3-1b",
+            Self::Gemma3B4 => "gemma3-4b",
+            Self::Gemma3B12 => "gemma3-12b",
+            Self::Gemma3B27 => "gemma3-27b",
         };
         Shape::named(name).expect("every ShapeName is in the table")
     }
@@ -50,7 +68,8 @@ impl DtypeName {
 
 #[derive(Debug, Args)]
 pub struct SynthArgs {
-    /// Gemma 2 size whose shapes to use.
+    /// Size whose shapes to use: Gemma 2 (2b, 9b, 27b), Gemma 1 (gemma-2b, gemma-7b) or Gemma 3
+    /// (gemma3-1b, gemma3-4b, gemma3-12b, gemma3-27b: the language model, as Gemma3ForCausalLM).
     #[arg(
         long,
         value_enum,
@@ -135,6 +154,13 @@ pub fn synth(a: &SynthArgs, g: &Global) -> anyhow::Result<()> {
                     *field = v;
                 }
             }
+            // The sizes pass the same checks as a config.json read for evaluation (bounded, no
+            // overflowing products), before anything is allocated or written.
+            gemma_merge::model::Config::from_json(
+                &s.config(a.dtype.float_type()),
+                std::path::Path::new(s.name),
+            )
+            .map_err(|e| UsageError(format!("--shape {}: {e}", s.name)))?;
             Some(s)
         }
         None => None,

@@ -13,12 +13,17 @@ use crate::recipe::Plan;
 use crate::safe_out::{check_conflicts, check_target, model_inputs, Kind, Role, Staged};
 
 /// Files copied from the base when present.
-pub const SIDE_FILES: [&str; 5] = [
+pub const SIDE_FILES: [&str; 10] = [
     "tokenizer.json",
     "tokenizer.model",
     "tokenizer_config.json",
     "special_tokens_map.json",
     "generation_config.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "processor_config.json",
 ];
 /// The manifest's file name.
 pub use crate::safe_out::MANIFEST;

@@ -284,8 +284,7 @@ impl Gemma2 {
             origin: origin.clone(),
         };
         check_layer_count(source, prefix, c.num_hidden_layers, &origin)?;
-        let (h, i, hd) = (c.hidden_size, c.intermediate_size, c.head_dim);
-        let (q_dim, kv_dim) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
+        let (h, hd) = (c.hidden_size, c.head_dim);
         let embed_tokens = l.get(&format!("{prefix}embed_tokens.weight"), &[c.vocab_size, h])?;
         let lm_head = if c.tie_word_embeddings {
             embed_tokens.clone()
@@ -293,47 +292,65 @@ impl Gemma2 {
             l.get(lm_head_name(prefix), &[c.vocab_size, h])?
         };
         let family = c.family;
+        // Each layer's tensors and their shapes, from the family description.
+        let shapes: HashMap<&str, Vec<usize>> = family
+            .layer_tensors(&c.dims())
+            .into_iter()
+            .map(|(suffix, shape, _)| (suffix, shape))
+            .collect();
         let ropes =
             [c.rope_full, c.rope_sliding].map(|r| Arc::new(Rope::linear(hd, r.theta, r.factor)));
         let eps = c.rms_norm_eps;
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for n in 0..c.num_hidden_layers {
             let p = format!("{prefix}layers.{n}.");
-            let norm = |name: &str, size: usize| l.norm(&format!("{p}{name}.weight"), size, eps);
+            let shape = |suffix: &str| -> &[usize] {
+                shapes
+                    .get(suffix)
+                    .expect("the family description lists every tensor the model reads")
+            };
+            let t = |suffix: &str| l.get(&format!("{p}{suffix}"), shape(suffix));
+            let norm = |name: &str| {
+                let suffix = format!("{name}.weight");
+                l.norm(&format!("{p}{suffix}"), shape(&suffix)[0], eps)
+            };
             let qk_norm = |name: &str| -> Result<Option<RmsNorm>, ModelError> {
-                family.qk_norm().then(|| norm(name, hd)).transpose()
+                family.qk_norm().then(|| norm(name)).transpose()
             };
             let (post_attention, pre_feedforward, post_feedforward) = if family.sandwich_norms() {
                 (
-                    Some(norm("post_attention_layernorm", h)?),
-                    norm("pre_feedforward_layernorm", h)?,
-                    Some(norm("post_feedforward_layernorm", h)?),
+                    Some(norm("post_attention_layernorm")?),
+                    norm("pre_feedforward_layernorm")?,
+                    Some(norm("post_feedforward_layernorm")?),
                 )
             } else {
-                (None, norm("post_attention_layernorm", h)?, None)
+                (None, norm("post_attention_layernorm")?, None)
             };
             layers.push(DecoderLayer {
                 self_attn: Attention {
-                    q_proj: l.get(&format!("{p}self_attn.q_proj.weight"), &[q_dim, h])?,
-                    k_proj: l.get(&format!("{p}self_attn.k_proj.weight"), &[kv_dim, h])?,
-                    v_proj: l.get(&format!("{p}self_attn.v_proj.weight"), &[kv_dim, h])?,
-                    o_proj: l.get(&format!("{p}self_attn.o_proj.weight"), &[h, q_dim])?,
+                    q_proj: t("self_attn.q_proj.weight")?,
+                    k_proj: t("self_attn.k_proj.weight")?,
+                    v_proj: t("self_attn.v_proj.weight")?,
+                    o_proj: t("self_attn.o_proj.weight")?,
                     q_norm: qk_norm("self_attn.q_norm")?,
                     k_norm: qk_norm("self_attn.k_norm")?,
                     num_heads: c.num_attention_heads,
                     num_kv_heads: c.num_key_value_heads,
                     head_dim: hd,
                     scaling: c.query_pre_attn_scalar.powf(-0.5) as f32,
-                    softcap: c.attn_logit_softcapping.map(|v| v as f32),
+                    softcap: c
+                        .attn_logit_softcapping
+                        .filter(|_| family.attention_softcap())
+                        .map(|v| v as f32),
                     window: c.window(n),
                     rope: ropes[usize::from(c.sliding_layers[n])].clone(),
                 },
                 mlp: Mlp {
-                    gate_proj: l.get(&format!("{p}mlp.gate_proj.weight"), &[i, h])?,
-                    up_proj: l.get(&format!("{p}mlp.up_proj.weight"), &[i, h])?,
-                    down_proj: l.get(&format!("{p}mlp.down_proj.weight"), &[h, i])?,
+                    gate_proj: t("mlp.gate_proj.weight")?,
+                    up_proj: t("mlp.up_proj.weight")?,
+                    down_proj: t("mlp.down_proj.weight")?,
                 },
-                input_layernorm: norm("input_layernorm", h)?,
+                input_layernorm: norm("input_layernorm")?,
                 post_attention_layernorm: post_attention,
                 pre_feedforward_layernorm: pre_feedforward,
                 post_feedforward_layernorm: post_feedforward,

@@ -8,11 +8,13 @@
 //!   [`Cache`]).
 //! - [`weights`]: tensors kept in their stored type, memory-mapped from a checkpoint or owned in memory
 //!   ([`Weight`], [`WeightSource`]), so a model needs little more RAM than its file size.
+//! - [`chat`]: conversations through the model's `chat_template` (minijinja) or Gemma's turn format.
 //! - [`tokenizer`]: `tokenizer.json` through the `tokenizers` crate.
 //! - [`sampling`]: greedy, temperature, top-k and top-p sampling with a seeded generator.
 //!
 //! Perplexity, KL and top-1 agreement over windows live in [`crate::evaluate`].
 
+pub mod chat;
 pub mod family;
 #[doc(hidden)]
 pub mod gemm;
@@ -132,6 +134,9 @@ pub enum ModelError {
     /// The folder has no `tokenizer.json`, so text cannot be tokenized.
     #[error("{folder}: no tokenizer.json, so text cannot be tokenized (give token ids instead)")]
     NoTokenizer { folder: PathBuf },
+    /// A chat template, its side file or a chat file is unusable.
+    #[error("{origin}: {reason}")]
+    Chat { origin: String, reason: String },
     /// `tokenizer.json` could not be loaded, or encoding / decoding failed.
     #[error("{path}: {reason}")]
     Tokenizer { path: PathBuf, reason: String },
