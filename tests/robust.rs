@@ -221,8 +221,9 @@ fn a_closed_stdout_pipe_is_not_a_panic() {
         vec!["inspect", s(&a)],
         vec!["inspect", s(&b), "--json"],
         vec!["verify", "-v", s(&out)],
-        vec!["run", s(&r), "--dry-run"],
-        vec!["run", s(&r), "--dry-run", "--json"],
+        // The output exists: a dry run checks it may be replaced (with --force, as the run would).
+        vec!["run", s(&r), "--dry-run", "--force"],
+        vec!["run", s(&r), "--dry-run", "--json", "--force"],
     ] {
         let (code, stderr) = with_closed_stdout(&args);
         assert_eq!(code, Some(0), "{args:?}: {stderr}");

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use clap::Args;
-use gemma_merge::executor::{verify_folder, PlanSummary, Prepared, RunOptions};
+use gemma_merge::executor::{verify_folder, PlanSummary, Prepared, RunOptions, RunReport};
 use gemma_merge::format::Model;
 use gemma_merge::recipe::Plan;
 
@@ -31,6 +31,13 @@ pub struct RunArgs {
     /// Seed of random methods (DARE) for a mergekit config; a recipe sets `seed:` itself.
     #[arg(long, value_name = "N")]
     pub seed: Option<u64>,
+    /// Write only part I of N of the output shards (from 1), for `join` to assemble; `auto` reads a SLURM
+    /// array task or a Kubernetes Indexed Job (see docs/distributed.md).
+    #[arg(long, value_name = "I/N|auto", conflicts_with = "join")]
+    pub part: Option<String>,
+    /// Assemble the parts written by `--part` runs into the output (the same as `gemma-merge join`).
+    #[arg(long, conflicts_with = "dry_run")]
+    pub join: bool,
 }
 
 #[derive(Debug, Args)]
@@ -49,6 +56,11 @@ pub struct InspectArgs {
 }
 
 pub fn run(a: &RunArgs, g: &Global) -> anyhow::Result<()> {
+    let part = a
+        .part
+        .as_deref()
+        .map(|spec| super::parts::resolve_part(spec, &|name| std::env::var(name).ok()))
+        .transpose()?;
     let plan = Plan::load(&a.recipe, a.out.as_deref(), a.seed)?;
     if !g.quiet {
         for w in &plan.warnings {
@@ -61,6 +73,12 @@ pub fn run(a: &RunArgs, g: &Global) -> anyhow::Result<()> {
         hash_inputs: a.hash_inputs,
         extra_inputs: Vec::new(),
     };
+    if let Some(part) = part {
+        return super::parts::run_part(&prepared, part, &opts, a.dry_run, a.json, g);
+    }
+    if a.join {
+        return super::parts::join_prepared(&prepared, &opts, a.json, g);
+    }
     if a.dry_run {
         prepared.check_outputs(&opts)?;
         let s = prepared.summary();
@@ -84,7 +102,12 @@ pub fn run(a: &RunArgs, g: &Global) -> anyhow::Result<()> {
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    if a.json {
+    print_run_report(&report, a.json, g)
+}
+
+/// What `run` and `join` print when done.
+pub fn print_run_report(report: &RunReport, json: bool, g: &Global) -> anyhow::Result<()> {
+    if json {
         outln!("{}", serde_json::to_string_pretty(&report)?)?;
     } else if !g.quiet {
         for o in &report.outputs {

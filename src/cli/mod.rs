@@ -12,6 +12,7 @@ macro_rules! outln {
 mod eval;
 mod front;
 mod merge;
+mod parts;
 mod synth;
 
 use std::path::PathBuf;
@@ -46,6 +47,8 @@ pub struct Global {
 pub enum Command {
     /// Evaluate a recipe and write the merged model.
     Run(merge::RunArgs),
+    /// Assemble the parts written by `run --part I/N` into the output, byte-identical to a plain run.
+    Join(parts::JoinArgs),
     /// Re-hash the files listed in DIR/merge-manifest.json; exit 1 on any mismatch.
     Verify(merge::VerifyArgs),
     /// Summarise a model folder or a .safetensors file.
@@ -101,6 +104,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     let g = &cli.global;
     match &cli.command {
         Command::Run(a) => merge::run(a, g),
+        Command::Join(a) => parts::join(a, g),
         Command::Verify(a) => merge::verify(a, g),
         Command::Inspect(a) => merge::inspect(a, g),
         Command::Eval(a) => eval::eval(a, g),

@@ -12,6 +12,7 @@
 mod error;
 mod layout;
 mod output;
+mod parts;
 mod steps;
 mod values;
 
@@ -23,7 +24,11 @@ use rayon::prelude::*;
 use safetensors::Dtype;
 
 pub use error::MergeError;
-pub use output::{verify_folder, Manifest, VerifyReport, SIDE_FILES};
+pub use output::{verify_folder, InputRecord, Manifest, VerifyReport, SIDE_FILES};
+pub use parts::{
+    part_manifest_name, parts_dir, split_by_bytes, Part, PartFile, PartLayout, PartManifest,
+    PartReport,
+};
 
 use crate::format::{FloatType, Model, ModelWriter, TensorInfo, TensorSpec};
 use crate::recipe::{Operand, Plan, StepKind};
@@ -193,7 +198,17 @@ impl<'p> Prepared<'p> {
         let base = &models[plan.base];
         let wanted = match &plan.layout {
             None => layout::from_base(base, plan.base, models.len()),
-            Some(slices) => layout::from_slices(slices, &models)?,
+            Some(slices) => layout::from_slices(slices, &models).map_err(|e| match e {
+                MergeError::MissingTensor { tensor, model, .. } => {
+                    let l = (models.iter().position(|m| m.root() == model)).unwrap_or(plan.base);
+                    MergeError::MissingTensor {
+                        step: step_reading(plan, l),
+                        tensor,
+                        model,
+                    }
+                }
+                e => e,
+            })?,
         };
         let mut tensors = Vec::with_capacity(wanted.len());
         let mut unit_of: HashMap<String, usize> = HashMap::new();
@@ -204,19 +219,21 @@ impl<'p> Prepared<'p> {
             let treatment = match FloatType::from_dtype(t.dtype) {
                 Some(_) => {
                     let mut inputs = Vec::with_capacity(models.len());
-                    for (m, source) in models.iter().zip(&w.sources) {
+                    for (l, (m, source)) in models.iter().zip(&w.sources).enumerate() {
                         let Some(source) = source else {
                             inputs.push(None);
                             continue;
                         };
                         let Some(x) = m.get(source) else {
                             return Err(MergeError::MissingTensor {
+                                step: step_reading(plan, l),
                                 tensor: source.clone(),
                                 model: m.root().into(),
                             });
                         };
                         if x.shape != t.shape {
                             return Err(MergeError::ShapeMismatch {
+                                step: step_reading(plan, l),
                                 tensor: source.clone(),
                                 model: m.root().into(),
                                 expected: t.shape.clone(),
@@ -392,13 +409,34 @@ impl<'p> Prepared<'p> {
                 ModelWriter::create(&staging.staged(path), specs.clone(), plan.shard_size)
             })
             .collect::<Result<_, _>>()?;
-        self.evaluate(&outputs, &mut writers, progress)?;
+        self.evaluate(&outputs, &mut writers, None, progress)?;
         let mut records = Vec::with_capacity(writers.len());
         for w in writers {
             records.push(w.finish()?);
         }
         let seconds = started.elapsed().as_secs_f64();
         let input_files = output::input_records(&self.models, opts.hash_inputs)?;
+        let bytes_written = self.finish_outputs(&staging, records, &input_files, seconds)?;
+        let written = staging.commit()?;
+        Ok(RunReport {
+            output: plan.targets[0].path.clone(),
+            outputs: written,
+            tensors: self.tensors.len(),
+            bytes_written,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Completes every staged output model (config, side files, model card, manifest) given the records
+    /// of its weight files, in output order; returns the bytes written. `run` and `join` both end here.
+    fn finish_outputs(
+        &self,
+        staging: &output::Staging,
+        records: Vec<Vec<crate::format::FileRecord>>,
+        inputs: &[output::InputRecord],
+        seconds: f64,
+    ) -> Result<u64, MergeError> {
+        let plan = self.plan;
         let side = output::SideSources {
             config_patch: match &plan.layout {
                 Some(slices) => layout::config_patch(slices, &self.models)?,
@@ -409,7 +447,12 @@ impl<'p> Prepared<'p> {
                 .to_path_buf(),
         };
         let mut bytes_written = 0u64;
-        for (((path, step, _), eta), recs) in outputs.iter().zip(self.output_etas()).zip(records) {
+        for (((path, step, _), eta), recs) in self
+            .output_models()
+            .iter()
+            .zip(self.output_etas())
+            .zip(records)
+        {
             bytes_written += staging.finish_model(
                 path,
                 &self.models[plan.base],
@@ -417,19 +460,12 @@ impl<'p> Prepared<'p> {
                 *step,
                 eta,
                 recs,
-                &input_files,
+                inputs,
                 seconds,
                 &side,
             )?;
         }
-        let written = staging.commit()?;
-        Ok(RunReport {
-            output: plan.targets[0].path.clone(),
-            outputs: written,
-            tensors: self.tensors.len(),
-            bytes_written,
-            seconds: started.elapsed().as_secs_f64(),
-        })
+        Ok(bytes_written)
     }
 
     /// Evaluates every output model into memory (for scoring without writing; see `front`). Each model's
@@ -442,7 +478,7 @@ impl<'p> Prepared<'p> {
         let specs = self.specs();
         let mut sinks: Vec<MemoryModel> =
             outputs.iter().map(|_| MemoryModel::new(&specs)).collect();
-        self.evaluate(&outputs, &mut sinks, progress)?;
+        self.evaluate(&outputs, &mut sinks, None, progress)?;
         Ok(sinks)
     }
 
@@ -457,17 +493,28 @@ impl<'p> Prepared<'p> {
             .collect()
     }
 
-    /// Streams every tensor of every output model, in order, into `sinks` (one per output model).
+    /// Streams every tensor of every output model, in order, into `sinks` (one per output model). With
+    /// `subset` (a flag per tensor), only the flagged tensors are evaluated and streamed (one part's shards);
+    /// the statistics of their units (SLERP's layer Gram) still cover every tensor of the unit.
     fn evaluate<W: TensorSink>(
         &self,
         outputs: &[(PathBuf, usize, Option<usize>)],
         sinks: &mut [W],
+        subset: Option<&[bool]>,
         progress: &(dyn Fn(u64, u64) + Sync),
     ) -> Result<(), MergeError> {
-        let total: u64 = self.tensors.iter().map(|t| t.base.numel() as u64).sum();
+        let wanted = |ti: usize| subset.is_none_or(|s| s[ti]);
+        let total: u64 = (0..self.tensors.len())
+            .filter(|&ti| wanted(ti))
+            .map(|ti| self.tensors[ti].base.numel() as u64)
+            .sum();
         let mut done = 0u64;
         let mut coefs: HashMap<usize, Vec<Vec<Val>>> = HashMap::new();
-        let mut remaining: Vec<usize> = self.units.iter().map(|u| u.len()).collect();
+        let mut remaining: Vec<usize> = self
+            .units
+            .iter()
+            .map(|u| u.iter().filter(|&&ti| wanted(ti)).count())
+            .collect();
         // The step (and η) of each output, to name it in a non-finite error.
         let labels: Vec<String> = outputs
             .iter()
@@ -482,6 +529,9 @@ impl<'p> Prepared<'p> {
             })
             .collect();
         for (ti, t) in self.tensors.iter().enumerate() {
+            if !wanted(ti) {
+                continue;
+            }
             match &t.treatment {
                 Treatment::Copy => self.copy_tensor(t, sinks)?,
                 Treatment::Merge { .. } => {
@@ -709,6 +759,19 @@ impl<'p> Prepared<'p> {
                     .release(info.start + lo * size, (hi - lo) * size);
             }
         }
+    }
+}
+
+/// The first step that reads input `leaf`, as "step `s` (recipe.yaml:7)", for messages.
+fn step_reading(plan: &Plan, leaf: usize) -> String {
+    let at = |line: u64| format!("{}:{line}", plan.recipe_path.display());
+    match plan
+        .steps
+        .iter()
+        .find(|s| crate::recipe::operands(&s.kind).contains(&Operand::Leaf(leaf)))
+    {
+        Some(s) => format!("step `{}` ({})", s.name, at(s.line)),
+        None => format!("input `{}`", plan.leaves[leaf].shown),
     }
 }
 

@@ -66,7 +66,7 @@ pub(crate) struct Staging {
 }
 
 /// The paths a run reads: every input model (its root and weight files) and the recipe.
-fn run_inputs(plan: &Plan, models: &[Model], extra: &[Role]) -> Vec<Role> {
+pub(crate) fn run_inputs(plan: &Plan, models: &[Model], extra: &[Role]) -> Vec<Role> {
     let mut inputs = Vec::new();
     for (leaf, m) in plan.leaves.iter().zip(models) {
         let role = format!("the input model `{}`", leaf.shown);
@@ -104,7 +104,14 @@ pub(crate) fn check_outputs(
     for t in &plan.targets {
         check_target(&t.path, Kind::ModelFolder, force)?;
     }
-    models[plan.base].config()?;
+    let base = &models[plan.base];
+    base.config()?;
+    for name in SIDE_FILES {
+        let src = base.folder().join(name);
+        if src.is_file() {
+            std::fs::File::open(&src).map_err(|e| MergeError::io(&src, e))?;
+        }
+    }
     Ok(())
 }
 
@@ -307,7 +314,7 @@ pub(crate) fn input_records(models: &[Model], hash: bool) -> Result<Vec<InputRec
     Ok(out)
 }
 
-fn hash_file(path: &Path) -> Result<String, MergeError> {
+pub(crate) fn hash_file(path: &Path) -> Result<String, MergeError> {
     let mut f = std::fs::File::open(path).map_err(|e| MergeError::io(path, e))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 8 << 20];

@@ -206,12 +206,7 @@ pub(crate) fn parse_yaml<T: serde::de::DeserializeOwned>(
             .location()
             .map(|l| (l.line(), l.column()))
             .unwrap_or((0, 0));
-        let full = e.to_string();
-        let first = full.lines().next().unwrap_or("").to_string();
-        let message = match first.find(": ") {
-            Some(i) if first.starts_with("error: line ") => first[i + 2..].to_string(),
-            _ => first.trim_start_matches("error: ").to_string(),
-        };
+        let message = super::error::yaml_message(&e);
         RecipeError::Invalid {
             path: path.into(),
             line,
@@ -326,10 +321,17 @@ impl<'a> Resolver<'a> {
         let mut hub_id = None;
         if !path.exists() {
             if !hub::is_hub_id(target) {
+                let names: Vec<&str> = (self.all_steps.keys())
+                    .chain(self.aliases.keys())
+                    .map(String::as_str)
+                    .collect();
+                let hint = super::error::closest(shown, &names)
+                    .map(|n| format!(" (did you mean `{n}`?)"))
+                    .unwrap_or_default();
                 return Err(self.err(
                     loc,
                     format!(
-                        "`{shown}` is not a step, an alias, or an existing path ({} not found)",
+                        "`{shown}` is not a step, an alias, or an existing path ({} not found){hint}",
                         path.display()
                     ),
                 ));
