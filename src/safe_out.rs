@@ -621,7 +621,7 @@ impl TempFolder {
             remove_any(path);
         }
         std::fs::create_dir(path).map_err(|e| OutputError::io(path, e))?;
-        reg.push(path.to_path_buf());
+        reg.push((path.to_path_buf(), Vec::new()));
         Ok(Self {
             path: path.to_path_buf(),
         })
