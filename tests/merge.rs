@@ -8,6 +8,9 @@ use std::process::Command;
 use gemma_merge::format::writer::{ModelWriter, TensorSpec};
 use gemma_merge::format::{FloatType, Model};
 
+mod common;
+use common::load;
+
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_gemma-merge"))
 }
@@ -43,23 +46,6 @@ fn ok(args: &[&str]) -> Out {
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
-}
-
-/// Every tensor of a model, as (dtype, shape, f64 values).
-fn load(path: &Path) -> BTreeMap<String, (FloatType, Vec<usize>, Vec<f64>)> {
-    let m = Model::open(path).unwrap();
-    m.tensors()
-        .iter()
-        .map(|t| {
-            let ft = FloatType::from_dtype(t.dtype).unwrap();
-            let mut v = vec![0f32; t.numel()];
-            ft.decode(m.data(t), &mut v);
-            (
-                t.name.clone(),
-                (ft, t.shape.clone(), v.into_iter().map(f64::from).collect()),
-            )
-        })
-        .collect()
 }
 
 /// Half a unit in the last place of `dtype` at `x`.

@@ -2,11 +2,13 @@
 //! output, native recipe steps against the same configs, DARE's reproducibility and kept fraction,
 //! composition with the WARP methods, Hugging Face ids, and the errors that must write nothing.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use gemma_merge::format::{FloatType, Model};
+mod common;
+use common::{load, Tensors};
+
+use gemma_merge::format::FloatType;
 use gemma_merge::selection::{bernoulli_keep, probability_threshold, stream_key};
 
 fn case() -> PathBuf {
@@ -39,24 +41,6 @@ fn ok_in(cwd: &Path, args: &[&str]) {
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
-}
-
-type Tensors = BTreeMap<String, (FloatType, Vec<usize>, Vec<f64>)>;
-
-fn load(path: &Path) -> Tensors {
-    let m = Model::open(path).unwrap();
-    m.tensors()
-        .iter()
-        .map(|t| {
-            let ft = FloatType::from_dtype(t.dtype).unwrap();
-            let mut v = vec![0f32; t.numel()];
-            ft.decode(m.data(t), &mut v);
-            (
-                t.name.clone(),
-                (ft, t.shape.clone(), v.into_iter().map(f64::from).collect()),
-            )
-        })
-        .collect()
 }
 
 /// One unit in the last place of `dtype` at `x`.
