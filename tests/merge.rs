@@ -8,6 +8,9 @@ use std::process::Command;
 use gemma_merge::format::writer::{ModelWriter, TensorSpec};
 use gemma_merge::format::{FloatType, Model};
 
+mod common;
+use common::load;
+
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_gemma-merge"))
 }
@@ -43,23 +46,6 @@ fn ok(args: &[&str]) -> Out {
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
-}
-
-/// Every tensor of a model, as (dtype, shape, f64 values).
-fn load(path: &Path) -> BTreeMap<String, (FloatType, Vec<usize>, Vec<f64>)> {
-    let m = Model::open(path).unwrap();
-    m.tensors()
-        .iter()
-        .map(|t| {
-            let ft = FloatType::from_dtype(t.dtype).unwrap();
-            let mut v = vec![0f32; t.numel()];
-            ft.decode(m.data(t), &mut v);
-            (
-                t.name.clone(),
-                (ft, t.shape.clone(), v.into_iter().map(f64::from).collect()),
-            )
-        })
-        .collect()
 }
 
 /// Half a unit in the last place of `dtype` at `x`.
@@ -178,7 +164,12 @@ fn output_folder_has_config_card_and_manifest() {
     assert_eq!(config["torch_dtype"], "bfloat16");
     assert_eq!(config["model_type"], "gemma2");
     let card = std::fs::read_to_string(out.join("README.md")).unwrap();
-    assert!(card.starts_with("---\nbase_model: \"sft\"\ntags:\n- merge\n- warp\n- gemma-merge\nlibrary_name: transformers\n---\n"), "{card}");
+    assert!(
+        card.starts_with(
+            "---\ntags:\n- merge\n- warp\n- gemma-merge\nlibrary_name: transformers\n---\n"
+        ),
+        "{card}"
+    );
     assert!(
         card.contains("method: slerp"),
         "the card carries the recipe"
