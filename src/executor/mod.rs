@@ -112,7 +112,13 @@ pub struct Prepared<'p> {
     tensors: Vec<OutTensor>,
     /// Tensor indices of each unit (a `model.layers.N.` layer, or a lone tensor).
     units: Vec<Vec<usize>>,
+    /// Each unit's coefficient vectors once computed (a few numbers per tensor), so that evaluating
+    /// the outputs one at a time ([`Prepared::run_in_memory_one`]) runs SLERP's reduction passes once.
+    coefficients: std::sync::Mutex<HashMap<usize, UnitCoefficients>>,
 }
+
+/// `[tensor of the unit][step][leaf]`.
+type UnitCoefficients = Vec<Vec<Vec<f64>>>;
 
 /// What `--dry-run` prints.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -243,6 +249,7 @@ impl<'p> Prepared<'p> {
             models,
             tensors,
             units,
+            coefficients: Default::default(),
         })
     }
 
@@ -395,6 +402,26 @@ impl<'p> Prepared<'p> {
         Ok(sinks)
     }
 
+    /// Evaluates output model `index` alone into memory: bounded by one model, whatever the number of
+    /// outputs. Its bytes are exactly those `run` would write; SLERP's reduction passes are shared by
+    /// successive calls.
+    pub fn run_in_memory_one(
+        &self,
+        index: usize,
+        progress: &(dyn Fn(u64, u64) + Sync),
+    ) -> Result<MemoryModel, MergeError> {
+        let outputs = [self.output_models()[index].clone()];
+        let mut sinks = [MemoryModel::new(&self.specs())];
+        self.evaluate(&outputs, &mut sinks, progress)?;
+        let [model] = sinks;
+        Ok(model)
+    }
+
+    /// Number of output models, in the order of [`Prepared::output_etas`].
+    pub fn output_count(&self) -> usize {
+        self.output_models().len()
+    }
+
     /// The η of each output model (`None` for a step other than LITI), in output order.
     pub fn output_etas(&self) -> Vec<Option<f64>> {
         self.output_models()
@@ -437,7 +464,7 @@ impl<'p> Prepared<'p> {
                     let unit_coefs = match coefs.entry(t.unit) {
                         std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                         std::collections::hash_map::Entry::Vacant(e) => {
-                            e.insert(self.unit_coefficients(t.unit)?)
+                            e.insert(self.memo_coefficients(t.unit)?)
                         }
                     };
                     let pos = self.units[t.unit]
@@ -486,6 +513,25 @@ impl<'p> Prepared<'p> {
             }
             Operand::Step(s) => step_vecs[s].clone(),
         }
+    }
+
+    /// [`Self::unit_coefficients`], computed once per unit and then remembered.
+    fn memo_coefficients(&self, unit: usize) -> Result<UnitCoefficients, MergeError> {
+        let memo = |m: &std::sync::Mutex<HashMap<usize, UnitCoefficients>>| {
+            m.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&unit)
+                .cloned()
+        };
+        if let Some(c) = memo(&self.coefficients) {
+            return Ok(c);
+        }
+        let c = self.unit_coefficients(unit)?;
+        self.coefficients
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(unit, c.clone());
+        Ok(c)
     }
 
     /// Every step's coefficient vector for every tensor of a unit (`[tensor][step][leaf]`), running the

@@ -69,7 +69,9 @@ impl SafetensorsFile {
                 len: info.data_offsets.1 - info.data_offsets.0,
             })
             .collect();
-        tensors.sort_by_key(|t| (t.start, t.len));
+        // Zero-element tensors share their offset with a neighbour: the name breaks the tie, so the order
+        // (which becomes the output's) does not depend on the header's hashing.
+        tensors.sort_by(|a, b| (a.start, a.len, &a.name).cmp(&(b.start, b.len, &b.name)));
         Ok(Self {
             path: path.to_path_buf(),
             mmap,
