@@ -439,3 +439,114 @@ fn eta_lists_write_subfolders_and_refuse_duplicates() {
     }
     assert!(!d.path().join("out2").exists());
 }
+
+// ---------------------------------------------------------------------------------------------------
+// Group 3: FIFOs, devices and huge side files are refused, never waited on
+
+#[cfg(unix)]
+fn mkfifo(p: &Path) {
+    let st = Command::new("mkfifo").arg(p).status().unwrap();
+    assert!(st.success());
+}
+
+/// A copy of the demo's sft model (weights, config, tokenizer) in `dir`.
+fn demo_copy(dir: &Path) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/demo/sft");
+    std::fs::create_dir_all(dir).unwrap();
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+    }
+    dir.to_path_buf()
+}
+
+/// Replaces `file` by each kind of non-regular file in turn and runs `args`: a clean failure naming
+/// the file, at once.
+#[cfg(unix)]
+fn refused_as_non_regular(file: &Path, args: &[&str], code: i32) {
+    refused_as(file, args, code, "not a regular file")
+}
+
+#[cfg(unix)]
+fn refused_as(file: &Path, args: &[&str], code: i32, what: &str) {
+    let saved = std::fs::read(file).ok();
+    let name = file.file_name().unwrap().to_str().unwrap().to_string();
+    for kind in ["fifo", "zero", "dir"] {
+        let _ = std::fs::remove_file(file);
+        match kind {
+            "fifo" => mkfifo(file),
+            "zero" => std::os::unix::fs::symlink("/dev/zero", file).unwrap(),
+            _ => std::fs::create_dir(file).unwrap(),
+        }
+        let started = Instant::now();
+        let o = gm(args);
+        fails(&o, code, &[&name, what]);
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{kind} {name}: slow"
+        );
+        if kind == "dir" {
+            std::fs::remove_dir(file).unwrap();
+        }
+    }
+    let _ = std::fs::remove_file(file);
+    // Too large (a sparse file): refused with the limit named, before reading it.
+    let f = std::fs::File::create(file).unwrap();
+    f.set_len((64 << 20) + 1).unwrap();
+    drop(f);
+    if name != "model.safetensors" {
+        let o = gm(args);
+        fails(&o, code, &[&name, "MiB"]);
+    }
+    match saved {
+        Some(b) => std::fs::write(file, b).unwrap(),
+        None => std::fs::remove_file(file).unwrap(),
+    }
+}
+
+#[cfg(unix)]
+#[test]
+fn fifos_devices_and_huge_side_files_are_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let m = demo_copy(&d.path().join("m"));
+    let text = d.path().join("t.txt");
+    std::fs::write(&text, "This License applies to any program").unwrap();
+    let eval = ["eval", s(&m), "--text", s(&text)];
+    assert_eq!(gm(&eval).code, Some(0));
+    refused_as_non_regular(&m.join("model.safetensors"), &eval, 1);
+    refused_as_non_regular(&m.join("config.json"), &eval, 1);
+    refused_as_non_regular(&m.join("tokenizer.json"), &eval, 1);
+    refused_as_non_regular(&text, &eval, 1);
+    refused_as_non_regular(&m.join("model.safetensors"), &["inspect", s(&m)], 1);
+
+    // A recipe, and a side file copied from the base.
+    let (_, _) = pair(d.path());
+    let r = recipe(
+        d.path(),
+        "output: out\nbase: a\nsteps:\n  - {name: l, method: liti, model: b, eta: 0.5}\n",
+    );
+    refused_as_non_regular(&r, &["run", s(&r)], 1);
+    refused_as_non_regular(
+        &d.path().join("a/tokenizer_config.json"),
+        &["run", s(&r)],
+        1,
+    );
+    assert!(!d.path().join("out").exists());
+    assert!(
+        !entries(d.path()).iter().any(|e| e.contains("tmp")),
+        "{:?}",
+        entries(d.path())
+    );
+
+    // A manifest entry, and the manifest itself.
+    assert_eq!(gm(&["run", s(&r)]).code, Some(0));
+    let out = d.path().join("out");
+    let o = gm(&["verify", s(&out)]);
+    assert_eq!(o.code, Some(0), "{}", o.stderr);
+    std::fs::remove_file(out.join("README.md")).unwrap();
+    mkfifo(&out.join("README.md"));
+    let o = gm(&["verify", s(&out)]);
+    assert_eq!(o.code, Some(1), "{}", o.stderr);
+    assert!(o.stderr.contains("README.md"), "{}", o.stderr);
+    refused_as(&out.join("merge-manifest.json"), &["verify", s(&out)], 1, "");
+}

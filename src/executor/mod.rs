@@ -11,6 +11,7 @@
 
 mod error;
 mod output;
+mod verify;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -20,7 +21,8 @@ use rayon::prelude::*;
 use safetensors::Dtype;
 
 pub use error::MergeError;
-pub use output::{verify_folder, Manifest, VerifyReport, SIDE_FILES};
+pub use output::{Manifest, SIDE_FILES};
+pub use verify::{verify_folder, VerifyReport};
 
 use crate::format::{FloatType, Model, ModelWriter, TensorInfo, TensorSpec};
 use crate::kernels;

@@ -104,10 +104,12 @@ pub struct Plan {
 impl Plan {
     /// Reads and validates a recipe file. `out` overrides the recipe's `output`.
     pub fn from_file(path: &Path, out: Option<&Path>) -> Result<Plan, RecipeError> {
-        let text = std::fs::read_to_string(path).map_err(|source| RecipeError::Io {
-            path: path.into(),
-            source,
-        })?;
+        let text =
+            crate::format::files::read_text_limited(path, crate::format::files::SIDE_FILE_LIMIT)
+                .map_err(|source| RecipeError::Io {
+                    path: path.into(),
+                    source,
+                })?;
         Self::from_text(&text, path, out)
     }
 
