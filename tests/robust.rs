@@ -550,3 +550,96 @@ fn fifos_devices_and_huge_side_files_are_refused() {
     assert!(o.stderr.contains("README.md"), "{}", o.stderr);
     refused_as(&out.join("merge-manifest.json"), &["verify", s(&out)], 1, "");
 }
+
+// ---------------------------------------------------------------------------------------------------
+// Group 4: verify checks that the folder holds exactly what the manifest lists
+
+fn verify_fails(dir: &Path, needle: &str) {
+    let o = gm(&["verify", s(dir)]);
+    assert_eq!(o.code, Some(1), "{needle}: {}\n{}", o.stdout, o.stderr);
+    assert!(o.stderr.contains(needle), "{needle} not in:\n{}", o.stderr);
+}
+
+#[test]
+fn verify_refuses_what_the_manifest_does_not_cover() {
+    let d = tempfile::tempdir().unwrap();
+    pair(d.path());
+    let r = recipe(
+        d.path(),
+        "output: out\nbase: a\nsteps:\n  - {name: l, method: liti, model: b, eta: [0.0, 0.5, 1.0]}\n",
+    );
+    assert_eq!(gm(&["run", s(&r)]).code, Some(0));
+    let out = d.path().join("out");
+    assert_eq!(gm(&["verify", s(&out)]).code, Some(0));
+    let m5 = out.join("eta-0.5");
+
+    // An η folder deleted.
+    let saved = d.path().join("saved");
+    std::fs::rename(out.join("eta-1.0"), &saved).unwrap();
+    verify_fails(&out, "eta-1.0: missing");
+    std::fs::rename(&saved, out.join("eta-1.0")).unwrap();
+    assert_eq!(gm(&["verify", s(&out)]).code, Some(0));
+
+    // Weights a loader would pick up instead: another model's index and shards beside ours.
+    let other = d.path().join("other");
+    let big = recipe(
+        d.path(),
+        "output: other\nbase: a\nshard_size: 12\nsteps:\n  - {name: l, method: liti, model: b, eta: 0.2}\n",
+    );
+    assert_eq!(gm(&["run", s(&big)]).code, Some(0));
+    for e in entries(&other) {
+        if e.contains("safetensors") {
+            std::fs::copy(other.join(&e), m5.join(&e)).unwrap();
+        }
+    }
+    verify_fails(&m5, "model.safetensors.index.json: not listed in the manifest");
+    verify_fails(&out, "not listed in the manifest");
+    for e in entries(&other) {
+        if e.starts_with("model-") || e.ends_with(".json") && e.contains("index") {
+            std::fs::remove_file(m5.join(&e)).unwrap();
+        }
+    }
+    assert_eq!(gm(&["verify", s(&m5)]).code, Some(0));
+    // Another model's weights under our names: the hash differs.
+    std::fs::copy(other.join("model-00001-of-00002.safetensors"), m5.join("model.safetensors")).unwrap();
+    verify_fails(&m5, "model.safetensors");
+    std::fs::copy(out.join("eta-0.0/model.safetensors"), m5.join("model.safetensors")).unwrap();
+    verify_fails(&m5, "SHA-256");
+    let back = recipe(
+        d.path(),
+        "output: out\nbase: a\nsteps:\n  - {name: l, method: liti, model: b, eta: [0.0, 0.5, 1.0]}\n",
+    );
+    assert_eq!(gm(&["run", s(&back), "--force"]).code, Some(0));
+
+    // Stray pytorch weights or an unlisted config.
+    std::fs::write(m5.join("pytorch_model.bin"), b"x").unwrap();
+    verify_fails(&m5, "pytorch_model.bin: not listed");
+    std::fs::remove_file(m5.join("pytorch_model.bin")).unwrap();
+
+    // A symlink leading outside the folder, even to identical bytes.
+    let outside = d.path().join("outside.safetensors");
+    std::fs::copy(m5.join("model.safetensors"), &outside).unwrap();
+    std::fs::remove_file(m5.join("model.safetensors")).unwrap();
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::symlink(&outside, m5.join("model.safetensors")).unwrap();
+        verify_fails(&m5, "symlink leading outside");
+        std::fs::remove_file(m5.join("model.safetensors")).unwrap();
+    }
+    std::fs::copy(&outside, m5.join("model.safetensors")).unwrap();
+    assert_eq!(gm(&["verify", s(&out)]).code, Some(0));
+
+    // A manifest with no outputs.
+    let mp = m5.join("merge-manifest.json");
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&mp).unwrap()).unwrap();
+    assert_eq!(m["front"], serde_json::json!(["eta-0.0", "eta-0.5", "eta-1.0"]));
+    let outputs = m["outputs"].clone();
+    m["outputs"] = serde_json::json!([]);
+    std::fs::write(&mp, serde_json::to_string(&m).unwrap()).unwrap();
+    verify_fails(&m5, "lists no output files");
+    // An old manifest (no `front` key) is still read.
+    m["outputs"] = outputs;
+    m.as_object_mut().unwrap().remove("front");
+    std::fs::write(&mp, serde_json::to_string(&m).unwrap()).unwrap();
+    assert_eq!(gm(&["verify", s(&out)]).code, Some(0));
+}
