@@ -548,7 +548,12 @@ fn fifos_devices_and_huge_side_files_are_refused() {
     let o = gm(&["verify", s(&out)]);
     assert_eq!(o.code, Some(1), "{}", o.stderr);
     assert!(o.stderr.contains("README.md"), "{}", o.stderr);
-    refused_as(&out.join("merge-manifest.json"), &["verify", s(&out)], 1, "");
+    refused_as(
+        &out.join("merge-manifest.json"),
+        &["verify", s(&out)],
+        1,
+        "",
+    );
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -592,7 +597,10 @@ fn verify_refuses_what_the_manifest_does_not_cover() {
             std::fs::copy(other.join(&e), m5.join(&e)).unwrap();
         }
     }
-    verify_fails(&m5, "model.safetensors.index.json: not listed in the manifest");
+    verify_fails(
+        &m5,
+        "model.safetensors.index.json: not listed in the manifest",
+    );
     verify_fails(&out, "not listed in the manifest");
     for e in entries(&other) {
         if e.starts_with("model-") || e.ends_with(".json") && e.contains("index") {
@@ -601,9 +609,17 @@ fn verify_refuses_what_the_manifest_does_not_cover() {
     }
     assert_eq!(gm(&["verify", s(&m5)]).code, Some(0));
     // Another model's weights under our names: the hash differs.
-    std::fs::copy(other.join("model-00001-of-00002.safetensors"), m5.join("model.safetensors")).unwrap();
+    std::fs::copy(
+        other.join("model-00001-of-00002.safetensors"),
+        m5.join("model.safetensors"),
+    )
+    .unwrap();
     verify_fails(&m5, "model.safetensors");
-    std::fs::copy(out.join("eta-0.0/model.safetensors"), m5.join("model.safetensors")).unwrap();
+    std::fs::copy(
+        out.join("eta-0.0/model.safetensors"),
+        m5.join("model.safetensors"),
+    )
+    .unwrap();
     verify_fails(&m5, "SHA-256");
     let back = recipe(
         d.path(),
@@ -632,7 +648,10 @@ fn verify_refuses_what_the_manifest_does_not_cover() {
     // A manifest with no outputs.
     let mp = m5.join("merge-manifest.json");
     let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&mp).unwrap()).unwrap();
-    assert_eq!(m["front"], serde_json::json!(["eta-0.0", "eta-0.5", "eta-1.0"]));
+    assert_eq!(
+        m["front"],
+        serde_json::json!(["eta-0.0", "eta-0.5", "eta-1.0"])
+    );
     let outputs = m["outputs"].clone();
     m["outputs"] = serde_json::json!([]);
     std::fs::write(&mp, serde_json::to_string(&m).unwrap()).unwrap();
@@ -642,4 +661,23 @@ fn verify_refuses_what_the_manifest_does_not_cover() {
     m.as_object_mut().unwrap().remove("front");
     std::fs::write(&mp, serde_json::to_string(&m).unwrap()).unwrap();
     assert_eq!(gm(&["verify", s(&out)]).code, Some(0));
+}
+
+#[test]
+fn synth_sizes_are_checked_before_anything_is_allocated() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("s");
+    for args in [
+        vec!["--shape", "2b", "--layers", "1000000"],
+        vec!["--shape", "2b", "--vocab-size", "100000000000"],
+        vec!["--shape", "27b", "--layers", "1024"],
+    ] {
+        let mut all = vec!["synth"];
+        all.extend(&args);
+        all.extend(["--out", s(&out)]);
+        let o = gm(&all);
+        assert_eq!(o.code, Some(2), "{args:?}: {}", o.stderr);
+        assert!(o.stderr.contains("error: "), "{}", o.stderr);
+        assert!(entries(d.path()).is_empty(), "{args:?}: {:?}", entries(d.path()));
+    }
 }
