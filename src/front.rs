@@ -267,10 +267,9 @@ pub fn evaluate_front(req: FrontRequest<'_>, progress: &dyn Fn(&str)) -> Result<
         .saturating_mul(4)
         <= 1 << 30;
     let (cached, reference_model) = if fits {
-        (
-            Some(ReferenceLogits::new(&reference_model, tokens, context)?),
-            None,
-        )
+        let logits = ReferenceLogits::new(&reference_model, tokens, context)?;
+        drop(reference_model);
+        (Some(logits), None)
     } else {
         (None, Some(reference_model))
     };

@@ -678,6 +678,10 @@ fn synth_sizes_are_checked_before_anything_is_allocated() {
         let o = gm(&all);
         assert_eq!(o.code, Some(2), "{args:?}: {}", o.stderr);
         assert!(o.stderr.contains("error: "), "{}", o.stderr);
-        assert!(entries(d.path()).is_empty(), "{args:?}: {:?}", entries(d.path()));
+        assert!(
+            entries(d.path()).is_empty(),
+            "{args:?}: {:?}",
+            entries(d.path())
+        );
     }
 }
