@@ -100,6 +100,13 @@ fn set_etas(plan: &mut Plan, out: usize, etas: Vec<f64>) -> Result<(), FrontErro
     if etas.is_empty() {
         return Err(FrontError::Usage("--eta: no values".into()));
     }
+    if etas.len() > crate::recipe::MAX_ETAS {
+        return Err(FrontError::Usage(format!(
+            "--eta: {} values, at most {}",
+            etas.len(),
+            crate::recipe::MAX_ETAS
+        )));
+    }
     if let Some(e) = etas.iter().find(|e| !e.is_finite()) {
         return Err(FrontError::Usage(format!(
             "--eta: {e} is not a finite number"

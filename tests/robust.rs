@@ -438,6 +438,15 @@ fn eta_lists_write_subfolders_and_refuse_duplicates() {
         fails(&gm(&["run", s(&r)]), 2, &["r.yaml:7", "twice"]);
     }
     assert!(!d.path().join("out2").exists());
+    let many: Vec<String> = (0..1001)
+        .map(|k| format!("{}", k as f64 / 1000.0))
+        .collect();
+    let r = recipe(
+        d.path(),
+        &format!("output: out2\nbase: a\nsteps:\n  - name: l\n    method: liti\n    model: b\n    eta: [{}]\n", many.join(", ")),
+    );
+    fails(&gm(&["run", s(&r)]), 2, &["r.yaml:7", "at most 1000"]);
+    assert!(!d.path().join("out2").exists());
 }
 
 // ---------------------------------------------------------------------------------------------------

@@ -8,6 +8,6 @@ mod raw;
 pub use error::RecipeError;
 pub use plan::{
     duplicate_eta, eta_label, operands, Angle, Leaf, Operand, OutputModel, OutputTarget, Plan,
-    Step, StepKind, DEFAULT_SHARD_SIZE,
+    Step, StepKind, DEFAULT_SHARD_SIZE, MAX_ETAS,
 };
 pub use raw::parse_byte_size;

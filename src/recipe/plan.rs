@@ -148,6 +148,9 @@ pub fn eta_label(eta: f64) -> String {
     format!("eta-{:?}", eta + 0.0)
 }
 
+/// Most η values in one list: each is a model folder (and, in `front`, a forward pass).
+pub const MAX_ETAS: usize = 1000;
+
 /// A value that appears twice in an η list (−0.0 and 0.0 are the same η), if any.
 pub fn duplicate_eta(etas: &[f64]) -> Option<f64> {
     let mut sorted: Vec<f64> = etas.iter().map(|&e| e + 0.0).collect();
@@ -689,6 +692,15 @@ impl<'a> Resolver<'a> {
                         }
                         if list.is_empty() {
                             return Err(self.err(&eta.referenced, "`eta` is an empty list"));
+                        }
+                        if list.len() > MAX_ETAS {
+                            return Err(self.err(
+                                &eta.referenced,
+                                format!(
+                                    "`eta` lists {} values: at most {MAX_ETAS} (one output folder each)",
+                                    list.len()
+                                ),
+                            ));
                         }
                         // −0.0 is 0.0: one folder, `eta-0.0`.
                         let list: Vec<f64> = list.iter().map(|&e| e + 0.0).collect();
