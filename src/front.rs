@@ -63,6 +63,8 @@ pub struct FrontRequest<'a> {
     /// Also write the η models as ordinary output folders here.
     pub keep: Option<PathBuf>,
     pub force: bool,
+    /// Paths read besides the recipe's models (reference, text file): `keep` must not touch them.
+    pub inputs: Vec<crate::safe_out::Role>,
     pub tokens: &'a [u32],
     pub context: Option<usize>,
     /// Also score the SLERP step's input policies.
@@ -154,6 +156,7 @@ pub fn evaluate_front(req: FrontRequest<'_>, progress: &dyn Fn(&str)) -> Result<
         reference,
         keep,
         force,
+        inputs,
         tokens,
         context,
         policies,
@@ -226,6 +229,7 @@ pub fn evaluate_front(req: FrontRequest<'_>, progress: &dyn Fn(&str)) -> Result<
             &RunOptions {
                 force,
                 hash_inputs: false,
+                extra_inputs: inputs,
             },
             &|_, _| {},
         )?;

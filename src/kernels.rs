@@ -413,3 +413,42 @@ mod properties {
         }
     }
 }
+
+/// Model Stock's interpolation factor from the Gram matrix of N task vectors: c = mean pairwise cosine
+/// (each norm product clamped below at 1e-6, the cosine to [−1, 1], as mergekit), t = N·c / (1 + (N − 1)·c);
+/// 0 (the base) when the denominator is below 1e-6 in magnitude.
+pub fn model_stock_t(gram: &[Vec<f64>]) -> f64 {
+    let n = gram.len();
+    let mut sum = 0.0;
+    let mut pairs = 0.0;
+    for i in 0..n {
+        for j in i + 1..n {
+            let norm = (gram[i][i].sqrt() * gram[j][j].sqrt()).max(1e-6);
+            sum += (gram[i][j] / norm).clamp(-1.0, 1.0);
+            pairs += 1.0;
+        }
+    }
+    let c = sum / pairs;
+    let nf = n as f64;
+    let denom = 1.0 + (nf - 1.0) * c;
+    if denom.abs() < 1e-6 {
+        return 0.0;
+    }
+    nf * c / denom
+}
+
+/// mergekit's two-model SLERP of weights a (t = 0) and b (t = 1), from ⟨a,b⟩, ‖a‖², ‖b‖²: the cosine of
+/// the normalised copies (a norm ≤ 1e-8 is not normalised); linear when |cos| > 0.9995.
+pub fn weight_slerp(dot: f64, norm2_a: f64, norm2_b: f64, t: f64) -> (f64, f64) {
+    let na = norm2_a.sqrt();
+    let nb = norm2_b.sqrt();
+    let sa = if na > 1e-8 { na } else { 1.0 };
+    let sb = if nb > 1e-8 { nb } else { 1.0 };
+    let cos = dot / (sa * sb);
+    if cos.abs() > 0.9995 {
+        return (1.0 - t, t);
+    }
+    let theta = cos.acos();
+    let sin = theta.sin();
+    (((1.0 - t) * theta).sin() / sin, (t * theta).sin() / sin)
+}

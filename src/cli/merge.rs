@@ -16,7 +16,7 @@ pub struct RunArgs {
     /// Output folder (overrides the recipe's `output`).
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathArg>,
-    /// Replace an existing output folder (only once the new one is complete).
+    /// Replace an existing output folder written by gemma-merge (only once the new one is complete).
     #[arg(long)]
     pub force: bool,
     /// Validate everything that can be checked without reading tensor data, print the plan, write nothing.
@@ -28,6 +28,9 @@ pub struct RunArgs {
     /// Print a JSON summary.
     #[arg(long)]
     pub json: bool,
+    /// Seed of random methods (DARE) for a mergekit config; a recipe sets `seed:` itself.
+    #[arg(long, value_name = "N")]
+    pub seed: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -46,14 +49,20 @@ pub struct InspectArgs {
 }
 
 pub fn run(a: &RunArgs, g: &Global) -> anyhow::Result<()> {
-    let plan = Plan::from_file(&a.recipe, a.out.as_deref())?;
+    let plan = Plan::load(&a.recipe, a.out.as_deref(), a.seed)?;
     if !g.quiet {
         for w in &plan.warnings {
             eprintln!("warning: {w}");
         }
     }
     let prepared = Prepared::new(&plan)?;
+    let opts = RunOptions {
+        force: a.force,
+        hash_inputs: a.hash_inputs,
+        extra_inputs: Vec::new(),
+    };
     if a.dry_run {
+        prepared.check_outputs(&opts)?;
         let s = prepared.summary();
         if a.json {
             outln!("{}", serde_json::to_string_pretty(&s)?)?;
@@ -66,18 +75,12 @@ pub fn run(a: &RunArgs, g: &Global) -> anyhow::Result<()> {
         g,
         "{spinner} merging [{bar:40}] {percent:>3}% {elapsed_precise} eta {eta}",
     );
-    let report = prepared.run(
-        &RunOptions {
-            force: a.force,
-            hash_inputs: a.hash_inputs,
-        },
-        &|done, total| {
-            if let Some(b) = &bar {
-                b.set_length(total);
-                b.set_position(done);
-            }
-        },
-    )?;
+    let report = prepared.run(&opts, &|done, total| {
+        if let Some(b) = &bar {
+            b.set_length(total);
+            b.set_position(done);
+        }
+    })?;
     if let Some(b) = bar {
         b.finish_and_clear();
     }

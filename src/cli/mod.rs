@@ -79,6 +79,9 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
         if let Some(e) = cause.downcast_ref::<gemma_merge::executor::MergeError>() {
             return if e.is_usage() { 2 } else { 1 };
         }
+        if let Some(e) = cause.downcast_ref::<gemma_merge::safe_out::OutputError>() {
+            return if e.is_usage() { 2 } else { 1 };
+        }
     }
     1
 }
