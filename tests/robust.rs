@@ -217,12 +217,13 @@ fn a_closed_stdout_pipe_is_not_a_panic() {
     );
     assert_eq!(gm(&["run", s(&r)]).code, Some(0));
     let out = d.path().join("out");
+    let dry = d.path().join("dry");
     for args in [
         vec!["inspect", s(&a)],
         vec!["inspect", s(&b), "--json"],
         vec!["verify", "-v", s(&out)],
-        vec!["run", s(&r), "--dry-run"],
-        vec!["run", s(&r), "--dry-run", "--json"],
+        vec!["run", s(&r), "--dry-run", "--out", s(&dry)],
+        vec!["run", s(&r), "--dry-run", "--json", "--out", s(&dry)],
     ] {
         let (code, stderr) = with_closed_stdout(&args);
         assert_eq!(code, Some(0), "{args:?}: {stderr}");
