@@ -506,7 +506,11 @@ pub(super) fn input_tokens(
 ) -> anyhow::Result<Vec<u32>> {
     let mut tokens = match (&input.text, &input.token_ids) {
         (Some(path), _) => {
-            let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+            let text = gemma_merge::format::files::read_text_limited(
+                path,
+                gemma_merge::format::files::SIDE_FILE_LIMIT,
+            )
+            .map_err(|e| ModelError::io(path, e))?;
             if text.is_empty() {
                 anyhow::bail!(
                     "{}: the text file is empty: there are no tokens to run",

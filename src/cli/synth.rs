@@ -106,12 +106,61 @@ pub struct SynthArgs {
     pub out: PathArg,
 }
 
+/// Sane upper bounds on the size flags, checked before anything is allocated: 1024 layers (Gemma 2 has at
+/// most 46), a 2^22 vocabulary, widths of 2^20, and at most 1 TB of weights.
+fn check_size(s: &Shape, dtype: FloatType) -> Result<u64, UsageError> {
+    for (flag, value, max) in [
+        ("--layers", s.num_hidden_layers, 1024),
+        ("--vocab-size", s.vocab_size, 1 << 22),
+        ("--hidden-size", s.hidden_size, 1 << 20),
+        ("--intermediate-size", s.intermediate_size, 1 << 20),
+    ] {
+        if value > max {
+            return Err(UsageError(format!("{flag} {value}: at most {max}")));
+        }
+    }
+    // Within those bounds every product below fits u64; the sum is checked all the same.
+    let bytes = s
+        .tensors()
+        .iter()
+        .try_fold(0u64, |acc, t| {
+            let n = t
+                .shape
+                .iter()
+                .try_fold(dtype.size() as u64, |p, &d| p.checked_mul(d as u64))?;
+            acc.checked_add(n)
+        })
+        .filter(|&b| b <= 1_000_000_000_000);
+    bytes.ok_or_else(|| UsageError("the requested shape needs more than 1 TB of weights".into()))
+}
+
+/// Bytes free for this user in the file system holding `dir` (`None` where it cannot be told).
+fn free_bytes(dir: &std::path::Path) -> Option<u64> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+        // SAFETY: statvfs writes into the zeroed struct we pass; the path is NUL-terminated.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+            return None;
+        }
+        Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = dir;
+        None
+    }
+}
+
 pub fn synth(a: &SynthArgs, g: &Global) -> anyhow::Result<()> {
     let started = Instant::now();
     // clap does not enforce `requires` when the required flag conflicts with one given (--shape).
     if a.drift.is_some() && a.from.is_none() {
         return Err(UsageError("--drift needs --from MODEL".into()).into());
     }
+    let mut needed = 0u64;
     let base = match &a.from {
         Some(from) => {
             let sigma = a.drift.expect("clap requires --drift with --from");
@@ -130,6 +179,7 @@ pub fn synth(a: &SynthArgs, g: &Global) -> anyhow::Result<()> {
                     .map(|f| Role::new("the --from model", f.path())),
             );
             check_conflicts(&[Role::new("the --out folder", &a.out)], &inputs)?;
+            needed = model.data_bytes();
             Some((model, sigma as f32))
         }
         None => None,
@@ -161,11 +211,20 @@ pub fn synth(a: &SynthArgs, g: &Global) -> anyhow::Result<()> {
                 std::path::Path::new(s.name),
             )
             .map_err(|e| UsageError(format!("--shape {}: {e}", s.name)))?;
+            needed = check_size(&s, a.dtype.float_type())?;
             Some(s)
         }
         None => None,
     };
     let staging = Staged::folder(&a.out, Kind::NewFolder, false)?;
+    if let Some(free) = free_bytes(staging.path()).filter(|&f| f < needed) {
+        anyhow::bail!(
+            "{}: the weights need {} but only {} are free there",
+            a.out.display(),
+            human_bytes(needed),
+            human_bytes(free)
+        );
+    }
     let bar = super::progress_bar(
         g,
         "{spinner} writing [{bar:40}] {percent:>3}% {bytes}/{total_bytes} eta {eta}",

@@ -15,6 +15,7 @@ mod output;
 mod parts;
 mod steps;
 mod values;
+mod verify;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -24,11 +25,12 @@ use rayon::prelude::*;
 use safetensors::Dtype;
 
 pub use error::MergeError;
-pub use output::{verify_folder, InputRecord, Manifest, VerifyReport, SIDE_FILES};
+pub use output::{InputRecord, Manifest, SIDE_FILES};
 pub use parts::{
     part_manifest_name, parts_dir, split_by_bytes, Part, PartFile, PartLayout, PartManifest,
     PartReport,
 };
+pub use verify::{verify_folder, VerifyReport};
 
 use crate::format::{FloatType, Model, ModelWriter, TensorInfo, TensorSpec};
 use crate::recipe::{Operand, Plan, StepKind};
@@ -128,7 +130,13 @@ pub struct Prepared<'p> {
     tensors: Vec<OutTensor>,
     /// Tensor indices of each unit (a `model.layers.N.` layer, or a lone tensor).
     units: Vec<Vec<usize>>,
+    /// Each unit's coefficient vectors once computed (a few numbers per tensor), so that evaluating
+    /// the outputs one at a time ([`Prepared::run_in_memory_one`]) runs SLERP's reduction passes once.
+    coefficients: std::sync::Mutex<HashMap<usize, UnitValues>>,
 }
+
+/// `[tensor of the unit][step]`.
+type UnitValues = Vec<Vec<Val>>;
 
 /// What `--dry-run` prints.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -297,6 +305,7 @@ impl<'p> Prepared<'p> {
             models,
             tensors,
             units,
+            coefficients: Default::default(),
         })
     }
 
@@ -482,6 +491,26 @@ impl<'p> Prepared<'p> {
         Ok(sinks)
     }
 
+    /// Evaluates output model `index` alone into memory: bounded by one model, whatever the number of
+    /// outputs. Its bytes are exactly those `run` would write; SLERP's reduction passes are shared by
+    /// successive calls.
+    pub fn run_in_memory_one(
+        &self,
+        index: usize,
+        progress: &(dyn Fn(u64, u64) + Sync),
+    ) -> Result<MemoryModel, MergeError> {
+        let outputs = [self.output_models()[index].clone()];
+        let mut sinks = [MemoryModel::new(&self.specs())];
+        self.evaluate(&outputs, &mut sinks, None, progress)?;
+        let [model] = sinks;
+        Ok(model)
+    }
+
+    /// Number of output models, in the order of [`Prepared::output_etas`].
+    pub fn output_count(&self) -> usize {
+        self.output_models().len()
+    }
+
     /// The η of each output model (`None` for a step other than LITI), in output order.
     pub fn output_etas(&self) -> Vec<Option<f64>> {
         self.output_models()
@@ -538,7 +567,7 @@ impl<'p> Prepared<'p> {
                     let unit_vals = match coefs.entry(t.unit) {
                         std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                         std::collections::hash_map::Entry::Vacant(e) => {
-                            e.insert(self.unit_values(t.unit)?)
+                            e.insert(self.memo_values(t.unit)?)
                         }
                     };
                     let pos = self.units[t.unit]
@@ -583,6 +612,26 @@ impl<'p> Prepared<'p> {
             Operand::Leaf(l) => Val::leaf(l, self.models.len()),
             Operand::Step(s) => step_vals[s].clone(),
         }
+    }
+
+    /// [`Self::unit_values`], computed once per unit and then remembered (a few numbers per tensor),
+    /// so that evaluating outputs one at a time runs the reduction passes once.
+    fn memo_values(&self, unit: usize) -> Result<UnitValues, MergeError> {
+        let known = self
+            .coefficients
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&unit)
+            .cloned();
+        if let Some(v) = known {
+            return Ok(v);
+        }
+        let v = self.unit_values(unit)?;
+        self.coefficients
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(unit, v.clone());
+        Ok(v)
     }
 
     /// The writing pass of one merged tensor: every output's weighted sum, rounded once, in order.

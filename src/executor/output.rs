@@ -8,7 +8,7 @@ use sha2::{Digest, Sha256};
 
 use super::MergeError;
 use crate::format::writer::{hex, write_small_file, FileRecord};
-use crate::format::Model;
+use crate::format::{files, Model};
 use crate::recipe::Plan;
 use crate::safe_out::{check_conflicts, check_target, model_inputs, Kind, Role, Staged};
 
@@ -57,6 +57,11 @@ pub struct Manifest {
     pub inputs: Vec<InputRecord>,
     pub outputs: Vec<FileRecord>,
     pub seconds: f64,
+    /// For one model of a LITI front (`OUTPUT/eta-<η>`): every sibling folder of the front, so that
+    /// `verify OUTPUT` notices one that is missing. Absent in manifests of single models (and in
+    /// manifests written before gemma-merge recorded it).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub front: Option<Vec<String>>,
 }
 
 /// Staged output targets of one run.
@@ -191,8 +196,9 @@ impl Staging {
         }
         for name in SIDE_FILES {
             let src = side.tokenizer.join(name);
-            if src.is_file() {
-                let mut bytes = std::fs::read(&src).map_err(|e| MergeError::io(&src, e))?;
+            if src.exists() {
+                let mut bytes = files::read_limited(&src, files::SIDE_FILE_LIMIT)
+                    .map_err(|e| MergeError::io(&src, e))?;
                 if let (Some(template), "tokenizer_config.json") = (&plan.chat_template, name) {
                     bytes = with_chat_template(&bytes, template, &src)?;
                 }
@@ -219,6 +225,7 @@ impl Staging {
             inputs: inputs.to_vec(),
             outputs: records.clone(),
             seconds,
+            front: front_folders(plan, path),
         };
         let mut text = serde_json::to_string_pretty(&manifest).expect("JSON serializes");
         text.push('\n');
@@ -261,6 +268,20 @@ fn with_chat_template(bytes: &[u8], template: &str, src: &Path) -> Result<Vec<u8
     let mut text = serde_json::to_string_pretty(&v).expect("JSON serializes");
     text.push('\n');
     Ok(text.into_bytes())
+}
+
+/// The η folders of the front that `path` belongs to, if it is one model of a front.
+fn front_folders(plan: &Plan, path: &Path) -> Option<Vec<String>> {
+    let target = plan
+        .targets
+        .iter()
+        .find(|t| path != t.path && path.starts_with(&t.path))?;
+    let subdirs: Vec<String> = target
+        .models
+        .iter()
+        .filter_map(|m| m.subdir.clone())
+        .collect();
+    (!subdirs.is_empty()).then_some(subdirs)
 }
 
 fn model_card(plan: &Plan, step: &str, eta: Option<f64>, path: &Path) -> String {
@@ -315,7 +336,7 @@ pub(crate) fn input_records(models: &[Model], hash: bool) -> Result<Vec<InputRec
 }
 
 pub(crate) fn hash_file(path: &Path) -> Result<String, MergeError> {
-    let mut f = std::fs::File::open(path).map_err(|e| MergeError::io(path, e))?;
+    let mut f = files::open_regular(path).map_err(|e| MergeError::io(path, e))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 8 << 20];
     loop {
@@ -326,80 +347,4 @@ pub(crate) fn hash_file(path: &Path) -> Result<String, MergeError> {
         h.update(&buf[..n]);
     }
     Ok(hex(&h.finalize()))
-}
-
-/// Result of re-hashing a folder: one line per file checked, and the mismatches.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct VerifyReport {
-    pub checked: Vec<String>,
-    pub mismatches: Vec<String>,
-}
-
-/// Re-hashes every file listed in `DIR/merge-manifest.json` (or, for a LITI front, in each
-/// `DIR/eta-*/merge-manifest.json`).
-pub fn verify_folder(dir: &Path) -> Result<VerifyReport, MergeError> {
-    let mut report = VerifyReport {
-        checked: Vec::new(),
-        mismatches: Vec::new(),
-    };
-    let manifest_path = dir.join(MANIFEST);
-    if !manifest_path.is_file() {
-        let mut subs: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(|e| MergeError::io(dir, e))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.join(MANIFEST).is_file())
-            .collect();
-        if subs.is_empty() {
-            return Err(MergeError::io(
-                &manifest_path,
-                std::io::Error::new(std::io::ErrorKind::NotFound, "no merge-manifest.json here"),
-            ));
-        }
-        subs.sort();
-        for s in subs {
-            let r = verify_folder(&s)?;
-            report.checked.extend(r.checked);
-            report.mismatches.extend(r.mismatches);
-        }
-        return Ok(report);
-    }
-    let text =
-        std::fs::read_to_string(&manifest_path).map_err(|e| MergeError::io(&manifest_path, e))?;
-    let manifest: Manifest = serde_json::from_str(&text).map_err(|e| {
-        MergeError::io(
-            &manifest_path,
-            std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
-        )
-    })?;
-    for rec in &manifest.outputs {
-        let p = dir.join(&rec.path);
-        if rec.path.contains("..") || rec.path.starts_with('/') {
-            report
-                .mismatches
-                .push(format!("{}: path escapes the folder", p.display()));
-            continue;
-        }
-        match std::fs::metadata(&p) {
-            Err(_) => report.mismatches.push(format!("{}: missing", p.display())),
-            Ok(meta) if meta.len() != rec.size => report.mismatches.push(format!(
-                "{}: size {} but the manifest says {}",
-                p.display(),
-                meta.len(),
-                rec.size
-            )),
-            Ok(_) => {
-                let got = hash_file(&p)?;
-                if got != rec.sha256 {
-                    report.mismatches.push(format!(
-                        "{}: SHA-256 {got} but the manifest says {}",
-                        p.display(),
-                        rec.sha256
-                    ));
-                } else {
-                    report.checked.push(p.display().to_string());
-                }
-            }
-        }
-    }
-    Ok(report)
 }

@@ -2,6 +2,7 @@
 
 pub mod dtype;
 pub mod error;
+pub mod files;
 pub mod reader;
 pub mod writer;
 

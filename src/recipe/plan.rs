@@ -174,10 +174,12 @@ impl Plan {
     /// config (whose model paths are relative to the current directory, and which needs `out`). `seed`
     /// is mergekit's `--seed` (a gemma-merge recipe sets `seed:` itself).
     pub fn load(path: &Path, out: Option<&Path>, seed: Option<u64>) -> Result<Plan, RecipeError> {
-        let text = std::fs::read_to_string(path).map_err(|source| RecipeError::Io {
-            path: path.into(),
-            source,
-        })?;
+        let text =
+            crate::format::files::read_text_limited(path, crate::format::files::SIDE_FILE_LIMIT)
+                .map_err(|source| RecipeError::Io {
+                    path: path.into(),
+                    source,
+                })?;
         if super::mergekit::is_mergekit(&text) {
             return super::mergekit::plan(&text, path, out, seed.unwrap_or(0));
         }
@@ -221,6 +223,9 @@ pub(crate) fn parse_yaml<T: serde::de::DeserializeOwned>(
 pub fn eta_label(eta: f64) -> String {
     format!("eta-{:?}", eta + 0.0)
 }
+
+/// Most η values in one list: each is a model folder (and, in `front`, a forward pass).
+pub const MAX_ETAS: usize = 1000;
 
 /// A value that appears twice in an η list (−0.0 and 0.0 are the same η), if any.
 pub fn duplicate_eta(etas: &[f64]) -> Option<f64> {
