@@ -36,7 +36,8 @@ fn s(p: &Path) -> &str {
 fn front_rows_equal_compare_on_models_built_by_run() {
     let recipe = case().join("recipes/front.yaml");
     let front = ok_json(&["front", s(&recipe), "--token-ids", IDS, "--json"]);
-    let rows = front.as_array().unwrap();
+    let all = front.as_array().unwrap();
+    let rows: Vec<&serde_json::Value> = all.iter().filter(|r| r["kind"] == "eta").collect();
     assert_eq!(
         rows.iter()
             .map(|r| r["eta"].as_f64().unwrap())
@@ -50,13 +51,21 @@ fn front_rows_equal_compare_on_models_built_by_run() {
     assert_eq!(rows[0]["top1_agreement"], 1.0);
     let p0 = rows[0]["perplexity"].as_f64().unwrap();
     assert!((p0 - eval["perplexity"].as_f64().unwrap()).abs() < 1e-9 * p0);
+    // The table's reference row is in the JSON too: the base, at KL 0, with the base's perplexity.
+    let reference: Vec<&serde_json::Value> =
+        all.iter().filter(|r| r["kind"] == "reference").collect();
+    assert_eq!(reference.len(), 1, "{front}");
+    assert_eq!(reference[0]["kl"], 0.0);
+    assert!(reference[0]["eta"].is_null());
+    let pr = reference[0]["perplexity"].as_f64().unwrap();
+    assert!((pr - p0).abs() < 1e-9 * p0, "{pr} vs {p0}");
 
     // Every η equals `compare` on the model that `run` writes for that η.
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("front");
     let (code, _, err) = run(&["-q", "run", s(&recipe), "--out", s(&out)]);
     assert_eq!(code, 0, "{err}");
-    for r in rows {
+    for r in &rows {
         let eta = r["eta"].as_f64().unwrap();
         let model = out.join(format!("eta-{eta:?}"));
         let c = ok_json(&[
@@ -97,7 +106,23 @@ fn eta_flag_overrides_the_list_and_keep_writes_ordinary_folders() {
         s(&keep),
         "--json",
     ]);
-    assert_eq!(rows.as_array().unwrap().len(), 3);
+    let etas: Vec<f64> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["kind"] == "eta")
+        .map(|r| r["eta"].as_f64().unwrap())
+        .collect();
+    assert_eq!(etas, vec![0.0, 0.3, 1.0]);
+    // The SLERP step's two input policies are rows too, with their KL to the base.
+    let policies: Vec<&serde_json::Value> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["kind"] == "policy")
+        .collect();
+    assert_eq!(policies.len(), 2, "{rows}");
+    assert!(policies.iter().all(|p| p["kl"].as_f64().unwrap() > 0.0));
     for name in ["eta-0.0", "eta-0.3", "eta-1.0"] {
         let (code, _, err) = run(&["verify", s(&keep.join(name))]);
         assert_eq!(code, 0, "{name}: {err}");

@@ -61,9 +61,12 @@ pub struct GenerateArgs {
     /// Prompt token ids used as given, comma separated.
     #[arg(long, value_name = "IDS", value_delimiter = ',', value_parser = parse_token_id)]
     pub token_ids: Option<Vec<u32>>,
-    /// Truncate the prompt to N tokens.
-    #[arg(long, value_name = "N")]
-    pub max_tokens: Option<usize>,
+    /// Truncate the prompt to its first N tokens (`--max-tokens` is an old name of this flag).
+    #[arg(long, value_name = "N", alias = "max-tokens")]
+    pub max_prompt_tokens: Option<usize>,
+    /// Do not print the prompt before the continuation (it is printed unless -q or --json).
+    #[arg(long)]
+    pub no_echo: bool,
     /// Stop after N generated tokens.
     #[arg(long, value_name = "N", default_value_t = 64)]
     pub max_new_tokens: usize,
@@ -161,6 +164,11 @@ pub fn eval(args: &EvalArgs, g: &Global) -> anyhow::Result<()> {
         writeln!(out, "mean_nll    {:.6}", score.mean_nll)?;
         writeln!(out, "perplexity  {:.4}", score.perplexity)?;
         writeln!(out, "tokens/s    {tokens_per_second:.1}")?;
+        if g.verbose {
+            per_window(&tokens, context, "mean_nll", |r| {
+                -score.log_probs[r].iter().sum::<f64>()
+            })?;
+        }
         if !g.quiet {
             eprintln!(
                 "{} input tokens, {} window(s) of up to {context} positions, {seconds:.2} s",
@@ -173,7 +181,9 @@ pub fn eval(args: &EvalArgs, g: &Global) -> anyhow::Result<()> {
 }
 
 pub fn generate(args: &GenerateArgs, g: &Global) -> anyhow::Result<()> {
-    check_counts(args.max_tokens, None)?;
+    if args.max_prompt_tokens == Some(0) {
+        return Err(UsageError("--max-prompt-tokens must be at least 1".into()).into());
+    }
     let params = SamplingParams {
         temperature: args.temperature,
         top_k: args.top_k,
@@ -198,7 +208,7 @@ pub fn generate(args: &GenerateArgs, g: &Global) -> anyhow::Result<()> {
             return Err(UsageError("give --prompt TEXT or --token-ids IDS".into()).into())
         }
     };
-    if let Some(n) = args.max_tokens {
+    if let Some(n) = args.max_prompt_tokens {
         prompt.truncate(n);
     }
     model.check_tokens(&prompt)?;
@@ -211,6 +221,21 @@ pub fn generate(args: &GenerateArgs, g: &Global) -> anyhow::Result<()> {
     let mut stream = tokenizer.as_ref().map(|t| t.stream());
     let mut out = std::io::stdout().lock();
     let streaming = !args.json;
+    if g.verbose {
+        eprintln!("prompt: {} tokens {:?}", prompt.len(), prompt);
+    }
+    if streaming && !g.quiet && !args.no_echo {
+        // The prompt goes through the same streaming decoder, so the continuation joins it seamlessly.
+        let bos = model.config().bos_token_id;
+        let shown = prompt.strip_prefix(&[bos]).unwrap_or(&prompt);
+        for &id in shown {
+            match &mut stream {
+                Some(stream) => out.write_all(stream.push(id)?.as_bytes())?,
+                None => write!(out, "{id} ")?,
+            }
+        }
+        out.flush()?;
+    }
     let generation = sampling::generate(
         &model,
         &prompt,
@@ -316,8 +341,39 @@ pub fn compare(args: &CompareArgs, g: &Global) -> anyhow::Result<()> {
     writeln!(out, "top1_agreement        {:.4}", r.top1_agreement)?;
     writeln!(out, "perplexity            {:.4}", r.perplexity)?;
     writeln!(out, "reference_perplexity  {:.4}", r.reference_perplexity)?;
+    if g.verbose {
+        per_window(&tokens, context, "kl", |i| {
+            r.kl_per_position[i].iter().sum()
+        })?;
+    }
     if !g.quiet {
         eprintln!("{} positions per model in {seconds:.2} s", r.positions_run);
+    }
+    Ok(())
+}
+
+/// `-v`: one line per scoring window on stderr, with the mean over its predicted tokens of the value
+/// whose sum `sum(range of predicted-token indices)` gives.
+fn per_window(
+    tokens: &[u32],
+    context: usize,
+    what: &str,
+    sum: impl Fn(std::ops::Range<usize>) -> f64,
+) -> anyhow::Result<()> {
+    for (i, w) in evaluate::windows(tokens.len(), context)?.iter().enumerate() {
+        // Predicted-token indices of a window: token p (p ≥ 1) is index p − 1.
+        let r = w.start.saturating_sub(1)..w.end.saturating_sub(1);
+        let n = r.len();
+        eprintln!(
+            "window {i}: tokens {}..{}, {n} predicted, {what} {}",
+            w.start,
+            w.end,
+            if n == 0 {
+                "-".to_string()
+            } else {
+                format!("{:.6}", sum(r) / n as f64)
+            }
+        );
     }
     Ok(())
 }

@@ -93,7 +93,7 @@ pub fn front(a: &FrontArgs, g: &Global) -> anyhow::Result<()> {
 
     let mut out = std::io::stdout().lock();
     if a.json {
-        writeln!(out, "{}", serde_json::to_string_pretty(&front.points)?)?;
+        writeln!(out, "{}", serde_json::to_string_pretty(&json_rows(&front))?)?;
     } else {
         writeln!(
             out,
@@ -172,4 +172,44 @@ pub fn front(a: &FrontArgs, g: &Global) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The rows of the table as JSON (keys in docs/cli.md): the η rows, in η order, then the reference and the
+/// policies.
+fn json_rows(front: &gemma_merge::front::Front) -> Vec<serde_json::Value> {
+    let tokens = front.points.first().map(|p| p.tokens).unwrap_or(0);
+    let reference_perplexity = front.reference.perplexity;
+    let mut rows: Vec<serde_json::Value> = front
+        .points
+        .iter()
+        .map(|p| {
+            serde_json::json!({
+                "kind": "eta",
+                "eta": p.eta,
+                "kl": p.kl,
+                "kl_max": p.kl_max,
+                "top1_agreement": p.top1_agreement,
+                "perplexity": p.perplexity,
+                "reference_perplexity": p.reference_perplexity,
+                "tokens": p.tokens,
+                "label": format!("η={:?}", p.eta),
+            })
+        })
+        .collect();
+    let marker = |kind: &str, m: &gemma_merge::front::Marker| {
+        serde_json::json!({
+            "kind": kind,
+            "eta": null,
+            "kl": m.kl,
+            "kl_max": null,
+            "top1_agreement": m.top1_agreement,
+            "perplexity": m.perplexity,
+            "reference_perplexity": reference_perplexity,
+            "tokens": tokens,
+            "label": m.label,
+        })
+    };
+    rows.push(marker("reference", &front.reference));
+    rows.extend(front.policies.iter().map(|m| marker("policy", m)));
+    rows
 }

@@ -34,6 +34,9 @@ pub struct RunArgs {
 pub struct VerifyArgs {
     /// An output folder holding merge-manifest.json.
     pub dir: PathArg,
+    /// Print a JSON object ({"dir", "ok", "checked", "mismatches"}) instead of text; exit 1 still on a mismatch.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -53,14 +56,18 @@ pub fn run(a: &RunArgs, g: &Global) -> anyhow::Result<()> {
         }
     }
     let prepared = Prepared::new(&plan)?;
-    if a.dry_run {
+    if a.dry_run || g.verbose {
         let s = prepared.summary();
-        if a.json {
-            println!("{}", serde_json::to_string_pretty(&s)?);
+        if !a.dry_run {
+            // -v: the plan, on stderr (stdout keeps the result).
+            eprint!("{}", summary_text(&s));
+        } else if a.json {
+            outln!("{}", serde_json::to_string_pretty(&summary_json(&s))?);
+            return Ok(());
         } else {
-            print_summary(&s);
+            print!("{}", summary_text(&s));
+            return Ok(());
         }
-        return Ok(());
     }
     let bar = super::progress_bar(
         g,
@@ -82,12 +89,19 @@ pub fn run(a: &RunArgs, g: &Global) -> anyhow::Result<()> {
         b.finish_and_clear();
     }
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        let out = serde_json::json!({
+            "output": super::shown(&report.output),
+            "outputs": report.outputs.iter().map(|o| super::shown(o)).collect::<Vec<_>>(),
+            "tensors": report.tensors,
+            "bytes_written": report.bytes_written,
+            "seconds": report.seconds,
+        });
+        outln!("{}", serde_json::to_string_pretty(&out)?);
     } else if !g.quiet {
         for o in &report.outputs {
-            println!("wrote {}", o.display());
+            outln!("wrote {}", super::shown(o));
         }
-        println!(
+        outln!(
             "{} tensors, {} in {:.2} s",
             report.tensors,
             human_bytes(report.bytes_written),
@@ -97,34 +111,68 @@ pub fn run(a: &RunArgs, g: &Global) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_summary(s: &PlanSummary) {
-    println!("plan (dry run: nothing is written)");
-    println!("inputs:");
+/// The dry-run plan as JSON: lists of objects with named keys (documented in docs/cli.md).
+fn summary_json(s: &PlanSummary) -> serde_json::Value {
+    serde_json::json!({
+        "steps": s.steps.iter().map(|(name, method)| serde_json::json!({"name": name, "method": method})).collect::<Vec<_>>(),
+        "outputs": s.outputs.iter().map(|o| super::shown(o)).collect::<Vec<_>>(),
+        "inputs": s.inputs.iter().map(|(name, path, bytes)| serde_json::json!({
+            "name": name, "path": super::shown(path), "bytes": bytes,
+        })).collect::<Vec<_>>(),
+        "tensors": s.tensors,
+        "merged_tensors": s.merged_tensors,
+        "copied_tensors": s.copied_tensors,
+        "passes": s.passes,
+        "bytes_to_read": s.bytes_to_read,
+        "bytes_to_write": s.bytes_to_write,
+        "peak_memory_estimate": s.peak_memory_estimate,
+        "warnings": s.warnings,
+    })
+}
+
+/// The plan as text (dry run on stdout, `-v` on stderr).
+fn summary_text(s: &PlanSummary) -> String {
+    use std::fmt::Write;
+    let mut o = String::new();
+    let _ = writeln!(o, "plan (dry run: nothing is written)");
+    let _ = writeln!(o, "inputs:");
     for (shown, path, bytes) in &s.inputs {
-        println!("  {shown:<24} {} ({})", path.display(), human_bytes(*bytes));
+        let _ = writeln!(
+            o,
+            "  {shown:<24} {} ({})",
+            super::shown(path),
+            human_bytes(*bytes)
+        );
     }
-    println!("steps:");
+    let _ = writeln!(o, "steps:");
     for (name, method) in &s.steps {
-        println!("  {name:<24} {method}");
+        let _ = writeln!(o, "  {name:<24} {method}");
     }
-    println!("outputs:");
-    for o in &s.outputs {
-        println!("  {}", o.display());
+    let _ = writeln!(o, "outputs:");
+    for out in &s.outputs {
+        let _ = writeln!(o, "  {}", super::shown(out));
     }
-    println!(
+    let _ = writeln!(
+        o,
         "tensors: {} ({} merged, {} copied)",
         s.tensors, s.merged_tensors, s.copied_tensors
     );
-    println!("passes over the inputs: {}", s.passes);
-    println!("bytes to read: {} (at most)", human_bytes(s.bytes_to_read));
-    println!("bytes to write: {}", human_bytes(s.bytes_to_write));
-    println!(
+    let _ = writeln!(o, "passes over the inputs: {}", s.passes);
+    let _ = writeln!(
+        o,
+        "bytes to read: {} (at most)",
+        human_bytes(s.bytes_to_read)
+    );
+    let _ = writeln!(o, "bytes to write: {}", human_bytes(s.bytes_to_write));
+    let _ = writeln!(
+        o,
         "peak memory estimate: {} (plus the page cache)",
         human_bytes(s.peak_memory_estimate)
     );
     for w in &s.warnings {
-        println!("warning: {w}");
+        let _ = writeln!(o, "warning: {w}");
     }
+    o
 }
 
 /// "1.23 GB" style sizes (powers of 1000, as the shard sizes).
@@ -145,33 +193,44 @@ pub fn human_bytes(n: u64) -> String {
 
 pub fn verify(a: &VerifyArgs, g: &Global) -> anyhow::Result<()> {
     let report = verify_folder(&a.dir)?;
-    if !report.mismatches.is_empty() {
+    let dir = super::shown(&a.dir);
+    let total = report.mismatches.len() + report.checked.len();
+    if a.json {
+        outln!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "dir": dir,
+                "ok": report.mismatches.is_empty(),
+                "checked": report.checked,
+                "mismatches": report.mismatches,
+            }))?
+        );
+    } else {
         for m in &report.mismatches {
             eprintln!("mismatch: {m}");
         }
-        anyhow::bail!(
-            "{}: {} of {} files differ from merge-manifest.json",
-            a.dir.display(),
-            report.mismatches.len(),
-            report.mismatches.len() + report.checked.len()
-        );
-    }
-    if !g.quiet {
         if g.verbose {
             for c in &report.checked {
-                println!("ok {c}");
+                outln!("ok {c}");
             }
         }
-        println!(
-            "{}: {} files match merge-manifest.json",
-            a.dir.display(),
+    }
+    if !report.mismatches.is_empty() {
+        anyhow::bail!(
+            "{dir}: {} of {total} files differ from merge-manifest.json",
+            report.mismatches.len(),
+        );
+    }
+    if !g.quiet && !a.json {
+        outln!(
+            "{dir}: {} files match merge-manifest.json",
             report.checked.len()
         );
     }
     Ok(())
 }
 
-pub fn inspect(a: &InspectArgs, _g: &Global) -> anyhow::Result<()> {
+pub fn inspect(a: &InspectArgs, g: &Global) -> anyhow::Result<()> {
     let model = Model::open(&a.path)?;
     let config = model.config()?;
     let params: u64 = model.tensors().iter().map(|t| t.numel() as u64).sum();
@@ -219,26 +278,35 @@ pub fn inspect(a: &InspectArgs, _g: &Global) -> anyhow::Result<()> {
             "files": files,
             "config": cfg,
         });
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        outln!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
-    println!("{}", a.path.display());
-    println!("files: {}", model.files().len());
-    println!("tensors: {}", model.tensors().len());
-    println!("parameters: {params}");
-    println!(
+    outln!("{}", a.path.display());
+    outln!("files: {}", model.files().len());
+    if g.verbose {
+        for f in model.files() {
+            outln!(
+                "  {} ({})",
+                super::shown(f.path()),
+                human_bytes(f.len() as u64)
+            );
+        }
+    }
+    outln!("tensors: {}", model.tensors().len());
+    outln!("parameters: {params}");
+    outln!(
         "bytes: {} ({})",
         model.data_bytes(),
         human_bytes(model.data_bytes())
     );
     for (d, n) in &dtypes {
-        println!("dtype {d}: {n} parameters");
+        outln!("dtype {d}: {n} parameters");
     }
     for (k, v) in &cfg {
-        println!("config {k}: {v}");
+        outln!("config {k}: {v}");
     }
     for t in model.tensors() {
-        println!(
+        outln!(
             "  {:<56} {:<5} {:?}",
             t.name,
             format!("{:?}", t.dtype),

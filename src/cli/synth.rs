@@ -49,14 +49,10 @@ impl DtypeName {
 }
 
 #[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["shape", "from"])))]
 pub struct SynthArgs {
-    /// Gemma 2 size whose shapes to use.
-    #[arg(
-        long,
-        value_enum,
-        required_unless_present = "from",
-        conflicts_with = "from"
-    )]
+    /// Gemma 2 size whose shapes to use (required unless --from).
+    #[arg(long, value_enum)]
     pub shape: Option<ShapeName>,
     /// Number of layers (default: the real count: 26, 42, 46).
     #[arg(long, value_name = "N", conflicts_with = "from")]
@@ -225,9 +221,9 @@ pub fn synth(a: &SynthArgs, g: &Global) -> anyhow::Result<()> {
             (None, Some(s)) => s.parameters(),
             (None, None) => 0,
         };
-        println!(
+        outln!(
             "wrote {} ({} parameters, {} files, {}) in {:.2} s",
-            a.out.display(),
+            super::shown(&a.out),
             params,
             records.len(),
             human_bytes(bytes),

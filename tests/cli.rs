@@ -1,0 +1,321 @@
+//! The command line as its users meet it: help with examples, completions, flags, JSON shapes, `-v`,
+//! normalised paths, progress on a terminal.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_gemma-merge"))
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn case() -> PathBuf {
+    root().join("fixtures/merge-case")
+}
+
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn gm(args: &[&str]) -> Out {
+    let o = bin().args(args).output().expect("binary runs");
+    Out {
+        code: o.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+    }
+}
+
+fn ok(args: &[&str]) -> Out {
+    let o = gm(args);
+    assert_eq!(
+        o.code, 0,
+        "gemma-merge {args:?}:\n{}\n{}",
+        o.stdout, o.stderr
+    );
+    o
+}
+
+fn json(args: &[&str]) -> serde_json::Value {
+    let o = ok(args);
+    serde_json::from_str(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", o.stdout))
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+const COMMANDS: [&str; 9] = [
+    "run",
+    "verify",
+    "inspect",
+    "eval",
+    "generate",
+    "compare",
+    "front",
+    "synth",
+    "completions",
+];
+
+#[test]
+fn every_help_has_an_example_and_lists_global_flags_apart() {
+    let top = ok(&["--help"]).stdout;
+    assert!(top.contains("Examples:\n  gemma-merge run "), "{top}");
+    for cmd in COMMANDS {
+        let help = ok(&[cmd, "--help"]).stdout;
+        assert!(
+            help.contains(&format!("Examples:\n  gemma-merge {cmd} ")),
+            "{cmd} --help has no example:\n{help}"
+        );
+        let (own, global) = help
+            .split_once("Global options:")
+            .unwrap_or_else(|| panic!("{cmd} --help has no global section:\n{help}"));
+        assert!(
+            !own.contains("--threads"),
+            "{cmd}: --threads among its own flags"
+        );
+        for flag in ["--threads <N>", "-q, --quiet", "-v, --verbose"] {
+            assert!(
+                global.contains(flag),
+                "{cmd}: {flag} not under Global options"
+            );
+        }
+    }
+}
+
+#[test]
+fn completions_are_generated_for_each_shell() {
+    let bash = ok(&["completions", "bash"]).stdout;
+    assert!(bash.contains("_gemma__merge()"), "{bash}");
+    assert!(bash.contains("complete -F _gemma__merge"), "{bash}");
+    for cmd in ["front", "synth", "--max-prompt-tokens"] {
+        assert!(bash.contains(cmd), "bash completion lacks {cmd}");
+    }
+    assert!(ok(&["completions", "zsh"])
+        .stdout
+        .contains("#compdef gemma-merge"));
+    assert!(ok(&["completions", "fish"])
+        .stdout
+        .contains("complete -c gemma-merge"));
+    assert_eq!(gm(&["completions", "tcsh"]).code, 2);
+}
+
+#[test]
+fn synth_help_shows_shape_or_from_as_required() {
+    let help = ok(&["synth", "--help"]).stdout;
+    assert!(help.contains("<--shape <SHAPE>|--from <MODEL>>"), "{help}");
+    let o = gm(&["synth", "--out", "never-written"]);
+    assert_eq!(o.code, 2);
+    assert!(o.stderr.contains("--shape"), "{}", o.stderr);
+}
+
+#[test]
+fn generate_max_prompt_tokens_keeps_the_old_name_and_echoes_the_prompt() {
+    let sft = root().join("fixtures/demo/sft");
+    let args = |flag: &str| {
+        json(&[
+            "generate",
+            s(&sft),
+            "--token-ids",
+            "2,651,1000,37,90",
+            flag,
+            "3",
+            "--max-new-tokens",
+            "4",
+            "--json",
+        ])
+    };
+    let new = args("--max-prompt-tokens");
+    assert_eq!(new["prompt_tokens"], 3);
+    assert_eq!(new, {
+        let mut old = args("--max-tokens");
+        // Timings differ from run to run.
+        for k in ["prefill_tokens_per_second", "decode_tokens_per_second"] {
+            old[k] = new[k].clone();
+        }
+        old
+    });
+    let help = ok(&["generate", "--help"]).stdout;
+    assert!(!help.contains("--max-tokens <N>"), "{help}");
+
+    // The prompt is printed before the continuation unless --no-echo (or -q, or --json).
+    let gen = |extra: &[&str]| {
+        let mut a = vec![
+            "generate",
+            s(&sft),
+            "--prompt",
+            "This License",
+            "--max-new-tokens",
+            "6",
+        ];
+        a.extend_from_slice(extra);
+        ok(&a).stdout
+    };
+    let text = json(&[
+        "generate",
+        s(&sft),
+        "--prompt",
+        "This License",
+        "--max-new-tokens",
+        "6",
+        "--json",
+    ])["text"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(gen(&[]), format!("This License{text}\n"));
+    assert_eq!(gen(&["--no-echo"]), format!("{text}\n"));
+    assert_eq!(gen(&["-q"]), format!("{text}\n"));
+}
+
+#[test]
+fn verify_json_reports_each_file_and_still_fails_on_a_mismatch() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("lin");
+    ok(&[
+        "-q",
+        "run",
+        s(&case().join("recipes/linear.yaml")),
+        "--out",
+        s(&out),
+    ]);
+    let v = json(&["verify", s(&out), "--json"]);
+    assert_eq!(v["ok"], true);
+    assert_eq!(v["dir"], s(&out));
+    let checked: Vec<&str> = v["checked"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    assert!(checked.contains(&s(&out.join("model.safetensors"))), "{v}");
+    assert_eq!(v["mismatches"].as_array().unwrap().len(), 0);
+
+    std::fs::write(out.join("config.json"), "{}").unwrap();
+    let o = gm(&["verify", s(&out), "--json"]);
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    assert_eq!(v["ok"], false);
+    let m = v["mismatches"].as_array().unwrap();
+    assert_eq!(m.len(), 1, "{v}");
+    assert!(m[0].as_str().unwrap().contains("config.json"));
+    assert_eq!(v["checked"].as_array().unwrap().len(), checked.len() - 1);
+}
+
+#[test]
+fn dry_run_json_lists_are_objects_with_named_keys() {
+    let v = json(&[
+        "run",
+        s(&case().join("recipes/warp.yaml")),
+        "--out",
+        "unused",
+        "--dry-run",
+        "--json",
+    ]);
+    let steps = v["steps"].as_array().unwrap();
+    let names: Vec<(&str, &str)> = steps
+        .iter()
+        .map(|st| (st["name"].as_str().unwrap(), st["method"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            ("run_a", "ema"),
+            ("run_b", "ema"),
+            ("slerp", "slerp"),
+            ("warp", "liti")
+        ]
+    );
+    let inputs = v["inputs"].as_array().unwrap();
+    assert_eq!(inputs[0]["name"], "sft");
+    assert_eq!(inputs[0]["path"], s(&case().join("sft")));
+    assert_eq!(
+        inputs[0]["bytes"].as_u64().unwrap(),
+        json(&["inspect", s(&case().join("sft")), "--json"])["bytes"]
+            .as_u64()
+            .unwrap()
+    );
+    assert_eq!(v["outputs"], serde_json::json!(["unused"]));
+}
+
+#[test]
+fn paths_are_printed_normalised() {
+    let d = tempfile::tempdir().unwrap();
+    let twisted = d.path().join("a/../b/./lin");
+    std::fs::create_dir_all(d.path().join("a")).unwrap();
+    let o = ok(&[
+        "run",
+        s(&case().join("recipes/linear.yaml")),
+        "--out",
+        s(&twisted),
+    ]);
+    let clean = d.path().join("b/lin");
+    assert!(
+        o.stdout
+            .starts_with(&format!("wrote {}\n", clean.display())),
+        "{}",
+        o.stdout
+    );
+    let o = ok(&["verify", s(&twisted)]);
+    assert!(
+        o.stdout.starts_with(&format!("{}: ", clean.display())),
+        "{}",
+        o.stdout
+    );
+}
+
+#[test]
+fn verbose_eval_and_compare_print_each_window() {
+    let sft = case().join("sft");
+    let ids = "2,71,294,35,133,63,256,233,244,336,197,110,51,252,17,202,224,314,4,359";
+    let o = ok(&["-v", "eval", s(&sft), "--token-ids", ids, "--context", "8"]);
+    // 20 tokens in windows of 8: 0..8, then <bos> + 7: 8..15, 15..20.
+    let lines: Vec<&str> = o
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("window"))
+        .collect();
+    assert_eq!(lines.len(), 3, "{}", o.stderr);
+    assert!(lines[0].starts_with("window 0: tokens 0..8, 7 predicted, mean_nll "));
+    assert!(lines[2].starts_with("window 2: tokens 15..20, 5 predicted, mean_nll "));
+    // The windows' mean NLLs, weighted by their counts, give the total mean_nll.
+    let nll = |l: &str| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap();
+    let total = (7.0 * nll(lines[0]) + 7.0 * nll(lines[1]) + 5.0 * nll(lines[2])) / 19.0;
+    let e = json(&[
+        "eval",
+        s(&sft),
+        "--token-ids",
+        ids,
+        "--context",
+        "8",
+        "--json",
+    ]);
+    assert!(
+        (total - e["mean_nll"].as_f64().unwrap()).abs() < 1e-5,
+        "{total} vs {e}"
+    );
+
+    let o = ok(&[
+        "-v",
+        "compare",
+        s(&sft),
+        "--reference",
+        s(&sft),
+        "--token-ids",
+        ids,
+        "--context",
+        "8",
+    ]);
+    let kl: Vec<&str> = o
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("window"))
+        .collect();
+    assert_eq!(kl.len(), 3, "{}", o.stderr);
+    assert!(kl.iter().all(|l| l.ends_with("kl 0.000000")), "{kl:?}");
+}
