@@ -9,6 +9,7 @@ use crate::evaluate::{compare, compare_to, CompareResult, ReferenceLogits};
 use crate::executor::{MemoryModel, Prepared, RunOptions};
 use crate::format::FloatType;
 use crate::model::{weights::Weight, Config, Gemma2, ModelError};
+use crate::progress::{Progress, Unit};
 use crate::recipe::{eta_label, Operand, OutputModel, OutputTarget, Plan, StepKind};
 
 /// Why a front cannot be drawn.
@@ -67,6 +68,8 @@ pub struct FrontRequest<'a> {
     pub context: Option<usize>,
     /// Also score the SLERP step's input policies.
     pub policies: bool,
+    /// Told a "merging" phase (bytes) and a "scoring" phase (model positions, every model's).
+    pub progress: &'a dyn Progress,
 }
 
 /// The liti step that a front is drawn for, with its base and model.
@@ -147,6 +150,7 @@ pub fn evaluate_front(req: FrontRequest<'_>, progress: &dyn Fn(&str)) -> Result<
         tokens,
         context,
         policies,
+        progress: bar,
     } = req;
     let (out, base_op, model_op) = liti_step(&plan)?;
     let etas = match etas {
@@ -205,7 +209,7 @@ pub fn evaluate_front(req: FrontRequest<'_>, progress: &dyn Fn(&str)) -> Result<
                 force,
                 hash_inputs: false,
             },
-            &|_, _| {},
+            bar,
         )?;
         if !extra_steps.is_empty() {
             let mut p2 = plan.clone();
@@ -220,7 +224,7 @@ pub fn evaluate_front(req: FrontRequest<'_>, progress: &dyn Fn(&str)) -> Result<
                     })
                     .collect(),
             }];
-            memory = Prepared::new(&p2)?.run_in_memory(&|_, _| {})?;
+            memory = Prepared::new(&p2)?.run_in_memory(bar)?;
         }
     } else {
         plan.targets[0]
@@ -230,7 +234,7 @@ pub fn evaluate_front(req: FrontRequest<'_>, progress: &dyn Fn(&str)) -> Result<
                 step: s,
                 eta: None,
             }));
-        memory = Prepared::new(&plan)?.run_in_memory(&|_, _| {})?;
+        memory = Prepared::new(&plan)?.run_in_memory(bar)?;
     }
 
     let load_eta = |k: usize, memory: &[MemoryModel]| -> Result<Gemma2, ModelError> {
@@ -249,16 +253,30 @@ pub fn evaluate_front(req: FrontRequest<'_>, progress: &dyn Fn(&str)) -> Result<
 
     // The reference's logits are computed once and kept when they fit (positions × vocab f32 ≤ 1 GiB);
     // otherwise the reference is rerun beside each model. Both give the same numbers.
-    let cached =
-        if tokens.len().saturating_sub(1) * reference_model.config().vocab_size * 4 <= 1 << 30 {
-            Some(ReferenceLogits::new(&reference_model, tokens, context)?)
-        } else {
-            None
-        };
+    let fits = tokens.len().saturating_sub(1) * reference_model.config().vocab_size * 4 <= 1 << 30;
+    // Model runs: each η and each policy, plus the reference once (cached) or beside each model.
+    let scored =
+        (n_eta + extra_steps.len() - usize::from(reference_source.is_none()) + disk.len()) as u64;
+    let runs = if fits { scored + 1 } else { 2 * scored };
+    bar.start(
+        "scoring",
+        runs * crate::evaluate::positions_to_run(tokens.len(), context)?,
+        Unit::Positions,
+    );
+    let cached = if fits {
+        Some(ReferenceLogits::new(
+            &reference_model,
+            tokens,
+            context,
+            bar,
+        )?)
+    } else {
+        None
+    };
     let score = |model: &Gemma2| -> Result<CompareResult, ModelError> {
         match &cached {
-            Some(r) => compare_to(model, r),
-            None => compare(model, &reference_model, tokens, context),
+            Some(r) => compare_to(model, r, bar),
+            None => compare(model, &reference_model, tokens, context, bar),
         }
     };
     let mut points = Vec::with_capacity(n_eta);

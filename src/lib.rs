@@ -11,5 +11,6 @@ pub mod front;
 pub mod kernels;
 pub mod model;
 pub mod plot;
+pub mod progress;
 pub mod recipe;
 pub mod synth;

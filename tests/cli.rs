@@ -319,3 +319,168 @@ fn verbose_eval_and_compare_print_each_window() {
     assert_eq!(kl.len(), 3, "{}", o.stderr);
     assert!(kl.iter().all(|l| l.ends_with("kl 0.000000")), "{kl:?}");
 }
+
+/// Runs the binary on a pseudo-terminal (util-linux `script`), returning the exit code and everything it
+/// printed there (stdout and stderr together, as a terminal shows them).
+fn on_terminal(args: &[&str]) -> (i32, String) {
+    on_terminal_to(args, None)
+}
+
+/// [`on_terminal`], with stdout redirected to `stdout` when given (stderr stays on the terminal).
+fn on_terminal_to(args: &[&str], stdout: Option<&Path>) -> (i32, String) {
+    let mut quoted: Vec<String> = std::iter::once(env!("CARGO_BIN_EXE_gemma-merge"))
+        .chain(args.iter().copied())
+        .map(|a| format!("'{}'", a.replace('\'', r"'\''")))
+        .collect();
+    if let Some(path) = stdout {
+        quoted.push(format!("> '{}'", path.display()));
+    }
+    let o = Command::new("script")
+        .args(["-qfec", &quoted.join(" "), "/dev/null"])
+        .env("COLUMNS", "100")
+        .output()
+        .expect("util-linux `script` runs (the progress tests need a pseudo-terminal)");
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+    )
+}
+
+/// A bar moves on a terminal: it names the phase and shows a percentage and an ETA; `-q` and a stderr
+/// that is not a terminal have none.
+#[test]
+fn progress_shows_on_a_terminal_only() {
+    let d = tempfile::tempdir().unwrap();
+    let p = |name: &str| d.path().join(name);
+    // A small model: each phase draws its bar as it starts (the test checks the bar, not its speed).
+    for (name, seed) in [("sft", "1"), ("a", "2"), ("b", "3")] {
+        ok(&[
+            "-q",
+            "synth",
+            "--shape",
+            "2b",
+            "--layers",
+            "2",
+            "--vocab-size",
+            "2048",
+            "--hidden-size",
+            "256",
+            "--intermediate-size",
+            "1024",
+            "--seed",
+            seed,
+            "--out",
+            s(&p(name)),
+        ]);
+    }
+    let recipe = p("r.yaml");
+    std::fs::write(
+        &recipe,
+        "output: out\nbase: sft\nmodels:\n  sft: sft\nsteps:\n  - name: avg\n    method: linear\n    models: [a, b]\n    weights: [1, 1]\n",
+    )
+    .unwrap();
+    let ids: Vec<String> = (0..300)
+        .map(|i| ((i * 37) % 2000 + 3).to_string())
+        .collect();
+    let ids = ids.join(",");
+    let out = s(&p("out")).to_string();
+    let drifted = s(&p("drifted")).to_string();
+    let cases: [(&str, Vec<&str>); 4] = [
+        ("merging", vec!["run", s(&recipe)]),
+        ("verifying", vec!["verify", &out]),
+        ("scoring", vec!["eval", &out, "--token-ids", &ids]),
+        (
+            "writing",
+            vec!["synth", "--from", &out, "--drift", "0.1", "--out", &drifted],
+        ),
+    ];
+    for (phase, args) in &cases {
+        let (code, shown) = on_terminal(args);
+        assert_eq!(code, 0, "{args:?}: {shown}");
+        assert!(
+            shown.contains(phase) && shown.contains("% ") && shown.contains("eta "),
+            "{args:?} drew no {phase} bar:\n{shown}"
+        );
+    }
+    // -q: no bar, even on a terminal; not a terminal: no bar on stderr, the same stdout.
+    let (code, quiet) = on_terminal(&["-q", "verify", &out]);
+    assert_eq!(code, 0);
+    assert!(!quiet.contains("verifying"), "{quiet}");
+    let piped = ok(&["eval", &out, "--token-ids", &ids, "--json"]);
+    assert!(!piped.stderr.contains("scoring"), "{}", piped.stderr);
+    let v: serde_json::Value = serde_json::from_str(&piped.stdout).unwrap();
+    assert_eq!(v["tokens"], 299);
+    // --json on a terminal: the bar is on stderr, so stdout (redirected) is still one JSON object.
+    let json_out = p("eval.json");
+    let (code, shown) = on_terminal_to(
+        &["eval", &out, "--token-ids", &ids, "--json"],
+        Some(&json_out),
+    );
+    assert_eq!(code, 0, "{shown}");
+    assert!(shown.contains("scoring"), "{shown}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json_out).unwrap()).unwrap();
+    assert_eq!(v["tokens"], 299);
+}
+
+/// Records each phase with the sum and count of its advances.
+#[derive(Default)]
+struct Recorder(std::sync::Mutex<Vec<(String, u64, u64, usize)>>);
+
+impl gemma_merge::progress::Progress for Recorder {
+    fn start(&self, phase: &str, total: u64, _: gemma_merge::progress::Unit) {
+        self.0.lock().unwrap().push((phase.into(), total, 0, 0));
+    }
+    fn advance(&self, n: u64) {
+        let mut p = self.0.lock().unwrap();
+        let last = p.last_mut().expect("advance after start");
+        last.2 += n;
+        last.3 += 1;
+    }
+}
+
+/// The merge counts the base's bytes once per pass (here: SLERP's reduction pass, then the writing
+/// pass), and its advances add up to exactly that total; verify counts every byte it hashes.
+#[test]
+fn progress_counts_the_bytes_of_both_passes() {
+    use gemma_merge::executor::{verify_folder, Prepared};
+    use gemma_merge::recipe::Plan;
+    let d = tempfile::tempdir().unwrap();
+    let plan =
+        Plan::from_file(&case().join("recipes/warp.yaml"), Some(&d.path().join("w"))).unwrap();
+    let rec = Recorder::default();
+    Prepared::new(&plan).unwrap().run_in_memory(&rec).unwrap();
+    let base_bytes = json(&["inspect", s(&case().join("sft")), "--json"])["bytes"]
+        .as_u64()
+        .unwrap();
+    let phases = rec.0.into_inner().unwrap();
+    assert_eq!(phases.len(), 1);
+    let (name, total, done, steps) = &phases[0];
+    assert_eq!(name, "merging");
+    assert_eq!(*total, 2 * base_bytes);
+    assert_eq!(done, total);
+    assert!(
+        *steps >= 2 * 46,
+        "{steps} advances for 46 tensors over 2 passes"
+    );
+
+    let out = d.path().join("lin");
+    ok(&[
+        "-q",
+        "run",
+        s(&case().join("recipes/linear.yaml")),
+        "--out",
+        s(&out),
+    ]);
+    let rec = Recorder::default();
+    verify_folder(&out, &rec).unwrap();
+    let files: u64 = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_name() != "merge-manifest.json")
+        .map(|e| e.metadata().unwrap().len())
+        .sum();
+    let phases = rec.0.into_inner().unwrap();
+    assert_eq!(phases.len(), 1);
+    assert_eq!((phases[0].1, phases[0].2), (files, files));
+}

@@ -12,7 +12,9 @@ use gemma_merge::evaluate::{self, LogitsWriter};
 use gemma_merge::model::sampling::{self, Sampler, SamplingParams};
 use gemma_merge::model::{folder_of, Gemma2, ModelError, Tokenizer};
 
+use super::progress::Bars;
 use super::{Global, PathArg, UsageError};
+use gemma_merge::progress::{Progress, Unit};
 
 /// Where the tokens come from: a text file (tokenized, `<bos>` prepended) or raw ids.
 #[derive(Debug, Clone, Args)]
@@ -126,11 +128,18 @@ pub fn eval(args: &EvalArgs, g: &Global) -> anyhow::Result<()> {
     )?;
 
     let started = Instant::now();
+    let bars = Bars::new(g);
+    bars.start(
+        "scoring",
+        evaluate::positions_to_run(tokens.len(), context)?,
+        Unit::Positions,
+    );
     let score = match &args.dump_logits {
         Some(path) => {
             let mut writer = LogitsWriter::create(path, tokens.len(), model.config().vocab_size)?;
-            let score =
-                evaluate::score_with(&model, &tokens, context, |_, row| writer.write_row(row));
+            let score = evaluate::score_with(&model, &tokens, context, &bars, |_, row| {
+                writer.write_row(row)
+            });
             match score {
                 Ok(score) => {
                     writer.finish()?;
@@ -143,8 +152,9 @@ pub fn eval(args: &EvalArgs, g: &Global) -> anyhow::Result<()> {
                 }
             }
         }
-        None => evaluate::score(&model, &tokens, context)?,
+        None => evaluate::score_with(&model, &tokens, context, &bars, |_, _| Ok(()))?,
     };
+    bars.finish();
     let seconds = started.elapsed().as_secs_f64();
     let tokens_per_second = score.positions_run as f64 / seconds;
     if args.json {
@@ -320,7 +330,14 @@ pub fn compare(args: &CompareArgs, g: &Global) -> anyhow::Result<()> {
         args.context,
     )?;
     let started = Instant::now();
-    let r = evaluate::compare(&model, &reference, &tokens, context)?;
+    let bars = Bars::new(g);
+    bars.start(
+        "comparing",
+        2 * evaluate::positions_to_run(tokens.len(), context)?,
+        Unit::Positions,
+    );
+    let r = evaluate::compare(&model, &reference, &tokens, context, &bars)?;
+    bars.finish();
     let seconds = started.elapsed().as_secs_f64();
     if args.json {
         return print_json(&json!({

@@ -68,7 +68,7 @@ pub fn front(a: &FrontArgs, g: &Global) -> anyhow::Result<()> {
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let quiet = g.quiet || a.json;
+    let bars = super::progress::Bars::new(g);
     let front = evaluate_front(
         FrontRequest {
             plan,
@@ -79,10 +79,11 @@ pub fn front(a: &FrontArgs, g: &Global) -> anyhow::Result<()> {
             tokens: &tokens,
             context: a.context,
             policies: !a.no_policies,
+            progress: &bars,
         },
         &|msg| {
-            if !quiet && g.verbose {
-                eprintln!("{msg}");
+            if g.verbose {
+                bars.note(msg);
             }
         },
     )
@@ -91,6 +92,7 @@ pub fn front(a: &FrontArgs, g: &Global) -> anyhow::Result<()> {
         other => anyhow::Error::new(other),
     })?;
 
+    bars.finish();
     let mut out = std::io::stdout().lock();
     if a.json {
         writeln!(out, "{}", serde_json::to_string_pretty(&json_rows(&front))?)?;

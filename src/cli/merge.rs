@@ -69,25 +69,15 @@ pub fn run(a: &RunArgs, g: &Global) -> anyhow::Result<()> {
             return Ok(());
         }
     }
-    let bar = super::progress_bar(
-        g,
-        "{spinner} merging [{bar:40}] {percent:>3}% {elapsed_precise} eta {eta}",
-    );
+    let bars = super::progress::Bars::new(g);
     let report = prepared.run(
         &RunOptions {
             force: a.force,
             hash_inputs: a.hash_inputs,
         },
-        &|done, total| {
-            if let Some(b) = &bar {
-                b.set_length(total);
-                b.set_position(done);
-            }
-        },
+        &bars,
     )?;
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
+    bars.finish();
     if a.json {
         let out = serde_json::json!({
             "output": super::shown(&report.output),
@@ -192,7 +182,9 @@ pub fn human_bytes(n: u64) -> String {
 }
 
 pub fn verify(a: &VerifyArgs, g: &Global) -> anyhow::Result<()> {
-    let report = verify_folder(&a.dir)?;
+    let bars = super::progress::Bars::new(g);
+    let report = verify_folder(&a.dir, &bars)?;
+    bars.finish();
     let dir = super::shown(&a.dir);
     let total = report.mismatches.len() + report.checked.len();
     if a.json {

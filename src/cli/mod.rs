@@ -12,6 +12,7 @@ macro_rules! outln {
 mod eval;
 mod front;
 mod merge;
+mod progress;
 mod synth;
 
 use std::path::PathBuf;
@@ -190,19 +191,4 @@ pub fn shown(path: &std::path::Path) -> String {
         return ".".into();
     }
     parts.iter().collect::<PathBuf>().display().to_string()
-}
-
-/// A progress bar on stderr, only on a terminal and without `-q`, drawn with `template`.
-pub fn progress_bar(g: &Global, template: &str) -> Option<indicatif::ProgressBar> {
-    use std::io::IsTerminal;
-    if g.quiet || !std::io::stderr().is_terminal() {
-        return None;
-    }
-    let b = indicatif::ProgressBar::new(0);
-    b.set_style(
-        indicatif::ProgressStyle::with_template(template)
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
-    Some(b)
 }

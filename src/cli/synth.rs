@@ -9,6 +9,7 @@ use gemma_merge::synth::{self, Shape};
 
 use super::merge::human_bytes;
 use super::{Global, PathArg, UsageError};
+use gemma_merge::progress::{Progress, Unit};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ShapeName {
@@ -191,15 +192,15 @@ pub fn synth(a: &SynthArgs, g: &Global) -> anyhow::Result<()> {
         None => None,
     };
     let staging = Staging::begin(&a.out)?;
-    let bar = super::progress_bar(
-        g,
-        "{spinner} writing [{bar:40}] {percent:>3}% {bytes}/{total_bytes} eta {eta}",
-    );
-    let progress = |done: u64, total: u64| {
-        if let Some(b) = &bar {
-            b.set_length(total);
-            b.set_position(done);
-        }
+    let bars = super::progress::Bars::new(g);
+    let done = std::cell::Cell::new(None::<u64>);
+    let progress = |now: u64, total: u64| {
+        let before = done.get().unwrap_or_else(|| {
+            bars.start("writing", total, Unit::Bytes);
+            0
+        });
+        bars.advance(now - before);
+        done.set(Some(now));
     };
     let records = match (&base, &shape) {
         (Some((model, sigma)), _) => {
@@ -210,9 +211,7 @@ pub fn synth(a: &SynthArgs, g: &Global) -> anyhow::Result<()> {
         }
         (None, None) => unreachable!("clap requires --shape or --from"),
     };
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
+    bars.finish();
     staging.commit(&a.out)?;
     if !g.quiet {
         let bytes: u64 = records.iter().map(|r| r.size).sum();

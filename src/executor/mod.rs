@@ -24,6 +24,7 @@ pub use output::{verify_folder, Manifest, VerifyReport, SIDE_FILES};
 
 use crate::format::{FloatType, Model, ModelWriter, TensorInfo, TensorSpec};
 use crate::kernels;
+use crate::progress::{Progress, Unit};
 use crate::recipe::{Angle, Operand, Plan, StepKind};
 
 /// Elements per chunk: the unit of parallel work and of f64 partial sums.
@@ -103,6 +104,13 @@ struct OutTensor {
     treatment: Treatment,
     out_dtype: Dtype,
     unit: usize,
+}
+
+impl OutTensor {
+    /// Bytes of `elements` elements of the base tensor (what progress counts).
+    fn bytes_of(&self, elements: usize) -> u64 {
+        (elements as u64 * self.base.len as u64) / (self.base.numel() as u64).max(1)
+    }
 }
 
 /// A recipe bound to its opened inputs and fully validated; ready to run or to describe.
@@ -335,11 +343,7 @@ impl<'p> Prepared<'p> {
     }
 
     /// Runs the merge and writes every output folder (each appears whole or not at all).
-    pub fn run(
-        &self,
-        opts: &RunOptions,
-        progress: &(dyn Fn(u64, u64) + Sync),
-    ) -> Result<RunReport, MergeError> {
+    pub fn run(&self, opts: &RunOptions, progress: &dyn Progress) -> Result<RunReport, MergeError> {
         let started = Instant::now();
         let plan = self.plan;
         let staging = output::Staging::begin(plan, &self.models, opts.force)?;
@@ -383,10 +387,7 @@ impl<'p> Prepared<'p> {
 
     /// Evaluates every output model into memory (for scoring without writing; see `front`). Each model's
     /// bytes are exactly those `run` would write.
-    pub fn run_in_memory(
-        &self,
-        progress: &(dyn Fn(u64, u64) + Sync),
-    ) -> Result<Vec<MemoryModel>, MergeError> {
+    pub fn run_in_memory(&self, progress: &dyn Progress) -> Result<Vec<MemoryModel>, MergeError> {
         let outputs = self.output_models();
         let specs = self.specs();
         let mut sinks: Vec<MemoryModel> =
@@ -406,25 +407,42 @@ impl<'p> Prepared<'p> {
             .collect()
     }
 
+    /// What [`Self::evaluate`] counts: each tensor's base bytes once for the writing pass, and once more
+    /// per SLERP step for each merged tensor (its reduction pass).
+    fn progress_total(&self) -> u64 {
+        let slerps = self
+            .plan
+            .steps
+            .iter()
+            .filter(|s| matches!(s.kind, StepKind::Slerp { .. }))
+            .count() as u64;
+        self.tensors
+            .iter()
+            .map(|t| match t.treatment {
+                Treatment::Merge { .. } => t.base.len as u64 * (1 + slerps),
+                Treatment::Copy => t.base.len as u64,
+            })
+            .sum()
+    }
+
     /// Streams every tensor of every output model, in order, into `sinks` (one per output model).
     fn evaluate<W: TensorSink>(
         &self,
         outputs: &[(PathBuf, usize, Option<usize>)],
         sinks: &mut [W],
-        progress: &(dyn Fn(u64, u64) + Sync),
+        progress: &dyn Progress,
     ) -> Result<(), MergeError> {
-        let total: u64 = self.tensors.iter().map(|t| t.base.numel() as u64).sum();
-        let mut done = 0u64;
+        progress.start("merging", self.progress_total(), Unit::Bytes);
         let mut coefs: HashMap<usize, Vec<Vec<Vec<f64>>>> = HashMap::new();
         let mut remaining: Vec<usize> = self.units.iter().map(|u| u.len()).collect();
         for (ti, t) in self.tensors.iter().enumerate() {
             match &t.treatment {
-                Treatment::Copy => self.copy_tensor(t, sinks)?,
+                Treatment::Copy => self.copy_tensor(t, sinks, progress)?,
                 Treatment::Merge { .. } => {
                     let unit_coefs = match coefs.entry(t.unit) {
                         std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                         std::collections::hash_map::Entry::Vacant(e) => {
-                            e.insert(self.unit_coefficients(t.unit)?)
+                            e.insert(self.unit_coefficients(t.unit, progress)?)
                         }
                     };
                     let pos = self.units[t.unit]
@@ -435,15 +453,13 @@ impl<'p> Prepared<'p> {
                         .iter()
                         .map(|&(_, step, eta)| self.output_vector(&unit_coefs[pos], step, eta))
                         .collect();
-                    self.write_tensor(t, &vectors, sinks)?;
+                    self.write_tensor(t, &vectors, sinks, progress)?;
                 }
             }
             remaining[t.unit] -= 1;
             if remaining[t.unit] == 0 {
                 coefs.remove(&t.unit);
             }
-            done += t.base.numel() as u64;
-            progress(done, total);
         }
         Ok(())
     }
@@ -477,7 +493,11 @@ impl<'p> Prepared<'p> {
 
     /// Every step's coefficient vector for every tensor of a unit (`[tensor][step][leaf]`), running the
     /// reduction passes that SLERP steps need.
-    fn unit_coefficients(&self, unit: usize) -> Result<Vec<Vec<Vec<f64>>>, MergeError> {
+    fn unit_coefficients(
+        &self,
+        unit: usize,
+        progress: &dyn Progress,
+    ) -> Result<Vec<Vec<Vec<f64>>>, MergeError> {
         let members: Vec<usize> = self.units[unit]
             .iter()
             .copied()
@@ -530,7 +550,11 @@ impl<'p> Prepared<'p> {
                     let mut grams: Vec<Vec<Vec<f64>>> = Vec::with_capacity(all.len());
                     for (pos, &ti) in all.iter().enumerate() {
                         if members.contains(&ti) {
-                            grams.push(self.gram_pass(&self.tensors[ti], &deltas[pos])?);
+                            grams.push(self.gram_pass(
+                                &self.tensors[ti],
+                                &deltas[pos],
+                                progress,
+                            )?);
                         } else {
                             grams.push(vec![vec![0.0; models.len()]; models.len()]);
                         }
@@ -560,7 +584,12 @@ impl<'p> Prepared<'p> {
     }
 
     /// One reduction pass over a tensor: the f64 Gram matrix of the given task vectors.
-    fn gram_pass(&self, t: &OutTensor, deltas: &[Vec<f64>]) -> Result<Vec<Vec<f64>>, MergeError> {
+    fn gram_pass(
+        &self,
+        t: &OutTensor,
+        deltas: &[Vec<f64>],
+        progress: &dyn Progress,
+    ) -> Result<Vec<Vec<f64>>, MergeError> {
         let m = deltas.len();
         let needed = self.needed_leaves(deltas);
         let coefs: Vec<(&[f64], f64)> = deltas
@@ -597,7 +626,9 @@ impl<'p> Prepared<'p> {
                     row.iter_mut().zip(prow).for_each(|(a, b)| *a += b);
                 }
             }
-            self.release(t, &needed, block_start * CHUNK, (block_end * CHUNK).min(n));
+            let (lo, hi) = (block_start * CHUNK, (block_end * CHUNK).min(n));
+            self.release(t, &needed, lo, hi);
+            progress.advance(t.bytes_of(hi - lo));
         }
         Ok(gram)
     }
@@ -608,6 +639,7 @@ impl<'p> Prepared<'p> {
         t: &OutTensor,
         vectors: &[Vec<f64>],
         writers: &mut [impl TensorSink],
+        progress: &dyn Progress,
     ) -> Result<(), MergeError> {
         let needed = self.needed_leaves(vectors);
         let coefs: Vec<(&[f64], f64)> = vectors
@@ -664,12 +696,9 @@ impl<'p> Prepared<'p> {
             if let Some(next) = next {
                 pending = Some(next?);
             }
-            self.release(
-                t,
-                &needed,
-                block_start * CHUNK,
-                ((block_start + BLOCK) * CHUNK).min(n),
-            );
+            let (lo, hi) = (block_start * CHUNK, ((block_start + BLOCK) * CHUNK).min(n));
+            self.release(t, &needed, lo, hi);
+            progress.advance(t.bytes_of(hi - lo));
         }
         Ok(())
     }
@@ -679,6 +708,7 @@ impl<'p> Prepared<'p> {
         &self,
         t: &OutTensor,
         writers: &mut [impl TensorSink],
+        progress: &dyn Progress,
     ) -> Result<(), MergeError> {
         let base = &self.models[self.plan.base];
         let data = base.data(&t.base);
@@ -686,6 +716,7 @@ impl<'p> Prepared<'p> {
             for w in writers.iter_mut() {
                 w.write(piece)?;
             }
+            progress.advance(piece.len() as u64);
         }
         base.file_of(&t.base).release(t.base.start, t.base.len);
         Ok(())

@@ -9,6 +9,7 @@ use sha2::{Digest, Sha256};
 use super::{absolute, check_not_input, MergeError};
 use crate::format::writer::{hex, write_small_file, FileRecord};
 use crate::format::Model;
+use crate::progress::{Progress, Unit};
 use crate::recipe::Plan;
 
 /// Files copied from the base when present.
@@ -252,7 +253,7 @@ pub(crate) fn input_records(models: &[Model], hash: bool) -> Result<Vec<InputRec
     for m in models {
         for f in m.files() {
             let sha256 = if hash {
-                Some(hash_file(f.path())?)
+                Some(hash_file(f.path(), &crate::progress::Silent)?)
             } else {
                 None
             };
@@ -266,7 +267,7 @@ pub(crate) fn input_records(models: &[Model], hash: bool) -> Result<Vec<InputRec
     Ok(out)
 }
 
-fn hash_file(path: &Path) -> Result<String, MergeError> {
+fn hash_file(path: &Path, progress: &dyn Progress) -> Result<String, MergeError> {
     let mut f = std::fs::File::open(path).map_err(|e| MergeError::io(path, e))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 8 << 20];
@@ -276,6 +277,7 @@ fn hash_file(path: &Path) -> Result<String, MergeError> {
             break;
         }
         h.update(&buf[..n]);
+        progress.advance(n as u64);
     }
     Ok(hex(&h.finalize()))
 }
@@ -288,8 +290,8 @@ pub struct VerifyReport {
 }
 
 /// Re-hashes every file listed in `DIR/merge-manifest.json` (or, for a LITI front, in each
-/// `DIR/eta-*/merge-manifest.json`).
-pub fn verify_folder(dir: &Path) -> Result<VerifyReport, MergeError> {
+/// `DIR/eta-*/merge-manifest.json`). `progress` gets one "verifying" phase per manifest, by bytes hashed.
+pub fn verify_folder(dir: &Path, progress: &dyn Progress) -> Result<VerifyReport, MergeError> {
     let mut report = VerifyReport {
         checked: Vec::new(),
         mismatches: Vec::new(),
@@ -309,7 +311,7 @@ pub fn verify_folder(dir: &Path) -> Result<VerifyReport, MergeError> {
         }
         subs.sort();
         for s in subs {
-            let r = verify_folder(&s)?;
+            let r = verify_folder(&s, progress)?;
             report.checked.extend(r.checked);
             report.mismatches.extend(r.mismatches);
         }
@@ -323,6 +325,11 @@ pub fn verify_folder(dir: &Path) -> Result<VerifyReport, MergeError> {
             std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
         )
     })?;
+    progress.start(
+        "verifying",
+        manifest.outputs.iter().map(|r| r.size).sum(),
+        Unit::Bytes,
+    );
     for rec in &manifest.outputs {
         let p = dir.join(&rec.path);
         if rec.path.contains("..") || rec.path.starts_with('/') {
@@ -340,7 +347,7 @@ pub fn verify_folder(dir: &Path) -> Result<VerifyReport, MergeError> {
                 rec.size
             )),
             Ok(_) => {
-                let got = hash_file(&p)?;
+                let got = hash_file(&p, progress)?;
                 if got != rec.sha256 {
                     report.mismatches.push(format!(
                         "{}: SHA-256 {got} but the manifest says {}",
