@@ -353,8 +353,8 @@ pub fn compare(args: &CompareArgs, g: &Global) -> anyhow::Result<()> {
     }
     let mut out = std::io::stdout().lock();
     writeln!(out, "tokens                {}", r.tokens)?;
-    writeln!(out, "kl                    {:.6e}", r.kl)?;
-    writeln!(out, "kl_max                {:.6e}", r.kl_max)?;
+    writeln!(out, "kl                    {:.6}", r.kl)?;
+    writeln!(out, "kl_max                {:.6}", r.kl_max)?;
     writeln!(out, "top1_agreement        {:.4}", r.top1_agreement)?;
     writeln!(out, "perplexity            {:.4}", r.perplexity)?;
     writeln!(out, "reference_perplexity  {:.4}", r.reference_perplexity)?;

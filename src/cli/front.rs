@@ -170,7 +170,7 @@ pub fn front(a: &FrontArgs, g: &Global) -> anyhow::Result<()> {
         std::fs::write(path, plot.to_svg())
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         if !g.quiet && !a.json {
-            writeln!(out, "wrote {}", path.display())?;
+            writeln!(out, "wrote {}", super::shown(path))?;
         }
     }
     Ok(())

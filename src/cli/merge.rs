@@ -259,10 +259,10 @@ pub fn inspect(a: &InspectArgs, g: &Global) -> anyhow::Result<()> {
         let files: Vec<serde_json::Value> = model
             .files()
             .iter()
-            .map(|f| serde_json::json!({"path": f.path().display().to_string(), "size": f.len()}))
+            .map(|f| serde_json::json!({"path": super::shown(f.path()), "size": f.len()}))
             .collect();
         let out = serde_json::json!({
-            "path": a.path.display().to_string(),
+            "path": super::shown(&a.path),
             "tensors": tensors,
             "parameters": params,
             "bytes": model.data_bytes(),
@@ -273,7 +273,7 @@ pub fn inspect(a: &InspectArgs, g: &Global) -> anyhow::Result<()> {
         outln!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
-    outln!("{}", a.path.display());
+    outln!("{}", super::shown(&a.path));
     outln!("files: {}", model.files().len());
     if g.verbose {
         for f in model.files() {
