@@ -484,3 +484,103 @@ fn progress_counts_the_bytes_of_both_passes() {
     assert_eq!(phases.len(), 1);
     assert_eq!((phases[0].1, phases[0].2), (files, files));
 }
+
+/// The card of a `linear` merge says linear (no WARP text or tag), names no local path and no hub id it
+/// does not have; the recipe is beside the weights and in the manifest.
+#[test]
+fn card_of_a_linear_merge() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("linear");
+    let recipe = case().join("recipes/linear.yaml");
+    ok(&["-q", "run", s(&recipe), "--out", s(&out)]);
+    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    assert_eq!(
+        card,
+        std::fs::read_to_string(root().join("fixtures/cards/linear.md")).unwrap()
+    );
+    assert!(card.contains("**linear**"));
+    for absent in [
+        "warp",
+        "WARP",
+        "EMA",
+        "base_model",
+        &d.path().display().to_string(),
+        &root().display().to_string(),
+    ] {
+        assert!(!card.contains(absent), "{absent:?} in\n{card}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(out.join("recipe.yaml")).unwrap(),
+        std::fs::read_to_string(&recipe).unwrap()
+    );
+    let manifest = std::fs::read_to_string(out.join("merge-manifest.json")).unwrap();
+    assert!(manifest.contains("\"path\": \"recipe.yaml\""), "{manifest}");
+}
+
+/// The WARP demo's card lists its four steps with their coefficients and its seven inputs.
+#[test]
+fn card_of_the_warp_demo() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("demo-warp");
+    ok(&[
+        "-q",
+        "run",
+        s(&root().join("recipes/demo-warp.yaml")),
+        "--out",
+        s(&out),
+    ]);
+    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    assert_eq!(
+        card,
+        std::fs::read_to_string(root().join("fixtures/cards/demo-warp.md")).unwrap()
+    );
+    // EMA with μ = 0.01 over 100 steps: the last checkpoint gets 1 − 0.99^100 = 0.634.
+    assert!(card.contains("0.634·`run_a/step-300`"), "{card}");
+    assert!(card.contains("- warp\n") && card.contains("**LITI**"));
+    assert!(!card.contains(&root().display().to_string()));
+}
+
+/// `base_model` comes only from a Hugging Face cache layout; `license` from the base's own card.
+#[test]
+fn card_takes_hub_ids_and_the_base_licence() {
+    let d = tempfile::tempdir().unwrap();
+    let snapshot = d
+        .path()
+        .join("hub/models--google--gemma-2-2b/snapshots/0123abc");
+    std::fs::create_dir_all(&snapshot).unwrap();
+    for f in std::fs::read_dir(case().join("sft")).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), snapshot.join(f.file_name())).unwrap();
+    }
+    std::fs::write(
+        snapshot.join("README.md"),
+        "---\nlicense: gemma\nlibrary_name: transformers\n---\n# Gemma 2\n",
+    )
+    .unwrap();
+    let run_a = case().join("run_a/step-300");
+    let recipe = d.path().join("r.yaml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "output: out\nbase: {}\nsteps:\n  - name: avg\n    method: linear\n    models: [{}, {}]\n    weights: [1, 1]\n",
+            snapshot.display(),
+            snapshot.display(),
+            run_a.display()
+        ),
+    )
+    .unwrap();
+    ok(&["-q", "run", s(&recipe)]);
+    let card = std::fs::read_to_string(d.path().join("out/README.md")).unwrap();
+    assert!(
+        card.starts_with(
+            "---\nlicense: gemma\nbase_model:\n- google/gemma-2-2b\nbase_model_relation: merge\n"
+        ),
+        "{card}"
+    );
+    assert!(card.contains("- `google/gemma-2-2b` (base) — [google/gemma-2-2b](https://huggingface.co/google/gemma-2-2b)"), "{card}");
+    assert!(
+        card.contains("- `run_a/step-300` — a local checkpoint"),
+        "{card}"
+    );
+    assert!(!card.contains(&d.path().display().to_string()), "{card}");
+}

@@ -9,6 +9,7 @@
 //! Chunk boundaries are fixed (independent of the thread count) and partial sums are added in chunk
 //! order, so the output is byte-identical for any `--threads`.
 
+mod card;
 mod error;
 mod output;
 

@@ -168,8 +168,13 @@ impl Staging {
             }
         }
         let step_name = &plan.steps[step].name;
-        let card = model_card(plan, step_name, eta, path);
+        let card = super::card::model_card(plan, step, eta, path);
         records.push(write_small_file(&dir, "README.md", card.as_bytes())?);
+        records.push(write_small_file(
+            &dir,
+            super::card::RECIPE_FILE,
+            plan.recipe_text.as_bytes(),
+        )?);
         let manifest = Manifest {
             tool: "gemma-merge".into(),
             version: env!("CARGO_PKG_VERSION").into(),
@@ -226,25 +231,6 @@ impl Drop for Staging {
             }
         }
     }
-}
-
-fn model_card(plan: &Plan, step: &str, eta: Option<f64>, path: &Path) -> String {
-    let base_name = &plan.leaves[plan.base].shown;
-    let title = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "merged model".into());
-    let eta_text = eta.map(|e| format!(", η = {e:?}")).unwrap_or_default();
-    format!(
-        "---\nbase_model: {}\ntags:\n- merge\n- warp\n- gemma-merge\nlibrary_name: transformers\n---\n\n# {title}\n\n\
-         Merged with gemma-merge {} from the recipe below (output step `{step}`{eta_text}): \
-         WARP-style weight averaging (EMA, SLERP of task vectors, LITI towards the init) of checkpoints \
-         sharing the base `{base_name}`. `merge-manifest.json` lists every input and the SHA-256 of every file \
-         here; `gemma-merge verify` re-checks them.\n\n## Recipe\n\n```yaml\n{}\n```\n",
-        serde_json::to_string(base_name).expect("a string serializes"),
-        env!("CARGO_PKG_VERSION"),
-        plan.recipe_text.trim_end()
-    )
 }
 
 /// Every input file (the safetensors files of each input model), with sizes and optionally SHA-256.
