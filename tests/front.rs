@@ -175,7 +175,8 @@ fn front_plot_renders_in_headless_chromium() {
     assert_eq!(code, 0, "{err}");
     let text = std::fs::read_to_string(&svg).unwrap();
     for needle in [
-        "LITI front — front",
+        "LITI front of front on 20 token ids",
+        "merge inputs",
         "η=0.0",
         "η=0.5",
         "η=1.0",
@@ -251,4 +252,69 @@ fn front_plot_renders_in_headless_chromium() {
         count((0x2c, 0xa0, 0x2c)) > 20,
         "the reference (green) is not drawn"
     );
+}
+
+/// `--plot f.png` writes a real PNG (resvg) of the same chart; other extensions and missing folders are
+/// refused before any work, with exit code 2.
+#[test]
+fn front_plot_png_and_refusals() {
+    let d = tempfile::tempdir().unwrap();
+    let png_path = d.path().join("front.png");
+    let recipe = case().join("recipes/front.yaml");
+    let (code, _, err) = run(&[
+        "front",
+        s(&recipe),
+        "--token-ids",
+        IDS,
+        "--plot",
+        s(&png_path),
+        "--log-y",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let bytes = std::fs::read(&png_path).unwrap();
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "not a PNG");
+    let mut reader = png::Decoder::new(std::io::Cursor::new(bytes))
+        .read_info()
+        .unwrap();
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    assert_eq!((info.width, info.height), (760, 520));
+    let channels = info.color_type.samples();
+    let count = |rgb: (i32, i32, i32)| {
+        buf[..info.buffer_size()]
+            .chunks(channels)
+            .filter(|p| {
+                (p[0] as i32 - rgb.0).abs() < 30
+                    && (p[1] as i32 - rgb.1).abs() < 30
+                    && (p[2] as i32 - rgb.2).abs() < 30
+            })
+            .count()
+    };
+    assert!(
+        count((0x1f, 0x77, 0xb4)) > 200,
+        "the front (blue) is not drawn"
+    );
+    assert!(
+        count((0xd6, 0x27, 0x28)) > 40,
+        "the inputs (red) are not drawn"
+    );
+    assert!(
+        count((0x2c, 0xa0, 0x2c)) > 20,
+        "the reference (green) is not drawn"
+    );
+    // Dark text pixels: titles, ticks and labels were drawn with a font.
+    assert!(count((0, 0, 0)) > 500, "no text in the PNG");
+
+    for (plot, needle) in [
+        (d.path().join("missing/front.svg"), "does not exist"),
+        (d.path().join("front.pdf"), "must end in .svg or .png"),
+    ] {
+        let (code, _, err) = run(&["front", s(&recipe), "--token-ids", IDS, "--plot", s(&plot)]);
+        assert_eq!(code, 2, "{err}");
+        assert!(
+            err.starts_with("error: --plot ") && err.contains(needle),
+            "{err}"
+        );
+        assert!(!plot.exists());
+    }
 }

@@ -27,9 +27,12 @@ pub struct FrontArgs {
         allow_hyphen_values = true
     )]
     pub eta: Option<Vec<f64>>,
-    /// Draw the front as an SVG file.
-    #[arg(long, value_name = "FILE.svg")]
+    /// Draw the front: FILE.svg (vector) or FILE.png (760×520, drawn with the system's fonts).
+    #[arg(long, value_name = "FILE.svg|FILE.png")]
     pub plot: Option<PathArg>,
+    /// With --plot: perplexity on a log scale.
+    #[arg(long, requires = "plot")]
+    pub log_y: bool,
     /// Also write each η model as an ordinary output folder under DIR (DIR/eta-0.3, ...).
     #[arg(long, value_name = "DIR")]
     pub keep: Option<PathArg>,
@@ -50,7 +53,46 @@ pub struct FrontArgs {
     pub json: bool,
 }
 
+/// The plot's format, from its extension.
+#[derive(Clone, Copy)]
+enum PlotFormat {
+    Svg,
+    Png,
+}
+
+/// Checks `--plot` before any work: a known extension, and a folder that exists.
+fn plot_format(path: &std::path::Path) -> anyhow::Result<PlotFormat> {
+    let ext = path
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase());
+    let format = match ext.as_deref() {
+        Some("svg") => PlotFormat::Svg,
+        Some("png") => PlotFormat::Png,
+        _ => {
+            return Err(UsageError(format!(
+                "--plot {}: the file must end in .svg or .png",
+                path.display()
+            ))
+            .into())
+        }
+    };
+    let folder = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    };
+    if !folder.is_dir() {
+        return Err(UsageError(format!(
+            "--plot {}: the folder {} does not exist",
+            path.display(),
+            folder.display()
+        ))
+        .into());
+    }
+    Ok(format)
+}
+
 pub fn front(a: &FrontArgs, g: &Global) -> anyhow::Result<()> {
+    let plot_format = a.plot.as_deref().map(plot_format).transpose()?;
     let placeholder = a.recipe.with_extension("front-not-written");
     let plan = Plan::from_file(&a.recipe, Some(a.keep.as_deref().unwrap_or(&placeholder)))?;
     if !g.quiet {
@@ -140,7 +182,13 @@ pub fn front(a: &FrontArgs, g: &Global) -> anyhow::Result<()> {
             .trim_end_matches(" (reference)")
             .to_string();
         let plot = FrontPlot {
-            title: format!("LITI front — {name}"),
+            title: format!(
+                "LITI front of {name} on {}",
+                input_name(
+                    &a.input,
+                    front.points.first().map(|p| p.tokens + 1).unwrap_or(0)
+                )
+            ),
             x_label: format!("KL(model ‖ {reference_name}) [nats/token]"),
             y_label: "perplexity".into(),
             front: front
@@ -166,14 +214,31 @@ pub fn front(a: &FrontArgs, g: &Global) -> anyhow::Result<()> {
                     y: m.perplexity,
                 })
                 .collect(),
+            log_y: a.log_y,
         };
-        std::fs::write(path, plot.to_svg())
-            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let bytes = match plot_format.expect("checked with --plot") {
+            PlotFormat::Svg => plot.to_svg().into_bytes(),
+            PlotFormat::Png => plot
+                .to_png()
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+        };
+        std::fs::write(path, bytes).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         if !g.quiet && !a.json {
             writeln!(out, "wrote {}", super::shown(path))?;
         }
     }
     Ok(())
+}
+
+/// What was scored, for the plot's title: the text file's name, or the number of token ids.
+fn input_name(input: &TokenInput, tokens: usize) -> String {
+    match &input.text {
+        Some(path) => path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| super::shown(path)),
+        None => format!("{tokens} token ids"),
+    }
 }
 
 /// The rows of the table as JSON (keys in docs/cli.md): the η rows, in η order, then the reference and the
