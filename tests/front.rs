@@ -224,54 +224,12 @@ fn front_plot_renders_in_headless_chromium() {
         "chromium wrote no PNG: {}",
         String::from_utf8_lossy(&o.stderr)
     );
-    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&png).unwrap()));
-    let mut reader = decoder.read_info().unwrap();
-    let mut buf = vec![0; reader.output_buffer_size()];
-    let info = reader.next_frame(&mut buf).unwrap();
-    assert_eq!((info.width, info.height), (760, 520));
-    let channels = info.color_type.samples();
-    let count = |rgb: (i32, i32, i32)| {
-        buf[..info.buffer_size()]
-            .chunks(channels)
-            .filter(|p| {
-                (p[0] as i32 - rgb.0).abs() < 30
-                    && (p[1] as i32 - rgb.1).abs() < 30
-                    && (p[2] as i32 - rgb.2).abs() < 30
-            })
-            .count()
-    };
-    assert!(
-        count((0x1f, 0x77, 0xb4)) > 200,
-        "the front (blue) is not drawn"
-    );
-    assert!(
-        count((0xd6, 0x27, 0x28)) > 40,
-        "the policies (red) are not drawn"
-    );
-    assert!(
-        count((0x2c, 0xa0, 0x2c)) > 20,
-        "the reference (green) is not drawn"
-    );
+    assert_front_drawn(&std::fs::read(&png).unwrap());
 }
 
-/// `--plot f.png` writes a real PNG (resvg) of the same chart; other extensions and missing folders are
-/// refused before any work, with exit code 2.
-#[test]
-fn front_plot_png_and_refusals() {
-    let d = tempfile::tempdir().unwrap();
-    let png_path = d.path().join("front.png");
-    let recipe = case().join("recipes/front.yaml");
-    let (code, _, err) = run(&[
-        "front",
-        s(&recipe),
-        "--token-ids",
-        IDS,
-        "--plot",
-        s(&png_path),
-        "--log-y",
-    ]);
-    assert_eq!(code, 0, "{err}");
-    let bytes = std::fs::read(&png_path).unwrap();
+/// Decodes a 760×520 PNG of the front and checks that its three colours are drawn: the front's blue,
+/// the inputs' red, the reference's green. Returns the count of near-black (text) pixels.
+fn assert_front_drawn(bytes: &[u8]) -> usize {
     assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "not a PNG");
     let mut reader = png::Decoder::new(std::io::Cursor::new(bytes))
         .read_info()
@@ -302,14 +260,44 @@ fn front_plot_png_and_refusals() {
         count((0x2c, 0xa0, 0x2c)) > 20,
         "the reference (green) is not drawn"
     );
+    count((0, 0, 0))
+}
+
+/// `--plot f.png` writes a real PNG (resvg) of the same chart; other extensions and missing folders are
+/// refused before any work, with exit code 2.
+#[test]
+fn front_plot_png_and_refusals() {
+    let d = tempfile::tempdir().unwrap();
+    let png_path = d.path().join("front.png");
+    let recipe = case().join("recipes/front.yaml");
+    let (code, _, err) = run(&[
+        "front",
+        s(&recipe),
+        "--token-ids",
+        IDS,
+        "--plot",
+        s(&png_path),
+        "--log-y",
+    ]);
+    assert_eq!(code, 0, "{err}");
     // Dark text pixels: titles, ticks and labels were drawn with a font.
-    assert!(count((0, 0, 0)) > 500, "no text in the PNG");
+    let text = assert_front_drawn(&std::fs::read(&png_path).unwrap());
+    assert!(text > 500, "no text in the PNG ({text} dark pixels)");
 
     for (plot, needle) in [
         (d.path().join("missing/front.svg"), "does not exist"),
         (d.path().join("front.pdf"), "must end in .svg or .png"),
     ] {
-        let (code, _, err) = run(&["front", s(&recipe), "--token-ids", IDS, "--plot", s(&plot)]);
+        // Checked first: the recipe (missing here) is not even read.
+        let missing_recipe = d.path().join("no-such-recipe.yaml");
+        let (code, _, err) = run(&[
+            "front",
+            s(&missing_recipe),
+            "--token-ids",
+            IDS,
+            "--plot",
+            s(&plot),
+        ]);
         assert_eq!(code, 2, "{err}");
         assert!(
             err.starts_with("error: --plot ") && err.contains(needle),
