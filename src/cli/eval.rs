@@ -9,10 +9,13 @@ use clap::Args;
 use serde_json::json;
 
 use gemma_merge::evaluate::{self, LogitsWriter};
+use gemma_merge::model::chat::{self, ChatFormat};
 use gemma_merge::model::sampling::{self, Sampler, SamplingParams};
 use gemma_merge::model::{folder_of, Gemma2, ModelError, Tokenizer};
 
 use super::progress::Bars;
+use gemma_merge::safe_out::{check_conflicts, check_target, model_inputs, Kind, Role, Staged};
+
 use super::{Global, PathArg, UsageError};
 use gemma_merge::progress::{Progress, Unit};
 
@@ -34,6 +37,10 @@ pub struct EvalArgs {
     pub model: PathArg,
     #[command(flatten)]
     pub input: TokenInput,
+    /// Conversations, one {"messages": [...]} per line, rendered with the model's chat template; only
+    /// the model's turns count towards the loss.
+    #[arg(long, value_name = "FILE", group = "TokenInput")]
+    pub chat_file: Option<PathArg>,
     /// Truncate the input to N tokens.
     #[arg(long, value_name = "N")]
     pub max_tokens: Option<usize>,
@@ -44,6 +51,14 @@ pub struct EvalArgs {
     /// Write the logits at every input position as a safetensors file (tensor `logits`, F32).
     #[arg(long, value_name = "FILE")]
     pub dump_logits: Option<PathArg>,
+    /// With --dump-logits: replace an existing logits file written by gemma-merge.
+    #[arg(long, requires = "dump_logits")]
+    pub force: bool,
+    /// Fast mode: bf16 × bf16 matrix products with f32 sums (AVX512-BF16 `vdpbf16ps`, as llama.cpp and
+    /// PyTorch's bf16 path), activations rounded to bf16; exact mode where the CPU lacks AVX512-BF16.
+    /// Less exact than the default (see docs/performance.md for the measured deviation).
+    #[arg(long)]
+    pub fast: bool,
     /// Print a JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -69,8 +84,8 @@ pub struct GenerateArgs {
     /// Do not print the prompt before the continuation (it is printed unless -q or --json).
     #[arg(long)]
     pub no_echo: bool,
-    /// Stop after N generated tokens.
-    #[arg(long, value_name = "N", default_value_t = 64)]
+    /// Stop after N generated tokens (at most 1000000).
+    #[arg(long, value_name = "N", default_value_t = 64, value_parser = parse_max_new_tokens)]
     pub max_new_tokens: usize,
     /// Sampling temperature; 0 is greedy.
     #[arg(long, default_value_t = 0.0)]
@@ -84,9 +99,21 @@ pub struct GenerateArgs {
     /// Random seed for sampling.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Fast mode: bf16 × bf16 matrix products with f32 sums (AVX512-BF16 `vdpbf16ps`, as llama.cpp and
+    /// PyTorch's bf16 path), activations rounded to bf16; exact mode where the CPU lacks AVX512-BF16.
+    /// Less exact than the default (see docs/performance.md for the measured deviation).
+    #[arg(long)]
+    pub fast: bool,
     /// Print a JSON object instead of streaming text.
     #[arg(long)]
     pub json: bool,
+    /// Treat --prompt as a user turn of a chat, rendered with the model's chat template (Gemma's turn
+    /// format when it has none); generation stops at <end_of_turn>.
+    #[arg(long, requires = "prompt")]
+    pub chat: bool,
+    /// A system message for --chat (implies --chat).
+    #[arg(long, value_name = "TEXT", requires = "prompt")]
+    pub system: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -98,18 +125,41 @@ pub struct CompareArgs {
     pub reference: PathArg,
     #[command(flatten)]
     pub input: TokenInput,
+    /// Conversations (JSONL), as for eval: only the model's turns are compared.
+    #[arg(long, value_name = "FILE", group = "TokenInput")]
+    pub chat_file: Option<PathArg>,
     /// Truncate the input to N tokens.
     #[arg(long, value_name = "N")]
     pub max_tokens: Option<usize>,
     /// Window length, as for eval.
     #[arg(long, value_name = "N")]
     pub context: Option<usize>,
+    /// Fast mode: bf16 × bf16 matrix products with f32 sums (AVX512-BF16 `vdpbf16ps`, as llama.cpp and
+    /// PyTorch's bf16 path), activations rounded to bf16; exact mode where the CPU lacks AVX512-BF16.
+    /// Less exact than the default (see docs/performance.md for the measured deviation).
+    #[arg(long)]
+    pub fast: bool,
     /// Print a JSON object instead of text.
     #[arg(long)]
     pub json: bool,
 }
 
 /// One token id of a comma-separated list; spaces around it are allowed.
+/// Largest `--max-new-tokens`: far beyond what a CPU decodes in a session, small enough that nothing
+/// sized by it can exhaust memory.
+pub const MAX_NEW_TOKENS: usize = 1_000_000;
+
+fn parse_max_new_tokens(s: &str) -> Result<usize, String> {
+    let n: u128 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of tokens (a non-negative integer)"))?;
+    if n > MAX_NEW_TOKENS as u128 {
+        return Err(format!("{s} is more than {MAX_NEW_TOKENS} tokens"));
+    }
+    Ok(n as usize)
+}
+
 fn parse_token_id(s: &str) -> Result<u32, String> {
     s.trim()
         .parse()
@@ -118,7 +168,43 @@ fn parse_token_id(s: &str) -> Result<u32, String> {
 
 pub fn eval(args: &EvalArgs, g: &Global) -> anyhow::Result<()> {
     check_counts(args.max_tokens, args.context)?;
+    if let Some(path) = &args.dump_logits {
+        let mut inputs = model_inputs("the model", &args.model);
+        if let Some(t) = &args.input.text {
+            inputs.push(Role::new("the --text file", t));
+        }
+        check_conflicts(&[Role::new("the --dump-logits file", path)], &inputs)?;
+        check_target(path, Kind::Logits, args.force)?;
+    }
+    set_fast(args.fast);
     let model = Gemma2::load(&args.model)?;
+    if let Some(file) = &args.chat_file {
+        if args.dump_logits.is_some() || args.max_tokens.is_some() {
+            return Err(UsageError(
+                "--dump-logits and --max-tokens do not go with --chat-file".into(),
+            )
+            .into());
+        }
+        let conversations = chat_inputs(file, &[&args.model], &model)?;
+        let started = Instant::now();
+        let s = evaluate::score_chats(&model, &conversations, args.context)?;
+        let seconds = started.elapsed().as_secs_f64();
+        if args.json {
+            return print_json(&json!({
+                "tokens": s.tokens,
+                "mean_nll": s.mean_nll,
+                "perplexity": s.perplexity,
+                "conversations": conversations.len(),
+                "seconds": seconds,
+            }));
+        }
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "tokens         {}  (model turns only)", s.tokens)?;
+        writeln!(out, "mean_nll       {:.6}", s.mean_nll)?;
+        writeln!(out, "perplexity     {:.4}", s.perplexity)?;
+        writeln!(out, "conversations  {}", conversations.len())?;
+        return Ok(());
+    }
     let (tokens, context) = scored_input(
         &args.input,
         &[&args.model],
@@ -136,21 +222,17 @@ pub fn eval(args: &EvalArgs, g: &Global) -> anyhow::Result<()> {
     );
     let score = match &args.dump_logits {
         Some(path) => {
-            let mut writer = LogitsWriter::create(path, tokens.len(), model.config().vocab_size)?;
+            // The logits go to a temporary file renamed into place once complete: the target (checked
+            // above) is untouched until then, and removed with nothing else on failure.
+            let (staged, file) = Staged::file(path, Kind::Logits, args.force)?;
+            let mut writer =
+                LogitsWriter::new(file, staged.path(), tokens.len(), model.config().vocab_size)?;
             let score = evaluate::score_with(&model, &tokens, context, &bars, |_, row| {
                 writer.write_row(row)
-            });
-            match score {
-                Ok(score) => {
-                    writer.finish()?;
-                    score
-                }
-                Err(e) => {
-                    drop(writer);
-                    let _ = std::fs::remove_file(path);
-                    return Err(e.into());
-                }
-            }
+            })?;
+            writer.finish()?;
+            staged.commit()?;
+            score
         }
         None => evaluate::score_with(&model, &tokens, context, &bars, |_, _| Ok(()))?,
     };
@@ -175,7 +257,7 @@ pub fn eval(args: &EvalArgs, g: &Global) -> anyhow::Result<()> {
         writeln!(out, "perplexity  {:.4}", score.perplexity)?;
         writeln!(out, "tokens/s    {tokens_per_second:.1}")?;
         if g.verbose {
-            per_window(&tokens, context, "mean_nll", |r| {
+            per_window(tokens.len(), context, "mean_nll", |r| {
                 -score.log_probs[r].iter().sum::<f64>()
             })?;
         }
@@ -203,9 +285,21 @@ pub fn generate(args: &GenerateArgs, g: &Global) -> anyhow::Result<()> {
     params
         .validate()
         .map_err(|e| UsageError(format!("--{e}")))?;
+    set_fast(args.fast);
     let model = Gemma2::load(&args.model)?;
     let folder = folder_of(&args.model);
     let (mut prompt, tokenizer) = match (&args.prompt, &args.token_ids) {
+        (Some(text), _) if args.chat || args.system.is_some() => {
+            let tokenizer = require_tokenizer(&[folder], "--chat")?;
+            let format = ChatFormat::from_folder(folder)?;
+            let messages = chat::user_turn(args.system.as_deref(), text);
+            let rendered = format.render(&messages, true)?;
+            let mut ids = tokenizer.encode(&rendered)?;
+            if ids.first() != Some(&model.config().bos_token_id) {
+                ids.insert(0, model.config().bos_token_id);
+            }
+            (ids, Some(tokenizer))
+        }
         (Some(text), _) => {
             let tokenizer = require_tokenizer(&[folder], "--prompt")?;
             (
@@ -234,7 +328,9 @@ pub fn generate(args: &GenerateArgs, g: &Global) -> anyhow::Result<()> {
     if g.verbose {
         eprintln!("prompt: {} tokens {:?}", prompt.len(), prompt);
     }
-    if streaming && !g.quiet && !args.no_echo {
+    // A chat prompt is the template's rendering, not the user's text: only the reply is printed.
+    let chat = args.chat || args.system.is_some();
+    if streaming && !g.quiet && !args.no_echo && !chat {
         // The prompt goes through the same streaming decoder, so the continuation joins it seamlessly.
         let bos = model.config().bos_token_id;
         let shown = prompt.strip_prefix(&[bos]).unwrap_or(&prompt);
@@ -306,6 +402,7 @@ pub fn generate(args: &GenerateArgs, g: &Global) -> anyhow::Result<()> {
 
 pub fn compare(args: &CompareArgs, g: &Global) -> anyhow::Result<()> {
     check_counts(args.max_tokens, args.context)?;
+    set_fast(args.fast);
     let model = Gemma2::load(&args.model)?;
     let reference = Gemma2::load(&args.reference)?;
     let (vm, vr) = (model.config().vocab_size, reference.config().vocab_size);
@@ -322,21 +419,39 @@ pub fn compare(args: &CompareArgs, g: &Global) -> anyhow::Result<()> {
             )
         });
     }
-    let (tokens, context) = scored_input(
-        &args.input,
-        &[&args.model, &args.reference],
-        &model,
-        args.max_tokens,
-        args.context,
-    )?;
     let started = Instant::now();
     let bars = Bars::new(g);
-    bars.start(
-        "comparing",
-        2 * evaluate::positions_to_run(tokens.len(), context)?,
-        Unit::Positions,
-    );
-    let r = evaluate::compare(&model, &reference, &tokens, context, &bars)?;
+    // Input tokens and window length, for -v (not with --chat-file).
+    let mut windows: Option<(usize, usize)> = None;
+    let (r, context) = match &args.chat_file {
+        Some(file) => {
+            if args.max_tokens.is_some() {
+                return Err(UsageError("--max-tokens does not go with --chat-file".into()).into());
+            }
+            let conversations = chat_inputs(file, &[&args.model, &args.reference], &model)?;
+            let r = evaluate::compare_chats(&model, &reference, &conversations, args.context)?;
+            (r, args.context)
+        }
+        None => {
+            let (tokens, context) = scored_input(
+                &args.input,
+                &[&args.model, &args.reference],
+                &model,
+                args.max_tokens,
+                args.context,
+            )?;
+            bars.start(
+                "comparing",
+                2 * evaluate::positions_to_run(tokens.len(), context)?,
+                Unit::Positions,
+            );
+            windows = Some((tokens.len(), context));
+            (
+                evaluate::compare(&model, &reference, &tokens, context, &bars)?,
+                Some(context),
+            )
+        }
+    };
     bars.finish();
     let seconds = started.elapsed().as_secs_f64();
     if args.json {
@@ -358,10 +473,8 @@ pub fn compare(args: &CompareArgs, g: &Global) -> anyhow::Result<()> {
     writeln!(out, "top1_agreement        {:.4}", r.top1_agreement)?;
     writeln!(out, "perplexity            {:.4}", r.perplexity)?;
     writeln!(out, "reference_perplexity  {:.4}", r.reference_perplexity)?;
-    if g.verbose {
-        per_window(&tokens, context, "kl", |i| {
-            r.kl_per_position[i].iter().sum()
-        })?;
+    if let Some((n, context)) = windows.filter(|_| g.verbose) {
+        per_window(n, context, "kl", |i| r.kl_per_position[i].iter().sum())?;
     }
     if !g.quiet {
         eprintln!("{} positions per model in {seconds:.2} s", r.positions_run);
@@ -372,12 +485,12 @@ pub fn compare(args: &CompareArgs, g: &Global) -> anyhow::Result<()> {
 /// `-v`: one line per scoring window on stderr, with the mean over its predicted tokens of the value
 /// whose sum `sum(range of predicted-token indices)` gives.
 fn per_window(
-    tokens: &[u32],
+    n_tokens: usize,
     context: usize,
     what: &str,
     sum: impl Fn(std::ops::Range<usize>) -> f64,
 ) -> anyhow::Result<()> {
-    for (i, w) in evaluate::windows(tokens.len(), context)?.iter().enumerate() {
+    for (i, w) in evaluate::windows(n_tokens, context)?.iter().enumerate() {
         // Predicted-token indices of a window: token p (p ≥ 1) is index p − 1.
         let r = w.start.saturating_sub(1)..w.end.saturating_sub(1);
         let n = r.len();
@@ -396,6 +509,13 @@ fn per_window(
 }
 
 /// `--max-tokens` and `--context` values that cannot work are usage errors.
+/// `--fast`: every model this process builds from now on computes in bf16 (see `model::gemm`).
+pub(super) fn set_fast(fast: bool) {
+    if fast {
+        gemma_merge::model::set_default_precision(gemma_merge::model::Precision::Bf16);
+    }
+}
+
 fn check_counts(max_tokens: Option<usize>, context: Option<usize>) -> anyhow::Result<()> {
     if max_tokens == Some(0) {
         return Err(UsageError("--max-tokens must be at least 1".into()).into());
@@ -421,6 +541,35 @@ fn scored_input(
     evaluate::check_input(model, &tokens)?;
     let context = context.unwrap_or_else(|| evaluate::default_context(model, tokens.len()));
     Ok((tokens, context))
+}
+
+/// The conversations of `--chat-file`: token ids (rendered with the chat template of the first of
+/// `models` that has a tokenizer) and which tokens belong to the model's turns.
+fn chat_inputs(
+    file: &Path,
+    models: &[&Path],
+    model: &Gemma2,
+) -> anyhow::Result<Vec<(Vec<u32>, Vec<bool>)>> {
+    let conversations = chat::read_chat_file(file)?;
+    let folders: Vec<&Path> = models.iter().map(|m| folder_of(m)).collect();
+    let tokenizer = require_tokenizer(&folders, "--chat-file")?;
+    let folder = folders
+        .iter()
+        .find(|f| f.join("tokenizer.json").is_file())
+        .unwrap_or(&folders[0]);
+    let format = ChatFormat::from_folder(folder)?;
+    conversations
+        .iter()
+        .enumerate()
+        .map(|(i, messages)| {
+            let (ids, counted) = format
+                .tokens(&tokenizer, messages, model.config().bos_token_id)
+                .with_context(|| format!("{}: conversation {}", file.display(), i + 1))?;
+            evaluate::check_input(model, &ids)
+                .with_context(|| format!("{}: conversation {}", file.display(), i + 1))?;
+            Ok((ids, counted))
+        })
+        .collect()
 }
 
 /// The tokens of `--text` (tokenized with the first of `models` that has a tokenizer, `<bos>` prepended)

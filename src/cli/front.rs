@@ -6,6 +6,7 @@ use clap::Args;
 use gemma_merge::front::{base_folder, evaluate_front, FrontError, FrontRequest};
 use gemma_merge::plot::{FrontPlot, Point};
 use gemma_merge::recipe::Plan;
+use gemma_merge::safe_out::{check_conflicts, check_target, model_inputs, Kind, Role, Staged};
 
 use super::eval::TokenInput;
 use super::{Global, PathArg, UsageError};
@@ -36,7 +37,7 @@ pub struct FrontArgs {
     /// Also write each η model as an ordinary output folder under DIR (DIR/eta-0.3, ...).
     #[arg(long, value_name = "DIR")]
     pub keep: Option<PathArg>,
-    /// With --keep: replace an existing DIR.
+    /// Replace an existing --keep folder or --plot file, only if gemma-merge wrote it.
     #[arg(long)]
     pub force: bool,
     /// Truncate the input to N tokens.
@@ -48,6 +49,11 @@ pub struct FrontArgs {
     /// Do not score the SLERP step's input policies.
     #[arg(long)]
     pub no_policies: bool,
+    /// Fast mode: bf16 × bf16 matrix products with f32 sums (AVX512-BF16 `vdpbf16ps`, as llama.cpp and
+    /// PyTorch's bf16 path), activations rounded to bf16; exact mode where the CPU lacks AVX512-BF16.
+    /// Less exact than the default (see docs/performance.md for the measured deviation).
+    #[arg(long)]
+    pub fast: bool,
     /// Print a JSON array instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -93,6 +99,7 @@ fn plot_format(path: &std::path::Path) -> anyhow::Result<PlotFormat> {
 
 pub fn front(a: &FrontArgs, g: &Global) -> anyhow::Result<()> {
     let plot_format = a.plot.as_deref().map(plot_format).transpose()?;
+    super::eval::set_fast(a.fast);
     let placeholder = a.recipe.with_extension("front-not-written");
     let plan = Plan::from_file(&a.recipe, Some(a.keep.as_deref().unwrap_or(&placeholder)))?;
     if !g.quiet {
@@ -101,6 +108,7 @@ pub fn front(a: &FrontArgs, g: &Global) -> anyhow::Result<()> {
         }
     }
     gemma_merge::front::liti_step(&plan).map_err(|e| UsageError(e.to_string()))?;
+    let inputs = check_outputs(a, &plan)?;
     let folder = base_folder(&plan);
     let config = gemma_merge::model::Config::from_folder(&folder)?;
     let tokens =
@@ -118,6 +126,7 @@ pub fn front(a: &FrontArgs, g: &Global) -> anyhow::Result<()> {
             reference: a.reference.clone(),
             keep: a.keep.clone(),
             force: a.force,
+            inputs,
             tokens: &tokens,
             context: a.context,
             policies: !a.no_policies,
@@ -131,6 +140,7 @@ pub fn front(a: &FrontArgs, g: &Global) -> anyhow::Result<()> {
     )
     .map_err(|e| match e {
         FrontError::Usage(m) => anyhow::Error::new(UsageError(m)),
+        FrontError::Merge(e) => anyhow::Error::new(e),
         other => anyhow::Error::new(other),
     })?;
 
@@ -216,13 +226,20 @@ pub fn front(a: &FrontArgs, g: &Global) -> anyhow::Result<()> {
                 .collect(),
             log_y: a.log_y,
         };
-        let bytes = match plot_format.expect("checked with --plot") {
-            PlotFormat::Svg => plot.to_svg().into_bytes(),
-            PlotFormat::Png => plot
-                .to_png()
-                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+        let (bytes, kind) = match plot_format.expect("checked with --plot") {
+            PlotFormat::Svg => (plot.to_svg().into_bytes(), Kind::Svg),
+            PlotFormat::Png => (
+                plot.to_png()
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+                Kind::Png,
+            ),
         };
-        std::fs::write(path, bytes).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let (staged, mut file) = Staged::file(path, kind, a.force)?;
+        file.write_all(&bytes)
+            .and_then(|()| file.sync_all())
+            .map_err(|e| anyhow::anyhow!("{}: {e}", staged.path().display()))?;
+        drop(file);
+        staged.commit()?;
         if !g.quiet && !a.json {
             writeln!(out, "wrote {}", super::shown(path))?;
         }
@@ -279,4 +296,44 @@ fn json_rows(front: &gemma_merge::front::Front) -> Vec<serde_json::Value> {
     rows.push(marker("reference", &front.reference));
     rows.extend(front.policies.iter().map(|m| marker("policy", m)));
     rows
+}
+
+/// Checks `--keep` and `--plot` before any work: neither may touch an input (models, reference, recipe,
+/// text file) or the other, and an existing one is replaced only with --force and only if ours. Returns
+/// the inputs besides the recipe's models, for the run that writes `--keep`.
+fn check_outputs(a: &FrontArgs, plan: &Plan) -> anyhow::Result<Vec<Role>> {
+    let mut extra = Vec::new();
+    if let Some(r) = &a.reference {
+        extra.extend(model_inputs("the reference", r));
+    }
+    if let Some(t) = &a.input.text {
+        extra.push(Role::new("the --text file", t));
+    }
+    let mut inputs = extra.clone();
+    for leaf in &plan.leaves {
+        inputs.extend(model_inputs(
+            &format!("the input model `{}`", leaf.shown),
+            &leaf.path,
+        ));
+    }
+    inputs.push(Role::new("the recipe", &plan.recipe_path));
+    let mut outputs = Vec::new();
+    if let Some(k) = &a.keep {
+        outputs.push(Role::new("the --keep folder", k));
+    }
+    if let Some(p) = &a.plot {
+        outputs.push(Role::new("the --plot file", p));
+    }
+    check_conflicts(&outputs, &inputs)?;
+    if let Some(k) = &a.keep {
+        check_target(k, Kind::ModelFolder, a.force)?;
+    }
+    if let Some(p) = &a.plot {
+        let kind = match plot_format(p)? {
+            PlotFormat::Svg => Kind::Svg,
+            PlotFormat::Png => Kind::Png,
+        };
+        check_target(p, kind, a.force)?;
+    }
+    Ok(extra)
 }

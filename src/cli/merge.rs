@@ -16,7 +16,7 @@ pub struct RunArgs {
     /// Output folder (overrides the recipe's `output`).
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathArg>,
-    /// Replace an existing output folder (only once the new one is complete).
+    /// Replace an existing output folder written by gemma-merge (only once the new one is complete).
     #[arg(long)]
     pub force: bool,
     /// Validate everything that can be checked without reading tensor data, print the plan, write nothing.
@@ -28,6 +28,9 @@ pub struct RunArgs {
     /// Print a JSON summary.
     #[arg(long)]
     pub json: bool,
+    /// Seed of random methods (DARE) for a mergekit config; a recipe sets `seed:` itself.
+    #[arg(long, value_name = "N")]
+    pub seed: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -49,34 +52,36 @@ pub struct InspectArgs {
 }
 
 pub fn run(a: &RunArgs, g: &Global) -> anyhow::Result<()> {
-    let plan = Plan::from_file(&a.recipe, a.out.as_deref())?;
+    let plan = Plan::load(&a.recipe, a.out.as_deref(), a.seed)?;
     if !g.quiet {
         for w in &plan.warnings {
             eprintln!("warning: {w}");
         }
     }
     let prepared = Prepared::new(&plan)?;
+    let opts = RunOptions {
+        force: a.force,
+        hash_inputs: a.hash_inputs,
+        extra_inputs: Vec::new(),
+    };
     if a.dry_run || g.verbose {
+        if a.dry_run {
+            prepared.check_outputs(&opts)?;
+        }
         let s = prepared.summary();
         if !a.dry_run {
             // -v: the plan, on stderr (stdout keeps the result).
             eprint!("{}", summary_text(&s));
         } else if a.json {
-            outln!("{}", serde_json::to_string_pretty(&summary_json(&s))?);
+            outln!("{}", serde_json::to_string_pretty(&summary_json(&s))?)?;
             return Ok(());
         } else {
-            print!("{}", summary_text(&s));
+            outln!("{}", summary_text(&s).trim_end())?;
             return Ok(());
         }
     }
     let bars = super::progress::Bars::new(g);
-    let report = prepared.run(
-        &RunOptions {
-            force: a.force,
-            hash_inputs: a.hash_inputs,
-        },
-        &bars,
-    )?;
+    let report = prepared.run(&opts, &bars)?;
     bars.finish();
     if a.json {
         let out = serde_json::json!({
@@ -86,17 +91,17 @@ pub fn run(a: &RunArgs, g: &Global) -> anyhow::Result<()> {
             "bytes_written": report.bytes_written,
             "seconds": report.seconds,
         });
-        outln!("{}", serde_json::to_string_pretty(&out)?);
+        outln!("{}", serde_json::to_string_pretty(&out)?)?;
     } else if !g.quiet {
         for o in &report.outputs {
-            outln!("wrote {}", super::shown(o));
+            outln!("wrote {}", super::shown(o))?;
         }
         outln!(
             "{} tensors, {} in {:.2} s",
             report.tensors,
             human_bytes(report.bytes_written),
             report.seconds
-        );
+        )?;
     }
     Ok(())
 }
@@ -196,14 +201,14 @@ pub fn verify(a: &VerifyArgs, g: &Global) -> anyhow::Result<()> {
                 "checked": report.checked,
                 "mismatches": report.mismatches,
             }))?
-        );
+        )?;
     } else {
         for m in &report.mismatches {
             eprintln!("mismatch: {m}");
         }
         if g.verbose {
             for c in &report.checked {
-                outln!("ok {c}");
+                outln!("ok {c}")?;
             }
         }
     }
@@ -217,7 +222,7 @@ pub fn verify(a: &VerifyArgs, g: &Global) -> anyhow::Result<()> {
         outln!(
             "{dir}: {} files match merge-manifest.json",
             report.checked.len()
-        );
+        )?;
     }
     Ok(())
 }
@@ -270,32 +275,32 @@ pub fn inspect(a: &InspectArgs, g: &Global) -> anyhow::Result<()> {
             "files": files,
             "config": cfg,
         });
-        outln!("{}", serde_json::to_string_pretty(&out)?);
+        outln!("{}", serde_json::to_string_pretty(&out)?)?;
         return Ok(());
     }
-    outln!("{}", super::shown(&a.path));
-    outln!("files: {}", model.files().len());
+    outln!("{}", super::shown(&a.path))?;
+    outln!("files: {}", model.files().len())?;
     if g.verbose {
         for f in model.files() {
             outln!(
                 "  {} ({})",
                 super::shown(f.path()),
                 human_bytes(f.len() as u64)
-            );
+            )?;
         }
     }
-    outln!("tensors: {}", model.tensors().len());
-    outln!("parameters: {params}");
+    outln!("tensors: {}", model.tensors().len())?;
+    outln!("parameters: {params}")?;
     outln!(
         "bytes: {} ({})",
         model.data_bytes(),
         human_bytes(model.data_bytes())
-    );
+    )?;
     for (d, n) in &dtypes {
-        outln!("dtype {d}: {n} parameters");
+        outln!("dtype {d}: {n} parameters")?;
     }
     for (k, v) in &cfg {
-        outln!("config {k}: {v}");
+        outln!("config {k}: {v}")?;
     }
     for t in model.tensors() {
         outln!(
@@ -303,7 +308,7 @@ pub fn inspect(a: &InspectArgs, g: &Global) -> anyhow::Result<()> {
             t.name,
             format!("{:?}", t.dtype),
             t.shape
-        );
+        )?;
     }
     Ok(())
 }

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::fmt::Write;
 use std::path::{Component, Path};
 
-use crate::recipe::{Angle, Operand, Plan, StepKind};
+use crate::recipe::{operands, Angle, Operand, Plan, StepKind};
 
 /// The file the recipe is copied to, beside the weights.
 pub const RECIPE_FILE: &str = "recipe.yaml";
@@ -27,7 +27,7 @@ pub fn model_card(plan: &Plan, step: usize, eta: Option<f64>, folder: &Path) -> 
     }
     let hub: Vec<String> = leaves
         .iter()
-        .filter_map(|&l| hub_id(&plan.leaves[l].path))
+        .filter_map(|&l| leaf_hub_id(plan, l))
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
@@ -91,7 +91,7 @@ pub fn model_card(plan: &Plan, step: usize, eta: Option<f64>, folder: &Path) -> 
             (true, false) => " (base: config and tokenizer only)",
             _ => "",
         };
-        let origin = match hub_id(&plan.leaves[l].path) {
+        let origin = match leaf_hub_id(plan, l) {
             Some(id) => format!(" — [{id}](https://huggingface.co/{id})"),
             None => " — a local checkpoint".into(),
         };
@@ -143,16 +143,6 @@ fn leaves_used(plan: &Plan, read: &[bool]) -> Vec<usize> {
     std::iter::once(plan.base)
         .chain((0..plan.leaves.len()).filter(|&l| l != plan.base && read[l]))
         .collect()
-}
-
-fn operands(kind: &StepKind) -> Vec<Operand> {
-    match kind {
-        StepKind::Weighted { terms } => terms.iter().map(|&(op, _)| op).collect(),
-        StepKind::Slerp { base, models, .. } => std::iter::once(*base)
-            .chain(models.iter().copied())
-            .collect(),
-        StepKind::Liti { base, model, .. } => vec![*base, *model],
-    }
 }
 
 /// One line on what a step computes.
@@ -214,6 +204,14 @@ fn describe(plan: &Plan, s: usize, eta: Option<f64>) -> String {
                 name(model)
             )
         }
+        other => {
+            let inputs = operands(other)
+                .iter()
+                .map(name)
+                .collect::<Vec<_>>()
+                .join(", ");
+            format!("**{}** of {inputs}", step.method)
+        }
     }
 }
 
@@ -240,7 +238,7 @@ fn count(n: usize, what: &str) -> String {
 /// path (never the folders above it).
 fn leaf_name(plan: &Plan, l: usize) -> String {
     let leaf = &plan.leaves[l];
-    if let Some(id) = hub_id(&leaf.path) {
+    if let Some(id) = leaf_hub_id(plan, l) {
         return id;
     }
     let shown = Path::new(&leaf.shown);
@@ -256,6 +254,13 @@ fn leaf_name(plan: &Plan, l: usize) -> String {
         1 => normal[0].clone(),
         n => normal[n - 2..].join("/"),
     }
+}
+
+/// The Hugging Face id of an input: as the recipe resolved it (`org/name` found in the local cache), else
+/// read from a Hub cache path.
+fn leaf_hub_id(plan: &Plan, l: usize) -> Option<String> {
+    let leaf = &plan.leaves[l];
+    leaf.hub_id.clone().or_else(|| hub_id(&leaf.path))
 }
 
 /// `org/name` for a model inside a Hugging Face cache (`.../models--org--name/snapshots/REV/`).

@@ -221,11 +221,14 @@ pub fn generate(
 ) -> Result<Generation, ModelError> {
     let mut cache = model.new_cache();
     let started = Instant::now();
-    let logits = model.forward_cached(prompt, &mut cache)?;
+    // Only the last prompt position's logits are used: project that row alone (not [prompt, vocab]).
+    let hidden = model.hidden_states(prompt, &mut cache)?;
+    let logits = model.logits(hidden.slice(ndarray::s![hidden.nrows() - 1.., ..]));
     let prefill_seconds = started.elapsed().as_secs_f64();
-    let mut last = logits.row(logits.nrows() - 1).to_vec();
+    let mut last = logits.row(0).to_vec();
     let mut generation = Generation {
-        token_ids: Vec::with_capacity(max_new_tokens),
+        // Grown as tokens come: a large limit reserves nothing up front.
+        token_ids: Vec::with_capacity(max_new_tokens.min(1024)),
         prompt_tokens: prompt.len(),
         stopped: false,
         prefill_seconds,
