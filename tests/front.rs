@@ -288,16 +288,7 @@ fn front_plot_png_and_refusals() {
         (d.path().join("missing/front.svg"), "does not exist"),
         (d.path().join("front.pdf"), "must end in .svg or .png"),
     ] {
-        // Checked first: the recipe (missing here) is not even read.
-        let missing_recipe = d.path().join("no-such-recipe.yaml");
-        let (code, _, err) = run(&[
-            "front",
-            s(&missing_recipe),
-            "--token-ids",
-            IDS,
-            "--plot",
-            s(&plot),
-        ]);
+        let (code, _, err) = run(&["front", s(&recipe), "--token-ids", IDS, "--plot", s(&plot)]);
         assert_eq!(code, 2, "{err}");
         assert!(
             err.starts_with("error: --plot ") && err.contains(needle),

@@ -98,7 +98,6 @@ fn plot_format(path: &std::path::Path) -> anyhow::Result<PlotFormat> {
 }
 
 pub fn front(a: &FrontArgs, g: &Global) -> anyhow::Result<()> {
-    let plot_format = a.plot.as_deref().map(plot_format).transpose()?;
     super::eval::set_fast(a.fast);
     let placeholder = a.recipe.with_extension("front-not-written");
     let plan = Plan::from_file(&a.recipe, Some(a.keep.as_deref().unwrap_or(&placeholder)))?;
@@ -109,6 +108,8 @@ pub fn front(a: &FrontArgs, g: &Global) -> anyhow::Result<()> {
     }
     gemma_merge::front::liti_step(&plan).map_err(|e| UsageError(e.to_string()))?;
     let inputs = check_outputs(a, &plan)?;
+    // After the aliasing checks (an input named as --plot is reported as such), before any work.
+    let plot_format = a.plot.as_deref().map(plot_format).transpose()?;
     let folder = base_folder(&plan);
     let config = gemma_merge::model::Config::from_folder(&folder)?;
     let tokens =
