@@ -596,10 +596,46 @@ impl FrontPlot {
             resvg::tiny_skia::Transform::identity(),
             &mut pixmap.as_mut(),
         );
-        pixmap
+        let png = pixmap
             .encode_png()
-            .map_err(|e| PlotError::Png(e.to_string()))
+            .map_err(|e| PlotError::Png(e.to_string()))?;
+        Ok(with_software_chunk(png))
     }
+}
+
+/// Inserts a `tEXt` chunk `Software: gemma-merge` after the IHDR chunk (8-byte signature + 25-byte
+/// IHDR), so that `--force` can recognise the file as ours.
+fn with_software_chunk(png: Vec<u8>) -> Vec<u8> {
+    const AFTER_IHDR: usize = 8 + 25;
+    if png.len() < AFTER_IHDR {
+        return png;
+    }
+    let data = b"Software\0gemma-merge";
+    let mut chunk = Vec::with_capacity(12 + data.len());
+    chunk.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    chunk.extend_from_slice(b"tEXt");
+    chunk.extend_from_slice(data);
+    chunk.extend_from_slice(&crc32(&chunk[4..]).to_be_bytes());
+    let mut out = png[..AFTER_IHDR].to_vec();
+    out.extend_from_slice(&chunk);
+    out.extend_from_slice(&png[AFTER_IHDR..]);
+    out
+}
+
+/// The CRC-32 of PNG chunks (ISO 3309, polynomial 0xEDB88320).
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut c = !0u32;
+    for &b in bytes {
+        c ^= b as u32;
+        for _ in 0..8 {
+            c = if c & 1 != 0 {
+                0xEDB8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
+        }
+    }
+    !c
 }
 
 fn bounds(v: &[f64]) -> (f64, f64) {

@@ -281,7 +281,20 @@ fn front_plot_png_and_refusals() {
     ]);
     assert_eq!(code, 0, "{err}");
     // Dark text pixels: titles, ticks and labels were drawn with a font.
-    let text = assert_front_drawn(&std::fs::read(&png_path).unwrap());
+    let bytes = std::fs::read(&png_path).unwrap();
+    let text = assert_front_drawn(&bytes);
+    // Marked as ours (a tEXt chunk the png decoder accepted above), so --force may replace it.
+    assert!(bytes.windows(11).any(|w| w == b"gemma-merge"));
+    let (code, _, err) = run(&[
+        "front",
+        s(&recipe),
+        "--token-ids",
+        IDS,
+        "--plot",
+        s(&png_path),
+        "--force",
+    ]);
+    assert_eq!(code, 0, "{err}");
     assert!(text > 500, "no text in the PNG ({text} dark pixels)");
 
     for (plot, needle) in [
