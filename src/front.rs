@@ -9,6 +9,7 @@ use crate::evaluate::{compare, compare_to, CompareResult, ReferenceLogits};
 use crate::executor::{MemoryModel, Prepared, RunOptions};
 use crate::format::FloatType;
 use crate::model::{weights::Weight, Config, Gemma2, ModelError};
+use crate::progress::{Progress, Unit};
 use crate::recipe::{duplicate_eta, eta_label, Operand, OutputModel, OutputTarget, Plan, StepKind};
 
 /// Why a front cannot be drawn.
@@ -69,6 +70,8 @@ pub struct FrontRequest<'a> {
     pub context: Option<usize>,
     /// Also score the SLERP step's input policies.
     pub policies: bool,
+    /// Told a "merging" phase (bytes) and a "scoring" phase (model positions, every model's).
+    pub progress: &'a dyn Progress,
 }
 
 /// The liti step that a front is drawn for, with its base and model.
@@ -160,6 +163,7 @@ pub fn evaluate_front(req: FrontRequest<'_>, progress: &dyn Fn(&str)) -> Result<
         tokens,
         context,
         policies,
+        progress: bar,
     } = req;
     let (out, base_op, model_op) = liti_step(&plan)?;
     let etas = match etas {
@@ -231,7 +235,7 @@ pub fn evaluate_front(req: FrontRequest<'_>, progress: &dyn Fn(&str)) -> Result<
                 hash_inputs: false,
                 extra_inputs: inputs,
             },
-            &|_, _| {},
+            bar,
         )?;
         let mut p2 = plan.clone();
         p2.targets = vec![OutputTarget {
@@ -252,7 +256,7 @@ pub fn evaluate_front(req: FrontRequest<'_>, progress: &dyn Fn(&str)) -> Result<
     // Output `i` of `prepared`, evaluated alone.
     let in_memory = |i: usize| -> Result<Gemma2, FrontError> {
         let p = prepared.as_ref().expect("a plan of in-memory outputs");
-        Ok(to_gemma(&config, p.run_in_memory_one(i, &|_, _| {})?)?)
+        Ok(to_gemma(&config, p.run_in_memory_one(i, bar)?)?)
     };
     let extra_offset = if keep.is_some() { 0 } else { n_eta };
     let load_eta = |k: usize| -> Result<Gemma2, FrontError> {
@@ -277,8 +281,17 @@ pub fn evaluate_front(req: FrontRequest<'_>, progress: &dyn Fn(&str)) -> Result<
         .saturating_mul(reference_model.config().vocab_size)
         .saturating_mul(4)
         <= 1 << 30;
+    // Model runs: each η and each policy, plus the reference once (cached) or beside each model.
+    let scored =
+        (n_eta + extra_steps.len() - usize::from(reference_source.is_none()) + disk.len()) as u64;
+    let runs = if fits { scored + 1 } else { 2 * scored };
+    bar.start(
+        "scoring",
+        runs * crate::evaluate::positions_to_run(tokens.len(), context)?,
+        Unit::Positions,
+    );
     let (cached, reference_model) = if fits {
-        let logits = ReferenceLogits::new(&reference_model, tokens, context)?;
+        let logits = ReferenceLogits::new(&reference_model, tokens, context, bar)?;
         drop(reference_model);
         (Some(logits), None)
     } else {
@@ -286,8 +299,8 @@ pub fn evaluate_front(req: FrontRequest<'_>, progress: &dyn Fn(&str)) -> Result<
     };
     let score = |model: &Gemma2| -> Result<CompareResult, ModelError> {
         match (&cached, &reference_model) {
-            (Some(r), _) => compare_to(model, r),
-            (None, Some(reference)) => compare(model, reference, tokens, context),
+            (Some(r), _) => compare_to(model, r, bar),
+            (None, Some(reference)) => compare(model, reference, tokens, context, bar),
             (None, None) => unreachable!("a reference, as logits or as a model"),
         }
     };

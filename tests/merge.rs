@@ -164,15 +164,16 @@ fn output_folder_has_config_card_and_manifest() {
     assert_eq!(config["torch_dtype"], "bfloat16");
     assert_eq!(config["model_type"], "gemma2");
     let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    // No base_model: the inputs are local checkpoints, not Hugging Face ids (tests/cli.rs pins cards).
+    assert!(card.starts_with("---\nlibrary_name: transformers\ntags:\n- merge\n- gemma-merge\n- ema\n- liti\n- slerp\n- warp\n---\n"), "{card}");
     assert!(
-        card.starts_with(
-            "---\ntags:\n- merge\n- warp\n- gemma-merge\nlibrary_name: transformers\n---\n"
-        ),
-        "{card}"
+        card.contains("**SLERP**"),
+        "the card says what the recipe did"
     );
-    assert!(
-        card.contains("method: slerp"),
-        "the card carries the recipe"
+    assert_eq!(
+        std::fs::read_to_string(out.join("recipe.yaml")).unwrap(),
+        std::fs::read_to_string(fixtures().join("recipes/warp.yaml")).unwrap(),
+        "the recipe is beside the weights"
     );
     let manifest: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("merge-manifest.json")).unwrap())
@@ -183,7 +184,15 @@ fn output_folder_has_config_card_and_manifest() {
         .iter()
         .map(|f| f["path"].as_str().unwrap())
         .collect();
-    assert_eq!(files, ["model.safetensors", "config.json", "README.md"]);
+    assert_eq!(
+        files,
+        [
+            "model.safetensors",
+            "config.json",
+            "README.md",
+            "recipe.yaml"
+        ]
+    );
     assert_eq!(manifest["step"], "warp");
     assert_eq!(
         manifest["inputs"].as_array().unwrap().len(),
@@ -235,7 +244,7 @@ fn verify_fails_after_one_byte_changes() {
     let out = d.path().join("lin");
     run_golden("linear.yaml", &out);
     let o = ok(&["verify", s(&out)]);
-    assert!(o.stdout.contains("3 files match"), "{}", o.stdout);
+    assert!(o.stdout.contains("4 files match"), "{}", o.stdout);
     let p = out.join("model.safetensors");
     let mut bytes = std::fs::read(&p).unwrap();
     let i = bytes.len() - 100;

@@ -145,19 +145,9 @@ pub fn run_part(
         }
         return Ok(());
     }
-    let bar = super::progress_bar(
-        g,
-        "{spinner} merging part [{bar:40}] {percent:>3}% {elapsed_precise} eta {eta}",
-    );
-    let report = prepared.run_part(part, opts, &|done, total| {
-        if let Some(b) = &bar {
-            b.set_length(total);
-            b.set_position(done);
-        }
-    })?;
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
+    let bars = super::progress::Bars::new(g);
+    let report = prepared.run_part(part, opts, &bars)?;
+    bars.finish();
     if json {
         outln!("{}", serde_json::to_string_pretty(&report)?)?;
     } else if !g.quiet {

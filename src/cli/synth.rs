@@ -9,6 +9,7 @@ use gemma_merge::synth::{self, Shape};
 
 use super::merge::human_bytes;
 use super::{Global, PathArg, UsageError};
+use gemma_merge::progress::{Progress, Unit};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ShapeName {
@@ -67,15 +68,12 @@ impl DtypeName {
 }
 
 #[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["shape", "from"])))]
 pub struct SynthArgs {
-    /// Size whose shapes to use: Gemma 2 (2b, 9b, 27b), Gemma 1 (gemma-2b, gemma-7b) or Gemma 3
-    /// (gemma3-1b, gemma3-4b, gemma3-12b, gemma3-27b: the language model, as Gemma3ForCausalLM).
-    #[arg(
-        long,
-        value_enum,
-        required_unless_present = "from",
-        conflicts_with = "from"
-    )]
+    /// Size whose shapes to use (required unless --from): Gemma 2 (2b, 9b, 27b), Gemma 1 (gemma-2b,
+    /// gemma-7b) or Gemma 3 (gemma3-1b, gemma3-4b, gemma3-12b, gemma3-27b: the language model, as
+    /// Gemma3ForCausalLM).
+    #[arg(long, value_enum)]
     pub shape: Option<ShapeName>,
     /// Number of layers (default: the real count: 26, 42, 46).
     #[arg(long, value_name = "N", conflicts_with = "from")]
@@ -225,15 +223,15 @@ pub fn synth(a: &SynthArgs, g: &Global) -> anyhow::Result<()> {
             human_bytes(free)
         );
     }
-    let bar = super::progress_bar(
-        g,
-        "{spinner} writing [{bar:40}] {percent:>3}% {bytes}/{total_bytes} eta {eta}",
-    );
-    let progress = |done: u64, total: u64| {
-        if let Some(b) = &bar {
-            b.set_length(total);
-            b.set_position(done);
-        }
+    let bars = super::progress::Bars::new(g);
+    let done = std::cell::Cell::new(None::<u64>);
+    let progress = |now: u64, total: u64| {
+        let before = done.get().unwrap_or_else(|| {
+            bars.start("writing", total, Unit::Bytes);
+            0
+        });
+        bars.advance(now - before);
+        done.set(Some(now));
     };
     let records = match (&base, &shape) {
         (Some((model, sigma)), _) => {
@@ -248,9 +246,7 @@ pub fn synth(a: &SynthArgs, g: &Global) -> anyhow::Result<()> {
         )?,
         (None, None) => unreachable!("clap requires --shape or --from"),
     };
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
+    bars.finish();
     staging.commit()?;
     if !g.quiet {
         let bytes: u64 = records.iter().map(|r| r.size).sum();
@@ -261,7 +257,7 @@ pub fn synth(a: &SynthArgs, g: &Global) -> anyhow::Result<()> {
         };
         outln!(
             "wrote {} ({} parameters, {} files, {}) in {:.2} s",
-            a.out.display(),
+            super::shown(&a.out),
             params,
             records.len(),
             human_bytes(bytes),

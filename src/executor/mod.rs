@@ -9,6 +9,7 @@
 //! Chunk boundaries are fixed (independent of the thread count) and partial sums are added in chunk
 //! order, so the output is byte-identical for any `--threads`.
 
+mod card;
 mod error;
 mod layout;
 mod output;
@@ -33,6 +34,7 @@ pub use parts::{
 pub use verify::{verify_folder, VerifyReport};
 
 use crate::format::{FloatType, Model, ModelWriter, TensorInfo, TensorSpec};
+use crate::progress::{Progress, Unit};
 use crate::recipe::{Operand, Plan, StepKind};
 use values::{ChunkInputs, Val};
 
@@ -121,6 +123,13 @@ struct OutTensor {
     reference: usize,
     /// That leaf's tensor (its own name; `base` carries the output name).
     source: TensorInfo,
+}
+
+impl OutTensor {
+    /// Bytes of `elements` elements of the base tensor (what progress counts).
+    fn bytes_of(&self, elements: usize) -> u64 {
+        (elements as u64 * self.base.len as u64) / (self.base.numel() as u64).max(1)
+    }
 }
 
 /// A recipe bound to its opened inputs and fully validated; ready to run or to describe.
@@ -402,11 +411,7 @@ impl<'p> Prepared<'p> {
     }
 
     /// Runs the merge and writes every output folder (each appears whole or not at all).
-    pub fn run(
-        &self,
-        opts: &RunOptions,
-        progress: &(dyn Fn(u64, u64) + Sync),
-    ) -> Result<RunReport, MergeError> {
+    pub fn run(&self, opts: &RunOptions, progress: &dyn Progress) -> Result<RunReport, MergeError> {
         let started = Instant::now();
         let plan = self.plan;
         let staging = output::Staging::begin(plan, &self.models, opts.force, &opts.extra_inputs)?;
@@ -479,10 +484,7 @@ impl<'p> Prepared<'p> {
 
     /// Evaluates every output model into memory (for scoring without writing; see `front`). Each model's
     /// bytes are exactly those `run` would write.
-    pub fn run_in_memory(
-        &self,
-        progress: &(dyn Fn(u64, u64) + Sync),
-    ) -> Result<Vec<MemoryModel>, MergeError> {
+    pub fn run_in_memory(&self, progress: &dyn Progress) -> Result<Vec<MemoryModel>, MergeError> {
         let outputs = self.output_models();
         let specs = self.specs();
         let mut sinks: Vec<MemoryModel> =
@@ -497,7 +499,7 @@ impl<'p> Prepared<'p> {
     pub fn run_in_memory_one(
         &self,
         index: usize,
-        progress: &(dyn Fn(u64, u64) + Sync),
+        progress: &dyn Progress,
     ) -> Result<MemoryModel, MergeError> {
         let outputs = [self.output_models()[index].clone()];
         let mut sinks = [MemoryModel::new(&self.specs())];
@@ -522,6 +524,26 @@ impl<'p> Prepared<'p> {
             .collect()
     }
 
+    /// What [`Self::evaluate`] counts: each tensor's base bytes once for the writing pass, and once more
+    /// per data pass its steps make over it (SLERP's reduction pass, ...; see [`steps::passes`]).
+    fn progress_total(&self, subset: Option<&[bool]>) -> u64 {
+        let passes: u64 = self
+            .plan
+            .steps
+            .iter()
+            .map(|s| steps::passes(&s.kind) as u64)
+            .sum();
+        self.tensors
+            .iter()
+            .enumerate()
+            .filter(|&(ti, _)| subset.is_none_or(|s| s[ti]))
+            .map(|(_, t)| match t.treatment {
+                Treatment::Merge { .. } => t.base.len as u64 * (1 + passes),
+                Treatment::Copy => t.base.len as u64,
+            })
+            .sum()
+    }
+
     /// Streams every tensor of every output model, in order, into `sinks` (one per output model). With
     /// `subset` (a flag per tensor), only the flagged tensors are evaluated and streamed (one part's shards);
     /// the statistics of their units (SLERP's layer Gram) still cover every tensor of the unit.
@@ -530,14 +552,10 @@ impl<'p> Prepared<'p> {
         outputs: &[(PathBuf, usize, Option<usize>)],
         sinks: &mut [W],
         subset: Option<&[bool]>,
-        progress: &(dyn Fn(u64, u64) + Sync),
+        progress: &dyn Progress,
     ) -> Result<(), MergeError> {
         let wanted = |ti: usize| subset.is_none_or(|s| s[ti]);
-        let total: u64 = (0..self.tensors.len())
-            .filter(|&ti| wanted(ti))
-            .map(|ti| self.tensors[ti].base.numel() as u64)
-            .sum();
-        let mut done = 0u64;
+        progress.start("merging", self.progress_total(subset), Unit::Bytes);
         let mut coefs: HashMap<usize, Vec<Vec<Val>>> = HashMap::new();
         let mut remaining: Vec<usize> = self
             .units
@@ -562,12 +580,12 @@ impl<'p> Prepared<'p> {
                 continue;
             }
             match &t.treatment {
-                Treatment::Copy => self.copy_tensor(t, sinks)?,
+                Treatment::Copy => self.copy_tensor(t, sinks, progress)?,
                 Treatment::Merge { .. } => {
                     let unit_vals = match coefs.entry(t.unit) {
                         std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                         std::collections::hash_map::Entry::Vacant(e) => {
-                            e.insert(self.memo_values(t.unit)?)
+                            e.insert(self.memo_values(t.unit, progress)?)
                         }
                     };
                     let pos = self.units[t.unit]
@@ -578,15 +596,13 @@ impl<'p> Prepared<'p> {
                         .iter()
                         .map(|&(_, step, eta)| self.output_value(&unit_vals[pos], step, eta))
                         .collect();
-                    self.write_tensor(t, &values, &labels, sinks)?;
+                    self.write_tensor(t, &values, &labels, sinks, progress)?;
                 }
             }
             remaining[t.unit] -= 1;
             if remaining[t.unit] == 0 {
                 coefs.remove(&t.unit);
             }
-            done += t.base.numel() as u64;
-            progress(done, total);
         }
         Ok(())
     }
@@ -616,7 +632,7 @@ impl<'p> Prepared<'p> {
 
     /// [`Self::unit_values`], computed once per unit and then remembered (a few numbers per tensor),
     /// so that evaluating outputs one at a time runs the reduction passes once.
-    fn memo_values(&self, unit: usize) -> Result<UnitValues, MergeError> {
+    fn memo_values(&self, unit: usize, progress: &dyn Progress) -> Result<UnitValues, MergeError> {
         let known = self
             .coefficients
             .lock()
@@ -626,7 +642,7 @@ impl<'p> Prepared<'p> {
         if let Some(v) = known {
             return Ok(v);
         }
-        let v = self.unit_values(unit)?;
+        let v = self.unit_values(unit, progress)?;
         self.coefficients
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -641,6 +657,7 @@ impl<'p> Prepared<'p> {
         values: &[Val],
         labels: &[String],
         writers: &mut [impl TensorSink],
+        progress: &dyn Progress,
     ) -> Result<(), MergeError> {
         let needed = self.needed_leaves(t, values);
         let out_type =
@@ -706,12 +723,9 @@ impl<'p> Prepared<'p> {
             if let Some(next) = next {
                 pending = Some(next?);
             }
-            self.release(
-                t,
-                &needed,
-                block_start * CHUNK,
-                ((block_start + BLOCK) * CHUNK).min(n),
-            );
+            let (lo, hi) = (block_start * CHUNK, ((block_start + BLOCK) * CHUNK).min(n));
+            self.release(t, &needed, lo, hi);
+            progress.advance(t.bytes_of(hi - lo));
         }
         Ok(())
     }
@@ -721,6 +735,7 @@ impl<'p> Prepared<'p> {
         &self,
         t: &OutTensor,
         writers: &mut [impl TensorSink],
+        progress: &dyn Progress,
     ) -> Result<(), MergeError> {
         let base = &self.models[t.reference];
         let data = base.data(&t.source);
@@ -728,6 +743,7 @@ impl<'p> Prepared<'p> {
             for w in writers.iter_mut() {
                 w.write(piece)?;
             }
+            progress.advance(piece.len() as u64);
         }
         base.file_of(&t.source)
             .release(t.source.start, t.source.len);

@@ -9,6 +9,7 @@ use sha2::{Digest, Sha256};
 use super::MergeError;
 use crate::format::writer::{hex, write_small_file, FileRecord};
 use crate::format::{files, Model};
+use crate::progress::Progress;
 use crate::recipe::Plan;
 use crate::safe_out::{check_conflicts, check_target, model_inputs, Kind, Role, Staged};
 
@@ -209,8 +210,13 @@ impl Staging {
             records.push(write_small_file(&dir, name, text.as_bytes())?);
         }
         let step_name = &plan.steps[step].name;
-        let card = model_card(plan, step_name, eta, path);
+        let card = super::card::model_card(plan, step, eta, path);
         records.push(write_small_file(&dir, "README.md", card.as_bytes())?);
+        records.push(write_small_file(
+            &dir,
+            super::card::RECIPE_FILE,
+            plan.recipe_text.as_bytes(),
+        )?);
         let manifest = Manifest {
             tool: "gemma-merge".into(),
             version: env!("CARGO_PKG_VERSION").into(),
@@ -284,44 +290,13 @@ fn front_folders(plan: &Plan, path: &Path) -> Option<Vec<String>> {
     (!subdirs.is_empty()).then_some(subdirs)
 }
 
-fn model_card(plan: &Plan, step: &str, eta: Option<f64>, path: &Path) -> String {
-    let base_name = &plan.leaves[plan.base].shown;
-    // `base_model` names a model on the Hub: only a model found by its hub id can be one.
-    let base_line = match &plan.leaves[plan.base].hub_id {
-        Some(id) => format!(
-            "base_model: {}\n",
-            serde_json::to_string(id).expect("a string serializes")
-        ),
-        None => String::new(),
-    };
-    let merged: String = plan
-        .leaves
-        .iter()
-        .map(|l| format!("- {}\n", l.hub_id.as_deref().unwrap_or(&l.shown)))
-        .collect();
-    let title = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "merged model".into());
-    let eta_text = eta.map(|e| format!(", η = {e:?}")).unwrap_or_default();
-    format!(
-        "---\n{base_line}tags:\n- merge\n- warp\n- gemma-merge\nlibrary_name: transformers\n---\n\n# {title}\n\n\
-         Merged with gemma-merge {} from the recipe below (output step `{step}`{eta_text}): \
-         WARP-style weight averaging (EMA, SLERP of task vectors, LITI towards the init) of checkpoints \
-         sharing the base `{base_name}`. `merge-manifest.json` lists every input and the SHA-256 of every file \
-         here; `gemma-merge verify` re-checks them.\n\n## Merged models\n\n{merged}\n## Recipe\n\n```yaml\n{}\n```\n",
-        env!("CARGO_PKG_VERSION"),
-        plan.recipe_text.trim_end()
-    )
-}
-
 /// Every input file (the safetensors files of each input model), with sizes and optionally SHA-256.
 pub(crate) fn input_records(models: &[Model], hash: bool) -> Result<Vec<InputRecord>, MergeError> {
     let mut out = Vec::new();
     for m in models {
         for f in m.files() {
             let sha256 = if hash {
-                Some(hash_file(f.path())?)
+                Some(hash_file(f.path(), &crate::progress::Silent)?)
             } else {
                 None
             };
@@ -335,7 +310,7 @@ pub(crate) fn input_records(models: &[Model], hash: bool) -> Result<Vec<InputRec
     Ok(out)
 }
 
-pub(crate) fn hash_file(path: &Path) -> Result<String, MergeError> {
+pub(crate) fn hash_file(path: &Path, progress: &dyn Progress) -> Result<String, MergeError> {
     let mut f = files::open_regular(path).map_err(|e| MergeError::io(path, e))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 8 << 20];
@@ -345,6 +320,7 @@ pub(crate) fn hash_file(path: &Path) -> Result<String, MergeError> {
             break;
         }
         h.update(&buf[..n]);
+        progress.advance(n as u64);
     }
     Ok(hex(&h.finalize()))
 }

@@ -280,7 +280,7 @@ impl Prepared<'_> {
         &self,
         part: Part,
         opts: &RunOptions,
-        progress: &(dyn Fn(u64, u64) + Sync),
+        progress: &dyn crate::progress::Progress,
     ) -> Result<PartReport, MergeError> {
         let started = Instant::now();
         let plan = self.plan;
@@ -431,7 +431,7 @@ impl Prepared<'_> {
             let owner = split_by_bytes(&sizes, part.count);
             for ((rec, path), p) in records.iter_mut().zip(files).zip(owner) {
                 if p + 1 == part.index {
-                    rec.sha256 = Some(hash_file(path)?);
+                    rec.sha256 = Some(hash_file(path, &crate::progress::Silent)?);
                 }
             }
         }
@@ -593,7 +593,7 @@ impl Prepared<'_> {
         if hash_inputs {
             for (rec, path) in inputs.iter_mut().zip(self.input_paths()) {
                 if rec.sha256.is_none() {
-                    rec.sha256 = Some(hash_file(path)?);
+                    rec.sha256 = Some(hash_file(path, &crate::progress::Silent)?);
                 }
             }
         } else {

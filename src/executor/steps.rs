@@ -9,6 +9,7 @@ use rayon::prelude::*;
 use super::values::{GroupOf, Keep, Node, TaskVectorNode, Val};
 use super::{MergeError, OutTensor, Prepared, Treatment, BLOCK, CHUNK};
 use crate::kernels;
+use crate::progress::Progress;
 use crate::recipe::{Angle, Grouping, Operand, Sparsify, StepKind, TaskVectorStep};
 use crate::selection::{magnitude_key, probability_threshold, stream_key, Pass, RankSelect};
 
@@ -35,7 +36,11 @@ impl Prepared<'_> {
     }
 
     /// Every step's value for every tensor of a unit (`[tensor][step]`), running the passes they need.
-    pub(super) fn unit_values(&self, unit: usize) -> Result<Vec<Vec<Val>>, MergeError> {
+    pub(super) fn unit_values(
+        &self,
+        unit: usize,
+        progress: &dyn Progress,
+    ) -> Result<Vec<Vec<Val>>, MergeError> {
         let all = &self.units[unit];
         let mut per_tensor: Vec<Vec<Val>> =
             vec![Vec::with_capacity(self.plan.steps.len()); all.len()];
@@ -47,13 +52,21 @@ impl Prepared<'_> {
                 angle,
             } = &step.kind
             {
-                self.slerp_unit(all, &mut per_tensor, *base, models, lambdas, *angle)?;
+                self.slerp_unit(
+                    all,
+                    &mut per_tensor,
+                    *base,
+                    models,
+                    lambdas,
+                    *angle,
+                    progress,
+                )?;
                 continue;
             }
             for (pos, &ti) in all.iter().enumerate() {
                 let t = &self.tensors[ti];
                 let v = if matches!(t.treatment, Treatment::Merge { .. }) {
-                    self.step_value(t, &step.kind, &per_tensor[pos])?
+                    self.step_value(t, &step.kind, &per_tensor[pos], progress)?
                 } else {
                     Val::leaf(self.plan.base, self.leaves())
                 };
@@ -72,6 +85,7 @@ impl Prepared<'_> {
         models: &[Operand],
         lambdas: &[f64],
         angle: Angle,
+        progress: &dyn Progress,
     ) -> Result<(), MergeError> {
         let deltas: Vec<Vec<Val>> = per_tensor
             .iter()
@@ -88,7 +102,10 @@ impl Prepared<'_> {
         for (pos, &ti) in all.iter().enumerate() {
             let t = &self.tensors[ti];
             if matches!(t.treatment, Treatment::Merge { .. }) {
-                grams.push(self.gram(t, &deltas[pos], GroupOf::Whole)?.remove(0));
+                grams.push(
+                    self.gram(t, &deltas[pos], GroupOf::Whole, progress)?
+                        .remove(0),
+                );
             } else {
                 grams.push(vec![vec![0.0; m]; m]);
             }
@@ -113,7 +130,13 @@ impl Prepared<'_> {
     }
 
     /// The value of one step for one merged tensor, given the earlier steps' values.
-    fn step_value(&self, t: &OutTensor, kind: &StepKind, sv: &[Val]) -> Result<Val, MergeError> {
+    fn step_value(
+        &self,
+        t: &OutTensor,
+        kind: &StepKind,
+        sv: &[Val],
+        progress: &dyn Progress,
+    ) -> Result<Val, MergeError> {
         let restricted;
         let kind = if self.plan.layout.is_some() {
             restricted = restrict(t, kind)?;
@@ -169,7 +192,7 @@ impl Prepared<'_> {
                 }
                 Val::sum(vec![(self.value(models[0], sv), at(&scale[0], 1.0))], n)
             }
-            StepKind::TaskVectors(tv) => self.task_vectors(t, tv, sv)?,
+            StepKind::TaskVectors(tv) => self.task_vectors(t, tv, sv, progress)?,
             StepKind::ModelStock {
                 base,
                 models,
@@ -183,7 +206,7 @@ impl Prepared<'_> {
                 } else {
                     GroupOf::Whole
                 };
-                let grams = self.gram(t, &deltas, group)?;
+                let grams = self.gram(t, &deltas, group, progress)?;
                 let k = ms.len() as f64;
                 let ts: Vec<f64> = grams.iter().map(|g| kernels::model_stock_t(g)).collect();
                 let mut terms = vec![(b, ts.iter().map(|t| 1.0 - t).collect::<Vec<f64>>())];
@@ -194,7 +217,7 @@ impl Prepared<'_> {
             }
             StepKind::WeightSlerp { base, other, t: tp } => {
                 let vals = vec![self.value(*base, sv), self.value(*other, sv)];
-                let g = self.gram(t, &vals, GroupOf::Whole)?.remove(0);
+                let g = self.gram(t, &vals, GroupOf::Whole, progress)?.remove(0);
                 let (ca, cb) = kernels::weight_slerp(g[0][1], g[0][0], g[1][1], at(tp, 0.5));
                 Val::sum(vals.into_iter().zip([ca, cb]).collect(), n)
             }
@@ -224,7 +247,7 @@ impl Prepared<'_> {
                         (t.base.numel() / shape.first().copied().unwrap_or(1).max(1)).max(1),
                     ),
                 };
-                let grams = self.gram(t, &vecs, group)?;
+                let grams = self.gram(t, &vecs, group, progress)?;
                 let pairs: Vec<(f64, f64)> = grams
                     .iter()
                     .map(|g| kernels::slerp_pair(g[0][1], g[0][0], g[1][1], lambda))
@@ -248,6 +271,7 @@ impl Prepared<'_> {
         t: &OutTensor,
         tv: &TaskVectorStep,
         sv: &[Val],
+        progress: &dyn Progress,
     ) -> Result<Val, MergeError> {
         let name = t.base.name.as_str();
         let at = |p: &crate::methods::Param, default: f64| p.or_default(name, t.t, default);
@@ -321,7 +345,7 @@ impl Prepared<'_> {
             };
             plans.push(plan);
         }
-        let found = self.select_many(t, &deltas, &targets)?;
+        let found = self.select_many(t, &deltas, &targets, progress)?;
         let mut found = targets.iter().zip(found);
         let keep: Vec<Keep> = plans
             .into_iter()
@@ -337,7 +361,7 @@ impl Prepared<'_> {
         let rescaled: Vec<usize> = (0..deltas.len())
             .filter(|&i| tv.rescale && !matches!(keep[i], Keep::All | Keep::Nothing))
             .collect();
-        let norms = self.l1_norms(t, &deltas, &keep, &rescaled)?;
+        let norms = self.l1_norms(t, &deltas, &keep, &rescaled, progress)?;
         let mut scaled = weights.clone();
         for (&i, (all, kept)) in rescaled.iter().zip(norms) {
             if all >= 1e-7 && kept >= 1e-7 {
@@ -361,6 +385,7 @@ impl Prepared<'_> {
     fn chunk_pass<A: Send>(
         &self,
         t: &OutTensor,
+        progress: &dyn Progress,
         vals: &[Val],
         wanted: impl Fn(usize) -> bool + Sync,
         f: impl Fn(usize, &[Vec<f64>]) -> A + Sync,
@@ -394,12 +419,9 @@ impl Prepared<'_> {
             for (k, p) in parts.into_iter().enumerate() {
                 sink(block_start + k, p);
             }
-            self.release(
-                t,
-                &needed,
-                block_start * CHUNK,
-                (block_end * CHUNK).min(numel),
-            );
+            let (lo, hi) = (block_start * CHUNK, (block_end * CHUNK).min(numel));
+            self.release(t, &needed, lo, hi);
+            progress.advance(t.bytes_of(hi - lo));
         }
         Ok(())
     }
@@ -410,12 +432,14 @@ impl Prepared<'_> {
         t: &OutTensor,
         vals: &[Val],
         group: GroupOf,
+        progress: &dyn Progress,
     ) -> Result<Vec<Vec<Vec<f64>>>, MergeError> {
         let m = vals.len();
         let numel = t.base.numel();
         let mut grams = vec![vec![vec![0.0; m]; m]; group.count(numel)];
         self.chunk_pass(
             t,
+            progress,
             vals,
             |_| true,
             |lo, values| {
@@ -470,6 +494,7 @@ impl Prepared<'_> {
         t: &OutTensor,
         deltas: &[Val],
         targets: &[(usize, u64, bool)],
+        progress: &dyn Progress,
     ) -> Result<Vec<(u64, u64)>, MergeError> {
         let mut sels: Vec<RankSelect> = targets
             .iter()
@@ -494,6 +519,7 @@ impl Prepared<'_> {
             let dref = &done;
             self.chunk_pass(
                 t,
+                progress,
                 &vals,
                 |c| (0..targets.len()).any(|k| !dref[k] && sref[k].wants_chunk(c)),
                 |lo, values| {
@@ -535,6 +561,7 @@ impl Prepared<'_> {
         deltas: &[Val],
         keep: &[Keep],
         which: &[usize],
+        progress: &dyn Progress,
     ) -> Result<Vec<(f64, f64)>, MergeError> {
         let mut total = vec![(0.0, 0.0); which.len()];
         if which.is_empty() {
@@ -543,6 +570,7 @@ impl Prepared<'_> {
         let vals: Vec<Val> = which.iter().map(|&i| deltas[i].clone()).collect();
         self.chunk_pass(
             t,
+            progress,
             &vals,
             |_| true,
             |lo, values| {

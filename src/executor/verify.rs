@@ -8,6 +8,7 @@ use std::path::{Component, Path, PathBuf};
 use super::output::{hash_file, Manifest, MANIFEST, SIDE_FILES};
 use super::MergeError;
 use crate::format::files;
+use crate::progress::{Progress, Unit};
 
 /// Result of re-hashing a folder: one line per file checked, and the mismatches.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -58,8 +59,9 @@ fn escapes(p: &Path, root: &Path) -> Option<String> {
 }
 
 /// Re-checks `dir` against `DIR/merge-manifest.json`, or, for a LITI front, each
-/// `DIR/eta-*/merge-manifest.json` and the list of η folders they record.
-pub fn verify_folder(dir: &Path) -> Result<VerifyReport, MergeError> {
+/// `DIR/eta-*/merge-manifest.json` and the list of η folders they record. `progress` gets one
+/// "verifying" phase per manifest, by bytes hashed.
+pub fn verify_folder(dir: &Path, progress: &dyn Progress) -> Result<VerifyReport, MergeError> {
     let mut report = VerifyReport {
         checked: Vec::new(),
         mismatches: Vec::new(),
@@ -72,7 +74,7 @@ pub fn verify_folder(dir: &Path) -> Result<VerifyReport, MergeError> {
     })?;
     let manifest_path = dir.join(MANIFEST);
     if std::fs::symlink_metadata(&manifest_path).is_ok() {
-        verify_model(dir, &root, &mut report)?;
+        verify_model(dir, &root, &mut report, progress)?;
         return Ok(report);
     }
     let mut subs: Vec<(String, PathBuf)> = std::fs::read_dir(dir)
@@ -97,7 +99,7 @@ pub fn verify_folder(dir: &Path) -> Result<VerifyReport, MergeError> {
             report.mismatches.push(m);
             continue;
         }
-        let manifest = verify_model(sub, &root, &mut report)?;
+        let manifest = verify_model(sub, &root, &mut report, progress)?;
         if let Some(front) = manifest.and_then(|m| m.front) {
             if !front.contains(name) {
                 report.mismatches.push(format!(
@@ -131,6 +133,7 @@ fn verify_model(
     dir: &Path,
     root: &Path,
     report: &mut VerifyReport,
+    progress: &dyn Progress,
 ) -> Result<Option<Manifest>, MergeError> {
     let manifest_path = dir.join(MANIFEST);
     if let Some(m) = escapes(&manifest_path, root) {
@@ -160,6 +163,11 @@ fn verify_model(
             manifest_path.display()
         ));
     }
+    progress.start(
+        "verifying",
+        manifest.outputs.iter().map(|r| r.size).sum(),
+        Unit::Bytes,
+    );
     let mut listed: Vec<&str> = Vec::new();
     for rec in &manifest.outputs {
         let p = dir.join(&rec.path);
@@ -202,7 +210,7 @@ fn verify_model(
                 rec.size
             ));
         } else {
-            let got = hash_file(&p)?;
+            let got = hash_file(&p, progress)?;
             if got != rec.sha256 {
                 report.mismatches.push(format!(
                     "{}: SHA-256 {got} but the manifest says {}",
