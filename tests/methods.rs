@@ -435,11 +435,11 @@ fn hub_ids_resolve_in_the_local_cache_and_name_the_folder_when_missing() {
     let o = gm_in(d.path(), &["-q", "run", "c.yml", "--out", "out"], &env);
     assert_eq!(o.code, 0, "{}", o.stderr);
     let card = std::fs::read_to_string(d.path().join("out/README.md")).unwrap();
+    // Hub ids, and only they, are the card's `base_model` (the Hub's list form for merges).
     assert!(
-        card.starts_with("---\nbase_model: \"org/base\"\n"),
+        card.starts_with("---\nbase_model:\n- org/base\n- org/tuned\nbase_model_relation: merge\n"),
         "{card}"
     );
-    assert!(card.contains("- org/tuned\n"), "{card}");
     // The merge itself: base + 0.5·(ft_a − base).
     let got = load(&d.path().join("out"));
     let (b, a) = (load(&case().join("sft")), load(&case().join("ft_a")));
@@ -467,9 +467,18 @@ fn a_local_base_is_not_written_as_the_cards_base_model() {
     let card = std::fs::read_to_string(out.join("README.md")).unwrap();
     let front_matter = card.split("---").nth(1).unwrap();
     assert!(!front_matter.contains("base_model:"), "{card}");
-    for m in ["../sft", "../ft_a", "../ft_b", "../ft_c"] {
-        assert!(card.contains(&format!("- {m}\n")), "{card}");
+    // The merged models are listed by name, never by a local path.
+    assert!(
+        card.contains("- `sft` (base) — a local checkpoint\n"),
+        "{card}"
+    );
+    for m in ["ft_a", "ft_b", "ft_c"] {
+        assert!(
+            card.contains(&format!("- `{m}` — a local checkpoint\n")),
+            "{card}"
+        );
     }
+    assert!(!card.contains("../") && !card.contains("/work"), "{card}");
 }
 
 fn dot(a: &[f64], b: &[f64]) -> f64 {

@@ -67,10 +67,11 @@ pub fn verify_folder(dir: &Path, progress: &dyn Progress) -> Result<VerifyReport
         mismatches: Vec::new(),
     };
     let root = resolved(dir).ok_or_else(|| {
-        MergeError::io(
-            dir,
-            std::io::Error::new(std::io::ErrorKind::NotFound, "no such folder"),
-        )
+        // The OS's own reason (once), e.g. "No such file or directory (os error 2)".
+        let e = std::fs::metadata(dir)
+            .err()
+            .unwrap_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no such folder"));
+        MergeError::io(dir, e)
     })?;
     let manifest_path = dir.join(MANIFEST);
     if std::fs::symlink_metadata(&manifest_path).is_ok() {
