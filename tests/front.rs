@@ -196,6 +196,11 @@ fn front_plot_renders_in_headless_chromium() {
                 .is_ok_and(|o| o.status.success())
         })
     else {
+        // CI (.ci/run sets GEMMA_MERGE_REQUIRE_CHROMIUM) must render; a developer's machine may lack Chromium.
+        assert!(
+            std::env::var_os("GEMMA_MERGE_REQUIRE_CHROMIUM").is_none(),
+            "no chromium on PATH, and GEMMA_MERGE_REQUIRE_CHROMIUM is set"
+        );
         println!("SKIPPED front_plot_renders_in_headless_chromium: no chromium on PATH (.ci/run installs Debian's chromium)");
         return;
     };
