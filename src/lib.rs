@@ -13,4 +13,5 @@ pub mod model;
 pub mod plot;
 pub mod recipe;
 pub mod simd;
+mod sum;
 pub mod synth;
