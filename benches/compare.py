@@ -8,6 +8,9 @@
                                       PyTorch + transformers Gemma2ForCausalLM in bfloat16: one prefill pass over
                                       PREFILL_IDS (comma-separated) and DECODE one-token steps with the KV cache after
                                       PROMPT_IDS; prints {"prefill_tokens_per_second": ..., "decode_tokens_per_second": ...}
+  compare.py deviation EXACT.safetensors FAST.safetensors
+                                      two `eval --dump-logits` files (exact and --fast): mean and max KL(exact‖fast)
+                                      per position, max |logit difference|, top-1 agreement (numpy + safetensors)
 """
 import json
 import sys
@@ -60,9 +63,33 @@ def torch_bench(folder, prefill_ids, prompt_ids, decode, threads):
     }))
 
 
+def deviation(exact_path, fast_path):
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    a = load_file(exact_path)["logits"].astype(np.float64)
+    b = load_file(fast_path)["logits"].astype(np.float64)
+
+    def log_softmax(x):
+        x = x - x.max(axis=1, keepdims=True)
+        return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+
+    la, lb = log_softmax(a), log_softmax(b)
+    kl = (np.exp(la) * (la - lb)).sum(axis=1)
+    print(json.dumps({
+        "positions": int(a.shape[0]),
+        "kl_mean": float(kl.mean()),
+        "kl_max": float(kl.max()),
+        "max_abs_logit_diff": float(np.abs(a - b).max()),
+        "top1_agreement": float((a.argmax(1) == b.argmax(1)).mean()),
+    }))
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "tokenizer":
         tokenizer(sys.argv[2])
+    elif sys.argv[1] == "deviation":
+        deviation(sys.argv[2], sys.argv[3])
     elif sys.argv[1] == "torch":
         torch_bench(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6]))
     else:
