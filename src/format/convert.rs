@@ -52,6 +52,49 @@ pub(crate) fn encode_f64_at(level: Level, t: FloatType, values: &[f64], dst: &mu
     }
 }
 
+/// Index of the first NaN or infinity in `v`: blocks of 64 are tested without early exit (so the test
+/// vectorises at the process's SIMD level), then the block that has one is searched.
+pub fn first_non_finite(v: &[f32]) -> Option<usize> {
+    match crate::simd::level() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: simd::level() never exceeds the CPU's features.
+        Level::Avx512 => unsafe { first_non_finite_avx512(v) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Level::Avx2 => unsafe { first_non_finite_avx2(v) },
+        _ => first_non_finite_impl(v),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2")]
+unsafe fn first_non_finite_avx512(v: &[f32]) -> Option<usize> {
+    first_non_finite_impl(v)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn first_non_finite_avx2(v: &[f32]) -> Option<usize> {
+    first_non_finite_impl(v)
+}
+
+#[inline(always)]
+fn first_non_finite_impl(v: &[f32]) -> Option<usize> {
+    for (b, block) in v.chunks(64).enumerate() {
+        // Exponent bits all ones: NaN or ±∞.
+        let bad = block.iter().fold(0u32, |acc, x| {
+            acc | ((x.to_bits() & 0x7f80_0000) == 0x7f80_0000) as u32
+        });
+        if bad != 0 {
+            return block
+                .iter()
+                .position(|x| !x.is_finite())
+                .map(|i| b * 64 + i);
+        }
+    }
+    None
+}
+
 pub(crate) fn decode_scalar(t: FloatType, bytes: &[u8], out: &mut [f32]) {
     match t {
         FloatType::BF16 => {
@@ -397,6 +440,21 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn first_non_finite_finds_the_first_nan_or_infinity() {
+        let mut v = vec![1.0f32; 1000];
+        assert_eq!(first_non_finite(&v), None);
+        v[999] = f32::NEG_INFINITY;
+        assert_eq!(first_non_finite(&v), Some(999));
+        v[130] = f32::NAN;
+        v[131] = f32::INFINITY;
+        assert_eq!(first_non_finite(&v), Some(130));
+        v[0] = f32::from_bits(0xff80_0001); // a NaN with a payload
+        assert_eq!(first_non_finite(&v), Some(0));
+        assert_eq!(first_non_finite(&[f32::MAX, -f32::MAX, 1e-45, -0.0]), None);
+        assert_eq!(first_non_finite(&[]), None);
     }
 
     #[test]

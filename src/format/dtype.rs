@@ -4,6 +4,8 @@
 //! once to the output type with round-to-nearest-even, which is what `half` implements.
 
 use half::{bf16, f16};
+
+pub use super::convert::first_non_finite;
 use safetensors::Dtype;
 
 /// A floating-point storage type that can be merged.
