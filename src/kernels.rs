@@ -114,7 +114,7 @@ pub fn chain_lambdas(weights: &[f64]) -> Vec<f64> {
 pub fn combine(coefs: &[f64], sum: f64, inputs: &[&[f32]], reference: usize, out: &mut [f64]) {
     // Vectorised at the process's SIMD level, with the same operations per element in the same order
     // (the order of additions per element is the input order) at every level.
-    crate::sum::combine_at(crate::simd::level(), coefs, sum, inputs, reference, out)
+    crate::sum::combine_at(coefs, sum, inputs, reference, out)
 }
 
 /// Accumulates the Gram matrix of several vectors of equal length in f64.

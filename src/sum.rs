@@ -5,83 +5,42 @@
 //! separate multiplies and adds (never fused): each element sees exactly the operations of the scalar
 //! loop in the same order, so every level gives the same bits.
 
-use crate::simd::Level;
+use crate::simd::leveled;
 
 /// Elements per block (4 KiB of f64 accumulators).
 const BLOCK: usize = 512;
 
-/// [`crate::kernels::combine`] at `level`.
-pub(crate) fn combine_at(
-    level: Level,
-    coefs: &[f64],
-    sum: f64,
-    inputs: &[&[f32]],
-    reference: usize,
-    out: &mut [f64],
-) {
-    match level {
-        #[cfg(target_arch = "x86_64")]
-        Level::Avx512 => {
-            assert!(level <= crate::simd::detected());
-            // SAFETY: the CPU has AVX-512 F (asserted).
-            unsafe { combine_avx512(coefs, sum, inputs, reference, out) }
-        }
-        #[cfg(target_arch = "x86_64")]
-        Level::Avx2 => {
-            assert!(level <= crate::simd::detected());
-            // SAFETY: the CPU has AVX2 (asserted).
-            unsafe { combine_avx2(coefs, sum, inputs, reference, out) }
-        }
-        _ => combine_impl(coefs, sum, inputs, reference, out),
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2")]
-unsafe fn combine_avx512(
-    coefs: &[f64],
-    sum: f64,
-    inputs: &[&[f32]],
-    reference: usize,
-    out: &mut [f64],
-) {
-    combine_impl(coefs, sum, inputs, reference, out)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn combine_avx2(
-    coefs: &[f64],
-    sum: f64,
-    inputs: &[&[f32]],
-    reference: usize,
-    out: &mut [f64],
-) {
-    combine_impl(coefs, sum, inputs, reference, out)
-}
-
-#[inline(always)]
-fn combine_impl(coefs: &[f64], sum: f64, inputs: &[&[f32]], reference: usize, out: &mut [f64]) {
-    let n = out.len();
-    let x_ref = &inputs[reference][..n];
-    let terms: Vec<(f64, &[f32])> = coefs
-        .iter()
-        .enumerate()
-        .filter(|&(i, &c)| i != reference && c != 0.0)
-        .map(|(i, &c)| (c, &inputs[i][..n]))
-        .collect();
-    for start in (0..n).step_by(BLOCK) {
-        let end = (start + BLOCK).min(n);
-        let o = &mut out[start..end];
-        let r = &x_ref[start..end];
-        o.fill(0.0);
-        for &(c, x) in &terms {
-            for ((o, &xi), &r) in o.iter_mut().zip(&x[start..end]).zip(r) {
-                *o += c * (xi as f64 - r as f64);
+leveled! {
+    /// [`crate::kernels::combine`], vectorised (see the module documentation); `combine_at::at(level, ..)`
+    /// runs it at an explicit level.
+    pub(crate) fn combine_at(
+        coefs: &[f64],
+        sum: f64,
+        inputs: &[&[f32]],
+        reference: usize,
+        out: &mut [f64]
+    ) {
+        let n = out.len();
+        let x_ref = &inputs[reference][..n];
+        let terms: Vec<(f64, &[f32])> = coefs
+            .iter()
+            .enumerate()
+            .filter(|&(i, &c)| i != reference && c != 0.0)
+            .map(|(i, &c)| (c, &inputs[i][..n]))
+            .collect();
+        for start in (0..n).step_by(BLOCK) {
+            let end = (start + BLOCK).min(n);
+            let o = &mut out[start..end];
+            let r = &x_ref[start..end];
+            o.fill(0.0);
+            for &(c, x) in &terms {
+                for ((o, &xi), &r) in o.iter_mut().zip(&x[start..end]).zip(r) {
+                    *o += c * (xi as f64 - r as f64);
+                }
             }
-        }
-        for (o, &r) in o.iter_mut().zip(r) {
-            *o += sum * r as f64;
+            for (o, &r) in o.iter_mut().zip(r) {
+                *o += sum * r as f64;
+            }
         }
     }
 }
@@ -159,7 +118,7 @@ mod tests {
             reference_combine(&coefs, sum, &views, reference, &mut want);
             for level in crate::simd::available() {
                 let mut got = vec![f64::NAN; n];
-                combine_at(level, &coefs, sum, &views, reference, &mut got);
+                combine_at::at(level, &coefs, sum, &views, reference, &mut got);
                 let same = got
                     .iter()
                     .zip(&want)

@@ -6,7 +6,7 @@
 use half::{bf16, f16};
 
 use super::dtype::{f64_to_f32_round_odd, FloatType};
-use crate::simd::Level;
+use crate::simd::{leveled, Level};
 
 /// Decodes little-endian elements of `t` into `out` at `level`. `bytes.len()` must be `out.len() · size`.
 pub(crate) fn decode_at(level: Level, t: FloatType, bytes: &[u8], out: &mut [f32]) {
@@ -52,47 +52,21 @@ pub(crate) fn encode_f64_at(level: Level, t: FloatType, values: &[f64], dst: &mu
     }
 }
 
-/// Index of the first NaN or infinity in `v`: blocks of 64 are tested without early exit (so the test
-/// vectorises at the process's SIMD level), then the block that has one is searched.
-pub fn first_non_finite(v: &[f32]) -> Option<usize> {
-    match crate::simd::level() {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: simd::level() never exceeds the CPU's features.
-        Level::Avx512 => unsafe { first_non_finite_avx512(v) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above.
-        Level::Avx2 => unsafe { first_non_finite_avx2(v) },
-        _ => first_non_finite_impl(v),
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2")]
-unsafe fn first_non_finite_avx512(v: &[f32]) -> Option<usize> {
-    first_non_finite_impl(v)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn first_non_finite_avx2(v: &[f32]) -> Option<usize> {
-    first_non_finite_impl(v)
-}
-
-#[inline(always)]
-fn first_non_finite_impl(v: &[f32]) -> Option<usize> {
-    for (b, block) in v.chunks(64).enumerate() {
-        // Exponent bits all ones: NaN or ±∞.
-        let bad = block.iter().fold(0u32, |acc, x| {
-            acc | ((x.to_bits() & 0x7f80_0000) == 0x7f80_0000) as u32
-        });
-        if bad != 0 {
-            return block
+leveled! {
+    /// Index of the first NaN or infinity in `v`: blocks of 64 are tested without early exit (so the test
+    /// vectorises at the process's SIMD level), then the block that has one is searched.
+    pub fn first_non_finite(v: &[f32]) -> Option<usize> {
+        for (b, block) in v.chunks(64).enumerate() {
+            // Exponent bits all ones: NaN or ±∞.
+            let bad = block
                 .iter()
-                .position(|x| !x.is_finite())
-                .map(|i| b * 64 + i);
+                .fold(0u32, |acc, x| acc | ((x.to_bits() & 0x7f80_0000) == 0x7f80_0000) as u32);
+            if bad != 0 {
+                return block.iter().position(|x| !x.is_finite()).map(|i| b * 64 + i);
+            }
         }
+        None
     }
-    None
 }
 
 pub(crate) fn decode_scalar(t: FloatType, bytes: &[u8], out: &mut [f32]) {
