@@ -60,7 +60,7 @@ def torch_bench(folder, prefill_ids, prompt_ids, decode, threads):
     print(json.dumps({
         "prefill_tokens_per_second": prefill.shape[1] / prefill_s,
         "decode_tokens_per_second": decode / decode_s,
-    }))
+    }, separators=(",", ":")))
 
 
 def deviation(exact_path, fast_path):
