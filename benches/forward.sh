@@ -64,7 +64,7 @@ json_num() { grep -o "\"$1\":[-0-9.e+]*" "$2" | head -n 1 | cut -d: -f2; }
 random_ids() { awk -v n="$1" -v seed="$2" 'BEGIN { srand(seed); s = "2"; for (i = 1; i < n; i++) s = s "," int(3 + rand() * 255997); print s }'; }
 
 bandwidth() {
-  python3 - "$@" <<'PY' 2>/dev/null || echo "n/a"
+  "${PYTHON:-python3}" - "$@" <<'PY' 2>/dev/null || echo "n/a"
 import sys, time, threading
 import numpy as np
 threads = int(sys.argv[1])

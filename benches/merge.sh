@@ -23,7 +23,8 @@
 #
 # Environment: BENCH_DIR (default /tmp/gemma-merge-bench; never inside the repository), SHAPE (2b),
 # LAYERS ("2 4 8"), DTYPE (bfloat16), DRIFT (0.01), REPEAT (3), THREADS (default: all cores),
-# KEEP=1 keeps the generated models (default: each size is deleted once measured), OUT_DIR, MERGEKIT.
+# KEEP=1 keeps the generated models and reuses them next time (default: each size is deleted once measured),
+# OUT_DIR, MERGEKIT.
 # Disk: 6 models at once (5 inputs + the output); 2b bf16 is 1.18 GB + 0.156 GB per layer each,
 # so 8 layers need about 15 GB.
 set -euo pipefail
@@ -123,14 +124,18 @@ FLOOR_ROWS=()
 MK_ROWS=()
 for n in $LAYERS; do
   d="$BENCH_DIR/$SHAPE-L$n"
-  rm -rf "$d"
-  mkdir -p "$d/run_a" "$d/run_b"
-  echo "== $SHAPE, $n layers: writing 5 checkpoints into $d" >&2
-  "${GM[@]}" -q synth --shape "$SHAPE" --layers "$n" --dtype "$DTYPE" --seed 0 --out "$d/sft"
-  "${GM[@]}" -q synth --from "$d/sft" --drift "$DRIFT" --seed 1 --out "$d/run_a/step-100"
-  "${GM[@]}" -q synth --from "$d/run_a/step-100" --drift "$DRIFT" --seed 2 --out "$d/run_a/step-200"
-  "${GM[@]}" -q synth --from "$d/sft" --drift "$DRIFT" --seed 3 --out "$d/run_b/step-100"
-  "${GM[@]}" -q synth --from "$d/run_b/step-100" --drift "$DRIFT" --seed 4 --out "$d/run_b/step-200"
+  if [[ "$KEEP" == 1 && -f "$d/run_b/step-200/config.json" ]]; then
+    echo "== $SHAPE, $n layers: reusing the checkpoints in $d (KEEP=1)" >&2
+  else
+    rm -rf "$d"
+    mkdir -p "$d/run_a" "$d/run_b"
+    echo "== $SHAPE, $n layers: writing 5 checkpoints into $d" >&2
+    "${GM[@]}" -q synth --shape "$SHAPE" --layers "$n" --dtype "$DTYPE" --seed 0 --out "$d/sft"
+    "${GM[@]}" -q synth --from "$d/sft" --drift "$DRIFT" --seed 1 --out "$d/run_a/step-100"
+    "${GM[@]}" -q synth --from "$d/run_a/step-100" --drift "$DRIFT" --seed 2 --out "$d/run_a/step-200"
+    "${GM[@]}" -q synth --from "$d/sft" --drift "$DRIFT" --seed 3 --out "$d/run_b/step-100"
+    "${GM[@]}" -q synth --from "$d/run_b/step-100" --drift "$DRIFT" --seed 4 --out "$d/run_b/step-200"
+  fi
   write_recipe "$d/warp.yaml"
   mapfile -t inputs < <(find "$d/sft" "$d/run_a" "$d/run_b" -name '*.safetensors' | sort)
   model_bytes=$(stat -c %s "$d"/sft/*.safetensors | awk '{ s += $1 } END { print s }')
