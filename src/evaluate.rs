@@ -203,15 +203,20 @@ pub fn score_with(
     if let Some(i) = log_probs.iter().position(|lp| !lp.is_finite()) {
         return Err(ModelError::NonFinite { position: i + 1 });
     }
+    Ok(score_of(log_probs, run.windows, run.positions_run))
+}
+
+/// The [`Score`] of the scored positions' log-probabilities.
+fn score_of(log_probs: Vec<f64>, windows: usize, positions_run: usize) -> Score {
     let mean_nll = -log_probs.iter().sum::<f64>() / log_probs.len() as f64;
-    Ok(Score {
+    Score {
         tokens: log_probs.len(),
         mean_nll,
         perplexity: mean_nll.exp(),
         log_probs,
-        windows: run.windows,
-        positions_run: run.positions_run,
-    })
+        windows,
+        positions_run,
+    }
 }
 
 /// A model against a reference on the same tokens.
@@ -242,6 +247,17 @@ pub fn compare(
     tokens: &[u32],
     context: usize,
 ) -> Result<CompareResult, ModelError> {
+    let (stats, positions_run) = compare_stats(model, reference, tokens, context)?;
+    summarize(stats, positions_run)
+}
+
+/// The per-position statistics of [`compare`], in input order, and the positions run per model.
+fn compare_stats(
+    model: &Gemma2,
+    reference: &Gemma2,
+    tokens: &[u32],
+    context: usize,
+) -> Result<(Vec<PositionStats>, usize), ModelError> {
     check_vocab(model, reference.config().vocab_size)?;
     check_input(model, tokens)?;
     let mut stats: Vec<PositionStats> = Vec::with_capacity(tokens.len() - 1);
@@ -254,7 +270,71 @@ pub fn compare(
         stats.extend(found);
         Ok(())
     })?;
-    summarize(stats, run.positions_run)
+    Ok((stats, run.positions_run))
+}
+
+/// Conversations as token ids with, per token, whether it belongs to a model turn (see
+/// [`crate::model::chat::ChatFormat::tokens`]).
+pub type Conversation = (Vec<u32>, Vec<bool>);
+
+/// [`score`] over conversations, each scored on its own (`context`: window length, default the whole
+/// conversation up to `max_position_embeddings`), counting only the tokens of model turns.
+pub fn score_chats(
+    model: &Gemma2,
+    conversations: &[Conversation],
+    context: Option<usize>,
+) -> Result<Score, ModelError> {
+    let (mut log_probs, mut windows, mut positions_run) = (Vec::new(), 0, 0);
+    for (tokens, counted) in conversations {
+        let context = context.unwrap_or_else(|| default_context(model, tokens.len()));
+        let s = score(model, tokens, context)?;
+        log_probs.extend(
+            s.log_probs
+                .iter()
+                .zip(&counted[1..])
+                .filter(|(_, c)| **c)
+                .map(|(lp, _)| *lp),
+        );
+        windows += s.windows;
+        positions_run += s.positions_run;
+    }
+    if log_probs.is_empty() {
+        return Err(no_model_turns());
+    }
+    Ok(score_of(log_probs, windows, positions_run))
+}
+
+/// [`compare`] over conversations, counting only the positions that predict a model turn's tokens.
+pub fn compare_chats(
+    model: &Gemma2,
+    reference: &Gemma2,
+    conversations: &[Conversation],
+    context: Option<usize>,
+) -> Result<CompareResult, ModelError> {
+    let (mut all, mut positions_run) = (Vec::new(), 0);
+    for (tokens, counted) in conversations {
+        let context = context.unwrap_or_else(|| default_context(model, tokens.len()));
+        let (stats, run) = compare_stats(model, reference, tokens, context)?;
+        all.extend(
+            stats
+                .into_iter()
+                .zip(&counted[1..])
+                .filter(|(_, c)| **c)
+                .map(|(s, _)| s),
+        );
+        positions_run += run;
+    }
+    if all.is_empty() {
+        return Err(no_model_turns());
+    }
+    summarize(all, positions_run)
+}
+
+fn no_model_turns() -> ModelError {
+    ModelError::Chat {
+        origin: "the conversations".into(),
+        reason: "have no model (assistant) turns to score".into(),
+    }
 }
 
 /// A reference model's logits at every predicted position of an input, computed once so that many
@@ -410,7 +490,8 @@ fn position_stats(a: &[f32], b: &[f32], target: u32) -> PositionStats {
 }
 
 /// Writes logits row by row as a safetensors file with one F32 tensor `logits` [rows, vocab] and header
-/// metadata `{"format": "pt"}`, without holding them all in memory.
+/// metadata `{"format": "pt", "producer": "gemma-merge eval --dump-logits"}` (how a later `--force`
+/// recognises the file as one it may replace), without holding them all in memory.
 pub struct LogitsWriter {
     out: BufWriter<File>,
     path: PathBuf,
@@ -421,18 +502,19 @@ pub struct LogitsWriter {
 }
 
 impl LogitsWriter {
-    pub fn create(path: &Path, rows: usize, vocab: usize) -> Result<Self, ModelError> {
+    /// Writes into `file` (a temporary, see [`crate::safe_out::Staged`]); `path` names it in errors.
+    pub fn new(file: File, path: &Path, rows: usize, vocab: usize) -> Result<Self, ModelError> {
         let io = |e| ModelError::io(path, e);
         let bytes = rows * vocab * 4;
         let header = serde_json::json!({
-            "__metadata__": {"format": "pt"},
+            "__metadata__": {"format": "pt", "producer": crate::safe_out::LOGITS_PRODUCER},
             "logits": {"dtype": "F32", "shape": [rows, vocab], "data_offsets": [0, bytes]},
         })
         .to_string();
         // The data must start 8-byte aligned: pad the header with spaces, as the safetensors writer does.
         let padded = header.len().div_ceil(8) * 8;
         let header = format!("{header:padded$}");
-        let mut out = BufWriter::with_capacity(1 << 20, File::create(path).map_err(io)?);
+        let mut out = BufWriter::with_capacity(1 << 20, file);
         out.write_all(&(header.len() as u64).to_le_bytes())
             .map_err(io)?;
         out.write_all(header.as_bytes()).map_err(io)?;

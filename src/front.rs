@@ -9,7 +9,7 @@ use crate::evaluate::{compare, compare_to, CompareResult, ReferenceLogits};
 use crate::executor::{MemoryModel, Prepared, RunOptions};
 use crate::format::FloatType;
 use crate::model::{weights::Weight, Config, Gemma2, ModelError};
-use crate::recipe::{eta_label, Operand, OutputModel, OutputTarget, Plan, StepKind};
+use crate::recipe::{duplicate_eta, eta_label, Operand, OutputModel, OutputTarget, Plan, StepKind};
 
 /// Why a front cannot be drawn.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +63,8 @@ pub struct FrontRequest<'a> {
     /// Also write the η models as ordinary output folders here.
     pub keep: Option<PathBuf>,
     pub force: bool,
+    /// Paths read besides the recipe's models (reference, text file): `keep` must not touch them.
+    pub inputs: Vec<crate::safe_out::Role>,
     pub tokens: &'a [u32],
     pub context: Option<usize>,
     /// Also score the SLERP step's input policies.
@@ -100,12 +102,14 @@ fn set_etas(plan: &mut Plan, out: usize, etas: Vec<f64>) -> Result<(), FrontErro
     if etas.is_empty() {
         return Err(FrontError::Usage("--eta: no values".into()));
     }
-    let mut labels: Vec<String> = etas.iter().map(|&e| eta_label(e)).collect();
-    labels.sort();
-    if labels.windows(2).any(|w| w[0] == w[1]) || etas.iter().any(|e| !e.is_finite()) {
-        return Err(FrontError::Usage(
-            "--eta: values must be finite and distinct".into(),
-        ));
+    if let Some(e) = etas.iter().find(|e| !e.is_finite()) {
+        return Err(FrontError::Usage(format!(
+            "--eta: {e} is not a finite number"
+        )));
+    }
+    let etas: Vec<f64> = etas.iter().map(|&e| e + 0.0).collect();
+    if let Some(e) = duplicate_eta(&etas) {
+        return Err(FrontError::Usage(format!("--eta: {e:?} is given twice")));
     }
     if let StepKind::Liti { etas: e, .. } = &mut plan.steps[out].kind {
         *e = etas.clone();
@@ -144,6 +148,7 @@ pub fn evaluate_front(req: FrontRequest<'_>, progress: &dyn Fn(&str)) -> Result<
         reference,
         keep,
         force,
+        inputs,
         tokens,
         context,
         policies,
@@ -152,7 +157,9 @@ pub fn evaluate_front(req: FrontRequest<'_>, progress: &dyn Fn(&str)) -> Result<
     let etas = match etas {
         Some(e) => e,
         None => match &plan.steps[out].kind {
-            StepKind::Liti { etas, .. } if etas.len() > 1 => etas.clone(),
+            StepKind::Liti { etas, .. } if plan.targets[0].models[0].subdir.is_some() => {
+                etas.clone()
+            }
             _ => (0..=10).map(|k| k as f64 / 10.0).collect(),
         },
     };
@@ -204,6 +211,7 @@ pub fn evaluate_front(req: FrontRequest<'_>, progress: &dyn Fn(&str)) -> Result<
             &RunOptions {
                 force,
                 hash_inputs: false,
+                extra_inputs: inputs,
             },
             &|_, _| {},
         )?;

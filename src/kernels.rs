@@ -94,15 +94,40 @@ pub fn slerp_chain(gram: &[Vec<f64>], lambdas: &[f64]) -> Vec<f64> {
 }
 
 /// λ_m = w_m / (w₁ + … + w_m) for m = 2..M (WARP appendix B.3): equal weights give 1/2, 1/3, ...
+/// The weights are scaled by their largest first, so sums of huge weights (1e308) cannot overflow.
 pub fn chain_lambdas(weights: &[f64]) -> Vec<f64> {
-    let mut acc = weights[0];
+    let scale = weights.iter().fold(0f64, |m, w| m.max(w.abs()));
+    let scale = if scale > 0.0 && scale.is_finite() {
+        scale
+    } else {
+        1.0
+    };
+    let mut acc = weights[0] / scale;
     weights[1..]
         .iter()
         .map(|&w| {
+            let w = w / scale;
             acc += w;
             w / acc
         })
         .collect()
+}
+
+/// `weights` divided by their sum, computed without overflow or underflow (scaled by the largest
+/// magnitude before summing). `None` when the sum is zero or the quotients are not finite (a sum that
+/// cancels to almost nothing): there is no representable normalisation.
+pub fn normalize_weights(weights: &[f64]) -> Option<Vec<f64>> {
+    let scale = weights.iter().fold(0f64, |m, w| m.max(w.abs()));
+    if !(scale > 0.0 && scale.is_finite()) {
+        return None;
+    }
+    let scaled: Vec<f64> = weights.iter().map(|w| w / scale).collect();
+    let total: f64 = scaled.iter().sum();
+    if total == 0.0 {
+        return None;
+    }
+    let out: Vec<f64> = scaled.iter().map(|w| w / total).collect();
+    out.iter().all(|w| w.is_finite()).then_some(out)
 }
 
 /// out = Σ_i c_i·x_i, evaluated as s·x_ref + Σ_{i≠ref} c_i·(x_i − x_ref) with s = Σ c_i.
@@ -278,6 +303,29 @@ mod tests {
     }
 
     #[test]
+    fn huge_and_tiny_weights_normalise_without_overflow() {
+        assert_eq!(normalize_weights(&[1e308, 1e308]), Some(vec![0.5, 0.5]));
+        assert_eq!(
+            normalize_weights(&[3e307, 1e308]).unwrap()[1],
+            1e308 / 1.3e308
+        );
+        assert_eq!(normalize_weights(&[5e-324, 5e-324]), Some(vec![0.5, 0.5]));
+        assert_eq!(normalize_weights(&[2.0, 6.0]), Some(vec![0.25, 0.75]));
+        assert_eq!(normalize_weights(&[1.0, -1.0]), None);
+        assert_eq!(normalize_weights(&[0.0, 0.0]), None);
+        // 1e308 − 1e308 + 1 is 1: exact, and representable.
+        assert_eq!(
+            normalize_weights(&[1e308, -1e308, 1.0]),
+            Some(vec![1e308, -1e308, 1.0])
+        );
+        // 1e308 − 1e308 + 1e-10 cancels to 1e-318 of the largest: the quotients overflow.
+        assert_eq!(normalize_weights(&[1e308, -1e308, 1e-10]), None);
+        assert_eq!(chain_lambdas(&[1e308, 1e308, 1e308]), vec![0.5, 1.0 / 3.0]);
+        assert!((chain_lambdas(&[1.6e308, 1.2e308])[0] - 3.0 / 7.0).abs() < 1e-15);
+        assert_eq!(chain_lambdas(&[5e-324, 5e-324]), vec![0.5]);
+    }
+
+    #[test]
     fn combine_is_the_weighted_sum() {
         let x0 = [1.0f32, 2.0, -3.0];
         let x1 = [1.5f32, 2.5, -2.0];
@@ -352,4 +400,43 @@ mod properties {
             prop_assert_eq!((ca, cb), (1.0 - lambda, lambda));
         }
     }
+}
+
+/// Model Stock's interpolation factor from the Gram matrix of N task vectors: c = mean pairwise cosine
+/// (each norm product clamped below at 1e-6, the cosine to [−1, 1], as mergekit), t = N·c / (1 + (N − 1)·c);
+/// 0 (the base) when the denominator is below 1e-6 in magnitude.
+pub fn model_stock_t(gram: &[Vec<f64>]) -> f64 {
+    let n = gram.len();
+    let mut sum = 0.0;
+    let mut pairs = 0.0;
+    for i in 0..n {
+        for j in i + 1..n {
+            let norm = (gram[i][i].sqrt() * gram[j][j].sqrt()).max(1e-6);
+            sum += (gram[i][j] / norm).clamp(-1.0, 1.0);
+            pairs += 1.0;
+        }
+    }
+    let c = sum / pairs;
+    let nf = n as f64;
+    let denom = 1.0 + (nf - 1.0) * c;
+    if denom.abs() < 1e-6 {
+        return 0.0;
+    }
+    nf * c / denom
+}
+
+/// mergekit's two-model SLERP of weights a (t = 0) and b (t = 1), from ⟨a,b⟩, ‖a‖², ‖b‖²: the cosine of
+/// the normalised copies (a norm ≤ 1e-8 is not normalised); linear when |cos| > 0.9995.
+pub fn weight_slerp(dot: f64, norm2_a: f64, norm2_b: f64, t: f64) -> (f64, f64) {
+    let na = norm2_a.sqrt();
+    let nb = norm2_b.sqrt();
+    let sa = if na > 1e-8 { na } else { 1.0 };
+    let sb = if nb > 1e-8 { nb } else { 1.0 };
+    let cos = dot / (sa * sb);
+    if cos.abs() > 0.9995 {
+        return (1.0 - t, t);
+    }
+    let theta = cos.acos();
+    let sin = theta.sin();
+    (((1.0 - t) * theta).sin() / sin, (t * theta).sin() / sin)
 }

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    stop_cleanly_on_signals();
     let args = cli::Cli::parse();
     match cli::run(args) {
         Ok(()) => ExitCode::SUCCESS,
@@ -26,3 +27,48 @@ fn is_broken_pipe(err: &anyhow::Error) -> bool {
             .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
     })
 }
+
+/// SIGINT, SIGTERM and SIGHUP remove this run's temporary outputs, then end the process with the
+/// conventional status 128 + signal. The signals are blocked in every thread (this runs before any other
+/// thread starts, and threads inherit the mask) and taken by one thread with `sigwait`, so the cleanup runs
+/// as ordinary code, not in a signal handler. A signal that was ignored (`nohup`) stays ignored.
+#[cfg(unix)]
+fn stop_cleanly_on_signals() {
+    const SIGNALS: [(libc::c_int, &str); 3] = [
+        (libc::SIGINT, "SIGINT"),
+        (libc::SIGTERM, "SIGTERM"),
+        (libc::SIGHUP, "SIGHUP"),
+    ];
+    // SAFETY: `set` is a plain sigset_t initialised by sigemptyset before use; pthread_sigmask and
+    // sigwait only read it and write `sig`, both owned by the calling thread.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for (s, _) in SIGNALS {
+            libc::sigaddset(&mut set, s);
+        }
+        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+            return;
+        }
+        let spawned = std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                let mut sig: libc::c_int = 0;
+                if libc::sigwait(&set, &mut sig) == 0 {
+                    gemma_merge::safe_out::remove_all_temps();
+                    let name = SIGNALS
+                        .iter()
+                        .find(|(s, _)| *s == sig)
+                        .map_or("a signal", |(_, n)| n);
+                    eprintln!("error: stopped by {name}; temporary outputs removed");
+                    std::process::exit(128 + sig);
+                }
+            });
+        if spawned.is_err() {
+            libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+        }
+    }
+}
+
+#[cfg(not(unix))]
+fn stop_cleanly_on_signals() {}

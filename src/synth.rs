@@ -14,6 +14,7 @@ use rayon::prelude::*;
 use crate::format::error::FormatError;
 use crate::format::writer::{write_small_file, FileRecord, ModelWriter, TensorSpec};
 use crate::format::{FloatType, Model};
+use crate::model::family::{Dims, Family};
 
 /// Largest shard written, in bytes (Hugging Face's default `max_shard_size="5GB"`).
 pub const SHARD_SIZE: u64 = 5_000_000_000;
@@ -32,10 +33,12 @@ const BLOCK: usize = 1 << 14;
 const DOMAIN_WEIGHTS: u64 = 0x5745_4947_4854_5321; // "WEIGHTS!"
 const DOMAIN_DRIFT: u64 = 0x4452_4946_544e_4f49; // "DRIFTNOI"
 
-/// The architecture numbers of a Gemma 2 model (see spec/gemma2.md).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The architecture numbers of a member of the Gemma family (see spec/gemma2.md, spec/family.md); which
+/// tensors a layer has comes from [`Family::layer_tensors`].
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Shape {
     pub name: &'static str,
+    pub family: Family,
     pub hidden_size: usize,
     pub intermediate_size: usize,
     pub num_hidden_layers: usize,
@@ -44,12 +47,18 @@ pub struct Shape {
     pub head_dim: usize,
     pub query_pre_attn_scalar: usize,
     pub vocab_size: usize,
+    /// Sliding window (Gemma 2 and 3; unused by Gemma 1).
+    pub sliding_window: usize,
+    /// Gemma 3's linear RoPE scaling factor of full-attention layers, if any.
+    pub rope_scaling: Option<f64>,
 }
 
-/// The published Gemma 2 sizes.
-pub const SHAPES: [Shape; 3] = [
+/// The published sizes: Gemma 2 (`2b`, `9b`, `27b`), Gemma 1 (`gemma-2b`, `gemma-7b`) and the language
+/// models of Gemma 3 (`gemma3-1b` ... `gemma3-27b`, written as text-only `Gemma3ForCausalLM`).
+pub const SHAPES: [Shape; 9] = [
     Shape {
         name: "2b",
+        family: Family::Gemma2,
         hidden_size: 2304,
         intermediate_size: 9216,
         num_hidden_layers: 26,
@@ -58,9 +67,12 @@ pub const SHAPES: [Shape; 3] = [
         head_dim: 256,
         query_pre_attn_scalar: 256,
         vocab_size: 256_000,
+        sliding_window: 4096,
+        rope_scaling: None,
     },
     Shape {
         name: "9b",
+        family: Family::Gemma2,
         hidden_size: 3584,
         intermediate_size: 14336,
         num_hidden_layers: 42,
@@ -69,9 +81,12 @@ pub const SHAPES: [Shape; 3] = [
         head_dim: 256,
         query_pre_attn_scalar: 256,
         vocab_size: 256_000,
+        sliding_window: 4096,
+        rope_scaling: None,
     },
     Shape {
         name: "27b",
+        family: Family::Gemma2,
         hidden_size: 4608,
         intermediate_size: 36864,
         num_hidden_layers: 46,
@@ -80,6 +95,92 @@ pub const SHAPES: [Shape; 3] = [
         head_dim: 128,
         query_pre_attn_scalar: 144,
         vocab_size: 256_000,
+        sliding_window: 4096,
+        rope_scaling: None,
+    },
+    Shape {
+        name: "gemma-2b",
+        family: Family::Gemma,
+        hidden_size: 2048,
+        intermediate_size: 16384,
+        num_hidden_layers: 18,
+        num_attention_heads: 8,
+        num_key_value_heads: 1,
+        head_dim: 256,
+        query_pre_attn_scalar: 256,
+        vocab_size: 256_000,
+        sliding_window: 0,
+        rope_scaling: None,
+    },
+    Shape {
+        name: "gemma-7b",
+        family: Family::Gemma,
+        hidden_size: 3072,
+        intermediate_size: 24576,
+        num_hidden_layers: 28,
+        num_attention_heads: 16,
+        num_key_value_heads: 16,
+        head_dim: 256,
+        query_pre_attn_scalar: 256,
+        vocab_size: 256_000,
+        sliding_window: 0,
+        rope_scaling: None,
+    },
+    Shape {
+        name: "gemma3-1b",
+        family: Family::Gemma3,
+        hidden_size: 1152,
+        intermediate_size: 6912,
+        num_hidden_layers: 26,
+        num_attention_heads: 4,
+        num_key_value_heads: 1,
+        head_dim: 256,
+        query_pre_attn_scalar: 256,
+        vocab_size: 262_144,
+        sliding_window: 512,
+        rope_scaling: None,
+    },
+    Shape {
+        name: "gemma3-4b",
+        family: Family::Gemma3,
+        hidden_size: 2560,
+        intermediate_size: 10240,
+        num_hidden_layers: 34,
+        num_attention_heads: 8,
+        num_key_value_heads: 4,
+        head_dim: 256,
+        query_pre_attn_scalar: 256,
+        vocab_size: 262_208,
+        sliding_window: 1024,
+        rope_scaling: Some(8.0),
+    },
+    Shape {
+        name: "gemma3-12b",
+        family: Family::Gemma3,
+        hidden_size: 3840,
+        intermediate_size: 15360,
+        num_hidden_layers: 48,
+        num_attention_heads: 16,
+        num_key_value_heads: 8,
+        head_dim: 256,
+        query_pre_attn_scalar: 256,
+        vocab_size: 262_208,
+        sliding_window: 1024,
+        rope_scaling: Some(8.0),
+    },
+    Shape {
+        name: "gemma3-27b",
+        family: Family::Gemma3,
+        hidden_size: 5376,
+        intermediate_size: 21504,
+        num_hidden_layers: 62,
+        num_attention_heads: 32,
+        num_key_value_heads: 16,
+        head_dim: 128,
+        query_pre_attn_scalar: 168,
+        vocab_size: 262_208,
+        sliding_window: 1024,
+        rope_scaling: Some(8.0),
     },
 ];
 
@@ -116,7 +217,7 @@ impl SynthTensor {
 }
 
 impl Shape {
-    /// The published shape called `name` (`2b`, `9b`, `27b`).
+    /// The published shape called `name` (see [`SHAPES`]).
     pub fn named(name: &str) -> Option<Shape> {
         SHAPES.iter().copied().find(|s| s.name == name)
     }
@@ -125,71 +226,33 @@ impl Shape {
     /// tensors in name order, layers in numeric order), the final norm. No `lm_head`: it is tied.
     pub fn tensors(&self) -> Vec<SynthTensor> {
         let h = self.hidden_size;
-        let i = self.intermediate_size;
-        let q = self.num_attention_heads * self.head_dim;
-        let kv = self.num_key_value_heads * self.head_dim;
         let t = |name: String, shape: Vec<usize>, init| SynthTensor { name, shape, init };
         let mut v = vec![t(
             "model.embed_tokens.weight".into(),
             vec![self.vocab_size, h],
             Init::Matrix,
         )];
+        let layer = self.family.layer_tensors(&self.dims());
         for l in 0..self.num_hidden_layers {
-            let p = format!("model.layers.{l}.");
-            v.push(t(format!("{p}input_layernorm.weight"), vec![h], Init::Norm));
-            v.push(t(
-                format!("{p}mlp.down_proj.weight"),
-                vec![h, i],
-                Init::Matrix,
-            ));
-            v.push(t(
-                format!("{p}mlp.gate_proj.weight"),
-                vec![i, h],
-                Init::Matrix,
-            ));
-            v.push(t(
-                format!("{p}mlp.up_proj.weight"),
-                vec![i, h],
-                Init::Matrix,
-            ));
-            v.push(t(
-                format!("{p}post_attention_layernorm.weight"),
-                vec![h],
-                Init::Norm,
-            ));
-            v.push(t(
-                format!("{p}post_feedforward_layernorm.weight"),
-                vec![h],
-                Init::Norm,
-            ));
-            v.push(t(
-                format!("{p}pre_feedforward_layernorm.weight"),
-                vec![h],
-                Init::Norm,
-            ));
-            v.push(t(
-                format!("{p}self_attn.k_proj.weight"),
-                vec![kv, h],
-                Init::Matrix,
-            ));
-            v.push(t(
-                format!("{p}self_attn.o_proj.weight"),
-                vec![h, q],
-                Init::Matrix,
-            ));
-            v.push(t(
-                format!("{p}self_attn.q_proj.weight"),
-                vec![q, h],
-                Init::Matrix,
-            ));
-            v.push(t(
-                format!("{p}self_attn.v_proj.weight"),
-                vec![kv, h],
-                Init::Matrix,
-            ));
+            for (suffix, shape, norm) in &layer {
+                let init = if *norm { Init::Norm } else { Init::Matrix };
+                v.push(t(format!("model.layers.{l}.{suffix}"), shape.clone(), init));
+            }
         }
         v.push(t("model.norm.weight".into(), vec![h], Init::Norm));
         v
+    }
+
+    fn dims(&self) -> Dims {
+        Dims {
+            vocab_size: self.vocab_size,
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            num_hidden_layers: self.num_hidden_layers,
+            num_attention_heads: self.num_attention_heads,
+            num_key_value_heads: self.num_key_value_heads,
+            head_dim: self.head_dim,
+        }
     }
 
     /// The writer's specs for the tensors, in `dtype`.
@@ -209,17 +272,15 @@ impl Shape {
         self.tensors().iter().map(|t| t.numel() as u64).sum()
     }
 
-    /// `config.json` in the published (transformers 4.42) form, keys in the published order.
+    /// `config.json` in the published form of the family (Gemma 2: transformers 4.42; Gemma 3: 4.50),
+    /// keys in the published order.
     pub fn config(&self, dtype: FloatType) -> serde_json::Value {
-        serde_json::json!({
-            "architectures": ["Gemma2ForCausalLM"],
+        let mut c = serde_json::json!({
+            "architectures": [self.family.architecture()],
             "attention_bias": false,
             "attention_dropout": 0.0,
-            "attn_logit_softcapping": 50.0,
             "bos_token_id": 2,
-            "cache_implementation": "hybrid",
             "eos_token_id": 1,
-            "final_logit_softcapping": 30.0,
             "head_dim": self.head_dim,
             "hidden_act": "gelu_pytorch_tanh",
             "hidden_activation": "gelu_pytorch_tanh",
@@ -227,20 +288,53 @@ impl Shape {
             "initializer_range": MATRIX_STD as f64,
             "intermediate_size": self.intermediate_size,
             "max_position_embeddings": 8192,
-            "model_type": "gemma2",
+            "model_type": self.family.model_type(),
             "num_attention_heads": self.num_attention_heads,
             "num_hidden_layers": self.num_hidden_layers,
             "num_key_value_heads": self.num_key_value_heads,
             "pad_token_id": 0,
-            "query_pre_attn_scalar": self.query_pre_attn_scalar,
             "rms_norm_eps": 1e-6,
             "rope_theta": 10000.0,
-            "sliding_window": 4096,
             "torch_dtype": dtype.torch_name(),
             "transformers_version": "4.42.4",
             "use_cache": true,
             "vocab_size": self.vocab_size,
-        })
+        });
+        let o = c.as_object_mut().expect("an object");
+        let mut set = |k: &str, v: serde_json::Value| drop(o.insert(k.to_string(), v));
+        match self.family {
+            Family::Gemma => {
+                set("transformers_version", "4.38.0".into());
+            }
+            Family::Gemma2 => {
+                set("attn_logit_softcapping", 50.0.into());
+                set("cache_implementation", "hybrid".into());
+                set("final_logit_softcapping", 30.0.into());
+                set("query_pre_attn_scalar", self.query_pre_attn_scalar.into());
+                set("sliding_window", self.sliding_window.into());
+            }
+            Family::Gemma3 => {
+                set("attn_logit_softcapping", serde_json::Value::Null);
+                set("cache_implementation", "hybrid".into());
+                set("eos_token_id", serde_json::json!([1, 106]));
+                set("final_logit_softcapping", serde_json::Value::Null);
+                set("max_position_embeddings", 131_072.into());
+                set("query_pre_attn_scalar", self.query_pre_attn_scalar.into());
+                set("rope_local_base_freq", 10000.0.into());
+                set("rope_theta", 1_000_000.0.into());
+                set(
+                    "rope_scaling",
+                    match self.rope_scaling {
+                        Some(f) => serde_json::json!({"factor": f, "rope_type": "linear"}),
+                        None => serde_json::Value::Null,
+                    },
+                );
+                set("sliding_window", self.sliding_window.into());
+                set("sliding_window_pattern", 6.into());
+                set("transformers_version", "4.50.0".into());
+            }
+        }
+        c
     }
 }
 
@@ -595,7 +689,43 @@ mod tests {
             head_dim: 8,
             query_pre_attn_scalar: 8,
             vocab_size: 40_000,
+            family: Family::Gemma2,
+            sliding_window: 4096,
+            rope_scaling: None,
         }
+    }
+
+    #[test]
+    fn every_shape_is_a_valid_config_of_its_family_with_its_tensors() {
+        use crate::model::{Config, Family};
+        for shape in SHAPES {
+            let c =
+                Config::from_json(&shape.config(FloatType::BF16), Path::new(shape.name)).unwrap();
+            assert_eq!(c.family, shape.family, "{}", shape.name);
+            assert_eq!(c.dims(), shape.dims());
+            let layer0: Vec<String> = shape
+                .tensors()
+                .into_iter()
+                .filter_map(|t| t.name.strip_prefix("model.layers.0.").map(String::from))
+                .collect();
+            // Gemma 1: 2 norms + 7 matrices; Gemma 2: 4 norms; Gemma 3: and QK-norm.
+            let want = match shape.family {
+                Family::Gemma => 9,
+                Family::Gemma2 => 11,
+                Family::Gemma3 => 13,
+            };
+            assert_eq!(layer0.len(), want, "{}", shape.name);
+            let mut sorted = layer0.clone();
+            sorted.sort();
+            assert_eq!(layer0, sorted, "tensors in name order");
+        }
+        let g3 = Shape::named("gemma3-27b").unwrap();
+        let c = Config::from_json(&g3.config(FloatType::BF16), Path::new("x")).unwrap();
+        assert_eq!(c.query_pre_attn_scalar, 168.0);
+        assert_eq!(c.rope_full.factor, 8.0);
+        assert_eq!(c.rope_sliding.theta, 10_000.0);
+        assert_eq!(c.sliding_window, 1024);
+        assert_eq!(c.sliding_layers.iter().filter(|s| !**s).count(), 10);
     }
 
     fn read_all(dir: &Path) -> Vec<(String, Vec<u8>)> {
@@ -665,8 +795,9 @@ mod tests {
         assert_eq!(c["num_hidden_layers"], 46);
         assert_eq!(c["torch_dtype"], "bfloat16");
         assert_eq!(c["architectures"][0], "Gemma2ForCausalLM");
-        // The largest tensors of every shape fit a 5 GB shard in f32.
-        for s in SHAPES {
+        // The largest tensors of every Gemma 2 shape fit a 5 GB shard in f32 (Gemma 3 27B's embedding
+        // does not: the writer gives such a tensor a shard of its own, as transformers does).
+        for s in SHAPES.iter().filter(|s| s.family == Family::Gemma2) {
             assert!(s
                 .specs(FloatType::F32)
                 .iter()

@@ -130,7 +130,7 @@ fn front_needs_a_liti_output_step() {
         "0.5,0.5",
     ]);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("distinct"), "{err}");
+    assert!(err.contains("given twice"), "{err}");
 }
 
 /// Renders the SVG in headless Chromium and checks the picture: the front's blue, the policies' red and

@@ -18,12 +18,23 @@ use serde_json::Value;
 
 /// Models with transformers' outputs: A and A2 (given), and variants that change what A keeps fixed
 /// (f16 in 3 shards with one kv head, no soft-caps, explicit layer_types; see gemma2-variants/make.py).
-const MODELS: [&str; 5] = [
+/// The rest of the family (fixtures/family: the shared goldens, then variants from tools/make_family.py):
+/// Gemma 1 (MHA; MQA in f16 over 6 shards), Gemma 3 text (published form; transformers 5's form with
+/// linear RoPE factor 8 on every 3rd layer and soft-caps; published form with pattern 2, factor 4 and an
+/// untied lm_head) and Gemma 3 multimodal (`language_model.model.` and `model.language_model.` layouts).
+const MODELS: [&str; 12] = [
     "gemma2-tiny-A",
     "gemma2-tiny-A2",
     "gemma2-variants/gemma2-tiny-mqa-f16",
     "gemma2-variants/gemma2-tiny-mha-nocap",
     "gemma2-variants/gemma2-tiny-layer-types",
+    "family/gemma1-tiny",
+    "family/gemma3-tiny",
+    "family/gemma3-mm-tiny",
+    "family/gemma1-mqa-f16",
+    "family/gemma3-linear8-t5",
+    "family/gemma3-published-untied",
+    "family/gemma3-mm-t5",
 ];
 
 fn fixture(name: &str) -> PathBuf {
@@ -170,6 +181,7 @@ fn logits_match_transformers() {
         let model = Gemma2::load(&fixture(name)).unwrap();
         let logits = model.forward(&g.tokens).unwrap();
         let err = max_abs_diff(&logits, &g.logits);
+        eprintln!("{name}: max |logits − golden| = {err:.2e}");
         assert!(err < 1e-4, "{name}: max |logits − golden| = {err}");
     }
 }
@@ -207,7 +219,10 @@ fn greedy_continuation_matches_transformers_past_the_window() {
     for name in MODELS {
         let g = golden(name);
         let model = Gemma2::load(&fixture(name)).unwrap();
-        assert!(g.prompt.len() + g.greedy.len() > model.config().sliding_window);
+        let c = model.config();
+        if c.sliding_layers.contains(&true) {
+            assert!(g.prompt.len() + g.greedy.len() > c.sliding_window, "{name}");
+        }
         let mut sampler = Sampler::new(SamplingParams::default());
         let mut seen = Vec::new();
         let out = sampling::generate(&model, &g.prompt, g.greedy.len(), &mut sampler, &[], |t| {
@@ -252,8 +267,11 @@ fn cached_decoding_gives_the_full_pass_logits() {
                 .collect();
             assert_eq!(cache.held_positions(), held, "{name}");
             let cached = Array2::from_shape_vec((n, full.ncols()), rows.concat()).unwrap();
+            // Equal up to f32 summation order (products of 1 row and of n rows block differently). Gemma
+            // 1 has no post-norms, so its residual stream grows (to ~280 in gemma1-tiny, giving 3.3e-5
+            // here); all others stay below 1e-5. Inside the 1e-4 bound to transformers either way.
             let err = max_abs_diff(&cached, &full);
-            assert!(err < 1e-5, "{name}: cached vs full: {err}");
+            assert!(err < 5e-5, "{name}: cached vs full: {err}");
         }
     }
 }
@@ -808,7 +826,7 @@ fn errors_are_clear_with_the_right_exit_code() {
     run_err(
         &["eval", llama.to_str().unwrap(), "--token-ids", "2,3"],
         1,
-        "model_type is llama, not gemma2",
+        "model_type is llama, not a Gemma model",
     );
     let nocfg = tmp.path().join("nocfg");
     std::fs::create_dir_all(&nocfg).unwrap();
@@ -848,7 +866,7 @@ fn errors_are_clear_with_the_right_exit_code() {
     run_err(
         &["eval", nan.to_str().unwrap(), "--token-ids", "2,3,4"],
         1,
-        "prediction of input position 1 is not finite",
+        "tensor `model.layers.0.mlp.gate_proj.weight` holds a non-finite value (NaN or infinity) at element 0",
     );
     // Different vocabularies cannot be compared.
     let mut ts = tensors(&a);
@@ -899,6 +917,338 @@ fn errors_are_clear_with_the_right_exit_code() {
         "top-p",
     );
     run_err(&["eval", a_str], 2, "");
+}
+
+// ------------------------------------------------------------------------------------- the family
+
+/// A copy of a fixture folder (all its files) whose config.json is edited by `edit`.
+fn edited_copy(dir: &Path, from: &str, edit: impl Fn(&mut Value)) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    for e in std::fs::read_dir(fixture(from)).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
+    }
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    edit(&mut cfg);
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    dir.to_path_buf()
+}
+
+#[test]
+fn absurd_or_inconsistent_configs_are_clear_errors_before_allocation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let eval = |dir: &Path, needle: &str| {
+        run_err(
+            &["eval", dir.to_str().unwrap(), "--token-ids", "2,3"],
+            1,
+            needle,
+        );
+        run_err(
+            &["generate", dir.to_str().unwrap(), "--token-ids", "2,3"],
+            1,
+            needle,
+        );
+    };
+    // heads × head_dim wraps to a small number on 64 bits without checked arithmetic.
+    let wrap = edited_copy(&t.join("wrap"), "gemma2-tiny-A", |c| {
+        c["num_attention_heads"] = (1u64 << 33).into();
+        c["num_key_value_heads"] = (1u64 << 33).into();
+        c["head_dim"] = (1u64 << 31).into();
+    });
+    eval(&wrap, "is absurd");
+    // Fewer layers in config.json than in the checkpoint: the extra layers are named, not ignored.
+    let fewer = edited_copy(&t.join("fewer"), "family/gemma3-mm-tiny", |c| {
+        c["text_config"]["num_hidden_layers"] = 5.into();
+    });
+    eval(&fewer, "tensor `language_model.model.layers.5.");
+    eval(&fewer, "beyond num_hidden_layers = 5");
+    let more = edited_copy(&t.join("more"), "family/gemma1-tiny", |c| {
+        c["num_hidden_layers"] = 4.into();
+    });
+    eval(&more, "tensor `model.layers.3.");
+    eval(&more, "` is missing");
+    let nopos = edited_copy(&t.join("nopos"), "family/gemma3-tiny", |c| {
+        c["max_position_embeddings"] = 0.into();
+    });
+    eval(&nopos, "max_position_embeddings must be positive");
+    let scaled = edited_copy(&t.join("scaled"), "family/gemma3-tiny", |c| {
+        c["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": 4.0});
+    });
+    eval(&scaled, "rope_scaling.rope_type \"yarn\" is not supported");
+    // An infinity in a norm weight of Gemma 2 would be hidden by the soft-caps; NaN in Gemma 3's QK-norm.
+    let inf = scaled_copy(
+        &t.join("inf"),
+        "model.layers.1.pre_feedforward_layernorm.weight",
+        f32::INFINITY,
+    );
+    eval(
+        &inf,
+        "tensor `model.layers.1.pre_feedforward_layernorm.weight` holds a non-finite value",
+    );
+    let g3 = fixture("family/gemma3-tiny");
+    let mut ts = tensors(&g3);
+    let k = ts
+        .iter_mut()
+        .find(|t| t.0 == "model.layers.2.self_attn.k_norm.weight")
+        .unwrap();
+    k.3[6..8].copy_from_slice(&half::bf16::NAN.to_bits().to_le_bytes());
+    let nan = t.join("nan3");
+    write_model(&nan, &g3, &ts);
+    eval(&nan, "tensor `model.layers.2.self_attn.k_norm.weight` holds a non-finite value (NaN or infinity) at element 3");
+}
+
+#[test]
+fn chat_turns_render_with_the_template_and_only_model_tokens_count() {
+    use gemma_merge::model::chat::{self, ChatFormat};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = model_with_tokenizer(tmp.path());
+    let tok = Tokenizer::from_folder(&dir).unwrap();
+    let convo = vec![
+        serde_json::json!({"role": "user", "content": "the cat"}),
+        serde_json::json!({"role": "assistant", "content": " the son "}),
+        serde_json::json!({"role": "user", "content": "cat"}),
+        serde_json::json!({"role": "assistant", "content": "on"}),
+    ];
+    let g2 = std::fs::read_to_string(fixture("chat/gemma2-chat-template.jinja")).unwrap();
+    let g3 = std::fs::read_to_string(fixture("chat/gemma3-chat-template.jinja")).unwrap();
+    // The built-in format is Gemma 3's published template.
+    assert_eq!(g3, chat::GEMMA_TEMPLATE);
+    for template in [&g2, &g3] {
+        let f = ChatFormat::from_template(template, "<bos>");
+        let text = f.render(&convo, false).unwrap();
+        assert_eq!(
+            text,
+            "<bos><start_of_turn>user\nthe cat<end_of_turn>\n<start_of_turn>model\nthe son<end_of_turn>\n\
+             <start_of_turn>user\ncat<end_of_turn>\n<start_of_turn>model\non<end_of_turn>\n"
+        );
+        let (ids, counted) = f.tokens(&tok, &convo, 2).unwrap();
+        // By hand: "the" 272, "▁s" 276, "on" 277, <end_of_turn> 5; then "on" 277, <end_of_turn> 5. The
+        // newline after <end_of_turn> (byte token 0x0A = 16) is the template's, not the model's.
+        let model_tokens: Vec<u32> = ids
+            .iter()
+            .zip(&counted)
+            .filter(|(_, c)| **c)
+            .map(|(i, _)| *i)
+            .collect();
+        assert_eq!(model_tokens, vec![272, 276, 277, 5, 277, 5]);
+        let first = counted.iter().position(|c| *c).unwrap();
+        // ... and they come right after "<start_of_turn>model\n" ("model": m o d e l, bytes but o, e).
+        let prefix = tok.encode("<start_of_turn>model\n").unwrap();
+        assert_eq!(&ids[first - prefix.len()..first], &prefix[..]);
+        assert_eq!(ids[first + 4], 6 + b'\n' as u32);
+        assert!(!counted[first + 4]);
+        assert_eq!(ids[0], 2);
+        assert_eq!(ids.iter().filter(|&&i| i == 2).count(), 1, "one <bos>");
+    }
+    // Gemma 2's template refuses a system turn; it is folded into the first user turn instead.
+    let sys = chat::user_turn(Some("Be brief."), "Hi");
+    let want = "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n";
+    assert_eq!(
+        ChatFormat::from_template(&g2, "<bos>")
+            .render(&sys, true)
+            .unwrap(),
+        want
+    );
+    assert_eq!(ChatFormat::gemma().render(&sys, true).unwrap(), want);
+
+    // The CLI: a template from tokenizer_config.json; eval --chat-file scores only the model's turns.
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        serde_json::json!({"bos_token": "<bos>", "chat_template": g2}).to_string(),
+    )
+    .unwrap();
+    let file = tmp.path().join("chats.jsonl");
+    std::fs::write(
+        &file,
+        format!(
+            "{}\n\n{}\n",
+            serde_json::json!({"messages": convo}),
+            serde_json::json!({"messages": convo[..2]})
+        ),
+    )
+    .unwrap();
+    let d = dir.to_str().unwrap();
+    let v = run_json(&["eval", d, "--chat-file", file.to_str().unwrap(), "--json"]);
+    let model = Gemma2::load(&dir).unwrap();
+    let f = ChatFormat::from_folder(&dir).unwrap();
+    let (mut sum, mut n) = (0.0, 0);
+    for c in [&convo[..], &convo[..2]] {
+        let (ids, counted) = f.tokens(&tok, c, 2).unwrap();
+        let s = evaluate::score(&model, &ids, ids.len()).unwrap();
+        for (lp, _) in s.log_probs.iter().zip(&counted[1..]).filter(|(_, c)| **c) {
+            sum -= lp;
+            n += 1;
+        }
+    }
+    assert_eq!(v["tokens"], n);
+    assert_eq!(n, 6 + 4);
+    assert!((v["mean_nll"].as_f64().unwrap() - sum / n as f64).abs() < 1e-9);
+    let c = run_json(&[
+        "compare",
+        d,
+        "--reference",
+        d,
+        "--chat-file",
+        file.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(c["tokens"], n);
+    assert_eq!(c["kl"].as_f64().unwrap(), 0.0);
+    // generate --chat: the prompt is the rendered user turn plus the generation prompt.
+    let g = run_json(&[
+        "generate",
+        d,
+        "--chat",
+        "--system",
+        "Be brief.",
+        "--prompt",
+        "Hi",
+        "--max-new-tokens",
+        "2",
+        "--json",
+    ]);
+    assert_eq!(g["prompt_tokens"], tok.encode(want).unwrap().len());
+    // A chat file without model turns, or not JSONL: clear errors naming the file and line.
+    let bad = tmp.path().join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}\nnot json\n",
+    )
+    .unwrap();
+    run_err(
+        &["eval", d, "--chat-file", bad.to_str().unwrap()],
+        1,
+        "bad.jsonl:2: not JSON",
+    );
+    std::fs::write(
+        &bad,
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}\n",
+    )
+    .unwrap();
+    run_err(
+        &["eval", d, "--chat-file", bad.to_str().unwrap()],
+        1,
+        "no model (assistant) turns",
+    );
+    run_err(
+        &[
+            "eval",
+            d,
+            "--chat-file",
+            bad.to_str().unwrap(),
+            "--text",
+            bad.to_str().unwrap(),
+        ],
+        2,
+        "",
+    );
+}
+
+/// Gemma 3's vocabulary size (262 208, `<start_of_turn>` 105, `<end_of_turn>` 106, `<image_soft_token>`
+/// 262 144) through the same tokenizers crate, end to end: a synthetic Gemma 3 4B-shaped model (1 layer,
+/// narrow) with a tokenizer of that size, `generate --chat` rendering Gemma's turn format.
+#[test]
+fn gemma3_vocabulary_and_chat_end_to_end() {
+    const V: usize = 262_208;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("g3");
+    let out = run(&[
+        "-q",
+        "synth",
+        "--shape",
+        "gemma3-4b",
+        "--layers",
+        "1",
+        "--hidden-size",
+        "64",
+        "--intermediate-size",
+        "32",
+        "--dtype",
+        "bfloat16",
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut vocab = serde_json::Map::new();
+    let mut specials = vec![
+        (0, "<pad>"),
+        (1, "<eos>"),
+        (2, "<bos>"),
+        (3, "<unk>"),
+        (105, "<start_of_turn>"),
+        (106, "<end_of_turn>"),
+        (262_144, "<image_soft_token>"),
+    ];
+    specials.sort();
+    for (id, s) in &specials {
+        vocab.insert(s.to_string(), (*id).into());
+    }
+    let mut next = 0usize;
+    let mut take = |vocab: &mut serde_json::Map<String, Value>, piece: String| {
+        while specials.iter().any(|(id, _)| *id == next) {
+            next += 1;
+        }
+        vocab.insert(piece, next.into());
+        next += 1;
+    };
+    for b in 0..256 {
+        take(&mut vocab, format!("<0x{b:02X}>"));
+    }
+    for p in ["▁", "h", "i", "hi", "▁hi"] {
+        take(&mut vocab, p.to_string());
+    }
+    while vocab.len() < V {
+        let n = vocab.len();
+        take(&mut vocab, format!("[unused{n}]"));
+    }
+    assert_eq!(vocab.len(), V);
+    let added: Vec<Value> = specials.iter()
+        .map(|(id, s)| serde_json::json!({"id": id, "content": s, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}))
+        .collect();
+    let tok = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+        "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}, "pre_tokenizer": null,
+        "post_processor": null,
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "}, {"type": "ByteFallback"}, {"type": "Fuse"}]},
+        "model": {"type": "BPE", "dropout": null, "unk_token": "<unk>", "continuing_subword_prefix": null,
+            "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+            "vocab": vocab, "merges": ["h i", "▁ hi"]}
+    });
+    std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
+    let t = Tokenizer::from_folder(&dir).unwrap();
+    assert_eq!(t.token_id("<end_of_turn>"), Some(106));
+    assert_eq!(t.token_id("<image_soft_token>"), Some(262_144));
+    let rendered = "<bos><start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n";
+    let ids = t.encode(rendered).unwrap();
+    assert_eq!((ids[0], ids[1]), (2, 105));
+    assert_eq!(ids.iter().filter(|&&i| i == 105).count(), 2);
+    assert!(ids.contains(&106));
+    let v = run_json(&[
+        "generate",
+        dir.to_str().unwrap(),
+        "--chat",
+        "--prompt",
+        "hi",
+        "--max-new-tokens",
+        "3",
+        "--json",
+    ]);
+    assert_eq!(v["prompt_tokens"], ids.len());
+    let model = Gemma2::load(&dir).unwrap();
+    assert_eq!(model.config().vocab_size, V);
+    assert_eq!(model.config().eos_token_ids, vec![1, 106]);
+    assert!(v["token_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|i| i.as_u64().unwrap() < V as u64));
 }
 
 /// The golden-model checks again in child processes of this test binary with `GEMMA_MERGE_SIMD` forcing
@@ -961,7 +1311,14 @@ fn fast_mode_stays_close_to_exact() {
         );
         let fast = read_logits(&fast_dump);
         let err = max_abs_diff(&fast, &g.logits);
-        assert!(err < 0.05, "{name}: fast logits differ by {err}");
+        // bf16 products lose relative precision; gemma1-tiny's residual stream reaches ~280 (no
+        // post-norms), so its logits move by up to 0.24 (its perplexity stays within 1e-2).
+        let bound = if name == "family/gemma1-tiny" {
+            0.5
+        } else {
+            0.05
+        };
+        assert!(err < bound, "{name}: fast logits differ by {err}");
         if gemma_merge::simd::has_bf16_dot() && g.tokens.len() > 8 {
             assert!(
                 err > 1e-6,

@@ -293,7 +293,7 @@ fn existing_output_needs_force() {
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("lin");
     run_golden("linear.yaml", &out);
-    std::fs::write(out.join("marker"), "old").unwrap();
+    std::fs::write(out.join("README.md"), "old").unwrap();
     let r = fixtures().join("recipes/linear.yaml");
     let o = gm(&["run", s(&r), "--out", s(&out)]);
     assert_eq!(o.code, 2);
@@ -302,9 +302,16 @@ fn existing_output_needs_force() {
         "{}",
         o.stderr
     );
-    assert!(out.join("marker").exists(), "the old folder is untouched");
+    assert_eq!(
+        std::fs::read_to_string(out.join("README.md")).unwrap(),
+        "old"
+    );
     ok(&["-q", "run", s(&r), "--out", s(&out), "--force"]);
-    assert!(!out.join("marker").exists(), "--force replaced the folder");
+    assert_ne!(
+        std::fs::read_to_string(out.join("README.md")).unwrap(),
+        "old",
+        "--force replaced the folder"
+    );
     ok(&["verify", s(&out)]);
 }
 
@@ -849,7 +856,7 @@ fn output_inside_an_input_is_refused() {
     let o = gm(&["run", s(&recipe)]);
     assert_eq!(o.code, 2);
     assert!(
-        o.stderr.contains("would write into the input"),
+        o.stderr.contains("lies inside the input model `base`"),
         "{}",
         o.stderr
     );
@@ -872,4 +879,136 @@ fn bad_flags_exit_with_code_2() {
         "{}",
         o.stderr
     );
+}
+
+/// SLERP of two multimodal Gemma 3 checkpoints (language model under `language_model.model.`, a vision
+/// tower, a projector): one angle per language-model layer, one per vision-tower layer, every other tensor
+/// alone. Each tensor's coefficients (c₁, c₂ with out − base = c₁·δ₁ + c₂·δ₂) are recovered by least squares
+/// and must be equal across a layer and equal to the explicit f64 SLERP of the layer's flattened deltas.
+/// The processor's side files and the chat template come along.
+#[test]
+fn slerp_of_multimodal_gemma3_uses_one_angle_per_layer() {
+    let d = tempfile::tempdir().unwrap();
+    let base = d.path().join("base");
+    std::fs::create_dir_all(&base).unwrap();
+    let mm = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/family/gemma3-mm-tiny");
+    for e in std::fs::read_dir(&mm).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, base.join(p.file_name().unwrap())).unwrap();
+    }
+    let side = [
+        (
+            "preprocessor_config.json",
+            "{\"image_processor_type\": \"Gemma3ImageProcessor\"}",
+        ),
+        ("processor_config.json", "{\"image_seq_length\": 4}"),
+        (
+            "chat_template.jinja",
+            "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}",
+        ),
+    ];
+    for (name, text) in side {
+        std::fs::write(base.join(name), text).unwrap();
+    }
+    for (p, seed) in [("p1", "1"), ("p2", "2")] {
+        ok(&[
+            "-q",
+            "synth",
+            "--from",
+            s(&base),
+            "--drift",
+            "0.05",
+            "--seed",
+            seed,
+            "--out",
+            s(&d.path().join(p)),
+        ]);
+    }
+    let recipe = d.path().join("r.yaml");
+    std::fs::write(
+        &recipe,
+        "output: out\ndtype: float32\nbase: base\nsteps:\n  - name: s\n    method: slerp\n    models: [p1, p2]\n",
+    )
+    .unwrap();
+    ok(&["-q", "run", s(&recipe)]);
+    let out_dir = d.path().join("out");
+    for (name, text) in side {
+        assert_eq!(
+            std::fs::read_to_string(out_dir.join(name)).unwrap(),
+            text,
+            "{name}"
+        );
+    }
+    let (out, b) = (load(&out_dir), load(&base));
+    let (p1, p2) = (load(&d.path().join("p1")), load(&d.path().join("p2")));
+    let delta = |m: &BTreeMap<String, (FloatType, Vec<usize>, Vec<f64>)>, n: &str| -> Vec<f64> {
+        m[n].2.iter().zip(&b[n].2).map(|(x, y)| x - y).collect()
+    };
+    // The groups, by hand.
+    let mut groups: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for name in b.keys() {
+        let key = [
+            "language_model.model.layers.",
+            "vision_tower.vision_model.encoder.layers.",
+            "vision_tower.encoder.layers.",
+        ]
+        .iter()
+        .find_map(|p| {
+            let rest = name.strip_prefix(p)?;
+            let n = rest.split('.').next()?;
+            Some(format!("{p}{n}."))
+        })
+        .unwrap_or_else(|| name.clone());
+        groups.entry(key).or_default().push(name.clone());
+    }
+    let lm_layers = groups
+        .keys()
+        .filter(|k| k.starts_with("language_model.model.layers."))
+        .count();
+    assert_eq!(lm_layers, 7);
+    assert!(groups.contains_key("vision_tower.encoder.layers.0."));
+    assert!(groups
+        .keys()
+        .any(|k| k.starts_with("multi_modal_projector.")));
+    for (key, names) in &groups {
+        // The explicit f64 SLERP (λ = 1/2) of the group's flattened deltas.
+        let d1: Vec<f64> = names.iter().flat_map(|n| delta(&p1, n)).collect();
+        let d2: Vec<f64> = names.iter().flat_map(|n| delta(&p2, n)).collect();
+        let omega = (dot(&d1, &d2) / (dot(&d1, &d1) * dot(&d2, &d2)).sqrt())
+            .clamp(-1.0, 1.0)
+            .acos();
+        let c = (0.5 * omega).sin() / omega.sin();
+        for n in names {
+            let (x, y, r) = (delta(&p1, n), delta(&p2, n), delta(&out, n));
+            // Least squares for r ≈ c₁x + c₂y.
+            let (xx, yy, xy, xr, yr) = (
+                dot(&x, &x),
+                dot(&y, &y),
+                dot(&x, &y),
+                dot(&x, &r),
+                dot(&y, &r),
+            );
+            let det = xx * yy - xy * xy;
+            if det <= 1e-12 * xx * yy || x.len() < 16 {
+                continue; // too small to recover two coefficients from f32-rounded outputs
+            }
+            let (c1, c2) = ((xr * yy - yr * xy) / det, (yr * xx - xr * xy) / det);
+            assert!(
+                (c1 - c).abs() < 2e-4 && (c2 - c).abs() < 2e-4,
+                "{key}: {n}: ({c1}, {c2}) vs {c}"
+            );
+        }
+        // And every element is the explicit value, rounded once to f32.
+        let want = slerp_explicit(&d1, &d2, 0.5);
+        let got: Vec<f64> = names.iter().flat_map(|n| out[n].2.clone()).collect();
+        let base_flat: Vec<f64> = names.iter().flat_map(|n| b[n].2.clone()).collect();
+        for ((g, w), b0) in got.iter().zip(&want).zip(&base_flat) {
+            assert!(
+                (g - (b0 + w)).abs() <= half_ulp(FloatType::F32, b0 + w) * 1.001 + 1e-12,
+                "{key}"
+            );
+        }
+    }
+    // The merged checkpoint is a Gemma 3 multimodal model the forward pass reads.
+    ok(&["eval", s(&out_dir), "--token-ids", "2,5,9,11", "--json"]);
 }

@@ -9,8 +9,11 @@ use clap::Args;
 use serde_json::json;
 
 use gemma_merge::evaluate::{self, LogitsWriter};
+use gemma_merge::model::chat::{self, ChatFormat};
 use gemma_merge::model::sampling::{self, Sampler, SamplingParams};
 use gemma_merge::model::{folder_of, Gemma2, ModelError, Tokenizer};
+
+use gemma_merge::safe_out::{check_conflicts, check_target, model_inputs, Kind, Role, Staged};
 
 use super::{Global, PathArg, UsageError};
 
@@ -32,6 +35,10 @@ pub struct EvalArgs {
     pub model: PathArg,
     #[command(flatten)]
     pub input: TokenInput,
+    /// Conversations, one {"messages": [...]} per line, rendered with the model's chat template; only
+    /// the model's turns count towards the loss.
+    #[arg(long, value_name = "FILE", group = "TokenInput")]
+    pub chat_file: Option<PathArg>,
     /// Truncate the input to N tokens.
     #[arg(long, value_name = "N")]
     pub max_tokens: Option<usize>,
@@ -42,6 +49,9 @@ pub struct EvalArgs {
     /// Write the logits at every input position as a safetensors file (tensor `logits`, F32).
     #[arg(long, value_name = "FILE")]
     pub dump_logits: Option<PathArg>,
+    /// With --dump-logits: replace an existing logits file written by gemma-merge.
+    #[arg(long, requires = "dump_logits")]
+    pub force: bool,
     /// Fast mode: bf16 × bf16 matrix products with f32 sums (AVX512-BF16 `vdpbf16ps`, as llama.cpp and
     /// PyTorch's bf16 path), activations rounded to bf16; exact mode where the CPU lacks AVX512-BF16.
     /// Less exact than the default (see docs/performance.md for the measured deviation).
@@ -69,8 +79,8 @@ pub struct GenerateArgs {
     /// Truncate the prompt to N tokens.
     #[arg(long, value_name = "N")]
     pub max_tokens: Option<usize>,
-    /// Stop after N generated tokens.
-    #[arg(long, value_name = "N", default_value_t = 64)]
+    /// Stop after N generated tokens (at most 1000000).
+    #[arg(long, value_name = "N", default_value_t = 64, value_parser = parse_max_new_tokens)]
     pub max_new_tokens: usize,
     /// Sampling temperature; 0 is greedy.
     #[arg(long, default_value_t = 0.0)]
@@ -92,6 +102,13 @@ pub struct GenerateArgs {
     /// Print a JSON object instead of streaming text.
     #[arg(long)]
     pub json: bool,
+    /// Treat --prompt as a user turn of a chat, rendered with the model's chat template (Gemma's turn
+    /// format when it has none); generation stops at <end_of_turn>.
+    #[arg(long, requires = "prompt")]
+    pub chat: bool,
+    /// A system message for --chat (implies --chat).
+    #[arg(long, value_name = "TEXT", requires = "prompt")]
+    pub system: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -103,6 +120,9 @@ pub struct CompareArgs {
     pub reference: PathArg,
     #[command(flatten)]
     pub input: TokenInput,
+    /// Conversations (JSONL), as for eval: only the model's turns are compared.
+    #[arg(long, value_name = "FILE", group = "TokenInput")]
+    pub chat_file: Option<PathArg>,
     /// Truncate the input to N tokens.
     #[arg(long, value_name = "N")]
     pub max_tokens: Option<usize>,
@@ -120,6 +140,21 @@ pub struct CompareArgs {
 }
 
 /// One token id of a comma-separated list; spaces around it are allowed.
+/// Largest `--max-new-tokens`: far beyond what a CPU decodes in a session, small enough that nothing
+/// sized by it can exhaust memory.
+pub const MAX_NEW_TOKENS: usize = 1_000_000;
+
+fn parse_max_new_tokens(s: &str) -> Result<usize, String> {
+    let n: u128 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of tokens (a non-negative integer)"))?;
+    if n > MAX_NEW_TOKENS as u128 {
+        return Err(format!("{s} is more than {MAX_NEW_TOKENS} tokens"));
+    }
+    Ok(n as usize)
+}
+
 fn parse_token_id(s: &str) -> Result<u32, String> {
     s.trim()
         .parse()
@@ -128,8 +163,43 @@ fn parse_token_id(s: &str) -> Result<u32, String> {
 
 pub fn eval(args: &EvalArgs, g: &Global) -> anyhow::Result<()> {
     check_counts(args.max_tokens, args.context)?;
+    if let Some(path) = &args.dump_logits {
+        let mut inputs = model_inputs("the model", &args.model);
+        if let Some(t) = &args.input.text {
+            inputs.push(Role::new("the --text file", t));
+        }
+        check_conflicts(&[Role::new("the --dump-logits file", path)], &inputs)?;
+        check_target(path, Kind::Logits, args.force)?;
+    }
     set_fast(args.fast);
     let model = Gemma2::load(&args.model)?;
+    if let Some(file) = &args.chat_file {
+        if args.dump_logits.is_some() || args.max_tokens.is_some() {
+            return Err(UsageError(
+                "--dump-logits and --max-tokens do not go with --chat-file".into(),
+            )
+            .into());
+        }
+        let conversations = chat_inputs(file, &[&args.model], &model)?;
+        let started = Instant::now();
+        let s = evaluate::score_chats(&model, &conversations, args.context)?;
+        let seconds = started.elapsed().as_secs_f64();
+        if args.json {
+            return print_json(&json!({
+                "tokens": s.tokens,
+                "mean_nll": s.mean_nll,
+                "perplexity": s.perplexity,
+                "conversations": conversations.len(),
+                "seconds": seconds,
+            }));
+        }
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "tokens         {}  (model turns only)", s.tokens)?;
+        writeln!(out, "mean_nll       {:.6}", s.mean_nll)?;
+        writeln!(out, "perplexity     {:.4}", s.perplexity)?;
+        writeln!(out, "conversations  {}", conversations.len())?;
+        return Ok(());
+    }
     let (tokens, context) = scored_input(
         &args.input,
         &[&args.model],
@@ -141,20 +211,16 @@ pub fn eval(args: &EvalArgs, g: &Global) -> anyhow::Result<()> {
     let started = Instant::now();
     let score = match &args.dump_logits {
         Some(path) => {
-            let mut writer = LogitsWriter::create(path, tokens.len(), model.config().vocab_size)?;
+            // The logits go to a temporary file renamed into place once complete: the target (checked
+            // above) is untouched until then, and removed with nothing else on failure.
+            let (staged, file) = Staged::file(path, Kind::Logits, args.force)?;
+            let mut writer =
+                LogitsWriter::new(file, staged.path(), tokens.len(), model.config().vocab_size)?;
             let score =
-                evaluate::score_with(&model, &tokens, context, |_, row| writer.write_row(row));
-            match score {
-                Ok(score) => {
-                    writer.finish()?;
-                    score
-                }
-                Err(e) => {
-                    drop(writer);
-                    let _ = std::fs::remove_file(path);
-                    return Err(e.into());
-                }
-            }
+                evaluate::score_with(&model, &tokens, context, |_, row| writer.write_row(row))?;
+            writer.finish()?;
+            staged.commit()?;
+            score
         }
         None => evaluate::score(&model, &tokens, context)?,
     };
@@ -203,6 +269,17 @@ pub fn generate(args: &GenerateArgs, g: &Global) -> anyhow::Result<()> {
     let model = Gemma2::load(&args.model)?;
     let folder = folder_of(&args.model);
     let (mut prompt, tokenizer) = match (&args.prompt, &args.token_ids) {
+        (Some(text), _) if args.chat || args.system.is_some() => {
+            let tokenizer = require_tokenizer(&[folder], "--chat")?;
+            let format = ChatFormat::from_folder(folder)?;
+            let messages = chat::user_turn(args.system.as_deref(), text);
+            let rendered = format.render(&messages, true)?;
+            let mut ids = tokenizer.encode(&rendered)?;
+            if ids.first() != Some(&model.config().bos_token_id) {
+                ids.insert(0, model.config().bos_token_id);
+            }
+            (ids, Some(tokenizer))
+        }
         (Some(text), _) => {
             let tokenizer = require_tokenizer(&[folder], "--prompt")?;
             (
@@ -305,15 +382,30 @@ pub fn compare(args: &CompareArgs, g: &Global) -> anyhow::Result<()> {
             )
         });
     }
-    let (tokens, context) = scored_input(
-        &args.input,
-        &[&args.model, &args.reference],
-        &model,
-        args.max_tokens,
-        args.context,
-    )?;
     let started = Instant::now();
-    let r = evaluate::compare(&model, &reference, &tokens, context)?;
+    let (r, context) = match &args.chat_file {
+        Some(file) => {
+            if args.max_tokens.is_some() {
+                return Err(UsageError("--max-tokens does not go with --chat-file".into()).into());
+            }
+            let conversations = chat_inputs(file, &[&args.model, &args.reference], &model)?;
+            let r = evaluate::compare_chats(&model, &reference, &conversations, args.context)?;
+            (r, args.context)
+        }
+        None => {
+            let (tokens, context) = scored_input(
+                &args.input,
+                &[&args.model, &args.reference],
+                &model,
+                args.max_tokens,
+                args.context,
+            )?;
+            (
+                evaluate::compare(&model, &reference, &tokens, context)?,
+                Some(context),
+            )
+        }
+    };
     let seconds = started.elapsed().as_secs_f64();
     if args.json {
         return print_json(&json!({
@@ -373,6 +465,35 @@ fn scored_input(
     evaluate::check_input(model, &tokens)?;
     let context = context.unwrap_or_else(|| evaluate::default_context(model, tokens.len()));
     Ok((tokens, context))
+}
+
+/// The conversations of `--chat-file`: token ids (rendered with the chat template of the first of
+/// `models` that has a tokenizer) and which tokens belong to the model's turns.
+fn chat_inputs(
+    file: &Path,
+    models: &[&Path],
+    model: &Gemma2,
+) -> anyhow::Result<Vec<(Vec<u32>, Vec<bool>)>> {
+    let conversations = chat::read_chat_file(file)?;
+    let folders: Vec<&Path> = models.iter().map(|m| folder_of(m)).collect();
+    let tokenizer = require_tokenizer(&folders, "--chat-file")?;
+    let folder = folders
+        .iter()
+        .find(|f| f.join("tokenizer.json").is_file())
+        .unwrap_or(&folders[0]);
+    let format = ChatFormat::from_folder(folder)?;
+    conversations
+        .iter()
+        .enumerate()
+        .map(|(i, messages)| {
+            let (ids, counted) = format
+                .tokens(&tokenizer, messages, model.config().bos_token_id)
+                .with_context(|| format!("{}: conversation {}", file.display(), i + 1))?;
+            evaluate::check_input(model, &ids)
+                .with_context(|| format!("{}: conversation {}", file.display(), i + 1))?;
+            Ok((ids, counted))
+        })
+        .collect()
 }
 
 /// The tokens of `--text` (tokenized with the first of `models` that has a tokenizer, `<bos>` prepended)

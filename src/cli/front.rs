@@ -6,6 +6,7 @@ use clap::Args;
 use gemma_merge::front::{base_folder, evaluate_front, FrontError, FrontRequest};
 use gemma_merge::plot::{FrontPlot, Point};
 use gemma_merge::recipe::Plan;
+use gemma_merge::safe_out::{check_conflicts, check_target, model_inputs, Kind, Role, Staged};
 
 use super::eval::TokenInput;
 use super::{Global, PathArg, UsageError};
@@ -33,7 +34,7 @@ pub struct FrontArgs {
     /// Also write each η model as an ordinary output folder under DIR (DIR/eta-0.3, ...).
     #[arg(long, value_name = "DIR")]
     pub keep: Option<PathArg>,
-    /// With --keep: replace an existing DIR.
+    /// Replace an existing --keep folder or --plot file, only if gemma-merge wrote it.
     #[arg(long)]
     pub force: bool,
     /// Truncate the input to N tokens.
@@ -65,6 +66,7 @@ pub fn front(a: &FrontArgs, g: &Global) -> anyhow::Result<()> {
         }
     }
     gemma_merge::front::liti_step(&plan).map_err(|e| UsageError(e.to_string()))?;
+    let inputs = check_outputs(a, &plan)?;
     let folder = base_folder(&plan);
     let config = gemma_merge::model::Config::from_folder(&folder)?;
     let tokens =
@@ -82,6 +84,7 @@ pub fn front(a: &FrontArgs, g: &Global) -> anyhow::Result<()> {
             reference: a.reference.clone(),
             keep: a.keep.clone(),
             force: a.force,
+            inputs,
             tokens: &tokens,
             context: a.context,
             policies: !a.no_policies,
@@ -94,6 +97,7 @@ pub fn front(a: &FrontArgs, g: &Global) -> anyhow::Result<()> {
     )
     .map_err(|e| match e {
         FrontError::Usage(m) => anyhow::Error::new(UsageError(m)),
+        FrontError::Merge(e) => anyhow::Error::new(e),
         other => anyhow::Error::new(other),
     })?;
 
@@ -171,11 +175,51 @@ pub fn front(a: &FrontArgs, g: &Global) -> anyhow::Result<()> {
                 })
                 .collect(),
         };
-        std::fs::write(path, plot.to_svg())
-            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let (staged, mut file) = Staged::file(path, Kind::Svg, a.force)?;
+        file.write_all(plot.to_svg().as_bytes())
+            .and_then(|()| file.sync_all())
+            .map_err(|e| anyhow::anyhow!("{}: {e}", staged.path().display()))?;
+        drop(file);
+        staged.commit()?;
         if !g.quiet && !a.json {
             writeln!(out, "wrote {}", path.display())?;
         }
     }
     Ok(())
+}
+
+/// Checks `--keep` and `--plot` before any work: neither may touch an input (models, reference, recipe,
+/// text file) or the other, and an existing one is replaced only with --force and only if ours. Returns
+/// the inputs besides the recipe's models, for the run that writes `--keep`.
+fn check_outputs(a: &FrontArgs, plan: &Plan) -> anyhow::Result<Vec<Role>> {
+    let mut extra = Vec::new();
+    if let Some(r) = &a.reference {
+        extra.extend(model_inputs("the reference", r));
+    }
+    if let Some(t) = &a.input.text {
+        extra.push(Role::new("the --text file", t));
+    }
+    let mut inputs = extra.clone();
+    for leaf in &plan.leaves {
+        inputs.extend(model_inputs(
+            &format!("the input model `{}`", leaf.shown),
+            &leaf.path,
+        ));
+    }
+    inputs.push(Role::new("the recipe", &plan.recipe_path));
+    let mut outputs = Vec::new();
+    if let Some(k) = &a.keep {
+        outputs.push(Role::new("the --keep folder", k));
+    }
+    if let Some(p) = &a.plot {
+        outputs.push(Role::new("the --plot file", p));
+    }
+    check_conflicts(&outputs, &inputs)?;
+    if let Some(k) = &a.keep {
+        check_target(k, Kind::ModelFolder, a.force)?;
+    }
+    if let Some(p) = &a.plot {
+        check_target(p, Kind::Svg, a.force)?;
+    }
+    Ok(extra)
 }

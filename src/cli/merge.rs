@@ -16,7 +16,7 @@ pub struct RunArgs {
     /// Output folder (overrides the recipe's `output`).
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathArg>,
-    /// Replace an existing output folder (only once the new one is complete).
+    /// Replace an existing output folder written by gemma-merge (only once the new one is complete).
     #[arg(long)]
     pub force: bool,
     /// Validate everything that can be checked without reading tensor data, print the plan, write nothing.
@@ -28,6 +28,9 @@ pub struct RunArgs {
     /// Print a JSON summary.
     #[arg(long)]
     pub json: bool,
+    /// Seed of random methods (DARE) for a mergekit config; a recipe sets `seed:` itself.
+    #[arg(long, value_name = "N")]
+    pub seed: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -46,19 +49,25 @@ pub struct InspectArgs {
 }
 
 pub fn run(a: &RunArgs, g: &Global) -> anyhow::Result<()> {
-    let plan = Plan::from_file(&a.recipe, a.out.as_deref())?;
+    let plan = Plan::load(&a.recipe, a.out.as_deref(), a.seed)?;
     if !g.quiet {
         for w in &plan.warnings {
             eprintln!("warning: {w}");
         }
     }
     let prepared = Prepared::new(&plan)?;
+    let opts = RunOptions {
+        force: a.force,
+        hash_inputs: a.hash_inputs,
+        extra_inputs: Vec::new(),
+    };
     if a.dry_run {
+        prepared.check_outputs(&opts)?;
         let s = prepared.summary();
         if a.json {
-            println!("{}", serde_json::to_string_pretty(&s)?);
+            outln!("{}", serde_json::to_string_pretty(&s)?)?;
         } else {
-            print_summary(&s);
+            print_summary(&s)?;
         }
         return Ok(());
     }
@@ -66,65 +75,62 @@ pub fn run(a: &RunArgs, g: &Global) -> anyhow::Result<()> {
         g,
         "{spinner} merging [{bar:40}] {percent:>3}% {elapsed_precise} eta {eta}",
     );
-    let report = prepared.run(
-        &RunOptions {
-            force: a.force,
-            hash_inputs: a.hash_inputs,
-        },
-        &|done, total| {
-            if let Some(b) = &bar {
-                b.set_length(total);
-                b.set_position(done);
-            }
-        },
-    )?;
+    let report = prepared.run(&opts, &|done, total| {
+        if let Some(b) = &bar {
+            b.set_length(total);
+            b.set_position(done);
+        }
+    })?;
     if let Some(b) = bar {
         b.finish_and_clear();
     }
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?)?;
     } else if !g.quiet {
         for o in &report.outputs {
-            println!("wrote {}", o.display());
+            outln!("wrote {}", o.display())?;
         }
-        println!(
+        outln!(
             "{} tensors, {} in {:.2} s",
             report.tensors,
             human_bytes(report.bytes_written),
             report.seconds
-        );
+        )?;
     }
     Ok(())
 }
 
-fn print_summary(s: &PlanSummary) {
-    println!("plan (dry run: nothing is written)");
-    println!("inputs:");
+fn print_summary(s: &PlanSummary) -> std::io::Result<()> {
+    outln!("plan (dry run: nothing is written)")?;
+    outln!("inputs:")?;
     for (shown, path, bytes) in &s.inputs {
-        println!("  {shown:<24} {} ({})", path.display(), human_bytes(*bytes));
+        outln!("  {shown:<24} {} ({})", path.display(), human_bytes(*bytes))?;
     }
-    println!("steps:");
+    outln!("steps:")?;
     for (name, method) in &s.steps {
-        println!("  {name:<24} {method}");
+        outln!("  {name:<24} {method}")?;
     }
-    println!("outputs:");
+    outln!("outputs:")?;
     for o in &s.outputs {
-        println!("  {}", o.display());
+        outln!("  {}", o.display())?;
     }
-    println!(
+    outln!(
         "tensors: {} ({} merged, {} copied)",
-        s.tensors, s.merged_tensors, s.copied_tensors
-    );
-    println!("passes over the inputs: {}", s.passes);
-    println!("bytes to read: {} (at most)", human_bytes(s.bytes_to_read));
-    println!("bytes to write: {}", human_bytes(s.bytes_to_write));
-    println!(
+        s.tensors,
+        s.merged_tensors,
+        s.copied_tensors
+    )?;
+    outln!("passes over the inputs: {}", s.passes)?;
+    outln!("bytes to read: {} (at most)", human_bytes(s.bytes_to_read))?;
+    outln!("bytes to write: {}", human_bytes(s.bytes_to_write))?;
+    outln!(
         "peak memory estimate: {} (plus the page cache)",
         human_bytes(s.peak_memory_estimate)
-    );
+    )?;
     for w in &s.warnings {
-        println!("warning: {w}");
+        outln!("warning: {w}")?;
     }
+    Ok(())
 }
 
 /// "1.23 GB" style sizes (powers of 1000, as the shard sizes).
@@ -159,14 +165,14 @@ pub fn verify(a: &VerifyArgs, g: &Global) -> anyhow::Result<()> {
     if !g.quiet {
         if g.verbose {
             for c in &report.checked {
-                println!("ok {c}");
+                outln!("ok {c}")?;
             }
         }
-        println!(
+        outln!(
             "{}: {} files match merge-manifest.json",
             a.dir.display(),
             report.checked.len()
-        );
+        )?;
     }
     Ok(())
 }
@@ -219,31 +225,31 @@ pub fn inspect(a: &InspectArgs, _g: &Global) -> anyhow::Result<()> {
             "files": files,
             "config": cfg,
         });
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        outln!("{}", serde_json::to_string_pretty(&out)?)?;
         return Ok(());
     }
-    println!("{}", a.path.display());
-    println!("files: {}", model.files().len());
-    println!("tensors: {}", model.tensors().len());
-    println!("parameters: {params}");
-    println!(
+    outln!("{}", a.path.display())?;
+    outln!("files: {}", model.files().len())?;
+    outln!("tensors: {}", model.tensors().len())?;
+    outln!("parameters: {params}")?;
+    outln!(
         "bytes: {} ({})",
         model.data_bytes(),
         human_bytes(model.data_bytes())
-    );
+    )?;
     for (d, n) in &dtypes {
-        println!("dtype {d}: {n} parameters");
+        outln!("dtype {d}: {n} parameters")?;
     }
     for (k, v) in &cfg {
-        println!("config {k}: {v}");
+        outln!("config {k}: {v}")?;
     }
     for t in model.tensors() {
-        println!(
+        outln!(
             "  {:<56} {:<5} {:?}",
             t.name,
             format!("{:?}", t.dtype),
             t.shape
-        );
+        )?;
     }
     Ok(())
 }

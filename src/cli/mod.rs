@@ -1,5 +1,14 @@
 //! Command-line definitions (clap) and dispatch. Each command's implementation lives in its own file.
 
+/// `println!` that returns the write's `io::Result` instead of panicking (on a closed pipe, `main` then
+/// exits quietly with success, as `head` expects).
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)
+    }};
+}
+
 mod eval;
 mod front;
 mod merge;
@@ -70,17 +79,20 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
         if let Some(e) = cause.downcast_ref::<gemma_merge::executor::MergeError>() {
             return if e.is_usage() { 2 } else { 1 };
         }
+        if let Some(e) = cause.downcast_ref::<gemma_merge::safe_out::OutputError>() {
+            return if e.is_usage() { 2 } else { 1 };
+        }
     }
     1
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     let threads = match cli.global.threads {
-        Some(0) => return Err(UsageError("--threads must be at least 1".into()).into()),
-        Some(n) => n,
-        None => std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1),
+        Some(n) => check_threads(n, cores)?,
+        None => cores,
     };
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
@@ -97,6 +109,22 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Front(a) => front::front(a, g),
         Command::Synth(a) => synth::synth(a, g),
     }
+}
+
+/// Most worker threads `--threads` may ask for: 16 per core, at least 64, at most 1024. More only
+/// thrashes (every thread holds chunk buffers) and, unbounded, can exhaust the machine's thread limit.
+pub fn max_threads(cores: usize) -> usize {
+    cores.saturating_mul(16).clamp(64, 1024)
+}
+
+fn check_threads(n: usize, cores: usize) -> Result<usize, UsageError> {
+    let max = max_threads(cores);
+    if n == 0 || n > max {
+        return Err(UsageError(format!(
+            "--threads {n}: must be between 1 and {max} (16 per core, at least 64, at most 1024; this machine has {cores} cores)"
+        )));
+    }
+    Ok(n)
 }
 
 /// A path argument, kept as given.

@@ -1,10 +1,10 @@
-//! `synth`: random checkpoints with the real Gemma 2 shapes, or a drifted copy of a model.
+//! `synth`: random checkpoints with the real shapes of the Gemma family, or a drifted copy of a model.
 
-use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use clap::{Args, ValueEnum};
 use gemma_merge::format::{FloatType, Model};
+use gemma_merge::safe_out::{check_conflicts, model_inputs, Kind, Role, Staged};
 use gemma_merge::synth::{self, Shape};
 
 use super::merge::human_bytes;
@@ -18,6 +18,18 @@ pub enum ShapeName {
     B9,
     #[value(name = "27b")]
     B27,
+    #[value(name = "gemma-2b")]
+    Gemma2b,
+    #[value(name = "gemma-7b")]
+    Gemma7b,
+    #[value(name = "gemma3-1b")]
+    Gemma3B1,
+    #[value(name = "gemma3-4b")]
+    Gemma3B4,
+    #[value(name = "gemma3-12b")]
+    Gemma3B12,
+    #[value(name = "gemma3-27b")]
+    Gemma3B27,
 }
 
 impl ShapeName {
@@ -26,6 +38,12 @@ impl ShapeName {
             Self::B2 => "2b",
             Self::B9 => "9b",
             Self::B27 => "27b",
+            Self::Gemma2b => "gemma-2b",
+            Self::Gemma7b => "gemma-7b",
+            Self::Gemma3B1 => "gemma3-1b",
+            Self::Gemma3B4 => "gemma3-4b",
+            Self::Gemma3B12 => "gemma3-12b",
+            Self::Gemma3B27 => "gemma3-27b",
         };
         Shape::named(name).expect("every ShapeName is in the table")
     }
@@ -50,7 +68,8 @@ impl DtypeName {
 
 #[derive(Debug, Args)]
 pub struct SynthArgs {
-    /// Gemma 2 size whose shapes to use.
+    /// Size whose shapes to use: Gemma 2 (2b, 9b, 27b), Gemma 1 (gemma-2b, gemma-7b) or Gemma 3
+    /// (gemma3-1b, gemma3-4b, gemma3-12b, gemma3-27b: the language model, as Gemma3ForCausalLM).
     #[arg(
         long,
         value_enum,
@@ -87,60 +106,6 @@ pub struct SynthArgs {
     pub out: PathArg,
 }
 
-/// A temporary folder beside the target, removed unless renamed into place.
-struct Staging {
-    tmp: PathBuf,
-    done: bool,
-}
-
-impl Staging {
-    fn begin(out: &Path) -> anyhow::Result<Self> {
-        if out.exists() {
-            return Err(UsageError(format!(
-                "{}: already exists (synth never overwrites)",
-                out.display()
-            ))
-            .into());
-        }
-        let parent = match out.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        std::fs::create_dir_all(&parent)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", parent.display()))?;
-        let name = out
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "synth".into());
-        let tmp = parent.join(format!(
-            ".{name}.gemma-merge-synth-tmp-{}",
-            std::process::id()
-        ));
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(|e| anyhow::anyhow!("{}: {e}", tmp.display()))?;
-        }
-        std::fs::create_dir_all(&tmp).map_err(|e| anyhow::anyhow!("{}: {e}", tmp.display()))?;
-        Ok(Self { tmp, done: false })
-    }
-
-    fn commit(mut self, out: &Path) -> anyhow::Result<()> {
-        if out.exists() {
-            anyhow::bail!("{}: appeared while synth was writing", out.display());
-        }
-        std::fs::rename(&self.tmp, out).map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
-        self.done = true;
-        Ok(())
-    }
-}
-
-impl Drop for Staging {
-    fn drop(&mut self) {
-        if !self.done {
-            let _ = std::fs::remove_dir_all(&self.tmp);
-        }
-    }
-}
-
 pub fn synth(a: &SynthArgs, g: &Global) -> anyhow::Result<()> {
     let started = Instant::now();
     // clap does not enforce `requires` when the required flag conflicts with one given (--shape).
@@ -156,16 +121,15 @@ pub fn synth(a: &SynthArgs, g: &Global) -> anyhow::Result<()> {
                 ))
                 .into());
             }
-            let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
             let model = Model::open(from)?;
-            if abs(&a.out).starts_with(abs(model.folder())) {
-                return Err(UsageError(format!(
-                    "--out {} is inside the base model's folder {}",
-                    a.out.display(),
-                    model.folder().display()
-                ))
-                .into());
-            }
+            let mut inputs = model_inputs("the --from model", from);
+            inputs.extend(
+                model
+                    .files()
+                    .iter()
+                    .map(|f| Role::new("the --from model", f.path())),
+            );
+            check_conflicts(&[Role::new("the --out folder", &a.out)], &inputs)?;
             Some((model, sigma as f32))
         }
         None => None,
@@ -190,11 +154,18 @@ pub fn synth(a: &SynthArgs, g: &Global) -> anyhow::Result<()> {
                     *field = v;
                 }
             }
+            // The sizes pass the same checks as a config.json read for evaluation (bounded, no
+            // overflowing products), before anything is allocated or written.
+            gemma_merge::model::Config::from_json(
+                &s.config(a.dtype.float_type()),
+                std::path::Path::new(s.name),
+            )
+            .map_err(|e| UsageError(format!("--shape {}: {e}", s.name)))?;
             Some(s)
         }
         None => None,
     };
-    let staging = Staging::begin(&a.out)?;
+    let staging = Staged::folder(&a.out, Kind::NewFolder, false)?;
     let bar = super::progress_bar(
         g,
         "{spinner} writing [{bar:40}] {percent:>3}% {bytes}/{total_bytes} eta {eta}",
@@ -207,17 +178,21 @@ pub fn synth(a: &SynthArgs, g: &Global) -> anyhow::Result<()> {
     };
     let records = match (&base, &shape) {
         (Some((model, sigma)), _) => {
-            synth::write_drifted(&staging.tmp, model, *sigma, a.seed, &progress)?
+            synth::write_drifted(staging.path(), model, *sigma, a.seed, &progress)?
         }
-        (None, Some(shape)) => {
-            synth::write_random(&staging.tmp, shape, a.dtype.float_type(), a.seed, &progress)?
-        }
+        (None, Some(shape)) => synth::write_random(
+            staging.path(),
+            shape,
+            a.dtype.float_type(),
+            a.seed,
+            &progress,
+        )?,
         (None, None) => unreachable!("clap requires --shape or --from"),
     };
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    staging.commit(&a.out)?;
+    staging.commit()?;
     if !g.quiet {
         let bytes: u64 = records.iter().map(|r| r.size).sum();
         let params = match (&base, &shape) {
@@ -225,14 +200,14 @@ pub fn synth(a: &SynthArgs, g: &Global) -> anyhow::Result<()> {
             (None, Some(s)) => s.parameters(),
             (None, None) => 0,
         };
-        println!(
+        outln!(
             "wrote {} ({} parameters, {} files, {}) in {:.2} s",
             a.out.display(),
             params,
             records.len(),
             human_bytes(bytes),
             started.elapsed().as_secs_f64()
-        );
+        )?;
     }
     Ok(())
 }

@@ -37,15 +37,21 @@ pub enum MergeError {
         file: PathBuf,
         index: usize,
     },
-    /// The output folder exists and `--force` was not given.
-    #[error("{0} exists (pass --force to replace it)")]
-    TargetExists(PathBuf),
-    /// The output would overwrite or sit inside an input.
-    #[error("output {output} would write into the input {input}")]
-    OutputIsInput { output: PathBuf, input: PathBuf },
-    /// Two outputs of the recipe name the same folder.
-    #[error("two outputs of the recipe write to {0}")]
-    DuplicateOutput(PathBuf),
+    /// An output may not be written there (exists, not ours, inside an input, overlapping).
+    #[error(transparent)]
+    Output(#[from] crate::safe_out::OutputError),
+    /// A merged value is NaN or ±Inf once rounded to the output dtype (overflow of float16 beyond
+    /// ±65504, an extreme η or weights); allowed with `allow_nonfinite: true`.
+    #[error("step {step}: tensor `{tensor}` is not finite at element {index} once merged and rounded to {dtype} (overflow? set `allow_nonfinite: true` to write it anyway)")]
+    NonFiniteOutput {
+        step: String,
+        tensor: String,
+        index: usize,
+        dtype: String,
+    },
+    /// A method cannot compute a tensor (weights summing to 0 where they must be normalized, ...).
+    #[error("tensor `{tensor}`: {message}")]
+    Method { tensor: String, message: String },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -57,10 +63,7 @@ pub enum MergeError {
 impl MergeError {
     /// True when the request itself is wrong (exit code 2).
     pub fn is_usage(&self) -> bool {
-        matches!(
-            self,
-            Self::TargetExists(_) | Self::OutputIsInput { .. } | Self::DuplicateOutput(_)
-        )
+        matches!(self, Self::Output(e) if e.is_usage())
     }
 
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {

@@ -10,10 +10,13 @@
 //! order, so the output is byte-identical for any `--threads`.
 
 mod error;
+mod layout;
 mod output;
+mod steps;
+mod values;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use rayon::prelude::*;
@@ -23,8 +26,8 @@ pub use error::MergeError;
 pub use output::{verify_folder, Manifest, VerifyReport, SIDE_FILES};
 
 use crate::format::{FloatType, Model, ModelWriter, TensorInfo, TensorSpec};
-use crate::kernels;
-use crate::recipe::{Angle, Operand, Plan, StepKind};
+use crate::recipe::{Operand, Plan, StepKind};
+use values::{ChunkInputs, Val};
 
 /// Elements per chunk: the unit of parallel work and of f64 partial sums.
 pub const CHUNK: usize = 1 << 16;
@@ -89,9 +92,10 @@ impl TensorSink for MemoryModel {
 /// How a base tensor reaches the output.
 #[derive(Debug, Clone)]
 enum Treatment {
-    /// Merged: the input dtype of each leaf (all leaves hold it, same shape).
+    /// Merged: the input dtype and tensor of each leaf that takes part (all of them, except in a layer
+    /// layout where each output layer has its own sources).
     Merge {
-        inputs: Vec<(FloatType, TensorInfo)>,
+        inputs: Vec<Option<(FloatType, TensorInfo)>>,
     },
     /// Integer or bool tensors are copied from the base unchanged.
     Copy,
@@ -103,6 +107,13 @@ struct OutTensor {
     treatment: Treatment,
     out_dtype: Dtype,
     unit: usize,
+    /// Position of the tensor's layer among the layers, in [0, 1] (0 outside the layers): where
+    /// parameter gradients are evaluated.
+    t: f64,
+    /// The leaf whose tensor is the reference of [`kernels::combine`] and the source of copies.
+    reference: usize,
+    /// That leaf's tensor (its own name; `base` carries the output name).
+    source: TensorInfo,
 }
 
 /// A recipe bound to its opened inputs and fully validated; ready to run or to describe.
@@ -136,6 +147,8 @@ pub struct PlanSummary {
 pub struct RunOptions {
     pub force: bool,
     pub hash_inputs: bool,
+    /// Paths read besides the recipe and its models (a reference, a text file): no output may touch them.
+    pub extra_inputs: Vec<crate::safe_out::Role>,
 }
 
 /// What a run wrote.
@@ -148,15 +161,25 @@ pub struct RunReport {
     pub seconds: f64,
 }
 
-fn unit_key(name: &str) -> &str {
-    if let Some(rest) = name.strip_prefix("model.layers.") {
-        if let Some(dot) = rest.find('.') {
-            if rest[..dot].bytes().all(|b| b.is_ascii_digit()) && dot > 0 {
-                return &name[..("model.layers.".len() + dot + 1)];
-            }
-        }
+/// N of a language-model layer tensor (`model.layers.N.…`, or under a multimodal prefix).
+fn layer_index(name: &str) -> Option<usize> {
+    let key = crate::model::family::layer_group(name);
+    crate::model::family::LM_PREFIXES.iter().find_map(|p| {
+        key.strip_prefix(p)?
+            .strip_prefix("layers.")?
+            .strip_suffix('.')?
+            .parse()
+            .ok()
+    })
+}
+
+/// Layer i of n sits at t = i / (n − 1) (t = 1 when n = 1); tensors outside the layers at t = 0.
+fn layer_position(name: &str, n_layers: usize) -> f64 {
+    match layer_index(name) {
+        Some(_) if n_layers <= 1 => 1.0,
+        Some(i) => i as f64 / (n_layers - 1) as f64,
+        None => 0.0,
     }
-    name
 }
 
 impl<'p> Prepared<'p> {
@@ -168,24 +191,33 @@ impl<'p> Prepared<'p> {
             .map(|l| Model::open(&l.path))
             .collect::<Result<_, _>>()?;
         let base = &models[plan.base];
-        let mut tensors = Vec::with_capacity(base.tensors().len());
+        let wanted = match &plan.layout {
+            None => layout::from_base(base, plan.base, models.len()),
+            Some(slices) => layout::from_slices(slices, &models)?,
+        };
+        let mut tensors = Vec::with_capacity(wanted.len());
         let mut unit_of: HashMap<String, usize> = HashMap::new();
         let mut units: Vec<Vec<usize>> = Vec::new();
-        for t in base.tensors() {
-            let base_file = base.file_of(t).path().to_path_buf();
+        for w in wanted {
+            let t = &w.template;
+            let reference = &models[w.reference];
             let treatment = match FloatType::from_dtype(t.dtype) {
                 Some(_) => {
                     let mut inputs = Vec::with_capacity(models.len());
-                    for m in &models {
-                        let Some(x) = m.get(&t.name) else {
+                    for (m, source) in models.iter().zip(&w.sources) {
+                        let Some(source) = source else {
+                            inputs.push(None);
+                            continue;
+                        };
+                        let Some(x) = m.get(source) else {
                             return Err(MergeError::MissingTensor {
-                                tensor: t.name.clone(),
+                                tensor: source.clone(),
                                 model: m.root().into(),
                             });
                         };
                         if x.shape != t.shape {
                             return Err(MergeError::ShapeMismatch {
-                                tensor: t.name.clone(),
+                                tensor: source.clone(),
                                 model: m.root().into(),
                                 expected: t.shape.clone(),
                                 found: x.shape.clone(),
@@ -193,12 +225,12 @@ impl<'p> Prepared<'p> {
                         }
                         let Some(ft) = FloatType::from_dtype(x.dtype) else {
                             return Err(MergeError::UnsupportedDtype {
-                                tensor: t.name.clone(),
+                                tensor: source.clone(),
                                 file: m.file_of(x).path().into(),
                                 dtype: format!("{:?}", x.dtype),
                             });
                         };
-                        inputs.push((ft, x.clone()));
+                        inputs.push(Some((ft, x.clone())));
                     }
                     Treatment::Merge { inputs }
                 }
@@ -206,7 +238,7 @@ impl<'p> Prepared<'p> {
                 None => {
                     return Err(MergeError::UnsupportedDtype {
                         tensor: t.name.clone(),
-                        file: base_file,
+                        file: reference.file_of(t).path().to_path_buf(),
                         dtype: format!("{:?}", t.dtype),
                     })
                 }
@@ -215,20 +247,25 @@ impl<'p> Prepared<'p> {
                 (Treatment::Merge { .. }, Some(d)) => d.dtype(),
                 _ => t.dtype,
             };
-            let key = unit_key(&t.name).to_string();
+            let key = crate::model::family::layer_group(&w.name).to_string();
             let unit = *unit_of.entry(key).or_insert_with(|| {
                 units.push(Vec::new());
                 units.len() - 1
             });
             units[unit].push(tensors.len());
+            let mut info = t.clone();
+            info.name = w.name;
             tensors.push(OutTensor {
-                base: t.clone(),
+                base: info,
+                source: t.clone(),
                 treatment,
                 out_dtype,
                 unit,
+                t: w.t,
+                reference: w.reference,
             });
         }
-        if !plan.ignore_extra_tensors {
+        if !plan.ignore_extra_tensors && plan.layout.is_none() {
             for m in &models {
                 if let Some(x) = m.tensors().iter().find(|x| base.get(&x.name).is_none()) {
                     return Err(MergeError::ExtraTensor {
@@ -274,16 +311,14 @@ impl<'p> Prepared<'p> {
     /// Describes the run without reading tensor data.
     pub fn summary(&self) -> PlanSummary {
         let plan = self.plan;
-        let n_slerp = plan
-            .steps
-            .iter()
-            .filter(|s| matches!(s.kind, StepKind::Slerp { .. }))
-            .count();
+        let n_slerp: usize = plan.steps.iter().map(|s| steps::passes(&s.kind)).sum();
         let read_once: u64 = self
             .tensors
             .iter()
             .map(|t| match &t.treatment {
-                Treatment::Merge { inputs } => inputs.iter().map(|(_, i)| i.len as u64).sum(),
+                Treatment::Merge { inputs } => {
+                    inputs.iter().flatten().map(|(_, i)| i.len as u64).sum()
+                }
                 Treatment::Copy => t.base.len as u64,
             })
             .sum();
@@ -334,6 +369,12 @@ impl<'p> Prepared<'p> {
         }
     }
 
+    /// Every check [`Prepared::run`] makes before writing (outputs against inputs, existing outputs, the
+    /// base's config), without writing: what `--dry-run` must reject too.
+    pub fn check_outputs(&self, opts: &RunOptions) -> Result<(), MergeError> {
+        output::check_outputs(self.plan, &self.models, opts.force, &opts.extra_inputs)
+    }
+
     /// Runs the merge and writes every output folder (each appears whole or not at all).
     pub fn run(
         &self,
@@ -342,7 +383,7 @@ impl<'p> Prepared<'p> {
     ) -> Result<RunReport, MergeError> {
         let started = Instant::now();
         let plan = self.plan;
-        let staging = output::Staging::begin(plan, &self.models, opts.force)?;
+        let staging = output::Staging::begin(plan, &self.models, opts.force, &opts.extra_inputs)?;
         let outputs = self.output_models();
         let specs = self.specs();
         let mut writers: Vec<ModelWriter> = outputs
@@ -358,6 +399,15 @@ impl<'p> Prepared<'p> {
         }
         let seconds = started.elapsed().as_secs_f64();
         let input_files = output::input_records(&self.models, opts.hash_inputs)?;
+        let side = output::SideSources {
+            config_patch: match &plan.layout {
+                Some(slices) => layout::config_patch(slices, &self.models)?,
+                None => Default::default(),
+            },
+            tokenizer: self.models[plan.tokenizer_source.unwrap_or(plan.base)]
+                .folder()
+                .to_path_buf(),
+        };
         let mut bytes_written = 0u64;
         for (((path, step, _), eta), recs) in outputs.iter().zip(self.output_etas()).zip(records) {
             bytes_written += staging.finish_model(
@@ -369,6 +419,7 @@ impl<'p> Prepared<'p> {
                 recs,
                 &input_files,
                 seconds,
+                &side,
             )?;
         }
         let written = staging.commit()?;
@@ -415,27 +466,40 @@ impl<'p> Prepared<'p> {
     ) -> Result<(), MergeError> {
         let total: u64 = self.tensors.iter().map(|t| t.base.numel() as u64).sum();
         let mut done = 0u64;
-        let mut coefs: HashMap<usize, Vec<Vec<Vec<f64>>>> = HashMap::new();
+        let mut coefs: HashMap<usize, Vec<Vec<Val>>> = HashMap::new();
         let mut remaining: Vec<usize> = self.units.iter().map(|u| u.len()).collect();
+        // The step (and η) of each output, to name it in a non-finite error.
+        let labels: Vec<String> = outputs
+            .iter()
+            .map(|&(_, step, eta)| {
+                let name = &self.plan.steps[step].name;
+                match (&self.plan.steps[step].kind, eta) {
+                    (StepKind::Liti { etas, .. }, Some(k)) => {
+                        format!("`{name}` (η = {:?})", etas[k])
+                    }
+                    _ => format!("`{name}`"),
+                }
+            })
+            .collect();
         for (ti, t) in self.tensors.iter().enumerate() {
             match &t.treatment {
                 Treatment::Copy => self.copy_tensor(t, sinks)?,
                 Treatment::Merge { .. } => {
-                    let unit_coefs = match coefs.entry(t.unit) {
+                    let unit_vals = match coefs.entry(t.unit) {
                         std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                         std::collections::hash_map::Entry::Vacant(e) => {
-                            e.insert(self.unit_coefficients(t.unit)?)
+                            e.insert(self.unit_values(t.unit)?)
                         }
                     };
                     let pos = self.units[t.unit]
                         .iter()
                         .position(|&i| i == ti)
                         .expect("tensor in its unit");
-                    let vectors: Vec<Vec<f64>> = outputs
+                    let values: Vec<Val> = outputs
                         .iter()
-                        .map(|&(_, step, eta)| self.output_vector(&unit_coefs[pos], step, eta))
+                        .map(|&(_, step, eta)| self.output_value(&unit_vals[pos], step, eta))
                         .collect();
-                    self.write_tensor(t, &vectors, sinks)?;
+                    self.write_tensor(t, &values, &labels, sinks)?;
                 }
             }
             remaining[t.unit] -= 1;
@@ -448,172 +512,38 @@ impl<'p> Prepared<'p> {
         Ok(())
     }
 
-    /// Coefficient vector (over leaves) of output model `(step, eta)` for one tensor.
-    fn output_vector(&self, step_vecs: &[Vec<f64>], step: usize, eta: Option<usize>) -> Vec<f64> {
+    /// The value of output model `(step, eta)` for one tensor.
+    fn output_value(&self, step_vals: &[Val], step: usize, eta: Option<usize>) -> Val {
         match (&self.plan.steps[step].kind, eta) {
             (StepKind::Liti { base, model, etas }, Some(k)) => {
                 let e = etas[k];
-                axpby(
+                Val::axpby(
                     1.0 - e,
-                    &self.vector(*base, step_vecs),
+                    &self.value(*base, step_vals),
                     e,
-                    &self.vector(*model, step_vecs),
+                    &self.value(*model, step_vals),
                 )
             }
-            _ => step_vecs[step].clone(),
+            _ => step_vals[step].clone(),
         }
     }
 
-    fn vector(&self, op: Operand, step_vecs: &[Vec<f64>]) -> Vec<f64> {
+    fn value(&self, op: Operand, step_vals: &[Val]) -> Val {
         match op {
-            Operand::Leaf(l) => {
-                let mut v = vec![0.0; self.models.len()];
-                v[l] = 1.0;
-                v
-            }
-            Operand::Step(s) => step_vecs[s].clone(),
+            Operand::Leaf(l) => Val::leaf(l, self.models.len()),
+            Operand::Step(s) => step_vals[s].clone(),
         }
-    }
-
-    /// Every step's coefficient vector for every tensor of a unit (`[tensor][step][leaf]`), running the
-    /// reduction passes that SLERP steps need.
-    fn unit_coefficients(&self, unit: usize) -> Result<Vec<Vec<Vec<f64>>>, MergeError> {
-        let members: Vec<usize> = self.units[unit]
-            .iter()
-            .copied()
-            .filter(|&i| matches!(self.tensors[i].treatment, Treatment::Merge { .. }))
-            .collect();
-        let all = &self.units[unit];
-        let mut per_tensor: Vec<Vec<Vec<f64>>> =
-            vec![Vec::with_capacity(self.plan.steps.len()); all.len()];
-        for step in &self.plan.steps {
-            match &step.kind {
-                StepKind::Weighted { terms } => {
-                    for sv in per_tensor.iter_mut() {
-                        let mut v = vec![0.0; self.models.len()];
-                        for (op, w) in terms {
-                            let x = self.vector(*op, sv);
-                            v.iter_mut().zip(&x).for_each(|(a, b)| *a += w * b);
-                        }
-                        sv.push(v);
-                    }
-                }
-                StepKind::Liti { base, model, etas } => {
-                    for sv in per_tensor.iter_mut() {
-                        let e = etas[0];
-                        let v = axpby(
-                            1.0 - e,
-                            &self.vector(*base, sv),
-                            e,
-                            &self.vector(*model, sv),
-                        );
-                        sv.push(v);
-                    }
-                }
-                StepKind::Slerp {
-                    base,
-                    models,
-                    lambdas,
-                    angle,
-                } => {
-                    // Task vectors δ_m = θ_m − θ_base as coefficient vectors, per tensor.
-                    let deltas: Vec<Vec<Vec<f64>>> = per_tensor
-                        .iter()
-                        .map(|sv| {
-                            let b = self.vector(*base, sv);
-                            models
-                                .iter()
-                                .map(|&m| axpby(1.0, &self.vector(m, sv), -1.0, &b))
-                                .collect()
-                        })
-                        .collect();
-                    let mut grams: Vec<Vec<Vec<f64>>> = Vec::with_capacity(all.len());
-                    for (pos, &ti) in all.iter().enumerate() {
-                        if members.contains(&ti) {
-                            grams.push(self.gram_pass(&self.tensors[ti], &deltas[pos])?);
-                        } else {
-                            grams.push(vec![vec![0.0; models.len()]; models.len()]);
-                        }
-                    }
-                    let layer_gram = (*angle == Angle::Layer).then(|| {
-                        let mut g = vec![vec![0.0; models.len()]; models.len()];
-                        for t in &grams {
-                            for (row, trow) in g.iter_mut().zip(t) {
-                                row.iter_mut().zip(trow).for_each(|(a, b)| *a += b);
-                            }
-                        }
-                        g
-                    });
-                    for (pos, sv) in per_tensor.iter_mut().enumerate() {
-                        let g = layer_gram.as_ref().unwrap_or(&grams[pos]);
-                        let r = kernels::slerp_chain(g, lambdas);
-                        let mut v = self.vector(*base, sv);
-                        for (rm, d) in r.iter().zip(&deltas[pos]) {
-                            v.iter_mut().zip(d).for_each(|(a, b)| *a += rm * b);
-                        }
-                        sv.push(v);
-                    }
-                }
-            }
-        }
-        Ok(per_tensor)
-    }
-
-    /// One reduction pass over a tensor: the f64 Gram matrix of the given task vectors.
-    fn gram_pass(&self, t: &OutTensor, deltas: &[Vec<f64>]) -> Result<Vec<Vec<f64>>, MergeError> {
-        let m = deltas.len();
-        let needed = self.needed_leaves(deltas);
-        let coefs: Vec<(&[f64], f64)> = deltas
-            .iter()
-            .map(|d| (d.as_slice(), d.iter().sum::<f64>()))
-            .collect();
-        let n = t.base.numel();
-        let chunks = n.div_ceil(CHUNK);
-        let mut gram = vec![vec![0.0; m]; m];
-        for block_start in (0..chunks).step_by(BLOCK) {
-            let block_end = (block_start + BLOCK).min(chunks);
-            let partials: Vec<Vec<Vec<f64>>> = (block_start..block_end)
-                .into_par_iter()
-                .map(|c| {
-                    let (lo, hi) = (c * CHUNK, ((c + 1) * CHUNK).min(n));
-                    let inputs = self.decode_chunk(t, &needed, lo, hi)?;
-                    let views: Vec<&[f32]> = inputs.iter().map(|v| v.as_slice()).collect();
-                    let vectors: Vec<Vec<f64>> = coefs
-                        .iter()
-                        .map(|(c, s)| {
-                            let mut out = vec![0f64; hi - lo];
-                            kernels::combine(c, *s, &views, self.plan.base, &mut out);
-                            out
-                        })
-                        .collect();
-                    let vrefs: Vec<&[f64]> = vectors.iter().map(|v| v.as_slice()).collect();
-                    let mut g = vec![vec![0.0; m]; m];
-                    kernels::gram_accumulate(&vrefs, &mut g);
-                    Ok(g)
-                })
-                .collect::<Result<_, MergeError>>()?;
-            for p in partials {
-                for (row, prow) in gram.iter_mut().zip(&p) {
-                    row.iter_mut().zip(prow).for_each(|(a, b)| *a += b);
-                }
-            }
-            self.release(t, &needed, block_start * CHUNK, (block_end * CHUNK).min(n));
-        }
-        Ok(gram)
     }
 
     /// The writing pass of one merged tensor: every output's weighted sum, rounded once, in order.
     fn write_tensor(
         &self,
         t: &OutTensor,
-        vectors: &[Vec<f64>],
+        values: &[Val],
+        labels: &[String],
         writers: &mut [impl TensorSink],
     ) -> Result<(), MergeError> {
-        let needed = self.needed_leaves(vectors);
-        let coefs: Vec<(&[f64], f64)> = vectors
-            .iter()
-            .map(|v| (v.as_slice(), v.iter().sum::<f64>()))
-            .collect();
+        let needed = self.needed_leaves(t, values);
         let out_type =
             FloatType::from_dtype(t.out_dtype).expect("merged tensors have a float output type");
         let n = t.base.numel();
@@ -626,17 +556,30 @@ impl<'p> Prepared<'p> {
                 .map(|c| {
                     let (lo, hi) = (c * CHUNK, ((c + 1) * CHUNK).min(n));
                     let inputs = self.decode_chunk(t, &needed, lo, hi)?;
-                    let views: Vec<&[f32]> = inputs.iter().map(|v| v.as_slice()).collect();
+                    let x = self.chunk_inputs(t, &inputs, lo);
                     let mut out = vec![0f64; hi - lo];
-                    Ok(coefs
+                    values
                         .iter()
-                        .map(|(c, s)| {
-                            kernels::combine(c, *s, &views, self.plan.base, &mut out);
+                        .zip(labels)
+                        .map(|(v, label)| {
+                            v.eval(&x, &mut out);
                             let mut bytes = Vec::new();
                             out_type.encode_f64(&out, &mut bytes);
-                            bytes
+                            // Checked once rounded: float16 overflows beyond ±65504 even when the
+                            // f64 sum is finite.
+                            if !self.plan.allow_nonfinite {
+                                if let Some(i) = out_type.first_nonfinite(&bytes) {
+                                    return Err(MergeError::NonFiniteOutput {
+                                        step: label.clone(),
+                                        tensor: t.base.name.clone(),
+                                        index: lo + i,
+                                        dtype: out_type.torch_name().to_string(),
+                                    });
+                                }
+                            }
+                            Ok(bytes)
                         })
-                        .collect())
+                        .collect()
                 })
                 .collect()
         };
@@ -680,23 +623,40 @@ impl<'p> Prepared<'p> {
         t: &OutTensor,
         writers: &mut [impl TensorSink],
     ) -> Result<(), MergeError> {
-        let base = &self.models[self.plan.base];
-        let data = base.data(&t.base);
+        let base = &self.models[t.reference];
+        let data = base.data(&t.source);
         for piece in data.chunks(BLOCK * CHUNK) {
             for w in writers.iter_mut() {
                 w.write(piece)?;
             }
         }
-        base.file_of(&t.base).release(t.base.start, t.base.len);
+        base.file_of(&t.source)
+            .release(t.source.start, t.source.len);
         Ok(())
     }
 
     /// Leaves with a non-zero coefficient in any vector, and always the base (the reference of
     /// [`kernels::combine`]).
-    fn needed_leaves(&self, vectors: &[Vec<f64>]) -> Vec<bool> {
-        (0..self.models.len())
-            .map(|l| l == self.plan.base || vectors.iter().any(|v| v[l] != 0.0))
-            .collect()
+    fn needed_leaves(&self, t: &OutTensor, values: &[Val]) -> Vec<bool> {
+        let mut needed = vec![false; self.models.len()];
+        needed[t.reference] = true;
+        for v in values {
+            v.mark_needed(&mut needed);
+        }
+        needed
+    }
+
+    fn chunk_inputs<'a>(
+        &self,
+        t: &OutTensor,
+        inputs: &'a [Vec<f32>],
+        lo: usize,
+    ) -> ChunkInputs<'a> {
+        ChunkInputs {
+            views: inputs.iter().map(|v| v.as_slice()).collect(),
+            reference: t.reference,
+            first: lo,
+        }
     }
 
     /// Decodes elements `lo..hi` of a tensor from every needed leaf (empty vectors for the others),
@@ -712,11 +672,11 @@ impl<'p> Prepared<'p> {
             unreachable!("decode of a copied tensor")
         };
         let mut out = Vec::with_capacity(inputs.len());
-        for (l, (ft, info)) in inputs.iter().enumerate() {
-            if !needed[l] {
+        for (l, input) in inputs.iter().enumerate() {
+            let Some((ft, info)) = input.as_ref().filter(|_| needed[l]) else {
                 out.push(Vec::new());
                 continue;
-            }
+            };
             let size = ft.size();
             let model = &self.models[l];
             let bytes = &model.data(info)[lo * size..hi * size];
@@ -741,8 +701,8 @@ impl<'p> Prepared<'p> {
         let Treatment::Merge { inputs } = &t.treatment else {
             return;
         };
-        for (l, (ft, info)) in inputs.iter().enumerate() {
-            if needed[l] {
+        for (l, input) in inputs.iter().enumerate() {
+            if let Some((ft, info)) = input.as_ref().filter(|_| needed[l]) {
                 let size = ft.size();
                 self.models[l]
                     .file_of(info)
@@ -765,50 +725,4 @@ fn is_integral(d: Dtype) -> bool {
             | Dtype::I64
             | Dtype::U64
     )
-}
-
-fn axpby(a: f64, x: &[f64], b: f64, y: &[f64]) -> Vec<f64> {
-    x.iter().zip(y).map(|(x, y)| a * x + b * y).collect()
-}
-
-/// Checks that `target` neither is, contains, nor sits inside any input.
-pub(crate) fn check_not_input(target: &Path, models: &[Model]) -> Result<(), MergeError> {
-    let t = absolute(target);
-    for m in models {
-        let root = absolute(m.root());
-        let input_dir = if root.is_dir() {
-            root.clone()
-        } else {
-            root.parent().map(Path::to_path_buf).unwrap_or_default()
-        };
-        let clash = root.starts_with(&t) || (root.is_dir() && t.starts_with(&input_dir));
-        if clash {
-            return Err(MergeError::OutputIsInput {
-                output: target.into(),
-                input: m.root().into(),
-            });
-        }
-    }
-    Ok(())
-}
-
-/// An absolute, symlink-resolved path, also for paths that do not exist yet (resolved via the nearest
-/// existing ancestor).
-pub(crate) fn absolute(p: &Path) -> PathBuf {
-    if let Ok(c) = std::fs::canonicalize(p) {
-        return c;
-    }
-    match (p.parent(), p.file_name()) {
-        (Some(parent), Some(name)) => {
-            let parent = if parent.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                parent
-            };
-            absolute(parent).join(name)
-        }
-        _ => std::env::current_dir()
-            .map(|d| d.join(p))
-            .unwrap_or_else(|_| p.to_path_buf()),
-    }
 }

@@ -6,21 +6,27 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use super::{absolute, check_not_input, MergeError};
+use super::MergeError;
 use crate::format::writer::{hex, write_small_file, FileRecord};
 use crate::format::Model;
 use crate::recipe::Plan;
+use crate::safe_out::{check_conflicts, check_target, model_inputs, Kind, Role, Staged};
 
 /// Files copied from the base when present.
-pub const SIDE_FILES: [&str; 5] = [
+pub const SIDE_FILES: [&str; 10] = [
     "tokenizer.json",
     "tokenizer.model",
     "tokenizer_config.json",
     "special_tokens_map.json",
     "generation_config.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "processor_config.json",
 ];
 /// The manifest's file name.
-pub const MANIFEST: &str = "merge-manifest.json";
+pub use crate::safe_out::MANIFEST;
 
 /// An input file as the manifest records it.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -55,68 +61,81 @@ pub struct Manifest {
 
 /// Staged output targets of one run.
 pub(crate) struct Staging {
-    /// (final path, temporary path) per target.
-    targets: Vec<(PathBuf, PathBuf)>,
+    /// One staged folder per target, in target order.
+    targets: Vec<Staged>,
+}
+
+/// The paths a run reads: every input model (its root and weight files) and the recipe.
+fn run_inputs(plan: &Plan, models: &[Model], extra: &[Role]) -> Vec<Role> {
+    let mut inputs = Vec::new();
+    for (leaf, m) in plan.leaves.iter().zip(models) {
+        let role = format!("the input model `{}`", leaf.shown);
+        inputs.extend(model_inputs(&role, m.root()));
+        inputs.extend(m.files().iter().map(|f| Role::new(&role, f.path())));
+    }
+    inputs.push(Role::new("the recipe", &plan.recipe_path));
+    inputs.extend(extra.iter().cloned());
+    inputs
+}
+
+/// Every check a run makes before it writes anything (and `--dry-run` makes instead of running):
+/// no output is, contains or lies inside an input, the recipe, an `extra` input or another output; an
+/// existing output is replaced only with `force` and only if gemma-merge wrote it; the base's
+/// `config.json` (copied into every output) is valid JSON.
+pub(crate) fn check_outputs(
+    plan: &Plan,
+    models: &[Model],
     force: bool,
-    committed: bool,
+    extra: &[Role],
+) -> Result<(), MergeError> {
+    let outputs: Vec<Role> = plan
+        .targets
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let role = match (i, t.models.first()) {
+                (0, _) | (_, None) => "the output".to_string(),
+                (_, Some(m)) => format!("the output of step `{}`", plan.steps[m.step].name),
+            };
+            Role::new(role, &t.path)
+        })
+        .collect();
+    check_conflicts(&outputs, &run_inputs(plan, models, extra))?;
+    for t in &plan.targets {
+        check_target(&t.path, Kind::ModelFolder, force)?;
+    }
+    models[plan.base].config()?;
+    Ok(())
 }
 
 impl Staging {
-    /// Checks every target (exists without --force, inside an input, duplicated) and creates the
-    /// temporary folders. Nothing is created when a check fails.
-    pub fn begin(plan: &Plan, models: &[Model], force: bool) -> Result<Self, MergeError> {
-        let mut seen: Vec<PathBuf> = Vec::new();
+    /// Runs [`check_outputs`] and creates the temporary folders. Nothing is created when a check fails.
+    pub fn begin(
+        plan: &Plan,
+        models: &[Model],
+        force: bool,
+        extra: &[Role],
+    ) -> Result<Self, MergeError> {
+        check_outputs(plan, models, force, extra)?;
+        let mut targets = Vec::with_capacity(plan.targets.len());
         for t in &plan.targets {
-            let abs = absolute(&t.path);
-            if seen
-                .iter()
-                .any(|s| s.starts_with(&abs) || abs.starts_with(s))
-            {
-                return Err(MergeError::DuplicateOutput(t.path.clone()));
-            }
-            seen.push(abs);
-            if t.path.exists() && !force {
-                return Err(MergeError::TargetExists(t.path.clone()));
-            }
-            check_not_input(&t.path, models)?;
-        }
-        let mut staging = Self {
-            targets: Vec::new(),
-            force,
-            committed: false,
-        };
-        for t in &plan.targets {
-            let parent = match t.path.parent() {
-                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-                _ => PathBuf::from("."),
-            };
-            std::fs::create_dir_all(&parent).map_err(|e| MergeError::io(&parent, e))?;
-            let name = t
-                .path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "output".into());
-            let tmp = parent.join(format!(".{name}.gemma-merge-tmp-{}", std::process::id()));
-            if tmp.exists() {
-                std::fs::remove_dir_all(&tmp).map_err(|e| MergeError::io(&tmp, e))?;
-            }
-            std::fs::create_dir_all(&tmp).map_err(|e| MergeError::io(&tmp, e))?;
-            staging.targets.push((t.path.clone(), tmp.clone()));
+            let staged = Staged::folder(&t.path, Kind::ModelFolder, force)?;
             for m in &t.models {
                 if let Some(sub) = &m.subdir {
-                    let d = tmp.join(sub);
+                    let d = staged.path().join(sub);
                     std::fs::create_dir_all(&d).map_err(|e| MergeError::io(&d, e))?;
                 }
             }
+            targets.push(staged);
         }
-        Ok(staging)
+        Ok(Self { targets })
     }
 
     /// Where a final output path is being written now.
     pub fn staged(&self, path: &Path) -> PathBuf {
-        for (final_path, tmp) in &self.targets {
-            if let Ok(rest) = path.strip_prefix(final_path) {
-                return tmp.join(rest);
+        for s in &self.targets {
+            if let Ok(rest) = path.strip_prefix(s.target()) {
+                return s.path().join(rest);
             }
         }
         unreachable!("output path outside every target")
@@ -135,6 +154,7 @@ impl Staging {
         mut records: Vec<FileRecord>,
         inputs: &[InputRecord],
         seconds: f64,
+        side: &SideSources,
     ) -> Result<u64, MergeError> {
         let dir = self.staged(path);
         let dtype = plan
@@ -154,17 +174,26 @@ impl Staging {
                     "torch_dtype".into(),
                     serde_json::Value::String(dtype.clone()),
                 );
+                for (k, v) in &side.config_patch {
+                    obj.insert(k.clone(), v.clone());
+                }
             }
             let mut text = serde_json::to_string_pretty(&config).expect("JSON serializes");
             text.push('\n');
             records.push(write_small_file(&dir, "config.json", text.as_bytes())?);
         }
         for name in SIDE_FILES {
-            let src = base.folder().join(name);
+            let src = side.tokenizer.join(name);
             if src.is_file() {
-                let bytes = std::fs::read(&src).map_err(|e| MergeError::io(&src, e))?;
+                let mut bytes = std::fs::read(&src).map_err(|e| MergeError::io(&src, e))?;
+                if let (Some(template), "tokenizer_config.json") = (&plan.chat_template, name) {
+                    bytes = with_chat_template(&bytes, template, &src)?;
+                }
                 records.push(write_small_file(&dir, name, &bytes)?);
             }
+        }
+        for (name, text) in &plan.extra_files {
+            records.push(write_small_file(&dir, name, text.as_bytes())?);
         }
         let step_name = &plan.steps[step].name;
         let card = model_card(plan, step_name, eta, path);
@@ -190,57 +219,69 @@ impl Staging {
         Ok(records.iter().map(|r| r.size).sum::<u64>() + m.size)
     }
 
-    /// Renames every staged folder into place (replacing an existing target only now, with --force).
-    pub fn commit(mut self) -> Result<Vec<PathBuf>, MergeError> {
+    /// Renames every staged folder into place (replacing an existing target only now, with --force,
+    /// in one atomic swap).
+    pub fn commit(self) -> Result<Vec<PathBuf>, MergeError> {
         let mut done = Vec::new();
-        for (final_path, tmp) in &self.targets {
-            if final_path.exists() {
-                if !self.force {
-                    return Err(MergeError::TargetExists(final_path.clone()));
-                }
-                let old = tmp.with_file_name(format!(
-                    "{}.old",
-                    tmp.file_name()
-                        .map(|n| n.to_string_lossy().into_owned())
-                        .unwrap_or_default()
-                ));
-                std::fs::rename(final_path, &old).map_err(|e| MergeError::io(final_path, e))?;
-                std::fs::rename(tmp, final_path).map_err(|e| MergeError::io(final_path, e))?;
-                let _ = std::fs::remove_dir_all(&old);
-            } else {
-                std::fs::rename(tmp, final_path).map_err(|e| MergeError::io(final_path, e))?;
-            }
-            done.push(final_path.clone());
+        for s in self.targets {
+            let target = s.target().to_path_buf();
+            s.commit()?;
+            done.push(target);
         }
-        self.committed = true;
         Ok(done)
     }
 }
 
-impl Drop for Staging {
-    fn drop(&mut self) {
-        if !self.committed {
-            for (_, tmp) in &self.targets {
-                let _ = std::fs::remove_dir_all(tmp);
-            }
-        }
+/// Where an output's config.json and tokenizer files come from, beyond the base's config.
+pub(crate) struct SideSources {
+    /// Keys set in config.json (a layer layout's `num_hidden_layers` and `layer_types`).
+    pub config_patch: serde_json::Map<String, serde_json::Value>,
+    /// The folder whose tokenizer and generation files are copied.
+    pub tokenizer: PathBuf,
+}
+
+/// tokenizer_config.json with its `chat_template` replaced.
+fn with_chat_template(bytes: &[u8], template: &str, src: &Path) -> Result<Vec<u8>, MergeError> {
+    let mut v: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
+        MergeError::io(
+            src,
+            std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
+        )
+    })?;
+    if let Some(obj) = v.as_object_mut() {
+        obj.insert("chat_template".into(), template.into());
     }
+    let mut text = serde_json::to_string_pretty(&v).expect("JSON serializes");
+    text.push('\n');
+    Ok(text.into_bytes())
 }
 
 fn model_card(plan: &Plan, step: &str, eta: Option<f64>, path: &Path) -> String {
     let base_name = &plan.leaves[plan.base].shown;
+    // `base_model` names a model on the Hub: only a model found by its hub id can be one.
+    let base_line = match &plan.leaves[plan.base].hub_id {
+        Some(id) => format!(
+            "base_model: {}\n",
+            serde_json::to_string(id).expect("a string serializes")
+        ),
+        None => String::new(),
+    };
+    let merged: String = plan
+        .leaves
+        .iter()
+        .map(|l| format!("- {}\n", l.hub_id.as_deref().unwrap_or(&l.shown)))
+        .collect();
     let title = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "merged model".into());
     let eta_text = eta.map(|e| format!(", η = {e:?}")).unwrap_or_default();
     format!(
-        "---\nbase_model: {}\ntags:\n- merge\n- warp\n- gemma-merge\nlibrary_name: transformers\n---\n\n# {title}\n\n\
+        "---\n{base_line}tags:\n- merge\n- warp\n- gemma-merge\nlibrary_name: transformers\n---\n\n# {title}\n\n\
          Merged with gemma-merge {} from the recipe below (output step `{step}`{eta_text}): \
          WARP-style weight averaging (EMA, SLERP of task vectors, LITI towards the init) of checkpoints \
          sharing the base `{base_name}`. `merge-manifest.json` lists every input and the SHA-256 of every file \
-         here; `gemma-merge verify` re-checks them.\n\n## Recipe\n\n```yaml\n{}\n```\n",
-        serde_json::to_string(base_name).expect("a string serializes"),
+         here; `gemma-merge verify` re-checks them.\n\n## Merged models\n\n{merged}\n## Recipe\n\n```yaml\n{}\n```\n",
         env!("CARGO_PKG_VERSION"),
         plan.recipe_text.trim_end()
     )

@@ -92,6 +92,28 @@ impl FloatType {
 }
 
 impl FloatType {
+    /// Index of the first NaN or ±Inf among little-endian elements of this type (checked on the bit
+    /// patterns: an exponent field of all ones), `None` when every element is finite.
+    pub fn first_nonfinite(self, bytes: &[u8]) -> Option<usize> {
+        match self {
+            Self::BF16 => bytes
+                .as_chunks::<2>()
+                .0
+                .iter()
+                .position(|b| u16::from_le_bytes(*b) & 0x7f80 == 0x7f80),
+            Self::F16 => bytes
+                .as_chunks::<2>()
+                .0
+                .iter()
+                .position(|b| u16::from_le_bytes(*b) & 0x7c00 == 0x7c00),
+            Self::F32 => bytes
+                .as_chunks::<4>()
+                .0
+                .iter()
+                .position(|b| u32::from_le_bytes(*b) & 0x7f80_0000 == 0x7f80_0000),
+        }
+    }
+
     /// Rounds each f64 value once to this type (round-to-nearest-even) and appends little-endian bytes.
     ///
     /// For bf16/f16 the value first goes to f32 with round-to-odd, which keeps the second rounding
@@ -267,5 +289,30 @@ mod properties {
             }
             prop_assert_eq!(round_via(FloatType::F32, x), reference_round(x, 23));
         }
+    }
+
+    #[test]
+    fn nonfinite_elements_are_found_in_every_type() {
+        for ft in [FloatType::BF16, FloatType::F16, FloatType::F32] {
+            let mut b = Vec::new();
+            ft.encode_f64(&[1.0, -2.5, 0.0, -0.0, 1e-40], &mut b);
+            assert_eq!(ft.first_nonfinite(&b), None, "{ft:?}");
+            for (bad, at) in [
+                (f64::NAN, 1),
+                (f64::INFINITY, 3),
+                (f64::NEG_INFINITY, 0),
+                (1e300, 2),
+            ] {
+                let mut v = vec![1.0, 2.0, 3.0, 4.0];
+                v[at] = bad;
+                let mut b = Vec::new();
+                ft.encode_f64(&v, &mut b);
+                assert_eq!(ft.first_nonfinite(&b), Some(at), "{ft:?} {bad}");
+            }
+        }
+        // Beyond the largest f16 (65504, halfway to the next binade rounds up to Inf).
+        let mut b = Vec::new();
+        FloatType::F16.encode_f64(&[65504.0, 65519.0, 65520.0], &mut b);
+        assert_eq!(FloatType::F16.first_nonfinite(&b), Some(2));
     }
 }

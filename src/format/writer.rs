@@ -184,6 +184,7 @@ impl ModelWriter {
             records: Vec::new(),
         };
         w.open_shard()?;
+        w.skip_empty()?;
         Ok(w)
     }
 
@@ -211,15 +212,35 @@ impl ModelWriter {
         Ok(())
     }
 
-    /// Appends data of the current tensor; a call never spans two tensors.
+    /// Appends data of the current tensor; a call never spans two tensors. Zero-element tensors take no
+    /// data: the writer moves past them by itself.
     pub fn write(&mut self, bytes: &[u8]) -> Result<(), FormatError> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
         let len = bytes.len() as u64;
-        assert!(
-            len <= self.remaining,
-            "writer fed more bytes than the tensor holds"
-        );
-        self.file.as_mut().expect("an open shard").write(bytes)?;
+        let Some(file) = self.file.as_mut().filter(|_| len <= self.remaining) else {
+            let name = self
+                .shards
+                .get(self.shard)
+                .and_then(|s| s.get(self.slot))
+                .map(|&i| self.specs[i].name.as_str())
+                .unwrap_or("(none: every tensor is written)");
+            return Err(FormatError::io(
+                &self.dir,
+                std::io::Error::other(format!(
+                    "{len} bytes given for tensor `{name}`, which has {} left",
+                    self.remaining
+                )),
+            ));
+        };
+        file.write(bytes)?;
         self.remaining -= len;
+        self.skip_empty()
+    }
+
+    /// Moves past finished tensors and zero-element ones (and past shards that are complete).
+    fn skip_empty(&mut self) -> Result<(), FormatError> {
         while self.remaining == 0 && self.file.is_some() {
             self.advance()?;
         }
@@ -352,6 +373,47 @@ mod tests {
         assert_eq!(m.data(m.get("w1").unwrap()), &w1[..]);
         assert_eq!(m.data(m.get("w2").unwrap()), &[1, 2, 3, 4, 5, 6]);
         assert_eq!(m.get("ids").unwrap().shape, vec![2]);
+    }
+
+    #[test]
+    fn zero_element_tensors_anywhere_are_written_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        // Empty tensors first, in the middle, last, and a shard holding only empty tensors.
+        let specs = vec![
+            spec("e0", Dtype::F32, &[0]),
+            spec("e1", Dtype::BF16, &[0, 5]),
+            spec("a", Dtype::F32, &[2]),
+            spec("e2", Dtype::F32, &[3, 0]),
+            spec("b", Dtype::F32, &[1]),
+            spec("e3", Dtype::F16, &[0]),
+        ];
+        let mut w = ModelWriter::create(dir.path(), specs.clone(), 8).unwrap();
+        w.write(&[1, 0, 0, 0, 2, 0, 0, 0]).unwrap();
+        w.write(&[]).unwrap();
+        w.write(&[3, 0, 0, 0]).unwrap();
+        assert!(w.write(&[9]).is_err(), "more bytes than the model holds");
+        let records = w.finish().unwrap();
+        assert_eq!(records.len(), 3, "{records:?}");
+        let m = Model::open(dir.path()).unwrap();
+        let names: Vec<&str> = m.tensors().iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["e0", "e1", "a", "e2", "b", "e3"]);
+        assert_eq!(m.get("e1").unwrap().shape, vec![0, 5]);
+        assert_eq!(m.data(m.get("a").unwrap()), &[1, 0, 0, 0, 2, 0, 0, 0]);
+        assert_eq!(m.data(m.get("b").unwrap()), &[3, 0, 0, 0]);
+        // A model of empty tensors only needs no data at all.
+        let d2 = tempfile::tempdir().unwrap();
+        let w = ModelWriter::create(d2.path(), specs[..2].to_vec(), u64::MAX).unwrap();
+        w.finish().unwrap();
+        assert_eq!(Model::open(d2.path()).unwrap().tensors().len(), 2);
+    }
+
+    #[test]
+    fn too_many_bytes_for_a_tensor_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w =
+            ModelWriter::create(dir.path(), vec![spec("w", Dtype::F32, &[1])], 100).unwrap();
+        let e = w.write(&[0; 5]).unwrap_err().to_string();
+        assert!(e.contains("tensor `w`") && e.contains("has 4 left"), "{e}");
     }
 
     #[test]

@@ -1,13 +1,19 @@
-//! Gemma 2 (`Gemma2ForCausalLM`): config, weights named after the checkpoint keys, the forward pass, and
-//! the KV cache. Numerics follow transformers' eager implementation (`spec/gemma2.md`):
+//! The forward pass of the Gemma family (`GemmaForCausalLM`, `Gemma2ForCausalLM`, `Gemma3ForCausalLM` and
+//! the language model of `Gemma3ForConditionalGeneration`): weights named after the checkpoint keys, the
+//! forward pass, and the KV cache. What differs between members is read from [`super::family`]; numerics
+//! follow transformers' eager implementation (`spec/gemma2.md`, `spec/family.md`):
 //!
 //! - `h = E[ids] · √H`; each layer: h += post_attention_layernorm(attn(input_layernorm(h))), then
 //!   h += post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h))); RMSNorm scales by (1 + w).
-//! - attention: RoPE (rotate-half) on q and k; scores q·kᵀ · query_pre_attn_scalar^(−1/2), soft-capped
-//!   before the mask; causal, and on sliding layers query i sees only keys i − W < j ≤ i; grouped-query.
-//! - MLP: down(gelu_tanh(gate(x)) · up(x)). Output: final norm, tied embedding, final soft-cap.
+//!   Gemma 1 has neither post-norm: its `post_attention_layernorm` is the norm before the MLP.
+//! - attention: Gemma 3 normalises each head's q and k (QK-norm); RoPE (rotate-half) on q and k, from the
+//!   table of the layer's kind; scores q·kᵀ · query_pre_attn_scalar^(−1/2), soft-capped (if the config
+//!   says so) before the mask; causal, and on sliding layers query i sees only keys i − W < j ≤ i;
+//!   grouped-query.
+//! - MLP: down(gelu_tanh(gate(x)) · up(x)). Output: final norm, tied embedding, final soft-cap (if any).
 //!
-//! Weights stay in their stored type (see [`super::weights`]); activations are f32.
+//! Weights stay in their stored type (see [`super::weights`]); activations are f32. The type keeps its
+//! historical name [`Gemma2`]; [`super::Gemma`] names the same.
 
 use std::collections::HashMap;
 use std::ops::RangeInclusive;
@@ -16,328 +22,14 @@ use std::sync::Arc;
 
 use ndarray::{Array2, ArrayView2};
 use rayon::prelude::*;
-use serde_json::{Map, Value};
 
-use crate::format::{reader::read_config, Model};
+use crate::format::Model;
 
+pub use super::family::Config;
+use super::family::{layer_group, lm_head_name};
 use super::ops::{attend, gelu_mul, matmul_many, matmul_p, rms_norm, softcap, Precision, Rope};
 use super::weights::{Weight, WeightSource};
 use super::ModelError;
-
-/// The architecture fields of a Gemma 2 `config.json`, in either of the forms transformers writes:
-/// published (`rope_theta`, sliding layers implied: the even ones) or newer (`layer_types`,
-/// `rope_parameters`). Missing optional keys take transformers' `Gemma2Config` defaults.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Config {
-    pub vocab_size: usize,
-    pub hidden_size: usize,
-    pub intermediate_size: usize,
-    pub num_hidden_layers: usize,
-    pub num_attention_heads: usize,
-    pub num_key_value_heads: usize,
-    pub head_dim: usize,
-    pub rms_norm_eps: f64,
-    pub rope_theta: f64,
-    /// W: a query on a sliding layer sees its last W positions (`usize::MAX` when the config has null).
-    pub sliding_window: usize,
-    pub query_pre_attn_scalar: f64,
-    /// `None` when the config sets it to null (no cap).
-    pub attn_logit_softcapping: Option<f64>,
-    /// `None` when the config sets it to null (no cap).
-    pub final_logit_softcapping: Option<f64>,
-    pub max_position_embeddings: usize,
-    pub bos_token_id: u32,
-    /// `eos_token_id`, which may be a single id or a list.
-    pub eos_token_ids: Vec<u32>,
-    /// Whether each layer uses sliding-window attention (from `layer_types`, else the even layers).
-    pub sliding_layers: Vec<bool>,
-    pub tie_word_embeddings: bool,
-}
-
-impl Config {
-    /// Reads `DIR/config.json`.
-    pub fn from_folder(dir: &Path) -> Result<Self, ModelError> {
-        let path = dir.join("config.json");
-        match read_config(dir)? {
-            Some(value) => Self::from_json(&value, &path),
-            None => Err(ModelError::NoConfig {
-                path: dir.to_path_buf(),
-            }),
-        }
-    }
-
-    /// Reads a parsed `config.json`; `path` is only used in error messages.
-    pub fn from_json(value: &Value, path: &Path) -> Result<Self, ModelError> {
-        let invalid = |reason: String| ModelError::InvalidConfig {
-            path: path.to_path_buf(),
-            reason,
-        };
-        let obj = value
-            .as_object()
-            .ok_or_else(|| invalid("config.json is not a JSON object".into()))?;
-        match obj.get("model_type").and_then(Value::as_str) {
-            Some("gemma2") => {}
-            Some(other) => {
-                return Err(ModelError::NotGemma2 {
-                    path: path.to_path_buf(),
-                    model_type: other.to_string(),
-                })
-            }
-            None => {
-                return Err(invalid(
-                    "no \"model_type\" (a Gemma 2 config has \"model_type\": \"gemma2\")".into(),
-                ))
-            }
-        }
-        let f = Fields { obj };
-        let hidden_size = f.usize("hidden_size", Some(2304)).map_err(invalid)?;
-        let num_attention_heads = f.usize("num_attention_heads", Some(8)).map_err(invalid)?;
-        let num_hidden_layers = f.usize("num_hidden_layers", Some(26)).map_err(invalid)?;
-        let rope_theta = match obj.get("rope_parameters").filter(|v| !v.is_null()) {
-            Some(p) => rope_parameters(p).map_err(invalid)?,
-            None => f.f64("rope_theta", Some(10_000.0)).map_err(invalid)?,
-        };
-        if obj.get("rope_scaling").is_some_and(|v| !v.is_null()) {
-            return Err(invalid(
-                "\"rope_scaling\" is set: scaled RoPE is not supported for Gemma 2".into(),
-            ));
-        }
-        let mut sliding_layers = match obj.get("layer_types").filter(|v| !v.is_null()) {
-            Some(types) => layer_types(types, num_hidden_layers).map_err(invalid)?,
-            None => (0..num_hidden_layers).map(|i| i % 2 == 0).collect(),
-        };
-        // "sliding_window": null means no window on any layer (as transformers reads it).
-        let sliding_window = match obj.get("sliding_window") {
-            Some(Value::Null) => {
-                sliding_layers.iter_mut().for_each(|s| *s = false);
-                usize::MAX
-            }
-            _ => f.usize("sliding_window", Some(4096)).map_err(invalid)?,
-        };
-        let activation = obj
-            .get("hidden_activation")
-            .or_else(|| obj.get("hidden_act"))
-            .and_then(Value::as_str)
-            .unwrap_or("gelu_pytorch_tanh");
-        if !matches!(activation, "gelu_pytorch_tanh" | "gelu_tanh") {
-            return Err(invalid(format!("hidden_activation {activation:?} is not supported (Gemma 2 uses gelu_pytorch_tanh)")));
-        }
-        if obj
-            .get("use_bidirectional_attention")
-            .and_then(Value::as_bool)
-            == Some(true)
-        {
-            return Err(invalid(
-                "use_bidirectional_attention is true: only causal Gemma 2 is supported".into(),
-            ));
-        }
-        let eos_token_ids = match obj.get("eos_token_id") {
-            None => vec![1],
-            Some(Value::Null) => vec![],
-            Some(v @ Value::Number(_)) => {
-                vec![token_id(v).ok_or_else(|| invalid("eos_token_id is not a token id".into()))?]
-            }
-            Some(Value::Array(ids)) => ids
-                .iter()
-                .map(|v| {
-                    token_id(v).ok_or_else(|| {
-                        invalid("eos_token_id holds a value that is not a token id".into())
-                    })
-                })
-                .collect::<Result<_, _>>()?,
-            Some(_) => {
-                return Err(invalid(
-                    "eos_token_id must be a token id or a list of them".into(),
-                ))
-            }
-        };
-        let config = Config {
-            vocab_size: f.usize("vocab_size", Some(256_000)).map_err(invalid)?,
-            hidden_size,
-            intermediate_size: f.usize("intermediate_size", Some(9216)).map_err(invalid)?,
-            num_hidden_layers,
-            num_attention_heads,
-            num_key_value_heads: f.usize("num_key_value_heads", Some(4)).map_err(invalid)?,
-            head_dim: f.usize("head_dim", Some(256)).map_err(invalid)?,
-            rms_norm_eps: f.f64("rms_norm_eps", Some(1e-6)).map_err(invalid)?,
-            rope_theta,
-            sliding_window,
-            query_pre_attn_scalar: f
-                .f64("query_pre_attn_scalar", Some(256.0))
-                .map_err(invalid)?,
-            attn_logit_softcapping: f
-                .optional_f64("attn_logit_softcapping", Some(50.0))
-                .map_err(invalid)?,
-            final_logit_softcapping: f
-                .optional_f64("final_logit_softcapping", Some(30.0))
-                .map_err(invalid)?,
-            max_position_embeddings: f
-                .usize("max_position_embeddings", Some(8192))
-                .map_err(invalid)?,
-            bos_token_id: u32::try_from(f.usize("bos_token_id", Some(2)).map_err(invalid)?)
-                .map_err(|_| invalid("bos_token_id is out of range".into()))?,
-            eos_token_ids,
-            sliding_layers,
-            tie_word_embeddings: f.bool("tie_word_embeddings", true).map_err(invalid)?,
-        };
-        config.validate().map_err(invalid)?;
-        Ok(config)
-    }
-
-    /// Checks the relations between fields that the forward pass relies on.
-    pub fn validate(&self) -> Result<(), String> {
-        let positive = [
-            ("vocab_size", self.vocab_size),
-            ("hidden_size", self.hidden_size),
-            ("intermediate_size", self.intermediate_size),
-            ("num_attention_heads", self.num_attention_heads),
-            ("num_key_value_heads", self.num_key_value_heads),
-            ("head_dim", self.head_dim),
-            ("sliding_window", self.sliding_window),
-        ];
-        if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
-            return Err(format!("{name} must be positive"));
-        }
-        if !self
-            .num_attention_heads
-            .is_multiple_of(self.num_key_value_heads)
-        {
-            return Err(format!(
-                "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
-                self.num_attention_heads, self.num_key_value_heads
-            ));
-        }
-        if !self.head_dim.is_multiple_of(2) {
-            return Err(format!(
-                "head_dim ({}) must be even for rotary embeddings",
-                self.head_dim
-            ));
-        }
-        if self.sliding_layers.len() != self.num_hidden_layers {
-            return Err(format!(
-                "layer_types has {} entries for {} layers",
-                self.sliding_layers.len(),
-                self.num_hidden_layers
-            ));
-        }
-        let finite_positive = |v: f64| v.is_finite() && v > 0.0;
-        let valid = finite_positive(self.query_pre_attn_scalar)
-            && finite_positive(self.rope_theta)
-            && self.rms_norm_eps.is_finite()
-            && self.rms_norm_eps >= 0.0;
-        if !valid {
-            return Err(
-                "query_pre_attn_scalar and rope_theta must be positive, rms_norm_eps not negative"
-                    .into(),
-            );
-        }
-        for (name, cap) in [
-            ("attn_logit_softcapping", self.attn_logit_softcapping),
-            ("final_logit_softcapping", self.final_logit_softcapping),
-        ] {
-            if cap.is_some_and(|c| !finite_positive(c)) {
-                return Err(format!("{name} must be positive or null"));
-            }
-        }
-        if self.bos_token_id as usize >= self.vocab_size {
-            return Err(format!(
-                "bos_token_id {} is outside the vocabulary of {}",
-                self.bos_token_id, self.vocab_size
-            ));
-        }
-        Ok(())
-    }
-
-    /// The window of layer `layer`, `None` for a full-attention layer.
-    pub fn window(&self, layer: usize) -> Option<usize> {
-        self.sliding_layers[layer].then_some(self.sliding_window)
-    }
-}
-
-/// Typed access to config fields, with defaults for absent keys.
-struct Fields<'a> {
-    obj: &'a Map<String, Value>,
-}
-
-impl Fields<'_> {
-    fn usize(&self, key: &str, default: Option<usize>) -> Result<usize, String> {
-        match self.obj.get(key) {
-            None | Some(Value::Null) => default.ok_or_else(|| format!("\"{key}\" is missing")),
-            Some(v) => v
-                .as_u64()
-                .and_then(|n| usize::try_from(n).ok())
-                .ok_or_else(|| format!("\"{key}\" must be a non-negative integer, found {v}")),
-        }
-    }
-
-    fn f64(&self, key: &str, default: Option<f64>) -> Result<f64, String> {
-        self.optional_f64(key, default)?
-            .ok_or_else(|| format!("\"{key}\" must be a number, found null"))
-    }
-
-    /// Absent: the default; null: `None`; a number: `Some`.
-    fn optional_f64(&self, key: &str, default: Option<f64>) -> Result<Option<f64>, String> {
-        match self.obj.get(key) {
-            None => Ok(default),
-            Some(Value::Null) => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(Some)
-                .ok_or_else(|| format!("\"{key}\" must be a number, found {v}")),
-        }
-    }
-
-    fn bool(&self, key: &str, default: bool) -> Result<bool, String> {
-        match self.obj.get(key) {
-            None | Some(Value::Null) => Ok(default),
-            Some(v) => v
-                .as_bool()
-                .ok_or_else(|| format!("\"{key}\" must be true or false, found {v}")),
-        }
-    }
-}
-
-fn token_id(v: &Value) -> Option<u32> {
-    v.as_u64().and_then(|n| u32::try_from(n).ok())
-}
-
-/// θ from the newer `rope_parameters` object (default RoPE only).
-fn rope_parameters(p: &Value) -> Result<f64, String> {
-    let obj = p
-        .as_object()
-        .ok_or("\"rope_parameters\" must be an object")?;
-    if let Some(kind) = obj.get("rope_type").and_then(Value::as_str) {
-        if kind != "default" {
-            return Err(format!(
-                "rope_parameters.rope_type {kind:?} is not supported (only \"default\")"
-            ));
-        }
-    }
-    obj.get("rope_theta")
-        .and_then(Value::as_f64)
-        .ok_or_else(|| "rope_parameters has no numeric rope_theta".to_string())
-}
-
-/// Per-layer sliding flags from `layer_types`.
-fn layer_types(types: &Value, layers: usize) -> Result<Vec<bool>, String> {
-    let list = types.as_array().ok_or("\"layer_types\" must be a list")?;
-    if list.len() != layers {
-        return Err(format!(
-            "layer_types has {} entries for {layers} layers",
-            list.len()
-        ));
-    }
-    list.iter()
-        .enumerate()
-        .map(|(i, t)| match t.as_str() {
-            Some("sliding_attention") => Ok(true),
-            Some("full_attention") => Ok(false),
-            _ => Err(format!(
-                "layer_types[{i}] is {t}, expected \"sliding_attention\" or \"full_attention\""
-            )),
-        })
-        .collect()
-}
 
 /// Keys a query at position `i` attends to: every j ≤ i, or on a sliding layer of window W the last W
 /// positions, i − W < j ≤ i.
@@ -355,6 +47,18 @@ impl RmsNorm {
     fn forward(&self, x: &mut Array2<f32>) {
         rms_norm(x, &self.scale, self.eps)
     }
+
+    /// Normalises each head (`head_dim` columns) of each row of `x` on its own.
+    fn per_head(&self, x: Array2<f32>, head_dim: usize) -> Array2<f32> {
+        let (n, width) = x.dim();
+        let mut heads = x
+            .into_shape_with_order((n * width / head_dim, head_dim))
+            .expect("contiguous rows of whole heads");
+        self.forward(&mut heads);
+        heads
+            .into_shape_with_order((n, width))
+            .expect("the same number of elements")
+    }
 }
 
 struct Attention {
@@ -362,6 +66,9 @@ struct Attention {
     k_proj: Weight,
     v_proj: Weight,
     o_proj: Weight,
+    /// Gemma 3's per-head RMSNorms of q and k (over head_dim), applied before RoPE.
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
@@ -370,6 +77,8 @@ struct Attention {
     softcap: Option<f32>,
     /// Sliding window, `None` on full-attention layers.
     window: Option<usize>,
+    /// The RoPE table of the layer's kind (Gemma 3: local on sliding layers, scaled global on full ones).
+    rope: Arc<Rope>,
 }
 
 struct Mlp {
@@ -382,12 +91,15 @@ struct DecoderLayer {
     self_attn: Attention,
     mlp: Mlp,
     input_layernorm: RmsNorm,
-    post_attention_layernorm: RmsNorm,
+    /// After attention (Gemma 2 and 3); `None` in Gemma 1.
+    post_attention_layernorm: Option<RmsNorm>,
+    /// Before the MLP: `pre_feedforward_layernorm`, or Gemma 1's `post_attention_layernorm`.
     pre_feedforward_layernorm: RmsNorm,
-    post_feedforward_layernorm: RmsNorm,
+    /// After the MLP (Gemma 2 and 3); `None` in Gemma 1.
+    post_feedforward_layernorm: Option<RmsNorm>,
 }
 
-/// A Gemma 2 causal language model ready to run.
+/// A Gemma causal language model (any member of the family) ready to run.
 pub struct Gemma2 {
     config: Config,
     embed_tokens: Weight,
@@ -395,7 +107,6 @@ pub struct Gemma2 {
     norm: RmsNorm,
     /// The output projection: the embedding itself (tied), unless `tie_word_embeddings` is false.
     lm_head: Weight,
-    rope: Rope,
     /// `√hidden_size`, rounded to f32 as transformers rounds it to the activation dtype.
     normalizer: f32,
     /// How matrix products are computed (exact unless `--fast`).
@@ -475,6 +186,31 @@ impl LayerCache {
     }
 }
 
+/// Refuses a checkpoint holding layers the config does not have (`num_hidden_layers` too small): they
+/// would be silently ignored. Too few layers show up as a missing tensor.
+fn check_layer_count(
+    source: &dyn WeightSource,
+    prefix: &str,
+    layers: usize,
+    origin: &str,
+) -> Result<(), ModelError> {
+    let layers_prefix = format!("{prefix}layers.");
+    let beyond = source.names().into_iter().find(|name| {
+        layer_group(name)
+            .strip_prefix(&layers_prefix)
+            .and_then(|rest| rest.trim_end_matches('.').parse::<usize>().ok())
+            .is_some_and(|n| n >= layers)
+    });
+    match beyond {
+        Some(name) => Err(ModelError::ExtraLayer {
+            origin: origin.to_string(),
+            name,
+            layers,
+        }),
+        None => Ok(()),
+    }
+}
+
 /// Looks up tensors by checkpoint key and checks their shapes against the config.
 struct Loader<'a> {
     source: &'a dyn WeightSource,
@@ -498,6 +234,13 @@ impl Loader<'_> {
                 found: w.shape().to_vec(),
             });
         }
+        if let Some(index) = w.first_non_finite() {
+            return Err(ModelError::NonFiniteWeight {
+                origin: self.origin.clone(),
+                name: name.to_string(),
+                index,
+            });
+        }
         Ok(w)
     }
 
@@ -519,66 +262,99 @@ impl Gemma2 {
         Self::from_source(config, &model)
     }
 
-    /// Builds the model from any source of tensors named as in a checkpoint.
+    /// Builds the model from any source of tensors named as in a checkpoint: the language model's tensors
+    /// under whichever prefix the checkpoint uses (see [`super::family::LM_PREFIXES`]). Every tensor is
+    /// checked against the config (shape, and finite values: NaN or infinite weights are an error here,
+    /// not garbage later), and the checkpoint may not hold layers beyond `num_hidden_layers`.
     pub fn from_source(config: Config, source: &dyn WeightSource) -> Result<Self, ModelError> {
         let c = &config;
+        let origin = source.origin();
+        let mut prefix = None;
+        for p in c.prefixes() {
+            if source.weight(&format!("{p}embed_tokens.weight"))?.is_some() {
+                prefix = Some(p);
+                break;
+            }
+        }
+        let prefix = prefix.unwrap_or(c.prefixes()[0]);
         let l = Loader {
             source,
-            origin: source.origin(),
+            origin: origin.clone(),
         };
-        let (h, i, hd) = (c.hidden_size, c.intermediate_size, c.head_dim);
-        let (q_dim, kv_dim) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
-        let embed_tokens = l.get("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        check_layer_count(source, prefix, c.num_hidden_layers, &origin)?;
+        let (h, hd) = (c.hidden_size, c.head_dim);
+        let embed_tokens = l.get(&format!("{prefix}embed_tokens.weight"), &[c.vocab_size, h])?;
         let lm_head = if c.tie_word_embeddings {
             embed_tokens.clone()
         } else {
-            l.get("lm_head.weight", &[c.vocab_size, h])?
+            l.get(lm_head_name(prefix), &[c.vocab_size, h])?
         };
+        let family = c.family;
+        // Each layer's tensors and their shapes, from the family description.
+        let shapes: HashMap<&str, Vec<usize>> = family
+            .layer_tensors(&c.dims())
+            .into_iter()
+            .map(|(suffix, shape, _)| (suffix, shape))
+            .collect();
+        let ropes =
+            [c.rope_full, c.rope_sliding].map(|r| Arc::new(Rope::linear(hd, r.theta, r.factor)));
+        let eps = c.rms_norm_eps;
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for n in 0..c.num_hidden_layers {
-            let p = format!("model.layers.{n}.");
+            let p = format!("{prefix}layers.{n}.");
+            let shape = |suffix: &str| -> &[usize] {
+                shapes
+                    .get(suffix)
+                    .expect("the family description lists every tensor the model reads")
+            };
+            let t = |suffix: &str| l.get(&format!("{p}{suffix}"), shape(suffix));
+            let norm = |name: &str| {
+                let suffix = format!("{name}.weight");
+                l.norm(&format!("{p}{suffix}"), shape(&suffix)[0], eps)
+            };
+            let qk_norm = |name: &str| -> Result<Option<RmsNorm>, ModelError> {
+                family.qk_norm().then(|| norm(name)).transpose()
+            };
+            let (post_attention, pre_feedforward, post_feedforward) = if family.sandwich_norms() {
+                (
+                    Some(norm("post_attention_layernorm")?),
+                    norm("pre_feedforward_layernorm")?,
+                    Some(norm("post_feedforward_layernorm")?),
+                )
+            } else {
+                (None, norm("post_attention_layernorm")?, None)
+            };
             layers.push(DecoderLayer {
                 self_attn: Attention {
-                    q_proj: l.get(&format!("{p}self_attn.q_proj.weight"), &[q_dim, h])?,
-                    k_proj: l.get(&format!("{p}self_attn.k_proj.weight"), &[kv_dim, h])?,
-                    v_proj: l.get(&format!("{p}self_attn.v_proj.weight"), &[kv_dim, h])?,
-                    o_proj: l.get(&format!("{p}self_attn.o_proj.weight"), &[h, q_dim])?,
+                    q_proj: t("self_attn.q_proj.weight")?,
+                    k_proj: t("self_attn.k_proj.weight")?,
+                    v_proj: t("self_attn.v_proj.weight")?,
+                    o_proj: t("self_attn.o_proj.weight")?,
+                    q_norm: qk_norm("self_attn.q_norm")?,
+                    k_norm: qk_norm("self_attn.k_norm")?,
                     num_heads: c.num_attention_heads,
                     num_kv_heads: c.num_key_value_heads,
                     head_dim: hd,
                     scaling: c.query_pre_attn_scalar.powf(-0.5) as f32,
-                    softcap: c.attn_logit_softcapping.map(|v| v as f32),
+                    softcap: c
+                        .attn_logit_softcapping
+                        .filter(|_| family.attention_softcap())
+                        .map(|v| v as f32),
                     window: c.window(n),
+                    rope: ropes[usize::from(c.sliding_layers[n])].clone(),
                 },
                 mlp: Mlp {
-                    gate_proj: l.get(&format!("{p}mlp.gate_proj.weight"), &[i, h])?,
-                    up_proj: l.get(&format!("{p}mlp.up_proj.weight"), &[i, h])?,
-                    down_proj: l.get(&format!("{p}mlp.down_proj.weight"), &[h, i])?,
+                    gate_proj: t("mlp.gate_proj.weight")?,
+                    up_proj: t("mlp.up_proj.weight")?,
+                    down_proj: t("mlp.down_proj.weight")?,
                 },
-                input_layernorm: l.norm(
-                    &format!("{p}input_layernorm.weight"),
-                    h,
-                    c.rms_norm_eps,
-                )?,
-                post_attention_layernorm: l.norm(
-                    &format!("{p}post_attention_layernorm.weight"),
-                    h,
-                    c.rms_norm_eps,
-                )?,
-                pre_feedforward_layernorm: l.norm(
-                    &format!("{p}pre_feedforward_layernorm.weight"),
-                    h,
-                    c.rms_norm_eps,
-                )?,
-                post_feedforward_layernorm: l.norm(
-                    &format!("{p}post_feedforward_layernorm.weight"),
-                    h,
-                    c.rms_norm_eps,
-                )?,
+                input_layernorm: norm("input_layernorm")?,
+                post_attention_layernorm: post_attention,
+                pre_feedforward_layernorm: pre_feedforward,
+                post_feedforward_layernorm: post_feedforward,
             });
         }
-        let norm = l.norm("model.norm.weight", h, c.rms_norm_eps)?;
-        let rope = Rope::new(hd, c.rope_theta);
+        let norm = l.norm(&format!("{prefix}norm.weight"), h, eps)?;
         let normalizer = (h as f64).sqrt() as f32;
         Ok(Self {
             config,
@@ -586,7 +362,6 @@ impl Gemma2 {
             layers,
             norm,
             lm_head,
-            rope,
             normalizer,
             precision: super::gemm::default_precision(),
         })
@@ -690,7 +465,7 @@ impl Gemma2 {
         let first = cache.len;
         let mut h = self.embed(tokens);
         for (layer, layer_cache) in self.layers.iter().zip(&mut cache.layers) {
-            layer.forward(&mut h, first, layer_cache, &self.rope, self.precision);
+            layer.forward(&mut h, first, layer_cache, self.precision);
         }
         cache.len += tokens.len();
         self.norm.forward(&mut h);
@@ -723,23 +498,20 @@ impl Gemma2 {
 }
 
 impl DecoderLayer {
-    fn forward(
-        &self,
-        h: &mut Array2<f32>,
-        first: usize,
-        cache: &mut LayerCache,
-        rope: &Rope,
-        p: Precision,
-    ) {
+    fn forward(&self, h: &mut Array2<f32>, first: usize, cache: &mut LayerCache, p: Precision) {
         let mut x = h.clone();
         self.input_layernorm.forward(&mut x);
-        let mut a = self.self_attn.forward(&x, first, cache, rope, p);
-        self.post_attention_layernorm.forward(&mut a);
+        let mut a = self.self_attn.forward(&x, first, cache, p);
+        if let Some(norm) = &self.post_attention_layernorm {
+            norm.forward(&mut a);
+        }
         *h += &a;
         let mut x = h.clone();
         self.pre_feedforward_layernorm.forward(&mut x);
         let mut m = self.mlp.forward(&x, p);
-        self.post_feedforward_layernorm.forward(&mut m);
+        if let Some(norm) = &self.post_feedforward_layernorm {
+            norm.forward(&mut m);
+        }
         *h += &m;
     }
 }
@@ -763,7 +535,6 @@ impl Attention {
         x: &Array2<f32>,
         first: usize,
         cache: &mut LayerCache,
-        rope: &Rope,
         p: Precision,
     ) -> Array2<f32> {
         let (n, nh, hd) = (x.nrows(), self.num_heads, self.head_dim);
@@ -771,8 +542,12 @@ impl Attention {
         let kv_width = self.num_kv_heads * hd;
         let [mut q, mut k, v] =
             matmul_many(x.view(), [&self.q_proj, &self.k_proj, &self.v_proj], p);
-        rope.apply(&mut q.view_mut(), hd, first);
-        rope.apply(&mut k.view_mut(), hd, first);
+        if let (Some(q_norm), Some(k_norm)) = (&self.q_norm, &self.k_norm) {
+            q = q_norm.per_head(q, hd);
+            k = k_norm.per_head(k, hd);
+        }
+        self.rope.apply(&mut q.view_mut(), hd, first);
+        self.rope.apply(&mut k.view_mut(), hd, first);
 
         let (qs, ks, vs) = (
             q.as_slice().expect("contiguous"),
@@ -824,7 +599,6 @@ impl Attention {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     #[test]
     fn models_can_be_shared_between_threads() {
@@ -844,110 +618,6 @@ mod tests {
         assert_eq!(key_range(10, Some(1)), 10..=10);
         // Full attention: everything up to i.
         assert_eq!(key_range(10, None), 0..=10);
-    }
-
-    fn published() -> Value {
-        json!({
-            "model_type": "gemma2", "vocab_size": 384, "hidden_size": 64, "intermediate_size": 160,
-            "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
-            "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "sliding_window": 6, "query_pre_attn_scalar": 24,
-            "attn_logit_softcapping": 8.0, "final_logit_softcapping": 6.0, "max_position_embeddings": 256,
-            "bos_token_id": 2, "eos_token_id": 1, "hidden_activation": "gelu_pytorch_tanh"
-        })
-    }
-
-    #[test]
-    fn both_config_forms_read_the_same() {
-        let old = Config::from_json(&published(), Path::new("config.json")).unwrap();
-        assert_eq!(old.sliding_layers, vec![true, false, true, false]);
-        assert!(old.tie_word_embeddings);
-        let mut new = published();
-        let obj = new.as_object_mut().unwrap();
-        obj.remove("rope_theta");
-        obj.insert(
-            "rope_parameters".into(),
-            json!({"rope_theta": 10000.0, "rope_type": "default"}),
-        );
-        obj.insert(
-            "layer_types".into(),
-            json!([
-                "sliding_attention",
-                "full_attention",
-                "sliding_attention",
-                "full_attention"
-            ]),
-        );
-        obj.insert("eos_token_id".into(), json!([1, 107]));
-        let new = Config::from_json(&new, Path::new("config.json")).unwrap();
-        assert_eq!(new.eos_token_ids, vec![1, 107]);
-        assert_eq!(
-            Config {
-                eos_token_ids: vec![1],
-                ..new
-            },
-            old
-        );
-    }
-
-    #[test]
-    fn config_errors_name_the_field() {
-        let check = |edit: &dyn Fn(&mut Map<String, Value>), needle: &str| {
-            let mut v = published();
-            edit(v.as_object_mut().unwrap());
-            let err = Config::from_json(&v, Path::new("m/config.json"))
-                .unwrap_err()
-                .to_string();
-            assert!(err.contains(needle), "{err:?} lacks {needle:?}");
-        };
-        check(
-            &|o| drop(o.insert("model_type".into(), json!("llama"))),
-            "model_type is llama, not gemma2",
-        );
-        check(&|o| drop(o.remove("model_type")), "no \"model_type\"");
-        check(
-            &|o| drop(o.insert("num_key_value_heads".into(), json!(3))),
-            "not a multiple",
-        );
-        check(
-            &|o| drop(o.insert("hidden_size".into(), json!("big"))),
-            "\"hidden_size\" must be a non-negative integer",
-        );
-        check(
-            &|o| drop(o.insert("layer_types".into(), json!(["full_attention"]))),
-            "layer_types has 1 entries",
-        );
-        check(
-            &|o| {
-                drop(o.insert(
-                    "rope_parameters".into(),
-                    json!({"rope_type": "yarn", "rope_theta": 1.0}),
-                ))
-            },
-            "yarn",
-        );
-        check(
-            &|o| drop(o.insert("hidden_activation".into(), json!("relu"))),
-            "relu",
-        );
-    }
-
-    #[test]
-    fn null_sliding_window_means_full_attention_everywhere() {
-        let mut v = published();
-        v["sliding_window"] = Value::Null;
-        let c = Config::from_json(&v, Path::new("config.json")).unwrap();
-        assert_eq!(c.sliding_layers, vec![false; 4]);
-        assert_eq!(c.window(0), None);
-    }
-
-    #[test]
-    fn null_soft_caps_disable_them_and_absent_ones_default() {
-        let mut v = published();
-        v["attn_logit_softcapping"] = Value::Null;
-        v.as_object_mut().unwrap().remove("final_logit_softcapping");
-        let c = Config::from_json(&v, Path::new("config.json")).unwrap();
-        assert_eq!(c.attn_logit_softcapping, None);
-        assert_eq!(c.final_logit_softcapping, Some(30.0));
     }
 
     #[test]

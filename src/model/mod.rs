@@ -1,14 +1,21 @@
-//! The built-in Gemma 2 forward pass, on the CPU in f32, numerically following Hugging Face transformers'
-//! `Gemma2ForCausalLM` with eager attention (see `spec/gemma2.md`).
+//! The built-in forward pass of the Gemma family (Gemma 1, 2 and 3, and the language model of multimodal
+//! Gemma 3), on the CPU in f32, numerically following Hugging Face transformers with eager attention (see
+//! `spec/gemma2.md`, `spec/family.md`).
 //!
-//! - [`gemma2`]: the model, one file named after the checkpoint keys ([`Gemma2`], [`Config`], [`Cache`]).
+//! - [`family`]: what a member of the family is: [`Config`] in every config.json form, tensor names and
+//!   prefixes, norms, RoPE tables, layer kinds, and the layer grouping of tensor names.
+//! - [`gemma2`]: the model, named after the checkpoint keys ([`Gemma2`], also called [`Gemma`], and
+//!   [`Cache`]).
 //! - [`weights`]: tensors kept in their stored type, memory-mapped from a checkpoint or owned in memory
 //!   ([`Weight`], [`WeightSource`]), so a model needs little more RAM than its file size.
+//! - [`chat`]: conversations through the model's `chat_template` (minijinja) or Gemma's turn format.
 //! - [`tokenizer`]: `tokenizer.json` through the `tokenizers` crate.
 //! - [`sampling`]: greedy, temperature, top-k and top-p sampling with a seeded generator.
 //!
 //! Perplexity, KL and top-1 agreement over windows live in [`crate::evaluate`].
 
+pub mod chat;
+pub mod family;
 #[doc(hidden)]
 pub mod gemm;
 pub mod gemma2;
@@ -22,8 +29,11 @@ use std::path::{Path, PathBuf};
 
 use crate::format::FormatError;
 
+pub use family::Family;
 pub use gemm::{default_precision, set_default_precision, Precision};
 pub use gemma2::{Cache, Config, Gemma2};
+/// The model of any member of the family (the type's historical name is [`Gemma2`]).
+pub type Gemma = Gemma2;
 pub use sampling::{Sampler, SamplingParams};
 pub use tokenizer::Tokenizer;
 pub use weights::{Weight, WeightSource};
@@ -42,19 +52,35 @@ pub enum ModelError {
         source: std::io::Error,
     },
     /// The model folder has no `config.json`.
-    #[error("{path}: no config.json beside the weights (a Gemma 2 model folder needs one)")]
+    #[error("{path}: no config.json beside the weights (a Gemma model folder needs one)")]
     NoConfig { path: PathBuf },
     /// `config.json` describes another architecture.
     #[error(
-        "{path}: model_type is {model_type}, not gemma2 (only Gemma 2 models can be evaluated)"
+        "{path}: model_type is {model_type}, not a Gemma model (gemma, gemma2, gemma3_text or gemma3 can be evaluated)"
     )]
-    NotGemma2 { path: PathBuf, model_type: String },
+    NotGemma { path: PathBuf, model_type: String },
     /// `config.json` has a missing, mistyped or inconsistent field.
     #[error("{path}: {reason}")]
     InvalidConfig { path: PathBuf, reason: String },
     /// A tensor the config requires is not in the checkpoint.
     #[error("{origin}: tensor `{name}` is missing")]
     MissingTensor { origin: String, name: String },
+    /// The checkpoint holds layers beyond the config's `num_hidden_layers`.
+    #[error("{origin}: tensor `{name}` belongs to a layer beyond num_hidden_layers = {layers} in config.json")]
+    ExtraLayer {
+        origin: String,
+        name: String,
+        layers: usize,
+    },
+    /// A weight holds NaN or an infinity.
+    #[error(
+        "{origin}: tensor `{name}` holds a non-finite value (NaN or infinity) at element {index}"
+    )]
+    NonFiniteWeight {
+        origin: String,
+        name: String,
+        index: usize,
+    },
     /// A tensor's shape disagrees with the config.
     #[error(
         "{origin}: tensor `{name}` has shape {found:?}, expected {expected:?} from config.json"
@@ -108,6 +134,9 @@ pub enum ModelError {
     /// The folder has no `tokenizer.json`, so text cannot be tokenized.
     #[error("{folder}: no tokenizer.json, so text cannot be tokenized (give token ids instead)")]
     NoTokenizer { folder: PathBuf },
+    /// A chat template, its side file or a chat file is unusable.
+    #[error("{origin}: {reason}")]
+    Chat { origin: String, reason: String },
     /// `tokenizer.json` could not be loaded, or encoding / decoding failed.
     #[error("{path}: {reason}")]
     Tokenizer { path: PathBuf, reason: String },

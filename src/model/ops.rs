@@ -227,6 +227,17 @@ impl Rope {
         Self { inv_freq }
     }
 
+    /// The table of `rope_type: linear` with `factor` (1: plain RoPE): transformers divides the f32
+    /// `inv_freq` by the factor, which divides positions by it.
+    pub(crate) fn linear(head_dim: usize, theta: f64, factor: f64) -> Self {
+        let mut rope = Self::new(head_dim, theta);
+        if factor != 1.0 {
+            let factor = factor as f32;
+            rope.inv_freq.iter_mut().for_each(|f| *f /= factor);
+        }
+        rope
+    }
+
     /// Rotates every head of every row of `x` ([n, heads · head_dim]); row t sits at position `first + t`.
     pub(crate) fn apply(&self, x: &mut ArrayViewMut2<f32>, head_dim: usize, first: usize) {
         let half = head_dim / 2;

@@ -227,7 +227,8 @@ pub fn generate(
     let prefill_seconds = started.elapsed().as_secs_f64();
     let mut last = logits.row(0).to_vec();
     let mut generation = Generation {
-        token_ids: Vec::with_capacity(max_new_tokens),
+        // Grown as tokens come: a large limit reserves nothing up front.
+        token_ids: Vec::with_capacity(max_new_tokens.min(1024)),
         prompt_tokens: prompt.len(),
         stopped: false,
         prefill_seconds,

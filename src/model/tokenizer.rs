@@ -60,6 +60,19 @@ impl Tokenizer {
         Ok(encoding.get_ids().to_vec())
     }
 
+    /// The ids of `text` (special tokens written in it, such as `<start_of_turn>`, become their ids; none
+    /// is added) and each token's byte span in `text`.
+    pub fn encode_with_offsets(
+        &self,
+        text: &str,
+    ) -> Result<(Vec<u32>, Vec<(usize, usize)>), ModelError> {
+        let encoding = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| self.error("cannot encode the text", e))?;
+        Ok((encoding.get_ids().to_vec(), encoding.get_offsets().to_vec()))
+    }
+
     /// `<bos>` followed by the ids of `text`: how Gemma expects any scored or prompted text to start.
     pub fn encode_with_bos(&self, text: &str, bos: u32) -> Result<Vec<u32>, ModelError> {
         let mut ids = vec![bos];

@@ -125,6 +125,30 @@ impl Weight {
         out
     }
 
+    /// The index of the first NaN or infinite element, `None` when all are finite. A check of exponent
+    /// bits in parallel blocks: one pass over the bytes at memory speed, done once when a model is loaded.
+    pub fn first_non_finite(&self) -> Option<usize> {
+        use rayon::prelude::*;
+        const BLOCK: usize = 1 << 16;
+        let size = self.dtype.size();
+        let exponent_all_ones: fn(&[u8]) -> bool = match self.dtype {
+            FloatType::BF16 => |b| u16::from_le_bytes([b[0], b[1]]) & 0x7f80 == 0x7f80,
+            FloatType::F16 => |b| u16::from_le_bytes([b[0], b[1]]) & 0x7c00 == 0x7c00,
+            FloatType::F32 => {
+                |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & 0x7f80_0000 == 0x7f80_0000
+            }
+        };
+        self.bytes()
+            .par_chunks(BLOCK * size)
+            .enumerate()
+            .find_map_first(|(block, bytes)| {
+                bytes
+                    .chunks_exact(size)
+                    .position(exponent_all_ones)
+                    .map(|i| block * BLOCK + i)
+            })
+    }
+
     /// Row `i` of a matrix, decoded into `out` (which must hold one row).
     pub(crate) fn decode_row(&self, i: usize, out: &mut [f32]) {
         let width = out.len();
@@ -142,6 +166,9 @@ pub trait WeightSource {
 
     /// Where the tensors come from, for error messages (a path, or a description).
     fn origin(&self) -> String;
+
+    /// The names of all tensors.
+    fn names(&self) -> Vec<String>;
 }
 
 impl WeightSource for Arc<Model> {
@@ -152,6 +179,10 @@ impl WeightSource for Arc<Model> {
     fn origin(&self) -> String {
         self.root().display().to_string()
     }
+
+    fn names(&self) -> Vec<String> {
+        self.tensors().iter().map(|t| t.name.clone()).collect()
+    }
 }
 
 impl WeightSource for HashMap<String, Weight> {
@@ -161,5 +192,9 @@ impl WeightSource for HashMap<String, Weight> {
 
     fn origin(&self) -> String {
         "in-memory model".to_string()
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.keys().cloned().collect()
     }
 }

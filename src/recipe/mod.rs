@@ -2,12 +2,14 @@
 //! are found before any tensor is read.
 
 mod error;
+pub mod hub;
+mod mergekit;
 mod plan;
-mod raw;
+pub(crate) mod raw;
 
 pub use error::RecipeError;
 pub use plan::{
-    eta_label, operands, Angle, Leaf, Operand, OutputModel, OutputTarget, Plan, Step, StepKind,
-    DEFAULT_SHARD_SIZE,
+    duplicate_eta, eta_label, operands, Angle, Grouping, LayoutSlice, Leaf, Operand, OutputModel,
+    OutputTarget, Plan, Sparsify, Step, StepKind, TaskVectorStep, DEFAULT_SHARD_SIZE,
 };
 pub use raw::parse_byte_size;

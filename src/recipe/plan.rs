@@ -6,10 +6,11 @@ use std::path::{Path, PathBuf};
 
 use serde_saphyr::Location;
 
-use super::raw::{Eta, RawRecipe, RawStep, S};
-use super::RecipeError;
+use super::raw::{RawParam, RawRecipe, RawStep, S};
+use super::{hub, RecipeError};
 use crate::format::FloatType;
-use crate::kernels;
+use crate::methods::{self, NativeArgs, Param};
+pub use crate::methods::{Sparsify, TaskVectorStep};
 
 /// Default maximum shard size, as Hugging Face's `save_pretrained` (5 GB).
 pub const DEFAULT_SHARD_SIZE: u64 = 5_000_000_000;
@@ -47,6 +48,49 @@ pub enum StepKind {
         model: Operand,
         etas: Vec<f64>,
     },
+    /// Σ w_i·θ_i (/ Σ w_i) with weights that depend on the tensor (gradients, filters).
+    Linear {
+        models: Vec<Operand>,
+        weights: Vec<Param>,
+        normalize: bool,
+    },
+    /// The task-vector family: task arithmetic, TIES, DARE, breadcrumbs.
+    TaskVectors(TaskVectorStep),
+    /// Model Stock: t·mean(θ_i) + (1 − t)·θ_b, t from the mean pairwise cosine of the task vectors.
+    ModelStock {
+        base: Operand,
+        models: Vec<Operand>,
+        filter_wise: bool,
+    },
+    /// mergekit's two-model SLERP of the weights themselves (t = 0 gives `base`).
+    WeightSlerp {
+        base: Operand,
+        other: Operand,
+        t: Param,
+    },
+    /// SLERP of two task vectors (or two models without a base), weights w_1 : w_2.
+    NuSlerp {
+        base: Option<Operand>,
+        models: Vec<Operand>,
+        weights: Vec<Param>,
+        grouping: Grouping,
+    },
+    /// scale·θ of the one model present for a tensor (several models only with `slices`).
+    Passthrough {
+        models: Vec<Operand>,
+        scale: Vec<Param>,
+    },
+}
+
+/// Over which elements a per-group statistic (an angle, a cosine) is measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grouping {
+    /// The whole tensor.
+    Tensor,
+    /// Each row along the last dimension.
+    Rows,
+    /// Each vector along the first dimension (mergekit's `nuslerp_row_wise`).
+    Columns,
 }
 
 #[derive(Debug, Clone)]
@@ -65,6 +109,17 @@ pub struct Leaf {
     pub path: PathBuf,
     /// How the recipe wrote it (alias or path).
     pub shown: String,
+    /// The Hugging Face id (`org/name`) when the model was found in the hub cache by that id.
+    pub hub_id: Option<String>,
+}
+
+/// One slice of a layer layout (mergekit `slices`): `len` layers taken from each source, from its layer
+/// `start` on; sources are merged layer by layer.
+#[derive(Debug, Clone)]
+pub struct LayoutSlice {
+    /// (leaf, first layer) of each source.
+    pub sources: Vec<(usize, usize)>,
+    pub len: usize,
 }
 
 /// One model to write: a step, and which η of a LITI list.
@@ -99,38 +154,39 @@ pub struct Plan {
     pub allow_nonfinite: bool,
     /// Things worth saying that do not stop the run (η outside [0, 1], ...).
     pub warnings: Vec<String>,
+    /// Output layers stacked from layer ranges (mergekit `slices`); `None`: the base's layers.
+    pub layout: Option<Vec<LayoutSlice>>,
+    /// The model whose tokenizer files are copied (default: the base).
+    pub tokenizer_source: Option<usize>,
+    /// A chat template to set in the output's tokenizer_config.json.
+    pub chat_template: Option<String>,
+    /// Files written into every output folder besides the usual ones (name, contents).
+    pub extra_files: Vec<(String, String)>,
 }
 
 impl Plan {
     /// Reads and validates a recipe file. `out` overrides the recipe's `output`.
     pub fn from_file(path: &Path, out: Option<&Path>) -> Result<Plan, RecipeError> {
+        Self::load(path, out, None)
+    }
+
+    /// Reads and validates a gemma-merge recipe or, when it has a top-level `merge_method`, a mergekit
+    /// config (whose model paths are relative to the current directory, and which needs `out`). `seed`
+    /// is mergekit's `--seed` (a gemma-merge recipe sets `seed:` itself).
+    pub fn load(path: &Path, out: Option<&Path>, seed: Option<u64>) -> Result<Plan, RecipeError> {
         let text = std::fs::read_to_string(path).map_err(|source| RecipeError::Io {
             path: path.into(),
             source,
         })?;
+        if super::mergekit::is_mergekit(&text) {
+            return super::mergekit::plan(&text, path, out, seed.unwrap_or(0));
+        }
         Self::from_text(&text, path, out)
     }
 
     /// Validates recipe `text` as if read from `path` (relative references resolve against its folder).
     pub fn from_text(text: &str, path: &Path, out: Option<&Path>) -> Result<Plan, RecipeError> {
-        let raw: RawRecipe = serde_saphyr::from_str(text).map_err(|e| {
-            let (line, column) = e
-                .location()
-                .map(|l| (l.line(), l.column()))
-                .unwrap_or((0, 0));
-            let full = e.to_string();
-            let first = full.lines().next().unwrap_or("").to_string();
-            let message = match first.find(": ") {
-                Some(i) if first.starts_with("error: line ") => first[i + 2..].to_string(),
-                _ => first.trim_start_matches("error: ").to_string(),
-            };
-            RecipeError::Invalid {
-                path: path.into(),
-                line,
-                column,
-                message,
-            }
-        })?;
+        let raw: RawRecipe = parse_yaml(text, path)?;
         Resolver::new(path, text).resolve(raw, out)
     }
 
@@ -140,9 +196,42 @@ impl Plan {
     }
 }
 
-/// Shortest decimal that reads back as the same f64, with at least one digit after the point.
+/// Parses YAML into `T`, turning a syntax or schema error into one with the file's line and column.
+pub(crate) fn parse_yaml<T: serde::de::DeserializeOwned>(
+    text: &str,
+    path: &Path,
+) -> Result<T, RecipeError> {
+    serde_saphyr::from_str(text).map_err(|e| {
+        let (line, column) = e
+            .location()
+            .map(|l| (l.line(), l.column()))
+            .unwrap_or((0, 0));
+        let full = e.to_string();
+        let first = full.lines().next().unwrap_or("").to_string();
+        let message = match first.find(": ") {
+            Some(i) if first.starts_with("error: line ") => first[i + 2..].to_string(),
+            _ => first.trim_start_matches("error: ").to_string(),
+        };
+        RecipeError::Invalid {
+            path: path.into(),
+            line,
+            column,
+            message,
+        }
+    })
+}
+
+/// Shortest decimal that reads back as the same f64, with at least one digit after the point
+/// (−0.0 is written `eta-0.0`).
 pub fn eta_label(eta: f64) -> String {
-    format!("eta-{eta:?}")
+    format!("eta-{:?}", eta + 0.0)
+}
+
+/// A value that appears twice in an η list (−0.0 and 0.0 are the same η), if any.
+pub fn duplicate_eta(etas: &[f64]) -> Option<f64> {
+    let mut sorted: Vec<f64> = etas.iter().map(|&e| e + 0.0).collect();
+    sorted.sort_by(f64::total_cmp);
+    sorted.windows(2).find(|w| w[0] == w[1]).map(|w| w[0])
 }
 
 struct Resolver<'a> {
@@ -157,6 +246,8 @@ struct Resolver<'a> {
     /// Steps with several η, which no other step may use.
     list_steps: Vec<usize>,
     warnings: Vec<String>,
+    /// The recipe's `seed:` (default 0), for random methods.
+    seed: u64,
 }
 
 impl<'a> Resolver<'a> {
@@ -177,6 +268,7 @@ impl<'a> Resolver<'a> {
             all_steps: HashMap::new(),
             list_steps: Vec::new(),
             warnings: Vec::new(),
+            seed: 0,
         }
     }
 
@@ -230,15 +322,20 @@ impl<'a> Resolver<'a> {
         if target.is_empty() {
             return Err(self.err(loc, "empty model reference"));
         }
-        let path = self.dir.join(target);
+        let mut path = self.dir.join(target);
+        let mut hub_id = None;
         if !path.exists() {
-            return Err(self.err(
-                loc,
-                format!(
-                    "`{shown}` is not a step, an alias, or an existing path ({} not found)",
-                    path.display()
-                ),
-            ));
+            if !hub::is_hub_id(target) {
+                return Err(self.err(
+                    loc,
+                    format!(
+                        "`{shown}` is not a step, an alias, or an existing path ({} not found)",
+                        path.display()
+                    ),
+                ));
+            }
+            path = hub::resolve(target).map_err(|m| self.err(loc, m))?;
+            hub_id = Some(target.split('@').next().unwrap_or(target).to_string());
         }
         let key = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
         if let Some(&i) = self.leaf_by_path.get(&key) {
@@ -247,6 +344,7 @@ impl<'a> Resolver<'a> {
         self.leaves.push(Leaf {
             path,
             shown: shown.to_string(),
+            hub_id,
         });
         self.leaf_by_path.insert(key, self.leaves.len() - 1);
         Ok(self.leaves.len() - 1)
@@ -256,6 +354,7 @@ impl<'a> Resolver<'a> {
         if let Some(models) = &raw.models {
             self.aliases = models.value.clone();
         }
+        self.seed = raw.seed.as_ref().map(|s| s.value).unwrap_or(0);
         let steps_raw = &raw.steps.value;
         if steps_raw.is_empty() {
             return Err(self.err(
@@ -413,12 +512,16 @@ impl<'a> Resolver<'a> {
             ignore_extra_tensors,
             allow_nonfinite: raw.allow_nonfinite.map(|v| v.value).unwrap_or(false),
             warnings: self.warnings,
+            layout: None,
+            tokenizer_source: None,
+            chat_template: None,
+            extra_files: Vec::new(),
         })
     }
 
     fn target(&self, path: PathBuf, step: usize, s: &Step) -> OutputTarget {
         let models = match &s.kind {
-            StepKind::Liti { etas, .. } if etas.len() > 1 => etas
+            StepKind::Liti { etas, .. } if self.list_steps.contains(&step) => etas
                 .iter()
                 .enumerate()
                 .map(|(k, &e)| OutputModel {
@@ -449,270 +552,290 @@ impl<'a> Resolver<'a> {
         recipe_base: Option<Operand>,
         is_output: bool,
     ) -> Result<Step, RecipeError> {
-        let method: &'static str = match s.method.value.as_str() {
-            "ema" => "ema",
-            "slerp" => "slerp",
-            "liti" => "liti",
-            "linear" => "linear",
-            other => {
-                return Err(self.err(
-                    &s.method.referenced,
-                    format!("unknown method `{other}` (use ema, slerp, liti or linear)"),
-                ))
-            }
-        };
-        let allowed: &[&str] = match method {
-            "ema" => &["models", "decay", "steps", "start"],
-            "slerp" => &["models", "base", "t", "weights", "angle"],
-            "liti" => &["model", "base", "eta"],
-            _ => &["models", "weights", "normalize"],
+        let Some(def) = methods::native(&s.method.value) else {
+            return Err(self.err(
+                &s.method.referenced,
+                format!(
+                    "unknown method `{}` (use {})",
+                    s.method.value,
+                    methods::names(false)
+                ),
+            ));
         };
         for (field, loc) in s.present_fields() {
-            if !allowed.contains(&field) {
+            if !def.fields.contains(&field) {
                 return Err(self.err(
                     loc,
                     format!(
-                        "`{field}` is not a field of method `{method}` (it takes: {})",
-                        allowed.join(", ")
+                        "`{field}` is not a field of method `{}` (it takes: {})",
+                        def.name,
+                        def.fields.join(", ")
                     ),
                 ));
             }
         }
-        let name = s.name.value.clone();
-        let missing =
-            |r: &Self, field: &str| r.err(at, format!("step `{name}` ({method}) needs `{field}`"));
-
-        let models = |r: &mut Self, min: usize| -> Result<Vec<Operand>, RecipeError> {
-            let Some(list) = &s.models else {
-                return Err(missing(r, "models"));
-            };
-            if list.value.len() < min {
-                return Err(r.err(
-                    &list.referenced,
-                    format!(
-                        "`{method}` needs at least {min} model{}, got {}",
-                        if min == 1 { "" } else { "s" },
-                        list.value.len()
-                    ),
-                ));
-            }
-            list.value.iter().map(|m| r.reference(m, index)).collect()
+        let mut args = NativeStep {
+            r: self,
+            s,
+            at: *at,
+            index,
+            recipe_base,
+            is_output,
         };
-        let step_base = |r: &mut Self| -> Result<Operand, RecipeError> {
-            match &s.base {
-                Some(b) => r.reference(b, index),
-                None => recipe_base.ok_or_else(|| r.err(at, format!("step `{name}` ({method}) needs a base: set `base:` on the step or in the recipe"))),
-            }
-        };
-
-        let kind = match method {
-            "ema" => {
-                let ops = models(self, 1)?;
-                let Some(decay) = &s.decay else {
-                    return Err(missing(self, "decay"));
-                };
-                let mu = decay.value;
-                if !(mu > 0.0 && mu <= 1.0) {
-                    return Err(self.err(
-                        &decay.referenced,
-                        format!("`decay` must be in (0, 1], got {mu}"),
-                    ));
-                }
-                let steps = match &s.steps {
-                    Some(st) => {
-                        if st.value.len() != ops.len() {
-                            return Err(self.err(
-                                &st.referenced,
-                                format!(
-                                    "`steps` has {} entries for {} models",
-                                    st.value.len(),
-                                    ops.len()
-                                ),
-                            ));
-                        }
-                        let mut prev = 0u64;
-                        for (k, v) in st.value.iter().enumerate() {
-                            if v.value == 0 || (k > 0 && v.value <= prev) {
-                                return Err(self.err(
-                                    &v.referenced,
-                                    "`steps` must be positive and strictly increasing",
-                                ));
-                            }
-                            prev = v.value;
-                        }
-                        Some(st.value.iter().map(|v| v.value).collect::<Vec<u64>>())
-                    }
-                    None => None,
-                };
-                let start = match &s.start {
-                    Some(st) => Some(self.reference(st, index)?),
-                    None => None,
-                };
-                let (ws, w) =
-                    kernels::ema_weights(mu, ops.len(), steps.as_deref(), start.is_some());
-                let mut terms: Vec<(Operand, f64)> = Vec::new();
-                if let Some(st) = start {
-                    terms.push((st, ws));
-                }
-                terms.extend(ops.into_iter().zip(w));
-                StepKind::Weighted { terms }
-            }
-            "linear" => {
-                let ops = models(self, 1)?;
-                let Some(weights) = &s.weights else {
-                    return Err(missing(self, "weights"));
-                };
-                if weights.value.len() != ops.len() {
-                    return Err(self.err(
-                        &weights.referenced,
-                        format!(
-                            "`weights` has {} entries for {} models",
-                            weights.value.len(),
-                            ops.len()
-                        ),
-                    ));
-                }
-                for w in &weights.value {
-                    if !w.value.is_finite() {
-                        return Err(self.err(&w.referenced, "weights must be finite numbers"));
-                    }
-                }
-                let mut w: Vec<f64> = weights.value.iter().map(|w| w.value).collect();
-                if s.normalize.as_ref().map(|n| n.value).unwrap_or(true) {
-                    let total: f64 = w.iter().sum();
-                    if total == 0.0 {
-                        return Err(self.err(
-                            &weights.referenced,
-                            "`weights` sum to 0: cannot normalize (set `normalize: false`)",
-                        ));
-                    }
-                    w.iter_mut().for_each(|x| *x /= total);
-                }
-                StepKind::Weighted {
-                    terms: ops.into_iter().zip(w).collect(),
-                }
-            }
-            "slerp" => {
-                let ops = models(self, 2)?;
-                let base = step_base(self)?;
-                let weights: Vec<f64> = match (&s.t, &s.weights) {
-                    (Some(t), Some(_)) => {
-                        return Err(
-                            self.err(&t.referenced, "give either `t` or `weights`, not both")
-                        )
-                    }
-                    (Some(t), None) => {
-                        if ops.len() != 2 {
-                            return Err(self.err(
-                                &t.referenced,
-                                format!("`t` is for two models; use `weights` for {}", ops.len()),
-                            ));
-                        }
-                        if !(0.0..=1.0).contains(&t.value) {
-                            return Err(self.err(
-                                &t.referenced,
-                                format!("`t` must be in [0, 1], got {}", t.value),
-                            ));
-                        }
-                        vec![1.0 - t.value, t.value]
-                    }
-                    (None, Some(w)) => {
-                        if w.value.len() != ops.len() {
-                            return Err(self.err(
-                                &w.referenced,
-                                format!(
-                                    "`weights` has {} entries for {} models",
-                                    w.value.len(),
-                                    ops.len()
-                                ),
-                            ));
-                        }
-                        for x in &w.value {
-                            if !(x.value > 0.0 && x.value.is_finite()) {
-                                return Err(self.err(
-                                    &x.referenced,
-                                    format!("slerp weights must be positive, got {}", x.value),
-                                ));
-                            }
-                        }
-                        w.value.iter().map(|x| x.value).collect()
-                    }
-                    (None, None) => vec![1.0; ops.len()],
-                };
-                let lambdas = match &s.t {
-                    Some(t) => vec![t.value],
-                    None => kernels::chain_lambdas(&weights),
-                };
-                let angle = match &s.angle {
-                    None => Angle::Layer,
-                    Some(a) if a.value == "layer" => Angle::Layer,
-                    Some(a) if a.value == "tensor" => Angle::Tensor,
-                    Some(a) => {
-                        return Err(self.err(
-                            &a.referenced,
-                            format!("`angle` must be `layer` or `tensor`, not `{}`", a.value),
-                        ))
-                    }
-                };
-                StepKind::Slerp {
-                    base,
-                    models: ops,
-                    lambdas,
-                    angle,
-                }
-            }
-            _ => {
-                let Some(model) = &s.model else {
-                    return Err(missing(self, "model"));
-                };
-                let model = self.reference(model, index)?;
-                let base = step_base(self)?;
-                let Some(eta) = &s.eta else {
-                    return Err(missing(self, "eta"));
-                };
-                let etas = match &eta.value {
-                    Eta::One(e) => vec![*e],
-                    Eta::List(list) => {
-                        if !is_output {
-                            return Err(self.err(
-                                &eta.referenced,
-                                "a list of η is allowed only on the output step",
-                            ));
-                        }
-                        if list.is_empty() {
-                            return Err(self.err(&eta.referenced, "`eta` is an empty list"));
-                        }
-                        let mut labels: Vec<String> = list.iter().map(|&e| eta_label(e)).collect();
-                        labels.sort();
-                        if labels.windows(2).any(|w| w[0] == w[1]) {
-                            return Err(self.err(&eta.referenced, "`eta` lists a value twice"));
-                        }
-                        list.clone()
-                    }
-                };
-                for &e in &etas {
-                    if !e.is_finite() {
-                        return Err(self.err(&eta.referenced, "η must be a finite number"));
-                    }
-                    if !(0.0..=1.0).contains(&e) {
-                        self.warn(
-                            &eta.referenced,
-                            format!("η = {e} is outside [0, 1]: extrapolating"),
-                        );
-                    }
-                }
-                StepKind::Liti { base, model, etas }
-            }
-        };
-        if matches!(&kind, StepKind::Liti { etas, .. } if etas.len() > 1) {
+        let kind = (def.resolve)(&mut args)?;
+        // A list, even of one η, writes `OUTPUT/eta-<η>` folders.
+        if matches!(
+            s.eta.as_ref().map(|e| &e.value),
+            Some(crate::recipe::raw::Eta::List(_))
+        ) {
             self.list_steps.push(index);
         }
         Ok(Step {
-            name,
-            method,
+            name: s.name.value.clone(),
+            method: def.name,
             kind,
             line: at.line(),
         })
+    }
+}
+
+/// A step of a gemma-merge recipe, as the methods see it.
+struct NativeStep<'r, 'a> {
+    r: &'r mut Resolver<'a>,
+    s: &'r RawStep,
+    at: Location,
+    index: usize,
+    recipe_base: Option<Operand>,
+    is_output: bool,
+}
+
+impl NativeStep<'_, '_> {
+    /// The recipe field holding parameter `key` (`weight` is written `weights` in a recipe).
+    fn field(&self, key: &str) -> Option<&S<RawParam>> {
+        match key {
+            "weight" => self.s.weights.as_ref(),
+            "density" => self.s.density.as_ref(),
+            "gamma" => self.s.gamma.as_ref(),
+            "epsilon" => self.s.epsilon.as_ref(),
+            "lambda" => self.s.lambda.as_ref(),
+            "scale" => self.s.scale.as_ref(),
+            "t" => self.s.t.as_ref(),
+            _ => None,
+        }
+    }
+
+    fn location(&self, key: &str) -> Option<Location> {
+        if let Some(p) = self.field(key) {
+            return Some(p.referenced);
+        }
+        let flag = match key {
+            "normalize" => self.s.normalize.as_ref(),
+            "rescale" => self.s.rescale.as_ref(),
+            "filter_wise" => self.s.filter_wise.as_ref(),
+            "nuslerp_flatten" => self.s.nuslerp_flatten.as_ref(),
+            "nuslerp_row_wise" => self.s.nuslerp_row_wise.as_ref(),
+            _ => None,
+        };
+        flag.map(|f| f.referenced)
+    }
+}
+
+impl methods::StepArgs for NativeStep<'_, '_> {
+    fn models(&mut self, min: usize) -> Result<Vec<Operand>, RecipeError> {
+        let Some(list) = &self.s.models else {
+            return Err(self.missing("models"));
+        };
+        if list.value.len() < min {
+            return Err(self.r.err(
+                &list.referenced,
+                format!(
+                    "`{}` needs at least {min} model{}, got {}",
+                    self.s.method.value,
+                    if min == 1 { "" } else { "s" },
+                    list.value.len()
+                ),
+            ));
+        }
+        list.value
+            .iter()
+            .map(|m| self.r.reference(m, self.index))
+            .collect()
+    }
+
+    fn model(&mut self) -> Result<Operand, RecipeError> {
+        let Some(model) = &self.s.model else {
+            return Err(self.missing("model"));
+        };
+        self.r.reference(model, self.index)
+    }
+
+    fn base(&mut self, required: bool) -> Result<Option<Operand>, RecipeError> {
+        match &self.s.base {
+            Some(b) => self.r.reference(b, self.index).map(Some),
+            None if self.recipe_base.is_some() || !required => Ok(self.recipe_base),
+            None => Err(self.r.err(
+                &self.at,
+                format!(
+                    "step `{}` ({}) needs a base: set `base:` on the step or in the recipe",
+                    self.s.name.value, self.s.method.value
+                ),
+            )),
+        }
+    }
+
+    fn per_model(&self, key: &str, n: usize) -> Result<Option<Vec<Param>>, RecipeError> {
+        let Some(p) = self.field(key) else {
+            return Ok(None);
+        };
+        let to_param = |x: &S<RawParam>| param(x).map_err(|(loc, m)| self.r.err(&loc, m));
+        match &p.value {
+            // A list of filter entries is one value for every model.
+            RawParam::List(items)
+                if !items.is_empty()
+                    && items
+                        .iter()
+                        .all(|i| matches!(i.value, RawParam::Filter { .. })) =>
+            {
+                Ok(Some(vec![to_param(p)?; n]))
+            }
+            RawParam::List(items) => {
+                if items.len() != n {
+                    return Err(self.r.err(
+                        &p.referenced,
+                        format!(
+                            "`{}` has {} entries for {n} models",
+                            self.field_name(key),
+                            items.len()
+                        ),
+                    ));
+                }
+                items
+                    .iter()
+                    .map(to_param)
+                    .collect::<Result<_, _>>()
+                    .map(Some)
+            }
+            _ => Ok(Some(vec![to_param(p)?; n])),
+        }
+    }
+
+    fn shared(&self, key: &str) -> Result<Option<Param>, RecipeError> {
+        match self.field(key) {
+            Some(p) => param(p).map(Some).map_err(|(loc, m)| self.r.err(&loc, m)),
+            None => Ok(None),
+        }
+    }
+
+    fn flag(&self, key: &str) -> Result<Option<bool>, RecipeError> {
+        Ok(match key {
+            "normalize" => self.s.normalize.as_ref().map(|v| v.value),
+            "rescale" => self.s.rescale.as_ref().map(|v| v.value),
+            "filter_wise" => self.s.filter_wise.as_ref().map(|v| v.value),
+            "nuslerp_flatten" => self.s.nuslerp_flatten.as_ref().map(|v| v.value),
+            "nuslerp_row_wise" => self.s.nuslerp_row_wise.as_ref().map(|v| v.value),
+            _ => None,
+        })
+    }
+
+    fn seed(&self) -> u64 {
+        self.s.seed.as_ref().map(|v| v.value).unwrap_or(self.r.seed)
+    }
+
+    fn error(&self, key: Option<&str>, message: String) -> RecipeError {
+        match key.and_then(|k| self.location(k)) {
+            Some(loc) => self.r.err(&loc, message),
+            None => self.r.err(
+                &self.at,
+                format!(
+                    "step `{}` ({}): {message}",
+                    self.s.name.value, self.s.method.value
+                ),
+            ),
+        }
+    }
+
+    fn native(&mut self) -> Option<&mut dyn methods::NativeArgs> {
+        Some(self)
+    }
+}
+
+impl NativeStep<'_, '_> {
+    fn field_name(&self, key: &str) -> String {
+        if key == "weight" {
+            "weights".into()
+        } else {
+            key.into()
+        }
+    }
+}
+
+impl methods::NativeArgs for NativeStep<'_, '_> {
+    fn step(&self) -> &RawStep {
+        self.s
+    }
+
+    fn reference(&mut self, r: &S<String>) -> Result<Operand, RecipeError> {
+        self.r.reference(r, self.index)
+    }
+
+    fn is_output(&self) -> bool {
+        self.is_output
+    }
+
+    fn warn(&mut self, loc: &Location, message: String) {
+        self.r.warn(loc, message)
+    }
+
+    fn err_at(&self, loc: &Location, message: String) -> RecipeError {
+        self.r.err(loc, message)
+    }
+
+    fn missing(&self, field: &str) -> RecipeError {
+        self.r.err(
+            &self.at,
+            format!(
+                "step `{}` ({}) needs `{field}`",
+                self.s.name.value, self.s.method.value
+            ),
+        )
+    }
+}
+
+/// A written parameter as a [`Param`]: a number, a gradient (list of numbers), or a filter list.
+pub(crate) fn param(p: &S<RawParam>) -> Result<Param, (Location, String)> {
+    match &p.value {
+        RawParam::Number(v) => Ok(Param::Const(*v)),
+        RawParam::List(items) if items.iter().all(|i| matches!(i.value, RawParam::Number(_))) => {
+            if items.is_empty() {
+                return Err((p.referenced, "an empty list is not a value".into()));
+            }
+            Ok(Param::Gradient(
+                items
+                    .iter()
+                    .map(|i| match i.value {
+                        RawParam::Number(v) => v,
+                        _ => unreachable!(),
+                    })
+                    .collect(),
+            ))
+        }
+        RawParam::List(items) => {
+            let mut entries = Vec::with_capacity(items.len());
+            for i in items {
+                let RawParam::Filter { filter, value } = &i.value else {
+                    return Err((
+                        i.referenced,
+                        "expected a number, a list of numbers, or {filter, value} entries".into(),
+                    ));
+                };
+                entries.push((filter.clone(), param(value)?));
+            }
+            Ok(Param::Filters(entries))
+        }
+        RawParam::Filter { filter, value } => {
+            Ok(Param::Filters(vec![(filter.clone(), param(value)?)]))
+        }
+        RawParam::Bool(_) | RawParam::Text(_) => Err((p.referenced, "expected a number".into())),
     }
 }
 
@@ -724,6 +847,17 @@ pub fn operands(kind: &StepKind) -> Vec<Operand> {
             .chain(models.iter().copied())
             .collect(),
         StepKind::Liti { base, model, .. } => vec![*base, *model],
+        StepKind::Linear { models, .. } | StepKind::Passthrough { models, .. } => models.clone(),
+        StepKind::TaskVectors(tv) => std::iter::once(tv.base)
+            .chain(tv.models.iter().copied())
+            .collect(),
+        StepKind::ModelStock { base, models, .. } => std::iter::once(*base)
+            .chain(models.iter().copied())
+            .collect(),
+        StepKind::WeightSlerp { base, other, .. } => vec![*base, *other],
+        StepKind::NuSlerp { base, models, .. } => {
+            base.iter().copied().chain(models.iter().copied()).collect()
+        }
     }
 }
 

@@ -19,6 +19,7 @@ pub struct RawRecipe {
     pub steps: S<Vec<S<RawStep>>>,
     pub extra_tensors: Option<S<String>>,
     pub allow_nonfinite: Option<S<bool>>,
+    pub seed: Option<S<u64>>,
 }
 
 /// One step, with the union of all methods' fields; which ones a method accepts is checked afterwards
@@ -34,11 +35,21 @@ pub struct RawStep {
     pub decay: Option<S<f64>>,
     pub steps: Option<S<Vec<S<u64>>>>,
     pub start: Option<S<String>>,
-    pub t: Option<S<f64>>,
-    pub weights: Option<S<Vec<S<f64>>>>,
+    pub t: Option<S<RawParam>>,
+    pub weights: Option<S<RawParam>>,
     pub angle: Option<S<String>>,
     pub eta: Option<S<Eta>>,
     pub normalize: Option<S<bool>>,
+    pub density: Option<S<RawParam>>,
+    pub gamma: Option<S<RawParam>>,
+    pub epsilon: Option<S<RawParam>>,
+    pub lambda: Option<S<RawParam>>,
+    pub scale: Option<S<RawParam>>,
+    pub rescale: Option<S<bool>>,
+    pub filter_wise: Option<S<bool>>,
+    pub nuslerp_flatten: Option<S<bool>>,
+    pub nuslerp_row_wise: Option<S<bool>>,
+    pub seed: Option<S<u64>>,
     pub save: Option<S<String>>,
 }
 
@@ -64,7 +75,87 @@ impl RawStep {
         field!(angle);
         field!(eta);
         field!(normalize);
+        field!(density);
+        field!(gamma);
+        field!(epsilon);
+        field!(lambda);
+        field!(scale);
+        field!(rescale);
+        field!(filter_wise);
+        field!(nuslerp_flatten);
+        field!(nuslerp_row_wise);
+        field!(seed);
         v
+    }
+}
+
+/// A parameter as mergekit writes it: a number, a bool, a list (a gradient, or one value per model), or a
+/// list of `{filter, value}` entries (the first entry whose filter is in the tensor name wins).
+#[derive(Debug, Clone)]
+pub enum RawParam {
+    Number(f64),
+    Bool(bool),
+    Text(String),
+    List(Vec<S<RawParam>>),
+    Filter {
+        filter: Option<String>,
+        value: Box<S<RawParam>>,
+    },
+}
+
+impl<'de> Deserialize<'de> for RawParam {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RawParam;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a number, a list of numbers, or a list of {filter, value} entries")
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<RawParam, E> {
+                Ok(RawParam::Number(v))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<RawParam, E> {
+                Ok(RawParam::Number(v as f64))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<RawParam, E> {
+                Ok(RawParam::Number(v as f64))
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<RawParam, E> {
+                Ok(RawParam::Bool(v))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawParam, E> {
+                Ok(RawParam::Text(v.to_string()))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<RawParam, A::Error> {
+                let mut v = Vec::new();
+                while let Some(x) = seq.next_element::<S<RawParam>>()? {
+                    v.push(x);
+                }
+                Ok(RawParam::List(v))
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<RawParam, A::Error> {
+                let mut filter = None;
+                let mut value = None;
+                while let Some(key) = map.next_key::<String>()? {
+                    match key.as_str() {
+                        "filter" => filter = Some(map.next_value::<String>()?),
+                        "value" => value = Some(map.next_value::<S<RawParam>>()?),
+                        other => {
+                            return Err(de::Error::custom(format!(
+                                "unknown key `{other}` in a filter entry (it takes `filter` and `value`)"
+                            )))
+                        }
+                    }
+                }
+                let value =
+                    value.ok_or_else(|| de::Error::custom("a filter entry needs `value`"))?;
+                Ok(RawParam::Filter {
+                    filter,
+                    value: Box::new(value),
+                })
+            }
+        }
+        d.deserialize_any(V)
     }
 }
 

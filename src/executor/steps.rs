@@ -1,0 +1,581 @@
+//! Each step of a plan, for the tensors of one unit: its statistics passes (Gram matrices, rank
+//! selections, norms) and its [`Val`]. Every pass reads the tensor in fixed chunks and adds the chunks'
+//! partial results in chunk order, so results do not depend on the thread count.
+
+use std::sync::Arc;
+
+use rayon::prelude::*;
+
+use super::values::{GroupOf, Keep, Node, TaskVectorNode, Val};
+use super::{MergeError, OutTensor, Prepared, Treatment, BLOCK, CHUNK};
+use crate::kernels;
+use crate::recipe::{Angle, Grouping, Operand, Sparsify, StepKind, TaskVectorStep};
+use crate::selection::{magnitude_key, probability_threshold, stream_key, Partial, RankSelect};
+
+/// Data passes a step makes over each tensor before the writing pass (for `--dry-run`; an estimate for
+/// rank selections, which take two or three).
+pub(super) fn passes(kind: &StepKind) -> usize {
+    match kind {
+        StepKind::Slerp { .. }
+        | StepKind::ModelStock { .. }
+        | StepKind::WeightSlerp { .. }
+        | StepKind::NuSlerp { .. } => 1,
+        StepKind::TaskVectors(tv) => match tv.sparsify {
+            Sparsify::None => 0,
+            Sparsify::Random => tv.rescale as usize,
+            Sparsify::Magnitude => 3 * tv.models.len() + tv.rescale as usize,
+            Sparsify::MagnitudeOutliers => 6 * tv.models.len() + tv.rescale as usize,
+        },
+        _ => 0,
+    }
+}
+
+impl Prepared<'_> {
+    fn leaves(&self) -> usize {
+        self.models.len()
+    }
+
+    /// Every step's value for every tensor of a unit (`[tensor][step]`), running the passes they need.
+    pub(super) fn unit_values(&self, unit: usize) -> Result<Vec<Vec<Val>>, MergeError> {
+        let all = &self.units[unit];
+        let mut per_tensor: Vec<Vec<Val>> =
+            vec![Vec::with_capacity(self.plan.steps.len()); all.len()];
+        for step in &self.plan.steps {
+            if let StepKind::Slerp {
+                base,
+                models,
+                lambdas,
+                angle,
+            } = &step.kind
+            {
+                self.slerp_unit(all, &mut per_tensor, *base, models, lambdas, *angle)?;
+                continue;
+            }
+            for (pos, &ti) in all.iter().enumerate() {
+                let t = &self.tensors[ti];
+                let v = if matches!(t.treatment, Treatment::Merge { .. }) {
+                    self.step_value(t, &step.kind, &per_tensor[pos])?
+                } else {
+                    Val::leaf(self.plan.base, self.leaves())
+                };
+                per_tensor[pos].push(v);
+            }
+        }
+        Ok(per_tensor)
+    }
+
+    /// WARP's SLERP: one angle per group (a layer, or each tensor), from the Gram matrix of the task vectors.
+    fn slerp_unit(
+        &self,
+        all: &[usize],
+        per_tensor: &mut [Vec<Val>],
+        base: Operand,
+        models: &[Operand],
+        lambdas: &[f64],
+        angle: Angle,
+    ) -> Result<(), MergeError> {
+        let deltas: Vec<Vec<Val>> = per_tensor
+            .iter()
+            .map(|sv| {
+                let b = self.value(base, sv);
+                models
+                    .iter()
+                    .map(|&m| Val::axpby(1.0, &self.value(m, sv), -1.0, &b))
+                    .collect()
+            })
+            .collect();
+        let m = models.len();
+        let mut grams: Vec<Vec<Vec<f64>>> = Vec::with_capacity(all.len());
+        for (pos, &ti) in all.iter().enumerate() {
+            let t = &self.tensors[ti];
+            if matches!(t.treatment, Treatment::Merge { .. }) {
+                grams.push(self.gram(t, &deltas[pos], GroupOf::Whole)?.remove(0));
+            } else {
+                grams.push(vec![vec![0.0; m]; m]);
+            }
+        }
+        let layer_gram = (angle == Angle::Layer).then(|| {
+            let mut g = vec![vec![0.0; m]; m];
+            for t in &grams {
+                for (row, trow) in g.iter_mut().zip(t) {
+                    row.iter_mut().zip(trow).for_each(|(a, b)| *a += b);
+                }
+            }
+            g
+        });
+        for (pos, sv) in per_tensor.iter_mut().enumerate() {
+            let g = layer_gram.as_ref().unwrap_or(&grams[pos]);
+            let r = kernels::slerp_chain(g, lambdas);
+            let mut terms = vec![(self.value(base, sv), 1.0)];
+            terms.extend(deltas[pos].iter().cloned().zip(r));
+            sv.push(Val::sum(terms, self.leaves()));
+        }
+        Ok(())
+    }
+
+    /// The value of one step for one merged tensor, given the earlier steps' values.
+    fn step_value(&self, t: &OutTensor, kind: &StepKind, sv: &[Val]) -> Result<Val, MergeError> {
+        let restricted;
+        let kind = if self.plan.layout.is_some() {
+            restricted = restrict(t, kind)?;
+            &restricted
+        } else {
+            kind
+        };
+        let name = t.base.name.as_str();
+        let at = |p: &crate::methods::Param, default: f64| p.or_default(name, t.t, default);
+        let n = self.leaves();
+        Ok(match kind {
+            StepKind::Weighted { terms } => Val::sum(
+                terms
+                    .iter()
+                    .map(|(op, w)| (self.value(*op, sv), *w))
+                    .collect(),
+                n,
+            ),
+            StepKind::Liti { base, model, etas } => {
+                let e = etas[0];
+                Val::axpby(1.0 - e, &self.value(*base, sv), e, &self.value(*model, sv))
+            }
+            StepKind::Linear {
+                models,
+                weights,
+                normalize,
+            } => {
+                let mut w: Vec<f64> = weights.iter().map(|p| at(p, 0.0)).collect();
+                if *normalize {
+                    let total: f64 = w.iter().sum();
+                    if total == 0.0 {
+                        return Err(MergeError::Method {
+                            tensor: name.into(),
+                            message: "the weights sum to 0: cannot normalize".into(),
+                        });
+                    }
+                    w.iter_mut().for_each(|x| *x /= total);
+                }
+                Val::sum(
+                    models.iter().map(|op| self.value(*op, sv)).zip(w).collect(),
+                    n,
+                )
+            }
+            StepKind::Passthrough { models, scale } => {
+                if models.len() != 1 {
+                    return Err(MergeError::Method {
+                        tensor: name.into(),
+                        message: format!(
+                            "passthrough copies one model, got {} (several only with `slices`)",
+                            models.len()
+                        ),
+                    });
+                }
+                Val::sum(vec![(self.value(models[0], sv), at(&scale[0], 1.0))], n)
+            }
+            StepKind::TaskVectors(tv) => self.task_vectors(t, tv, sv)?,
+            StepKind::ModelStock {
+                base,
+                models,
+                filter_wise,
+            } => {
+                let b = self.value(*base, sv);
+                let ms: Vec<Val> = models.iter().map(|&m| self.value(m, sv)).collect();
+                let deltas: Vec<Val> = ms.iter().map(|x| Val::axpby(1.0, x, -1.0, &b)).collect();
+                let group = if *filter_wise {
+                    GroupOf::Rows(*t.base.shape.last().unwrap_or(&1).max(&1))
+                } else {
+                    GroupOf::Whole
+                };
+                let grams = self.gram(t, &deltas, group)?;
+                let k = ms.len() as f64;
+                let ts: Vec<f64> = grams.iter().map(|g| kernels::model_stock_t(g)).collect();
+                let mut terms = vec![(b, ts.iter().map(|t| 1.0 - t).collect::<Vec<f64>>())];
+                for x in ms {
+                    terms.push((x, ts.iter().map(|t| t / k).collect()));
+                }
+                grouped(terms, group, n)
+            }
+            StepKind::WeightSlerp { base, other, t: tp } => {
+                let vals = vec![self.value(*base, sv), self.value(*other, sv)];
+                let g = self.gram(t, &vals, GroupOf::Whole)?.remove(0);
+                let (ca, cb) = kernels::weight_slerp(g[0][1], g[0][0], g[1][1], at(tp, 0.5));
+                Val::sum(vals.into_iter().zip([ca, cb]).collect(), n)
+            }
+            StepKind::NuSlerp {
+                base,
+                models,
+                weights,
+                grouping,
+            } => {
+                let (w0, w1) = (at(&weights[0], 0.0), at(&weights[1], 0.0));
+                let lambda = if (w0 + w1).abs() < 1e-6 {
+                    0.5
+                } else {
+                    w1 / (w0 + w1)
+                };
+                let ms: Vec<Val> = models.iter().map(|&m| self.value(m, sv)).collect();
+                let b = base.map(|b| self.value(b, sv));
+                let vecs: Vec<Val> = match &b {
+                    Some(b) => ms.iter().map(|x| Val::axpby(1.0, x, -1.0, b)).collect(),
+                    None => ms,
+                };
+                let shape = &t.base.shape;
+                let group = match grouping {
+                    Grouping::Tensor => GroupOf::Whole,
+                    Grouping::Rows => GroupOf::Rows(*shape.last().unwrap_or(&1).max(&1)),
+                    Grouping::Columns => GroupOf::Columns(
+                        (t.base.numel() / shape.first().copied().unwrap_or(1).max(1)).max(1),
+                    ),
+                };
+                let grams = self.gram(t, &vecs, group)?;
+                let pairs: Vec<(f64, f64)> = grams
+                    .iter()
+                    .map(|g| kernels::slerp_pair(g[0][1], g[0][0], g[1][1], lambda))
+                    .collect();
+                let mut terms: Vec<(Val, Vec<f64>)> = Vec::new();
+                if let Some(b) = b {
+                    terms.push((b, vec![1.0; pairs.len()]));
+                }
+                terms.push((vecs[0].clone(), pairs.iter().map(|p| p.0).collect()));
+                terms.push((vecs[1].clone(), pairs.iter().map(|p| p.1).collect()));
+                grouped(terms, group, n)
+            }
+            StepKind::Slerp { .. } => unreachable!("SLERP runs per unit"),
+        })
+    }
+
+    /// The task-vector family: sparsify each δ_i (rank selections, random masks), rescale, weight, elect
+    /// signs, sum.
+    fn task_vectors(
+        &self,
+        t: &OutTensor,
+        tv: &TaskVectorStep,
+        sv: &[Val],
+    ) -> Result<Val, MergeError> {
+        let name = t.base.name.as_str();
+        let at = |p: &crate::methods::Param, default: f64| p.or_default(name, t.t, default);
+        let n = self.leaves();
+        let numel = t.base.numel() as u64;
+        let base = self.value(tv.base, sv);
+        let deltas: Vec<Val> = tv
+            .models
+            .iter()
+            .map(|&m| Val::axpby(1.0, &self.value(m, sv), -1.0, &base))
+            .collect();
+        let weights: Vec<f64> = tv.weights.iter().map(|p| at(p, 1.0)).collect();
+        let lambda = at(&tv.lambda, 1.0);
+        if tv.sparsify == Sparsify::None && !tv.consensus {
+            let divisor: f64 = weights.iter().sum();
+            let divisor = if !tv.normalize || divisor.abs() < 1e-8 {
+                1.0
+            } else {
+                divisor
+            };
+            let mut terms = vec![(base, 1.0)];
+            terms.extend(
+                deltas
+                    .into_iter()
+                    .zip(weights.iter().map(|w| lambda * w / divisor)),
+            );
+            return Ok(Val::sum(terms, n));
+        }
+        let mut keep = Vec::with_capacity(deltas.len());
+        let mut scaled = Vec::with_capacity(deltas.len());
+        for (i, d) in deltas.iter().enumerate() {
+            let density = at(&tv.density[i], 1.0);
+            let k = if density >= 1.0 {
+                Keep::All
+            } else if density <= 0.0 {
+                Keep::Nothing
+            } else {
+                match tv.sparsify {
+                    Sparsify::None => Keep::All,
+                    Sparsify::Magnitude => {
+                        let kept = ((density * numel as f64).floor() as u64).clamp(1, numel);
+                        let hi = self.select(t, d, kept - 1, true)?;
+                        Keep::Ranked {
+                            desc: true,
+                            lo: None,
+                            hi,
+                        }
+                    }
+                    Sparsify::MagnitudeOutliers => {
+                        let target = (density * numel as f64).floor() as u64;
+                        let top = (at(&tv.gamma[i], 0.01) * numel as f64).floor() as u64;
+                        let bottom = numel.saturating_sub(target + top);
+                        if target == 0 {
+                            Keep::Nothing
+                        } else {
+                            let lo = self.select(t, d, bottom, false)?;
+                            let hi =
+                                self.select(t, d, (bottom + target - 1).min(numel - 1), false)?;
+                            Keep::Ranked {
+                                desc: false,
+                                lo: Some(lo),
+                                hi,
+                            }
+                        }
+                    }
+                    Sparsify::Random => Keep::Random {
+                        stream: stream_key(tv.seed, name, i),
+                        threshold: probability_threshold(density),
+                    },
+                }
+            };
+            let factor = if tv.rescale && !matches!(k, Keep::All | Keep::Nothing) {
+                let (all, kept) = self.l1_norms(t, d, k)?;
+                if all < 1e-7 || kept < 1e-7 {
+                    1.0
+                } else {
+                    all / kept
+                }
+            } else {
+                1.0
+            };
+            keep.push(k);
+            scaled.push(weights[i] * factor);
+        }
+        Ok(Val::Node(Arc::new(Node::TaskVectors(TaskVectorNode {
+            base,
+            deltas,
+            keep,
+            scaled_weights: scaled,
+            weights,
+            consensus: tv.consensus,
+            normalize: tv.normalize,
+            lambda,
+        }))))
+    }
+
+    /// Runs `f` on every chunk of a tensor, in blocks of parallel chunks, and returns the results in
+    /// chunk order (`None` for chunks `wanted` skips).
+    fn chunk_pass<A: Send>(
+        &self,
+        t: &OutTensor,
+        vals: &[Val],
+        wanted: impl Fn(usize) -> bool + Sync,
+        f: impl Fn(usize, &[Vec<f64>]) -> A + Sync,
+        mut sink: impl FnMut(usize, Option<A>),
+    ) -> Result<(), MergeError> {
+        let needed = self.needed_leaves(t, vals);
+        let numel = t.base.numel();
+        let chunks = numel.div_ceil(CHUNK);
+        for block_start in (0..chunks).step_by(BLOCK) {
+            let block_end = (block_start + BLOCK).min(chunks);
+            let parts: Vec<Option<A>> = (block_start..block_end)
+                .into_par_iter()
+                .map(|c| {
+                    if !wanted(c) {
+                        return Ok(None);
+                    }
+                    let (lo, hi) = (c * CHUNK, ((c + 1) * CHUNK).min(numel));
+                    let inputs = self.decode_chunk(t, &needed, lo, hi)?;
+                    let x = self.chunk_inputs(t, &inputs, lo);
+                    let values: Vec<Vec<f64>> = vals
+                        .iter()
+                        .map(|v| {
+                            let mut out = vec![0f64; hi - lo];
+                            v.eval(&x, &mut out);
+                            out
+                        })
+                        .collect();
+                    Ok(Some(f(lo, &values)))
+                })
+                .collect::<Result<_, MergeError>>()?;
+            for (k, p) in parts.into_iter().enumerate() {
+                sink(block_start + k, p);
+            }
+            self.release(
+                t,
+                &needed,
+                block_start * CHUNK,
+                (block_end * CHUNK).min(numel),
+            );
+        }
+        Ok(())
+    }
+
+    /// The f64 Gram matrix of `vals` per group (`[group][i][j]`).
+    fn gram(
+        &self,
+        t: &OutTensor,
+        vals: &[Val],
+        group: GroupOf,
+    ) -> Result<Vec<Vec<Vec<f64>>>, MergeError> {
+        let m = vals.len();
+        let numel = t.base.numel();
+        let mut grams = vec![vec![vec![0.0; m]; m]; group.count(numel)];
+        self.chunk_pass(
+            t,
+            vals,
+            |_| true,
+            |lo, values| {
+                let refs: Vec<&[f64]> = values.iter().map(|v| v.as_slice()).collect();
+                if let GroupOf::Whole = group {
+                    let mut g = vec![vec![0.0; m]; m];
+                    kernels::gram_accumulate(&refs, &mut g);
+                    return vec![(0, g)];
+                }
+                // Per group touched by the chunk, in order of first appearance.
+                let mut out: Vec<(usize, Vec<Vec<f64>>)> = Vec::new();
+                let mut index: std::collections::HashMap<usize, usize> = Default::default();
+                for j in 0..refs[0].len() {
+                    let gi = group.of(lo + j);
+                    let slot = *index.entry(gi).or_insert_with(|| {
+                        out.push((gi, vec![vec![0.0; m]; m]));
+                        out.len() - 1
+                    });
+                    let g = &mut out[slot].1;
+                    for a in 0..m {
+                        for b in 0..m {
+                            g[a][b] += refs[a][j] * refs[b][j];
+                        }
+                    }
+                }
+                out
+            },
+            |_, part| {
+                for (gi, g) in part.into_iter().flatten() {
+                    for (row, prow) in grams[gi].iter_mut().zip(&g) {
+                        row.iter_mut().zip(prow).for_each(|(a, b)| *a += b);
+                    }
+                }
+            },
+        )?;
+        Ok(grams)
+    }
+
+    /// (key, index) of the element of ascending rank `rank` of |δ| (descending magnitude with `desc`),
+    /// equal magnitudes ordered by flat index.
+    fn select(
+        &self,
+        t: &OutTensor,
+        delta: &Val,
+        rank: u64,
+        desc: bool,
+    ) -> Result<(u64, u64), MergeError> {
+        let mut sel = RankSelect::new(rank);
+        let vals = std::slice::from_ref(delta);
+        loop {
+            let mut parts: Vec<Option<Partial>> = Vec::new();
+            let s = &sel;
+            self.chunk_pass(
+                t,
+                vals,
+                |c| s.wants_chunk(c),
+                |lo, values| {
+                    let keys: Vec<u64> =
+                        values[0].iter().map(|&x| magnitude_key(x, desc)).collect();
+                    s.visit(lo as u64, &keys)
+                },
+                |_, p| parts.push(p),
+            )?;
+            if sel.advance(parts) {
+                return Ok(sel.result().expect("found"));
+            }
+        }
+    }
+
+    /// ‖δ‖₁ and ‖kept part of δ‖₁, summed in chunk order.
+    fn l1_norms(&self, t: &OutTensor, delta: &Val, keep: Keep) -> Result<(f64, f64), MergeError> {
+        let (mut all, mut kept) = (0.0, 0.0);
+        self.chunk_pass(
+            t,
+            std::slice::from_ref(delta),
+            |_| true,
+            |lo, values| {
+                let (mut a, mut k) = (0.0, 0.0);
+                for (j, &x) in values[0].iter().enumerate() {
+                    a += x.abs();
+                    if keep.keeps(x, (lo + j) as u64) {
+                        k += x.abs();
+                    }
+                }
+                (a, k)
+            },
+            |_, p| {
+                if let Some((a, k)) = p {
+                    all += a;
+                    kept += k;
+                }
+            },
+        )?;
+        Ok((all, kept))
+    }
+}
+
+/// Σ_k c_k[group]·v_k, a plain weighted sum when there is one group.
+fn grouped(terms: Vec<(Val, Vec<f64>)>, group: GroupOf, n: usize) -> Val {
+    if let GroupOf::Whole = group {
+        return Val::sum(terms.into_iter().map(|(v, c)| (v, c[0])).collect(), n);
+    }
+    Val::Node(Arc::new(Node::Grouped { terms, group }))
+}
+
+/// A step limited to the models that are sources of this tensor's slice (layer layouts only).
+fn restrict(t: &OutTensor, kind: &StepKind) -> Result<StepKind, MergeError> {
+    let Treatment::Merge { inputs } = &t.treatment else {
+        return Ok(kind.clone());
+    };
+    let active = |op: &Operand| match op {
+        Operand::Leaf(l) => inputs[*l].is_some(),
+        Operand::Step(_) => true,
+    };
+    let keep = |models: &[Operand]| -> Vec<usize> {
+        (0..models.len()).filter(|&i| active(&models[i])).collect()
+    };
+    fn pick<T: Clone>(v: &[T], idx: &[usize]) -> Vec<T> {
+        idx.iter().map(|&i| v[i].clone()).collect()
+    }
+    let out = match kind {
+        StepKind::Linear {
+            models,
+            weights,
+            normalize,
+        } => {
+            let i = keep(models);
+            StepKind::Linear {
+                models: pick(models, &i),
+                weights: pick(weights, &i),
+                normalize: *normalize,
+            }
+        }
+        StepKind::Passthrough { models, scale } => {
+            let i = keep(models);
+            StepKind::Passthrough {
+                models: pick(models, &i),
+                scale: pick(scale, &i),
+            }
+        }
+        StepKind::TaskVectors(tv) => {
+            let i = keep(&tv.models);
+            let mut tv = tv.clone();
+            tv.weights = pick(&tv.weights, &i);
+            tv.density = pick(&tv.density, &i);
+            tv.gamma = pick(&tv.gamma, &i);
+            tv.models = pick(&tv.models, &i);
+            StepKind::TaskVectors(tv)
+        }
+        StepKind::ModelStock {
+            base,
+            models,
+            filter_wise,
+        } => {
+            let i = keep(models);
+            StepKind::ModelStock {
+                base: *base,
+                models: pick(models, &i),
+                filter_wise: *filter_wise,
+            }
+        }
+        other => other.clone(),
+    };
+    if let Some(Operand::Leaf(l)) = crate::recipe::operands(&out)
+        .into_iter()
+        .find(|op| !active(op))
+    {
+        return Err(MergeError::Method {
+            tensor: t.base.name.clone(),
+            message: format!("input model {l} is not a source of this tensor's slice"),
+        });
+    }
+    Ok(out)
+}

@@ -1,0 +1,916 @@
+//! Safe outputs: the one place where gemma-merge decides whether it may write a path, and how.
+//!
+//! The rules, kept by every command that writes (`run`, `front --keep/--plot`, `eval --dump-logits`,
+//! `synth`):
+//! - every file or folder is written under a temporary sibling name `.NAME.gemma-merge-tmp-PID` and renamed
+//!   into place only once complete;
+//! - a target that exists is replaced only with `--force`, and only if it is ours: a folder holding our
+//!   `merge-manifest.json` and nothing it does not list (or only such folders: a LITI front), or a file of
+//!   the exact kind we write, recognised by its content; a file never becomes a folder or the reverse;
+//! - the replacement is one atomic step (`renameat2(RENAME_EXCHANGE)` on Linux; elsewhere, or where the
+//!   file system lacks it, two renames whose intermediate state the next run repairs);
+//! - no output may be, contain or lie inside an input (model, reference, recipe, text file) or another
+//!   output, compared on normalised absolute paths and, where they exist, on device and inode;
+//! - temporaries are registered so that a signal handler can remove them ([`remove_all_temps`]), and stale
+//!   temporaries of dead processes are removed by the next run that writes beside them.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+/// The manifest file name that marks a folder as ours.
+pub const MANIFEST: &str = "merge-manifest.json";
+/// The infix of temporary names: `.NAME.gemma-merge-tmp-PID`.
+const TMP_INFIX: &str = ".gemma-merge-tmp-";
+/// The infix of an old copy moved aside by the fallback swap: `.NAME.gemma-merge-old-PID`.
+const OLD_INFIX: &str = ".gemma-merge-old-";
+/// Largest manifest or recognisable file read to decide ownership.
+const MAX_SNIFF: u64 = 256 << 20;
+/// Deepest folder nesting searched when deciding whether a folder is ours.
+const MAX_DEPTH: usize = 4;
+/// Value of `__metadata__.producer` in the logits files `eval --dump-logits` writes.
+pub const LOGITS_PRODUCER: &str = "gemma-merge eval --dump-logits";
+
+/// What is written at a target: decides which existing targets count as ours.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A model folder with `merge-manifest.json`, or a folder of such folders.
+    ModelFolder,
+    /// A folder that is never replaced (`synth --out`).
+    NewFolder,
+    /// A safetensors file holding one F32 tensor `logits` written by `eval --dump-logits`.
+    Logits,
+    /// An SVG drawn by `front --plot`.
+    Svg,
+    /// A PNG drawn by `front --plot` (a `tEXt` chunk names gemma-merge).
+    Png,
+}
+
+impl Kind {
+    fn is_folder(self) -> bool {
+        matches!(self, Kind::ModelFolder | Kind::NewFolder)
+    }
+
+    fn noun(self) -> &'static str {
+        match self {
+            Kind::ModelFolder => "a gemma-merge output folder",
+            Kind::NewFolder => "a new folder",
+            Kind::Logits => "a logits file written by `eval --dump-logits`",
+            Kind::Svg => "an SVG plot written by `front --plot`",
+            Kind::Png => "a PNG plot written by `front --plot`",
+        }
+    }
+}
+
+/// Why an output may not be written. All but `Io` are wrong requests (exit code 2).
+#[derive(Debug, thiserror::Error)]
+pub enum OutputError {
+    /// The target exists and `--force` was not given.
+    #[error("{0} exists (pass --force to replace it)")]
+    Exists(PathBuf),
+    /// `synth` and the like never replace anything.
+    #[error("{0}: already exists ({1} never overwrites)")]
+    NeverReplaced(PathBuf, &'static str),
+    /// The target exists and is not something gemma-merge wrote: never replaced, even with `--force`.
+    #[error("{path} {why}, so gemma-merge will not replace it, even with --force")]
+    NotOurs { path: PathBuf, why: String },
+    /// An output is, contains or lies inside an input.
+    #[error("output {output} {relation} {role} ({input})")]
+    Conflict {
+        output: PathBuf,
+        relation: &'static str,
+        role: String,
+        input: PathBuf,
+    },
+    /// Two outputs of one command are the same path, or one lies inside the other.
+    #[error("{first_role} {first} and {second_role} {second} {relation}")]
+    Overlap {
+        first_role: String,
+        first: PathBuf,
+        second_role: String,
+        second: PathBuf,
+        relation: &'static str,
+    },
+    /// The process is being stopped by a signal.
+    #[error("interrupted")]
+    Interrupted,
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl OutputError {
+    /// True when the request itself is wrong (exit code 2).
+    pub fn is_usage(&self) -> bool {
+        !matches!(self, Self::Io { .. } | Self::Interrupted)
+    }
+
+    fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Paths
+
+/// An absolute path with `.` and `..` resolved and symlinks followed as far as the path exists. Each
+/// existing prefix is canonicalised before the next component is applied, so `link/..` means the link
+/// target's parent (as the OS sees it), while `missing/../b` means `b` (as `create_dir_all` would make it).
+pub fn normalize(p: &Path) -> PathBuf {
+    let abs = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map(|d| d.join(p))
+            .unwrap_or_else(|_| p.to_path_buf())
+    };
+    let mut cur = PathBuf::new();
+    for c in abs.components() {
+        match c {
+            Component::Prefix(_) | Component::RootDir => cur.push(c.as_os_str()),
+            Component::CurDir => {}
+            Component::ParentDir => {
+                cur.pop();
+            }
+            Component::Normal(n) => {
+                cur.push(n);
+                if let Ok(real) = std::fs::canonicalize(&cur) {
+                    cur = real;
+                }
+            }
+        }
+    }
+    cur
+}
+
+/// Device and inode of an existing path (following symlinks).
+#[cfg(unix)]
+fn file_id(p: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()))
+}
+
+#[cfg(not(unix))]
+fn file_id(_p: &Path) -> Option<(u64, u64)> {
+    None
+}
+
+/// Ids of a normalised path and of every existing ancestor, nearest first.
+fn ancestor_ids(p: &Path) -> Vec<(u64, u64)> {
+    p.ancestors().filter_map(file_id).collect()
+}
+
+/// How `a` relates to `b` on disk: `Some("is")`, `Some("contains")` (b lies inside a) or
+/// `Some("lies inside")`.
+fn relation(a: &Path, b: &Path) -> Option<&'static str> {
+    let (na, nb) = (normalize(a), normalize(b));
+    if na == nb {
+        return Some("is");
+    }
+    if nb.starts_with(&na) {
+        return Some("contains");
+    }
+    if na.starts_with(&nb) {
+        return Some("lies inside");
+    }
+    let (ida, idb) = (file_id(&na), file_id(&nb));
+    if ida.is_some() && ida == idb {
+        return Some("is");
+    }
+    if ida.is_some_and(|x| ancestor_ids(&nb).contains(&x)) {
+        return Some("contains");
+    }
+    if idb.is_some_and(|y| ancestor_ids(&na).contains(&y)) {
+        return Some("lies inside");
+    }
+    None
+}
+
+/// A path a command reads, with what it is ("the input model", "the recipe", ...).
+#[derive(Debug, Clone)]
+pub struct Role {
+    pub role: String,
+    pub path: PathBuf,
+}
+
+impl Role {
+    pub fn new(role: impl Into<String>, path: impl Into<PathBuf>) -> Self {
+        Self {
+            role: role.into(),
+            path: path.into(),
+        }
+    }
+}
+
+/// The paths a model given as `path` is read from: the path itself, and when it is a file, the files
+/// beside it that loaders read (config, tokenizer, index, other shards).
+pub fn model_inputs(role: &str, path: &Path) -> Vec<Role> {
+    let mut v = vec![Role::new(role, path)];
+    if path.is_file() {
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.ends_with(".safetensors")
+                    || name.ends_with(".json")
+                    || name == "tokenizer.model"
+                {
+                    v.push(Role::new(role, e.path()));
+                }
+            }
+        }
+    }
+    v
+}
+
+/// Checks that no output is, contains or lies inside an input, and that no two outputs overlap.
+pub fn check_conflicts(outputs: &[Role], inputs: &[Role]) -> Result<(), OutputError> {
+    for (i, o) in outputs.iter().enumerate() {
+        for other in &outputs[..i] {
+            if let Some(r) = relation(&other.path, &o.path) {
+                return Err(OutputError::Overlap {
+                    first_role: other.role.clone(),
+                    first: other.path.clone(),
+                    second_role: o.role.clone(),
+                    second: o.path.clone(),
+                    relation: match r {
+                        "is" => "are the same path",
+                        _ => "overlap (one lies inside the other)",
+                    },
+                });
+            }
+        }
+        for input in inputs {
+            if let Some(relation) = relation(&o.path, &input.path) {
+                return Err(OutputError::Conflict {
+                    output: o.path.clone(),
+                    relation,
+                    role: input.role.clone(),
+                    input: input.path.clone(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Ownership
+
+/// Checks whether `target` may be written: absent, or present, `force` given and ours.
+pub fn check_target(target: &Path, kind: Kind, force: bool) -> Result<(), OutputError> {
+    let meta = match std::fs::symlink_metadata(target) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(OutputError::io(target, e)),
+    };
+    if kind == Kind::NewFolder {
+        return Err(OutputError::NeverReplaced(target.to_path_buf(), "synth"));
+    }
+    let not_ours = |why: String| OutputError::NotOurs {
+        path: target.to_path_buf(),
+        why,
+    };
+    if meta.file_type().is_symlink() {
+        return Err(not_ours("is a symbolic link".into()));
+    }
+    if kind.is_folder() && !meta.is_dir() {
+        return Err(not_ours("is a file, not a folder".into()));
+    }
+    if !kind.is_folder() && meta.is_dir() {
+        return Err(not_ours("is a folder, not a file".into()));
+    }
+    let verdict = match kind {
+        Kind::ModelFolder => folder_is_ours(target, target, 0),
+        Kind::NewFolder => unreachable!("handled above"),
+        Kind::Logits | Kind::Svg | Kind::Png => file_is_ours(target, kind),
+    };
+    verdict.map_err(not_ours)?;
+    if !force {
+        return Err(OutputError::Exists(target.to_path_buf()));
+    }
+    Ok(())
+}
+
+/// Ok when the folder holds our manifest and only what it lists, or only `eta-*` such folders (a LITI
+/// front), or nothing.
+fn folder_is_ours(root: &Path, dir: &Path, depth: usize) -> Result<(), String> {
+    let manifest = dir.join(MANIFEST);
+    let entries = list_dir(dir)?;
+    if std::fs::symlink_metadata(&manifest).is_ok() {
+        let listed = manifest_outputs(&manifest).map_err(|why| {
+            if dir == root {
+                why
+            } else {
+                format!("`{}` {why}", rel_name(root, dir))
+            }
+        })?;
+        return only_listed(root, dir, &listed, depth);
+    }
+    for e in &entries {
+        let meta = std::fs::symlink_metadata(e).map_err(|x| x.to_string())?;
+        // Without a manifest, a folder is ours only as the parent of a LITI front's `eta-*` outputs.
+        let eta = e
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("eta-"));
+        if !meta.is_dir() || !eta || depth >= 1 {
+            return Err(format!(
+                "holds `{}` and no {MANIFEST} that lists it",
+                rel_name(root, e)
+            ));
+        }
+        folder_is_ours(root, e, depth + 1)?;
+    }
+    Ok(())
+}
+
+/// `path` relative to `root`, with `/` separators.
+fn rel_name(root: &Path, path: &Path) -> String {
+    path.strip_prefix(root)
+        .unwrap_or(path)
+        .to_string_lossy()
+        .replace('\\', "/")
+}
+
+fn list_dir(dir: &Path) -> Result<Vec<PathBuf>, String> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir(dir).map_err(|e| format!("cannot be listed ({e})"))? {
+        v.push(e.map_err(|e| format!("cannot be listed ({e})"))?.path());
+        if v.len() > 1 << 16 {
+            return Err("holds too many entries".into());
+        }
+    }
+    v.sort();
+    Ok(v)
+}
+
+/// The relative paths a manifest lists as written (plus the manifest itself), if it is ours.
+fn manifest_outputs(manifest: &Path) -> Result<Vec<String>, String> {
+    let bytes = read_regular(manifest, MAX_SNIFF)
+        .map_err(|e| format!("has a {MANIFEST} that cannot be read ({e})"))?;
+    let json: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|_| format!("has a {MANIFEST} that is not valid JSON"))?;
+    if json.get("tool").and_then(|t| t.as_str()) != Some("gemma-merge") {
+        return Err(format!("has a {MANIFEST} not written by gemma-merge"));
+    }
+    let outputs = json
+        .get("outputs")
+        .and_then(|o| o.as_array())
+        .ok_or_else(|| format!("has a {MANIFEST} without an `outputs` list"))?;
+    let mut listed = vec![MANIFEST.to_string()];
+    for o in outputs {
+        let p = o
+            .get("path")
+            .and_then(|p| p.as_str())
+            .ok_or_else(|| format!("has a {MANIFEST} with an output that has no path"))?;
+        listed.push(p.to_string());
+    }
+    Ok(listed)
+}
+
+/// Ok when every file under `dir` is listed in the manifest of `base` (as a path relative to `base`).
+fn only_listed(root: &Path, base: &Path, listed: &[String], depth: usize) -> Result<(), String> {
+    let mut stack = vec![(base.to_path_buf(), depth)];
+    while let Some((dir, depth)) = stack.pop() {
+        for e in list_dir(&dir)? {
+            let rel = rel_name(base, &e);
+            let meta = std::fs::symlink_metadata(&e).map_err(|x| x.to_string())?;
+            let prefix = format!("{rel}/");
+            if meta.is_dir() && depth < MAX_DEPTH && listed.iter().any(|l| l.starts_with(&prefix)) {
+                stack.push((e, depth + 1));
+            } else if !meta.is_file() || !listed.iter().any(|l| *l == rel) {
+                let shown = rel_name(root, &e);
+                let manifest = rel_name(root, &base.join(MANIFEST));
+                return Err(format!(
+                    "holds `{shown}`, which its {manifest} does not list"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads at most `limit` bytes of a regular file (never a FIFO or device).
+fn read_regular(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
+    let meta = std::fs::metadata(path)?;
+    if !meta.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let mut v = Vec::new();
+    File::open(path)?.take(limit).read_to_end(&mut v)?;
+    Ok(v)
+}
+
+/// Ok when a file is of the exact kind we write, recognised by content.
+fn file_is_ours(path: &Path, kind: Kind) -> Result<(), String> {
+    let is = match kind {
+        Kind::Logits => is_our_logits(path),
+        Kind::Svg => is_our_svg(path),
+        Kind::Png => is_our_png(path),
+        Kind::ModelFolder | Kind::NewFolder => false,
+    };
+    if is {
+        Ok(())
+    } else {
+        Err(format!("is not {}", kind.noun()))
+    }
+}
+
+fn is_our_logits(path: &Path) -> bool {
+    let Ok(meta) = std::fs::metadata(path) else {
+        return false;
+    };
+    let Ok(mut f) = File::open(path) else {
+        return false;
+    };
+    let mut n = [0u8; 8];
+    if !meta.is_file() || f.read_exact(&mut n).is_err() {
+        return false;
+    }
+    let n = u64::from_le_bytes(n);
+    if n > 1 << 20 {
+        return false;
+    }
+    let mut header = vec![0u8; n as usize];
+    if f.read_exact(&mut header).is_err() {
+        return false;
+    }
+    let Ok(json) = serde_json::from_slice::<serde_json::Value>(&header) else {
+        return false;
+    };
+    let Some(obj) = json.as_object() else {
+        return false;
+    };
+    let producer = obj
+        .get("__metadata__")
+        .and_then(|m| m.get("producer"))
+        .and_then(|p| p.as_str());
+    let Some(logits) = obj.get("logits") else {
+        return false;
+    };
+    let shape: Option<Vec<u64>> = logits
+        .get("shape")
+        .and_then(|s| s.as_array())
+        .and_then(|s| s.iter().map(|d| d.as_u64()).collect());
+    let bytes = shape
+        .filter(|s| s.len() == 2)
+        .and_then(|s| s[0].checked_mul(s[1])?.checked_mul(4));
+    obj.len() == 2
+        && producer == Some(LOGITS_PRODUCER)
+        && logits.get("dtype").and_then(|d| d.as_str()) == Some("F32")
+        && bytes.and_then(|b| b.checked_add(8 + n)) == Some(meta.len())
+}
+
+/// The opening of every SVG `front --plot` draws (see [`crate::plot`]).
+const SVG_HEAD: &str = "<svg xmlns=\"http://www.w3.org/2000/svg\" width=";
+const SVG_FONT: &str = "font-family=\"DejaVu Sans, Helvetica, Arial, sans-serif\"";
+
+fn is_our_svg(path: &Path) -> bool {
+    let Ok(bytes) = read_regular(path, MAX_SNIFF) else {
+        return false;
+    };
+    let Ok(text) = std::str::from_utf8(&bytes) else {
+        return false;
+    };
+    let first = text.lines().next().unwrap_or("");
+    text.starts_with(SVG_HEAD) && first.contains(SVG_FONT) && text.trim_end().ends_with("</svg>")
+}
+
+fn is_our_png(path: &Path) -> bool {
+    let Ok(bytes) = read_regular(path, 1 << 16) else {
+        return false;
+    };
+    bytes.starts_with(b"\x89PNG\r\n\x1a\n")
+        && bytes
+            .windows(b"gemma-merge".len())
+            .any(|w| w == b"gemma-merge")
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Temporaries and the registry the signal handler empties
+
+static TEMPS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+static STOPPING: AtomicBool = AtomicBool::new(false);
+
+fn registry() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
+    TEMPS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Removes every registered temporary and refuses new ones. For a signal handler that then exits; the
+/// registry stays locked by the caller's thread until the process ends, so no rename completes after.
+pub fn remove_all_temps() {
+    STOPPING.store(true, Ordering::SeqCst);
+    let guard = registry();
+    for p in guard.iter() {
+        remove_any(p);
+    }
+    // Keep the lock: the process is about to exit, and no commit may start meanwhile.
+    std::mem::forget(guard);
+}
+
+/// Removes a file or a folder (a few tries: a writer thread may add a file meanwhile).
+fn remove_any(p: &Path) {
+    for _ in 0..8 {
+        let r = match std::fs::symlink_metadata(p) {
+            Err(_) => return,
+            Ok(m) if m.is_dir() => std::fs::remove_dir_all(p),
+            Ok(_) => std::fs::remove_file(p),
+        };
+        if r.is_ok() {
+            return;
+        }
+    }
+}
+
+fn temp_path(target: &Path, infix: &str, pid: u32) -> PathBuf {
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "output".into());
+    parent_of(target).join(format!(".{name}{infix}{pid}"))
+}
+
+fn parent_of(target: &Path) -> PathBuf {
+    match target.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// An output being written under its temporary name; removed unless [`Staged::commit`] renames it into
+/// place.
+#[derive(Debug)]
+pub struct Staged {
+    target: PathBuf,
+    tmp: PathBuf,
+    kind: Kind,
+    force: bool,
+    done: bool,
+}
+
+impl Staged {
+    /// Checks the target and creates its temporary folder (creating the parent folders as needed).
+    pub fn folder(target: &Path, kind: Kind, force: bool) -> Result<Self, OutputError> {
+        Self::begin(target, kind, force, |tmp| std::fs::create_dir(tmp)).map(|(s, _)| s)
+    }
+
+    /// Checks the target and creates its temporary file, opened for writing.
+    pub fn file(target: &Path, kind: Kind, force: bool) -> Result<(Self, File), OutputError> {
+        Self::begin(target, kind, force, |tmp| {
+            File::options().write(true).create_new(true).open(tmp)
+        })
+        .map(|(s, f)| (s, f))
+    }
+
+    fn begin<T>(
+        target: &Path,
+        kind: Kind,
+        force: bool,
+        create: impl FnOnce(&Path) -> std::io::Result<T>,
+    ) -> Result<(Self, T), OutputError> {
+        check_target(target, kind, force)?;
+        let parent = parent_of(target);
+        std::fs::create_dir_all(&parent).map_err(|e| OutputError::io(&parent, e))?;
+        remove_stale(&parent);
+        let tmp = temp_path(target, TMP_INFIX, std::process::id());
+        let mut reg = registry();
+        if STOPPING.load(Ordering::SeqCst) {
+            return Err(OutputError::Interrupted);
+        }
+        if std::fs::symlink_metadata(&tmp).is_ok() {
+            // A leftover of an earlier process that had our id: this process never registered it.
+            if !looks_like_our_temp(&tmp, 0) {
+                return Err(OutputError::io(
+                    &tmp,
+                    std::io::Error::from(std::io::ErrorKind::AlreadyExists),
+                ));
+            }
+            remove_any(&tmp);
+        }
+        let made = create(&tmp).map_err(|e| OutputError::io(&tmp, e))?;
+        reg.push(tmp.clone());
+        Ok((
+            Self {
+                target: target.to_path_buf(),
+                tmp,
+                kind,
+                force,
+                done: false,
+            },
+            made,
+        ))
+    }
+
+    /// Where the output is being written now.
+    pub fn path(&self) -> &Path {
+        &self.tmp
+    }
+
+    /// The final path.
+    pub fn target(&self) -> &Path {
+        &self.target
+    }
+
+    /// Renames the temporary into place. An existing target is checked again (it may have appeared or
+    /// changed since the start) and swapped out in one step, then removed.
+    pub fn commit(mut self) -> Result<(), OutputError> {
+        let reg = registry();
+        if STOPPING.load(Ordering::SeqCst) {
+            return Err(OutputError::Interrupted);
+        }
+        check_target(&self.target, self.kind, self.force)?;
+        let exists = std::fs::symlink_metadata(&self.target).is_ok();
+        if !exists {
+            rename_noreplace(&self.tmp, &self.target)
+                .map_err(|e| OutputError::io(&self.target, e))?;
+            self.done = true;
+            drop(reg);
+            unregister(&self.tmp);
+            return Ok(());
+        }
+        match exchange(&self.tmp, &self.target) {
+            Ok(()) => {
+                // The old copy now sits at the temporary name: remove it.
+                self.done = true;
+                remove_any(&self.tmp);
+                drop(reg);
+                unregister(&self.tmp);
+                Ok(())
+            }
+            Err(e) if exchange_unsupported(&e) => {
+                let old = temp_path(&self.target, OLD_INFIX, std::process::id());
+                std::fs::rename(&self.target, &old)
+                    .map_err(|e| OutputError::io(&self.target, e))?;
+                if let Err(e) = std::fs::rename(&self.tmp, &self.target) {
+                    let _ = std::fs::rename(&old, &self.target);
+                    return Err(OutputError::io(&self.target, e));
+                }
+                self.done = true;
+                remove_any(&old);
+                drop(reg);
+                unregister(&self.tmp);
+                Ok(())
+            }
+            Err(e) => Err(OutputError::io(&self.target, e)),
+        }
+    }
+}
+
+fn unregister(tmp: &Path) {
+    registry().retain(|p| p != tmp);
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if !self.done {
+            remove_any(&self.tmp);
+            unregister(&self.tmp);
+        }
+    }
+}
+
+/// Renames `from` to `to`, failing if `to` exists (where the OS can tell).
+fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        match renameat2(from, to, libc::RENAME_NOREPLACE) {
+            Err(e) if exchange_unsupported(&e) => {}
+            r => return r,
+        }
+    }
+    if std::fs::symlink_metadata(to).is_ok() {
+        return Err(std::io::Error::from(std::io::ErrorKind::AlreadyExists));
+    }
+    std::fs::rename(from, to)
+}
+
+/// Swaps two existing paths atomically.
+fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        renameat2(a, b, libc::RENAME_EXCHANGE)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (a, b);
+        Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
+    }
+}
+
+fn exchange_unsupported(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::Unsupported
+        || matches!(e.raw_os_error(), Some(c) if is_unsupported_errno(c))
+}
+
+#[cfg(target_os = "linux")]
+fn is_unsupported_errno(c: i32) -> bool {
+    c == libc::EINVAL || c == libc::ENOSYS || c == libc::EOPNOTSUPP
+}
+
+#[cfg(not(target_os = "linux"))]
+fn is_unsupported_errno(_c: i32) -> bool {
+    false
+}
+
+#[cfg(target_os = "linux")]
+fn renameat2(from: &Path, to: &Path, flags: libc::c_uint) -> std::io::Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
+    };
+    let (f, t) = (c(from)?, c(to)?);
+    // SAFETY: both pointers are valid NUL-terminated strings that outlive the call; renameat2 reads them
+    // and touches no other memory of this process.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_renameat2,
+            libc::AT_FDCWD,
+            f.as_ptr(),
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            flags,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Stale temporaries
+
+/// True when a process with this id may still run (its temporaries must be left alone).
+fn process_alive(pid: u32) -> bool {
+    if pid == std::process::id() {
+        return true;
+    }
+    #[cfg(unix)]
+    {
+        let Ok(p) = libc::pid_t::try_from(pid) else {
+            return true;
+        };
+        if p <= 0 {
+            return true;
+        }
+        // SAFETY: kill with signal 0 only checks for the process; it sends nothing.
+        let r = unsafe { libc::kill(p, 0) };
+        r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+    }
+    #[cfg(not(unix))]
+    {
+        true
+    }
+}
+
+/// Parses `.NAME<infix>PID` (and the legacy `.NAME.gemma-merge-tmp-PID.old`) into (NAME, PID, old copy?).
+fn parse_temp_name(file_name: &str) -> Option<(String, u32, bool)> {
+    let rest = file_name.strip_prefix('.')?;
+    let (rest, legacy_old) = match rest.strip_suffix(".old") {
+        Some(r) => (r, true),
+        None => (rest, false),
+    };
+    for (infix, old) in [(TMP_INFIX, legacy_old), (OLD_INFIX, true)] {
+        if let Some(i) = rest.rfind(infix) {
+            let pid = &rest[i + infix.len()..];
+            if !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()) {
+                return Some((rest[..i].to_string(), pid.parse().ok()?, old));
+            }
+        }
+    }
+    None
+}
+
+/// True for what a gemma-merge temporary can hold: a file, or folders of the files we write.
+fn looks_like_our_temp(p: &Path, depth: usize) -> bool {
+    let Ok(meta) = std::fs::symlink_metadata(p) else {
+        return false;
+    };
+    if meta.is_file() {
+        return true;
+    }
+    if !meta.is_dir() || depth > MAX_DEPTH {
+        return false;
+    }
+    let Ok(entries) = list_dir(p) else {
+        return false;
+    };
+    entries.iter().all(|e| {
+        let name = e
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let ours_file = name.ends_with(".safetensors")
+            || name.ends_with(".json")
+            || name == "README.md"
+            || name == "tokenizer.model";
+        match std::fs::symlink_metadata(e) {
+            Ok(m) if m.is_file() => ours_file,
+            Ok(m) if m.is_dir() => looks_like_our_temp(e, depth + 1),
+            _ => false,
+        }
+    })
+}
+
+/// Removes temporaries of dead gemma-merge processes in `dir`; an old copy whose target is missing (a
+/// swap interrupted between its two renames) is put back instead.
+pub fn remove_stale(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten().take(1 << 16) {
+        let file_name = e.file_name().to_string_lossy().into_owned();
+        let Some((name, pid, old)) = parse_temp_name(&file_name) else {
+            continue;
+        };
+        if process_alive(pid) {
+            continue;
+        }
+        let path = e.path();
+        let target = dir.join(&name);
+        if old && std::fs::symlink_metadata(&target).is_err() {
+            let _ = std::fs::rename(&path, &target);
+        } else if looks_like_our_temp(&path, 0) {
+            remove_any(&path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalize_resolves_dotdot_over_missing_folders() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().canonicalize().unwrap();
+        assert_eq!(normalize(&d.path().join("nonexist/../b")), root.join("b"));
+        assert_eq!(normalize(&d.path().join("./a/./b/..")), root.join("a"));
+        std::fs::create_dir(d.path().join("real")).unwrap();
+        #[cfg(unix)]
+        {
+            std::os::unix::fs::symlink(d.path().join("real"), d.path().join("link")).unwrap();
+            assert_eq!(normalize(&d.path().join("link/x")), root.join("real/x"));
+        }
+    }
+
+    #[test]
+    fn temp_names_parse() {
+        assert_eq!(
+            parse_temp_name(".out.gemma-merge-tmp-123"),
+            Some(("out".into(), 123, false))
+        );
+        assert_eq!(
+            parse_temp_name(".a.b.gemma-merge-old-9"),
+            Some(("a.b".into(), 9, true))
+        );
+        assert_eq!(
+            parse_temp_name(".out.gemma-merge-tmp-77.old"),
+            Some(("out".into(), 77, true))
+        );
+        assert_eq!(parse_temp_name("out.gemma-merge-tmp-1"), None);
+        assert_eq!(parse_temp_name(".out.gemma-merge-tmp-x1"), None);
+    }
+
+    #[test]
+    fn relations_on_paths_and_inodes() {
+        let d = tempfile::tempdir().unwrap();
+        let a = d.path().join("a");
+        std::fs::create_dir(&a).unwrap();
+        assert_eq!(relation(&a, &a.join("x")), Some("contains"));
+        assert_eq!(relation(&a.join("x/../y"), &a), Some("lies inside"));
+        assert_eq!(relation(&d.path().join("m/../a"), &a), Some("is"));
+        assert_eq!(relation(&d.path().join("b"), &a), None);
+        std::fs::write(a.join("f"), b"x").unwrap();
+        std::fs::hard_link(a.join("f"), d.path().join("h")).unwrap();
+        assert_eq!(relation(&d.path().join("h"), &a.join("f")), Some("is"));
+    }
+
+    #[test]
+    fn exchange_swaps_or_reports_unsupported() {
+        let d = tempfile::tempdir().unwrap();
+        let (a, b) = (d.path().join("a"), d.path().join("b"));
+        std::fs::write(&a, b"new").unwrap();
+        std::fs::write(&b, b"old").unwrap();
+        match exchange(&a, &b) {
+            Ok(()) => {
+                assert_eq!(std::fs::read(&b).unwrap(), b"new");
+                assert_eq!(std::fs::read(&a).unwrap(), b"old");
+            }
+            Err(e) => assert!(exchange_unsupported(&e), "{e}"),
+        }
+    }
+}

@@ -1,0 +1,313 @@
+//! Exact rank selection over a stream of keys that is too large to hold: the element of a given rank in
+//! the order (key, flat index), found by a few passes of radix histograms over the data, then a sort of
+//! the few candidates left (or, when one key repeats many times, a count of its occurrences per chunk).
+//! Pure bookkeeping, no I/O: the caller runs the passes and feeds each chunk's keys to [`RankSelect`].
+
+/// Bits resolved per histogram pass.
+const DIGIT: u32 = 12;
+const BUCKETS: usize = 1 << DIGIT;
+/// Candidates sorted in memory at most (16 bytes each).
+pub const COLLECT_CAP: u64 = 1 << 20;
+
+/// The key of |x| for an ascending (`desc = false`) or descending order of magnitude: equal magnitudes
+/// get equal keys, and the order of keys is the order wanted.
+pub fn magnitude_key(x: f64, desc: bool) -> u64 {
+    let k = x.abs().to_bits();
+    if desc {
+        !k
+    } else {
+        k
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Phase {
+    Histogram,
+    Collect,
+    /// The key is known; find in which chunk its `rank`-th occurrence lies.
+    CountChunks,
+    /// ... and where inside that chunk.
+    Locate {
+        chunk: usize,
+    },
+    Done((u64, u64)),
+}
+
+/// What one chunk contributes to a pass.
+#[derive(Debug, Clone)]
+pub enum Partial {
+    Histogram {
+        counts: Vec<u64>,
+        min: Vec<u64>,
+        max: Vec<u64>,
+    },
+    Collect(Vec<(u64, u64)>),
+    Count(u64),
+    Found(Option<u64>),
+    Nothing,
+}
+
+/// Finds the element of ascending rank `rank` (0-based) in the order (key, index).
+#[derive(Debug, Clone)]
+pub struct RankSelect {
+    rank: u64,
+    prefix: u64,
+    bits: u32,
+    phase: Phase,
+}
+
+impl RankSelect {
+    pub fn new(rank: u64) -> Self {
+        Self {
+            rank,
+            prefix: 0,
+            bits: 0,
+            phase: Phase::Histogram,
+        }
+    }
+
+    /// `(key, index)` of the element once found.
+    pub fn result(&self) -> Option<(u64, u64)> {
+        match self.phase {
+            Phase::Done(r) => Some(r),
+            _ => None,
+        }
+    }
+
+    /// Whether chunk number `chunk` takes part in the next pass.
+    pub fn wants_chunk(&self, chunk: usize) -> bool {
+        match self.phase {
+            Phase::Locate { chunk: c } => c == chunk,
+            Phase::Done(_) => false,
+            _ => true,
+        }
+    }
+
+    fn matches(&self, key: u64) -> bool {
+        self.bits == 0
+            || (self.bits < 64 && key >> (64 - self.bits) == self.prefix)
+            || (self.bits == 64 && key == self.prefix)
+    }
+
+    /// One chunk's contribution: `keys[j]` is the key of element `first + j`.
+    pub fn visit(&self, first: u64, keys: &[u64]) -> Partial {
+        match self.phase {
+            Phase::Histogram => {
+                let shift = 64 - self.bits - DIGIT.min(64 - self.bits);
+                let mask = (1u64 << DIGIT.min(64 - self.bits)) - 1;
+                let mut counts = vec![0u64; BUCKETS];
+                let mut min = vec![u64::MAX; BUCKETS];
+                let mut max = vec![0u64; BUCKETS];
+                for &k in keys {
+                    if self.matches(k) {
+                        let b = ((k >> shift) & mask) as usize;
+                        counts[b] += 1;
+                        min[b] = min[b].min(k);
+                        max[b] = max[b].max(k);
+                    }
+                }
+                Partial::Histogram { counts, min, max }
+            }
+            Phase::Collect => Partial::Collect(
+                keys.iter()
+                    .enumerate()
+                    .filter(|(_, &k)| self.matches(k))
+                    .map(|(j, &k)| (k, first + j as u64))
+                    .collect(),
+            ),
+            Phase::CountChunks => {
+                Partial::Count(keys.iter().filter(|&&k| k == self.prefix).count() as u64)
+            }
+            Phase::Locate { .. } => {
+                let mut seen = 0;
+                for (j, &k) in keys.iter().enumerate() {
+                    if k == self.prefix {
+                        if seen == self.rank {
+                            return Partial::Found(Some(first + j as u64));
+                        }
+                        seen += 1;
+                    }
+                }
+                Partial::Found(None)
+            }
+            Phase::Done(_) => Partial::Nothing,
+        }
+    }
+
+    /// Ends a pass, given every chunk's partial in chunk order (`None` for chunks not visited).
+    /// Returns true once the element is found.
+    pub fn advance(&mut self, partials: Vec<Option<Partial>>) -> bool {
+        match self.phase.clone() {
+            Phase::Histogram => {
+                let mut counts = vec![0u64; BUCKETS];
+                let mut min = vec![u64::MAX; BUCKETS];
+                let mut max = vec![0u64; BUCKETS];
+                for p in partials.into_iter().flatten() {
+                    if let Partial::Histogram {
+                        counts: c,
+                        min: lo,
+                        max: hi,
+                    } = p
+                    {
+                        for b in 0..BUCKETS {
+                            counts[b] += c[b];
+                            min[b] = min[b].min(lo[b]);
+                            max[b] = max[b].max(hi[b]);
+                        }
+                    }
+                }
+                let width = DIGIT.min(64 - self.bits);
+                let mut below = 0u64;
+                let mut chosen = BUCKETS - 1;
+                for (b, &c) in counts.iter().enumerate() {
+                    if below + c > self.rank {
+                        chosen = b;
+                        break;
+                    }
+                    below += c;
+                }
+                self.rank -= below;
+                self.prefix = if self.bits == 0 {
+                    chosen as u64
+                } else {
+                    (self.prefix << width) | chosen as u64
+                };
+                self.bits += width;
+                if min[chosen] == max[chosen] {
+                    // One key left: it is the answer's key; its rank among equals is by index.
+                    self.prefix = min[chosen];
+                    self.bits = 64;
+                }
+                self.phase = if self.bits == 64 {
+                    Phase::CountChunks
+                } else if counts[chosen] <= COLLECT_CAP {
+                    Phase::Collect
+                } else {
+                    Phase::Histogram
+                };
+            }
+            Phase::Collect => {
+                let mut all: Vec<(u64, u64)> = Vec::new();
+                for p in partials.into_iter().flatten() {
+                    if let Partial::Collect(v) = p {
+                        all.extend(v);
+                    }
+                }
+                all.sort_unstable();
+                self.phase = Phase::Done(all[self.rank as usize]);
+            }
+            Phase::CountChunks => {
+                let mut before = 0u64;
+                for (c, p) in partials.into_iter().enumerate() {
+                    if let Some(Partial::Count(n)) = p {
+                        if before + n > self.rank {
+                            self.rank -= before;
+                            self.phase = Phase::Locate { chunk: c };
+                            return false;
+                        }
+                        before += n;
+                    }
+                }
+                unreachable!("the rank lies within the data");
+            }
+            Phase::Locate { .. } => {
+                let idx = partials
+                    .into_iter()
+                    .flatten()
+                    .find_map(|p| match p {
+                        Partial::Found(Some(i)) => Some(i),
+                        _ => None,
+                    })
+                    .expect("the located chunk holds the element");
+                self.phase = Phase::Done((self.prefix, idx));
+            }
+            Phase::Done(_) => {}
+        }
+        matches!(self.phase, Phase::Done(_))
+    }
+}
+
+/// SplitMix64's finaliser: a bijective mix of 64 bits.
+pub fn mix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The random stream of one (seed, tensor, model): a counter-based generator, so element j's draw is
+/// `mix64(stream ^ mix64(j))` whatever the order of evaluation.
+pub fn stream_key(seed: u64, tensor: &str, model: usize) -> u64 {
+    // FNV-1a of the name, then mixed with the seed and the model index.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in tensor.bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01B3);
+    }
+    mix64(mix64(seed) ^ mix64(h) ^ mix64(0xD1B5_4A32_D192_ED03 ^ model as u64))
+}
+
+/// Whether element `index` of a stream is kept with probability `threshold / 2^64`.
+pub fn bernoulli_keep(stream: u64, index: u64, threshold: u64) -> bool {
+    mix64(stream ^ mix64(index)) < threshold
+}
+
+/// The threshold of probability `p` ∈ (0, 1).
+pub fn probability_threshold(p: f64) -> u64 {
+    (p * 18446744073709551616.0).min(u64::MAX as f64) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(keys: &[u64], rank: u64, chunk: usize) -> (u64, u64) {
+        let mut s = RankSelect::new(rank);
+        loop {
+            let parts: Vec<Option<Partial>> = keys
+                .chunks(chunk)
+                .enumerate()
+                .map(|(c, k)| s.wants_chunk(c).then(|| s.visit((c * chunk) as u64, k)))
+                .collect();
+            if s.advance(parts) {
+                return s.result().unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn selection_equals_a_full_sort_with_ties_by_index() {
+        let mut x = 12345u64;
+        for &(n, distinct) in &[(1000usize, 7u64), (5000, 1 << 40), (300, 1), (4097, 3000)] {
+            let keys: Vec<u64> = (0..n)
+                .map(|_| {
+                    x = mix64(x);
+                    (x % distinct) << 20
+                })
+                .collect();
+            let mut sorted: Vec<(u64, u64)> = keys
+                .iter()
+                .enumerate()
+                .map(|(i, &k)| (k, i as u64))
+                .collect();
+            sorted.sort();
+            for rank in [0, n as u64 / 3, n as u64 / 2, n as u64 - 1] {
+                assert_eq!(
+                    run(&keys, rank, 97),
+                    sorted[rank as usize],
+                    "n={n} rank={rank}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn bernoulli_keeps_about_p_and_is_a_pure_function_of_its_key() {
+        let s = stream_key(0, "model.layers.0.mlp.up_proj.weight", 1);
+        let t = probability_threshold(0.3);
+        let kept = (0..100_000u64).filter(|&i| bernoulli_keep(s, i, t)).count();
+        assert!((kept as f64 / 1e5 - 0.3).abs() < 0.01, "{kept}");
+        assert_eq!(bernoulli_keep(s, 77, t), bernoulli_keep(s, 77, t));
+        assert_ne!(s, stream_key(0, "model.layers.0.mlp.up_proj.weight", 2));
+        assert_ne!(s, stream_key(1, "model.layers.0.mlp.up_proj.weight", 1));
+    }
+}
