@@ -18,6 +18,11 @@ use ndarray::{s, Array2};
 use rayon::prelude::*;
 
 use crate::model::{Gemma2, ModelError};
+use crate::progress::{Progress, Silent};
+
+/// Positions a window is run in at a time (through the model's cache, which gives the logits of the
+/// whole window): progress moves every few dozen positions, and attention scores stay [128, window].
+const PREFILL_POSITIONS: usize = 128;
 
 /// Rows of logits computed at once ([rows, vocab] f32: 32 MiB for a 256 000-token vocabulary).
 const LOGITS_ROWS: usize = 32;
@@ -124,10 +129,13 @@ struct WindowRun {
 /// Runs each of `models` over the windows of `tokens` and hands `each` the rows of a window a few at a
 /// time, with every model's logits at those rows ([rows, vocab] each, soft-capped). Rows come in window
 /// order, so their input positions and targets come in input order.
+/// `progress` is advanced by each model's positions as they are run (callers start the phase, with
+/// [`positions_to_run`] per model, so that several runs can share one bar).
 fn run_windows(
     models: &[&Gemma2],
     tokens: &[u32],
     context: usize,
+    progress: &dyn Progress,
     mut each: impl FnMut(&[Row], &[Array2<f32>]) -> Result<(), ModelError>,
 ) -> Result<WindowRun, ModelError> {
     let windows = windows(tokens.len(), context)?;
@@ -138,8 +146,17 @@ fn run_windows(
         positions_run += ids.len();
         let hidden = models
             .iter()
-            .map(|m| m.hidden_states(&ids, &mut m.new_cache()))
-            .collect::<Result<Vec<_>, _>>()?;
+            .map(|m| {
+                let mut cache = m.new_cache();
+                let mut parts = Vec::with_capacity(ids.len().div_ceil(PREFILL_POSITIONS));
+                for part in ids.chunks(PREFILL_POSITIONS) {
+                    parts.push(m.hidden_states(part, &mut cache)?);
+                    progress.advance(part.len() as u64);
+                }
+                let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
+                Ok(ndarray::concatenate(ndarray::Axis(0), &views).expect("same width"))
+            })
+            .collect::<Result<Vec<_>, ModelError>>()?;
         for start in (0..rows.len()).step_by(LOGITS_ROWS) {
             let end = (start + LOGITS_ROWS).min(rows.len());
             let logits: Vec<Array2<f32>> = models
@@ -173,7 +190,13 @@ fn row_of(logits: &Array2<f32>, i: usize) -> &[f32] {
 
 /// Perplexity of `tokens` in windows of `context` positions.
 pub fn score(model: &Gemma2, tokens: &[u32], context: usize) -> Result<Score, ModelError> {
-    score_with(model, tokens, context, |_, _| Ok(()))
+    score_with(model, tokens, context, &Silent, |_, _| Ok(()))
+}
+
+/// Model positions that scoring `n` tokens in windows of `context` runs, per model (what progress
+/// counts).
+pub fn positions_to_run(n: usize, context: usize) -> Result<u64, ModelError> {
+    Ok(windows(n, context)?.iter().map(|w| w.len() as u64).sum())
 }
 
 /// [`score`], also handing the logits row of every input position, in order, to `logits_sink`
@@ -182,11 +205,12 @@ pub fn score_with(
     model: &Gemma2,
     tokens: &[u32],
     context: usize,
+    progress: &dyn Progress,
     mut logits_sink: impl FnMut(usize, &[f32]) -> Result<(), ModelError>,
 ) -> Result<Score, ModelError> {
     check_input(model, tokens)?;
     let mut log_probs = Vec::with_capacity(tokens.len() - 1);
-    let run = run_windows(&[model], tokens, context, |rows, logits| {
+    let run = run_windows(&[model], tokens, context, progress, |rows, logits| {
         let logits = &logits[0];
         let scored: Vec<f64> = targets(rows)
             .par_iter()
@@ -246,8 +270,9 @@ pub fn compare(
     reference: &Gemma2,
     tokens: &[u32],
     context: usize,
+    progress: &dyn Progress,
 ) -> Result<CompareResult, ModelError> {
-    let (stats, positions_run) = compare_stats(model, reference, tokens, context)?;
+    let (stats, positions_run) = compare_stats(model, reference, tokens, context, progress)?;
     summarize(stats, positions_run)
 }
 
@@ -257,19 +282,26 @@ fn compare_stats(
     reference: &Gemma2,
     tokens: &[u32],
     context: usize,
+    progress: &dyn Progress,
 ) -> Result<(Vec<PositionStats>, usize), ModelError> {
     check_vocab(model, reference.config().vocab_size)?;
     check_input(model, tokens)?;
     let mut stats: Vec<PositionStats> = Vec::with_capacity(tokens.len() - 1);
-    let run = run_windows(&[model, reference], tokens, context, |rows, logits| {
-        let (a, b) = (&logits[0], &logits[1]);
-        let found: Vec<PositionStats> = targets(rows)
-            .par_iter()
-            .map(|&(i, t)| position_stats(row_of(a, i), row_of(b, i), t))
-            .collect();
-        stats.extend(found);
-        Ok(())
-    })?;
+    let run = run_windows(
+        &[model, reference],
+        tokens,
+        context,
+        progress,
+        |rows, logits| {
+            let (a, b) = (&logits[0], &logits[1]);
+            let found: Vec<PositionStats> = targets(rows)
+                .par_iter()
+                .map(|&(i, t)| position_stats(row_of(a, i), row_of(b, i), t))
+                .collect();
+            stats.extend(found);
+            Ok(())
+        },
+    )?;
     Ok((stats, run.positions_run))
 }
 
@@ -314,7 +346,7 @@ pub fn compare_chats(
     let (mut all, mut positions_run) = (Vec::new(), 0);
     for (tokens, counted) in conversations {
         let context = context.unwrap_or_else(|| default_context(model, tokens.len()));
-        let (stats, run) = compare_stats(model, reference, tokens, context)?;
+        let (stats, run) = compare_stats(model, reference, tokens, context, &Silent)?;
         all.extend(
             stats
                 .into_iter()
@@ -350,11 +382,17 @@ pub struct ReferenceLogits {
 }
 
 impl ReferenceLogits {
-    pub fn new(reference: &Gemma2, tokens: &[u32], context: usize) -> Result<Self, ModelError> {
+    /// `progress` is told the reference's positions as they are run (no phase is started).
+    pub fn new(
+        reference: &Gemma2,
+        tokens: &[u32],
+        context: usize,
+        progress: &dyn Progress,
+    ) -> Result<Self, ModelError> {
         check_input(reference, tokens)?;
         let vocab = reference.config().vocab_size;
         let mut logits = Vec::with_capacity((tokens.len() - 1) * vocab);
-        run_windows(&[reference], tokens, context, |rows, chunk| {
+        run_windows(&[reference], tokens, context, progress, |rows, chunk| {
             for (i, _) in targets(rows) {
                 logits.extend_from_slice(row_of(&chunk[0], i));
             }
@@ -386,24 +424,31 @@ impl ReferenceLogits {
 pub fn compare_to(
     model: &Gemma2,
     reference: &ReferenceLogits,
+    progress: &dyn Progress,
 ) -> Result<CompareResult, ModelError> {
     check_vocab(model, reference.vocab)?;
     let tokens = &reference.tokens;
     check_input(model, tokens)?;
     let mut stats: Vec<PositionStats> = Vec::with_capacity(tokens.len() - 1);
-    let run = run_windows(&[model], tokens, reference.context, |rows, logits| {
-        let first = stats.len();
-        let found: Vec<PositionStats> = targets(rows)
-            .par_iter()
-            .enumerate()
-            .map(|(j, &(i, t))| {
-                let b = &reference.logits[(first + j) * reference.vocab..][..reference.vocab];
-                position_stats(row_of(&logits[0], i), b, t)
-            })
-            .collect();
-        stats.extend(found);
-        Ok(())
-    })?;
+    let run = run_windows(
+        &[model],
+        tokens,
+        reference.context,
+        progress,
+        |rows, logits| {
+            let first = stats.len();
+            let found: Vec<PositionStats> = targets(rows)
+                .par_iter()
+                .enumerate()
+                .map(|(j, &(i, t))| {
+                    let b = &reference.logits[(first + j) * reference.vocab..][..reference.vocab];
+                    position_stats(row_of(&logits[0], i), b, t)
+                })
+                .collect();
+            stats.extend(found);
+            Ok(())
+        },
+    )?;
     summarize(stats, run.positions_run)
 }
 
@@ -562,7 +607,7 @@ pub fn window_logits(
     context: usize,
 ) -> Result<Array2<f32>, ModelError> {
     let mut out = Array2::zeros((tokens.len(), model.config().vocab_size));
-    score_with(model, tokens, context, |p, row| {
+    score_with(model, tokens, context, &Silent, |p, row| {
         out.row_mut(p).assign(&ndarray::ArrayView1::from(row));
         Ok(())
     })?;

@@ -9,6 +9,7 @@ use crate::evaluate::{compare, compare_to, CompareResult, ReferenceLogits};
 use crate::executor::{MemoryModel, Prepared, RunOptions};
 use crate::format::FloatType;
 use crate::model::{weights::Weight, Config, Gemma2, ModelError};
+use crate::progress::{Progress, Unit};
 use crate::recipe::{duplicate_eta, eta_label, Operand, OutputModel, OutputTarget, Plan, StepKind};
 
 /// Why a front cannot be drawn.
@@ -69,6 +70,8 @@ pub struct FrontRequest<'a> {
     pub context: Option<usize>,
     /// Also score the SLERP step's input policies.
     pub policies: bool,
+    /// Told a "merging" phase (bytes) and a "scoring" phase (model positions, every model's).
+    pub progress: &'a dyn Progress,
 }
 
 /// The liti step that a front is drawn for, with its base and model.
@@ -102,6 +105,13 @@ fn set_etas(plan: &mut Plan, out: usize, etas: Vec<f64>) -> Result<(), FrontErro
     if etas.is_empty() {
         return Err(FrontError::Usage("--eta: no values".into()));
     }
+    if etas.len() > crate::recipe::MAX_ETAS {
+        return Err(FrontError::Usage(format!(
+            "--eta: {} values, at most {}",
+            etas.len(),
+            crate::recipe::MAX_ETAS
+        )));
+    }
     if let Some(e) = etas.iter().find(|e| !e.is_finite()) {
         return Err(FrontError::Usage(format!(
             "--eta: {e} is not a finite number"
@@ -109,7 +119,9 @@ fn set_etas(plan: &mut Plan, out: usize, etas: Vec<f64>) -> Result<(), FrontErro
     }
     let etas: Vec<f64> = etas.iter().map(|&e| e + 0.0).collect();
     if let Some(e) = duplicate_eta(&etas) {
-        return Err(FrontError::Usage(format!("--eta: {e:?} is given twice")));
+        return Err(FrontError::Usage(format!(
+            "--eta: values must be distinct, {e:?} is given twice"
+        )));
     }
     if let StepKind::Liti { etas: e, .. } = &mut plan.steps[out].kind {
         *e = etas.clone();
@@ -127,14 +139,13 @@ fn set_etas(plan: &mut Plan, out: usize, etas: Vec<f64>) -> Result<(), FrontErro
     Ok(())
 }
 
-fn to_gemma(config: &Config, m: &MemoryModel) -> Result<Gemma2, ModelError> {
+/// Turns an in-memory model into a forward-pass model, tensor by tensor (the bytes of each tensor are
+/// freed as soon as they are moved, so the peak is one model plus one tensor).
+fn to_gemma(config: &Config, m: MemoryModel) -> Result<Gemma2, ModelError> {
     let mut weights = HashMap::with_capacity(m.tensors.len());
-    for (spec, bytes) in &m.tensors {
+    for (spec, bytes) in m.tensors {
         if let Some(ft) = FloatType::from_dtype(spec.dtype) {
-            weights.insert(
-                spec.name.clone(),
-                Weight::from_bytes(ft, spec.shape.clone(), bytes.clone())?,
-            );
+            weights.insert(spec.name, Weight::from_bytes(ft, spec.shape, bytes)?);
         }
     }
     Gemma2::from_weights(config.clone(), &weights)
@@ -152,10 +163,11 @@ pub fn evaluate_front(req: FrontRequest<'_>, progress: &dyn Fn(&str)) -> Result<
         tokens,
         context,
         policies,
+        progress: bar,
     } = req;
     let (out, base_op, model_op) = liti_step(&plan)?;
     let etas = match etas {
-        Some(e) => e,
+        Some(e) => e.into_iter().map(|e| e + 0.0).collect(),
         None => match &plan.steps[out].kind {
             StepKind::Liti { etas, .. } if plan.targets[0].models[0].subdir.is_some() => {
                 etas.clone()
@@ -202,78 +214,102 @@ pub fn evaluate_front(req: FrontRequest<'_>, progress: &dyn Fn(&str)) -> Result<
         }
     }
 
+    // Memory stays bounded by one merged model (plus the reference when its logits do not fit): the
+    // models are evaluated one at a time, each from the mapped inputs, and dropped once scored.
     let n_eta = etas.len();
-    let mut memory: Vec<MemoryModel> = Vec::new();
-    if let Some(dir) = &keep {
+    let extra_models = || {
+        extra_steps
+            .iter()
+            .map(|&(_, s)| OutputModel {
+                subdir: None,
+                step: s,
+                eta: None,
+            })
+            .collect::<Vec<_>>()
+    };
+    let memory_plan = if let Some(dir) = &keep {
         plan.targets[0].path = dir.clone();
-        let prepared = Prepared::new(&plan)?;
-        prepared.run(
+        Prepared::new(&plan)?.run(
             &RunOptions {
                 force,
                 hash_inputs: false,
                 extra_inputs: inputs,
             },
-            &|_, _| {},
+            bar,
         )?;
-        if !extra_steps.is_empty() {
-            let mut p2 = plan.clone();
-            p2.targets = vec![OutputTarget {
-                path: dir.clone(),
-                models: extra_steps
-                    .iter()
-                    .map(|&(_, s)| OutputModel {
-                        subdir: None,
-                        step: s,
-                        eta: None,
-                    })
-                    .collect(),
-            }];
-            memory = Prepared::new(&p2)?.run_in_memory(&|_, _| {})?;
-        }
+        let mut p2 = plan.clone();
+        p2.targets = vec![OutputTarget {
+            path: dir.clone(),
+            models: extra_models(),
+        }];
+        p2
     } else {
-        plan.targets[0]
-            .models
-            .extend(extra_steps.iter().map(|&(_, s)| OutputModel {
-                subdir: None,
-                step: s,
-                eta: None,
-            }));
-        memory = Prepared::new(&plan)?.run_in_memory(&|_, _| {})?;
-    }
-
-    let load_eta = |k: usize, memory: &[MemoryModel]| -> Result<Gemma2, ModelError> {
-        match &keep {
-            Some(dir) => Gemma2::load(&dir.join(eta_label(etas[k]))),
-            None => to_gemma(&config, &memory[k]),
-        }
+        let mut p2 = plan.clone();
+        p2.targets[0].models.extend(extra_models());
+        p2
+    };
+    let prepared = if keep.is_none() || !extra_steps.is_empty() {
+        Some(Prepared::new(&memory_plan)?)
+    } else {
+        None
+    };
+    // Output `i` of `prepared`, evaluated alone.
+    let in_memory = |i: usize| -> Result<Gemma2, FrontError> {
+        let p = prepared.as_ref().expect("a plan of in-memory outputs");
+        Ok(to_gemma(&config, p.run_in_memory_one(i, bar)?)?)
     };
     let extra_offset = if keep.is_some() { 0 } else { n_eta };
+    let load_eta = |k: usize| -> Result<Gemma2, FrontError> {
+        match &keep {
+            Some(dir) => Ok(Gemma2::load(&dir.join(eta_label(etas[k])))?),
+            None => in_memory(k),
+        }
+    };
     let reference_model = match &reference_source {
         Some(p) => Gemma2::load(p)?,
-        None => to_gemma(&config, &memory[extra_offset])?,
+        None => in_memory(extra_offset)?,
     };
     let context =
         context.unwrap_or_else(|| crate::evaluate::default_context(&reference_model, tokens.len()));
 
-    // The reference's logits are computed once and kept when they fit (positions × vocab f32 ≤ 1 GiB);
-    // otherwise the reference is rerun beside each model. Both give the same numbers.
-    let cached =
-        if tokens.len().saturating_sub(1) * reference_model.config().vocab_size * 4 <= 1 << 30 {
-            Some(ReferenceLogits::new(&reference_model, tokens, context)?)
-        } else {
-            None
-        };
+    // The reference's logits are computed once and kept when they fit (positions × vocab f32 ≤ 1 GiB),
+    // and the reference model is then dropped; otherwise the reference is rerun beside each model.
+    // Both give the same numbers.
+    let fits = tokens
+        .len()
+        .saturating_sub(1)
+        .saturating_mul(reference_model.config().vocab_size)
+        .saturating_mul(4)
+        <= 1 << 30;
+    // Model runs: each η and each policy, plus the reference once (cached) or beside each model.
+    let scored =
+        (n_eta + extra_steps.len() - usize::from(reference_source.is_none()) + disk.len()) as u64;
+    let runs = if fits { scored + 1 } else { 2 * scored };
+    bar.start(
+        "scoring",
+        runs * crate::evaluate::positions_to_run(tokens.len(), context)?,
+        Unit::Positions,
+    );
+    let (cached, reference_model) = if fits {
+        let logits = ReferenceLogits::new(&reference_model, tokens, context, bar)?;
+        drop(reference_model);
+        (Some(logits), None)
+    } else {
+        (None, Some(reference_model))
+    };
     let score = |model: &Gemma2| -> Result<CompareResult, ModelError> {
-        match &cached {
-            Some(r) => compare_to(model, r),
-            None => compare(model, &reference_model, tokens, context),
+        match (&cached, &reference_model) {
+            (Some(r), _) => compare_to(model, r, bar),
+            (None, Some(reference)) => compare(model, reference, tokens, context, bar),
+            (None, None) => unreachable!("a reference, as logits or as a model"),
         }
     };
     let mut points = Vec::with_capacity(n_eta);
     let mut reference_perplexity = f64::NAN;
     for (k, &eta) in etas.iter().enumerate() {
-        let model = load_eta(k, &memory)?;
+        let model = load_eta(k)?;
         let c = score(&model)?;
+        drop(model);
         reference_perplexity = c.reference_perplexity;
         progress(&format!(
             "η = {eta:?}: KL {:.6}, perplexity {:.4}",
@@ -301,10 +337,7 @@ pub fn evaluate_front(req: FrontRequest<'_>, progress: &dyn Fn(&str)) -> Result<
     let mut markers = Vec::new();
     let first_policy = usize::from(reference_source.is_none());
     for (i, (label, _)) in extra_steps.iter().enumerate().skip(first_policy) {
-        markers.push(marker(
-            label,
-            to_gemma(&config, &memory[extra_offset + i])?,
-        )?);
+        markers.push(marker(label, in_memory(extra_offset + i)?)?);
     }
     for (label, path) in &disk {
         markers.push(marker(label, Gemma2::load(path)?)?);

@@ -12,6 +12,7 @@ pub mod kernels;
 pub mod methods;
 pub mod model;
 pub mod plot;
+pub mod progress;
 pub mod recipe;
 pub mod safe_out;
 pub mod selection;

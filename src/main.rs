@@ -15,10 +15,26 @@ fn main() -> ExitCode {
             if is_broken_pipe(&err) {
                 return ExitCode::SUCCESS;
             }
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", message(&err));
             ExitCode::from(cli::exit_code(&err))
         }
     }
+}
+
+/// The error and its causes, joined with ": ", each said once: a cause whose text the message already
+/// holds (an I/O error both shown by its wrapper and returned as its source) is not repeated.
+fn message(err: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if out.is_empty() {
+            out = text;
+        } else if !text.is_empty() && !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+    }
+    out
 }
 
 fn is_broken_pipe(err: &anyhow::Error) -> bool {
@@ -55,12 +71,17 @@ fn stop_cleanly_on_signals() {
             .spawn(move || {
                 let mut sig: libc::c_int = 0;
                 if libc::sigwait(&set, &mut sig) == 0 {
-                    gemma_merge::safe_out::remove_all_temps();
+                    let removed = gemma_merge::safe_out::remove_all_temps();
                     let name = SIGNALS
                         .iter()
                         .find(|(s, _)| *s == sig)
                         .map_or("a signal", |(_, n)| n);
-                    eprintln!("error: stopped by {name}; temporary outputs removed");
+                    let note = if removed > 0 {
+                        "; unfinished outputs removed"
+                    } else {
+                        ""
+                    };
+                    eprintln!("error: stopped by {name}{note}");
                     std::process::exit(128 + sig);
                 }
             });

@@ -14,6 +14,7 @@
 //! - temporaries are registered so that a signal handler can remove them ([`remove_all_temps`]), and stale
 //!   temporaries of dead processes are removed by the next run that writes beside them.
 
+use std::collections::HashSet;
 use std::fs::File;
 use std::io::Read;
 use std::path::{Component, Path, PathBuf};
@@ -27,7 +28,7 @@ const TMP_INFIX: &str = ".gemma-merge-tmp-";
 /// The infix of an old copy moved aside by the fallback swap: `.NAME.gemma-merge-old-PID`.
 const OLD_INFIX: &str = ".gemma-merge-old-";
 /// Largest manifest or recognisable file read to decide ownership.
-const MAX_SNIFF: u64 = 256 << 20;
+const MAX_SNIFF: u64 = 16 << 20;
 /// Deepest folder nesting searched when deciding whether a folder is ours.
 const MAX_DEPTH: usize = 4;
 /// Value of `__metadata__.producer` in the logits files `eval --dump-logits` writes.
@@ -93,6 +94,12 @@ pub enum OutputError {
         second: PathBuf,
         relation: &'static str,
     },
+    /// The target ends in `.`, `..` or a root: there is no name to write under.
+    #[error("{0}: an output path must end in a file or folder name (not `.` or `..`)")]
+    NoName(PathBuf),
+    /// A path above the target exists and is not a folder.
+    #[error("{target}: cannot be created, because {ancestor} is not a folder")]
+    ParentNotFolder { target: PathBuf, ancestor: PathBuf },
     /// The process is being stopped by a signal.
     #[error("interrupted")]
     Interrupted,
@@ -269,9 +276,20 @@ pub fn check_conflicts(outputs: &[Role], inputs: &[Role]) -> Result<(), OutputEr
 
 /// Checks whether `target` may be written: absent, or present, `force` given and ours.
 pub fn check_target(target: &Path, kind: Kind, force: bool) -> Result<(), OutputError> {
-    let meta = match std::fs::symlink_metadata(target) {
+    if !matches!(target.components().next_back(), Some(Component::Normal(_))) {
+        return Err(OutputError::NoName(target.to_path_buf()));
+    }
+    let real = real_path(target);
+    let meta = match std::fs::symlink_metadata(&real) {
         Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+            ) =>
+        {
+            return check_creatable(target)
+        }
         Err(e) => return Err(OutputError::io(target, e)),
     };
     if kind == Kind::NewFolder {
@@ -285,19 +303,58 @@ pub fn check_target(target: &Path, kind: Kind, force: bool) -> Result<(), Output
         return Err(not_ours("is a symbolic link".into()));
     }
     if kind.is_folder() && !meta.is_dir() {
-        return Err(not_ours("is a file, not a folder".into()));
+        return Err(not_ours("is not a folder".into()));
     }
     if !kind.is_folder() && meta.is_dir() {
         return Err(not_ours("is a folder, not a file".into()));
     }
     let verdict = match kind {
-        Kind::ModelFolder => folder_is_ours(target, target, 0),
+        Kind::ModelFolder => folder_is_ours(&real, &real, 0),
         Kind::NewFolder => unreachable!("handled above"),
-        Kind::Logits | Kind::Svg | Kind::Png => file_is_ours(target, kind),
+        Kind::Logits | Kind::Svg | Kind::Png => file_is_ours(&real, kind),
     };
     verdict.map_err(not_ours)?;
     if !force {
         return Err(OutputError::Exists(target.to_path_buf()));
+    }
+    // Replacing needs a temporary beside the target.
+    check_creatable(target)
+}
+
+/// The path a target names on disk: its parent normalised (`..` and symlinks resolved), its own name kept
+/// (a symlink at the target itself is not followed).
+fn real_path(target: &Path) -> PathBuf {
+    match target.file_name() {
+        Some(name) => normalize(&parent_of(target)).join(name),
+        None => normalize(target),
+    }
+}
+
+/// Ok when the nearest existing folder above the target is a folder we may write in.
+fn check_creatable(target: &Path) -> Result<(), OutputError> {
+    let abs = normalize(target);
+    let Some(ancestor) = abs
+        .ancestors()
+        .skip(1)
+        .find(|a| std::fs::symlink_metadata(a).is_ok())
+    else {
+        return Ok(());
+    };
+    if !ancestor.is_dir() {
+        return Err(OutputError::ParentNotFolder {
+            target: target.to_path_buf(),
+            ancestor: ancestor.to_path_buf(),
+        });
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        if let Ok(c) = std::ffi::CString::new(ancestor.as_os_str().as_bytes()) {
+            // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
+            if unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) } != 0 {
+                return Err(OutputError::io(ancestor, std::io::Error::last_os_error()));
+            }
+        }
     }
     Ok(())
 }
@@ -355,7 +412,7 @@ fn list_dir(dir: &Path) -> Result<Vec<PathBuf>, String> {
 }
 
 /// The relative paths a manifest lists as written (plus the manifest itself), if it is ours.
-fn manifest_outputs(manifest: &Path) -> Result<Vec<String>, String> {
+fn manifest_outputs(manifest: &Path) -> Result<HashSet<String>, String> {
     let bytes = read_regular(manifest, MAX_SNIFF)
         .map_err(|e| format!("has a {MANIFEST} that cannot be read ({e})"))?;
     let json: serde_json::Value = serde_json::from_slice(&bytes)
@@ -367,28 +424,37 @@ fn manifest_outputs(manifest: &Path) -> Result<Vec<String>, String> {
         .get("outputs")
         .and_then(|o| o.as_array())
         .ok_or_else(|| format!("has a {MANIFEST} without an `outputs` list"))?;
-    let mut listed = vec![MANIFEST.to_string()];
+    let mut listed = HashSet::from([MANIFEST.to_string()]);
     for o in outputs {
         let p = o
             .get("path")
             .and_then(|p| p.as_str())
             .ok_or_else(|| format!("has a {MANIFEST} with an output that has no path"))?;
-        listed.push(p.to_string());
+        // Every folder above a listed file is listed too, as "dir/".
+        for (i, _) in p.match_indices('/') {
+            listed.insert(p[..=i].to_string());
+        }
+        listed.insert(p.to_string());
     }
     Ok(listed)
 }
 
 /// Ok when every file under `dir` is listed in the manifest of `base` (as a path relative to `base`).
-fn only_listed(root: &Path, base: &Path, listed: &[String], depth: usize) -> Result<(), String> {
+fn only_listed(
+    root: &Path,
+    base: &Path,
+    listed: &HashSet<String>,
+    depth: usize,
+) -> Result<(), String> {
     let mut stack = vec![(base.to_path_buf(), depth)];
     while let Some((dir, depth)) = stack.pop() {
         for e in list_dir(&dir)? {
             let rel = rel_name(base, &e);
             let meta = std::fs::symlink_metadata(&e).map_err(|x| x.to_string())?;
             let prefix = format!("{rel}/");
-            if meta.is_dir() && depth < MAX_DEPTH && listed.iter().any(|l| l.starts_with(&prefix)) {
+            if meta.is_dir() && depth < MAX_DEPTH && listed.contains(&prefix) {
                 stack.push((e, depth + 1));
-            } else if !meta.is_file() || !listed.iter().any(|l| *l == rel) {
+            } else if !meta.is_file() || !listed.contains(&rel) {
                 let shown = rel_name(root, &e);
                 let manifest = rel_name(root, &base.join(MANIFEST));
                 return Err(format!(
@@ -499,23 +565,27 @@ fn is_our_png(path: &Path) -> bool {
 // ---------------------------------------------------------------------------------------------------
 // Temporaries and the registry the signal handler empties
 
-static TEMPS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+/// Every live temporary, with the parent folders its output created (outermost first).
+static TEMPS: Mutex<Vec<(PathBuf, Vec<PathBuf>)>> = Mutex::new(Vec::new());
 static STOPPING: AtomicBool = AtomicBool::new(false);
 
-fn registry() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
+fn registry() -> std::sync::MutexGuard<'static, Vec<(PathBuf, Vec<PathBuf>)>> {
     TEMPS.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Removes every registered temporary and refuses new ones. For a signal handler that then exits; the
-/// registry stays locked by the caller's thread until the process ends, so no rename completes after.
-pub fn remove_all_temps() {
+/// Removes every registered temporary and refuses new ones; returns how many there were. For a signal
+/// handler that then exits: the registry stays locked until the process ends, so no rename completes after.
+pub fn remove_all_temps() -> usize {
     STOPPING.store(true, Ordering::SeqCst);
     let guard = registry();
-    for p in guard.iter() {
-        remove_any(p);
+    for (tmp, created) in guard.iter() {
+        remove_any(tmp);
+        remove_empty(created);
     }
+    let n = guard.len();
     // Keep the lock: the process is about to exit, and no commit may start meanwhile.
     std::mem::forget(guard);
+    n
 }
 
 /// Removes a file or a folder (a few tries: a writer thread may add a file meanwhile).
@@ -529,6 +599,43 @@ fn remove_any(p: &Path) {
         if r.is_ok() {
             return;
         }
+    }
+}
+
+/// A temporary folder at a path the caller names, which [`remove_stale`] does not recognise (so that no
+/// other process, on this machine or another one sharing the file system, removes it while it is in use):
+/// removed on drop and by the signal handler. For `run --part`, whose parts run on several machines.
+#[derive(Debug)]
+pub struct TempFolder {
+    path: PathBuf,
+}
+
+impl TempFolder {
+    /// Creates the folder `path` (its parent must exist), replacing a leftover of that name.
+    pub fn create(path: &Path) -> Result<Self, OutputError> {
+        let mut reg = registry();
+        if STOPPING.load(Ordering::SeqCst) {
+            return Err(OutputError::Interrupted);
+        }
+        if std::fs::symlink_metadata(path).is_ok() {
+            remove_any(path);
+        }
+        std::fs::create_dir(path).map_err(|e| OutputError::io(path, e))?;
+        reg.push((path.to_path_buf(), Vec::new()));
+        Ok(Self {
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for TempFolder {
+    fn drop(&mut self) {
+        remove_any(&self.path);
+        unregister(&self.path);
     }
 }
 
@@ -551,11 +658,16 @@ fn parent_of(target: &Path) -> PathBuf {
 /// place.
 #[derive(Debug)]
 pub struct Staged {
+    /// The target as given (for messages and for callers mapping paths under it).
     target: PathBuf,
+    /// The target on disk (see [`real_path`]): what is renamed.
+    real: PathBuf,
     tmp: PathBuf,
     kind: Kind,
     force: bool,
     done: bool,
+    /// Parent folders this output created, outermost first: removed again (if empty) on failure.
+    created: Vec<PathBuf>,
 }
 
 impl Staged {
@@ -569,7 +681,6 @@ impl Staged {
         Self::begin(target, kind, force, |tmp| {
             File::options().write(true).create_new(true).open(tmp)
         })
-        .map(|(s, f)| (s, f))
     }
 
     fn begin<T>(
@@ -579,10 +690,20 @@ impl Staged {
         create: impl FnOnce(&Path) -> std::io::Result<T>,
     ) -> Result<(Self, T), OutputError> {
         check_target(target, kind, force)?;
-        let parent = parent_of(target);
-        std::fs::create_dir_all(&parent).map_err(|e| OutputError::io(&parent, e))?;
+        let real = real_path(target);
+        let parent = parent_of(&real);
+        let mut created: Vec<PathBuf> = parent
+            .ancestors()
+            .take_while(|a| !a.as_os_str().is_empty() && std::fs::symlink_metadata(a).is_err())
+            .map(Path::to_path_buf)
+            .collect();
+        created.reverse();
+        if let Err(e) = std::fs::create_dir_all(&parent) {
+            remove_empty(&created);
+            return Err(OutputError::io(&parent, e));
+        }
         remove_stale(&parent);
-        let tmp = temp_path(target, TMP_INFIX, std::process::id());
+        let tmp = temp_path(&real, TMP_INFIX, std::process::id());
         let mut reg = registry();
         if STOPPING.load(Ordering::SeqCst) {
             return Err(OutputError::Interrupted);
@@ -597,15 +718,23 @@ impl Staged {
             }
             remove_any(&tmp);
         }
-        let made = create(&tmp).map_err(|e| OutputError::io(&tmp, e))?;
-        reg.push(tmp.clone());
+        let made = match create(&tmp) {
+            Ok(m) => m,
+            Err(e) => {
+                remove_empty(&created);
+                return Err(OutputError::io(&tmp, e));
+            }
+        };
+        reg.push((tmp.clone(), created.clone()));
         Ok((
             Self {
                 target: target.to_path_buf(),
+                real,
                 tmp,
                 kind,
                 force,
                 done: false,
+                created,
             },
             made,
         ))
@@ -629,45 +758,61 @@ impl Staged {
             return Err(OutputError::Interrupted);
         }
         check_target(&self.target, self.kind, self.force)?;
-        let exists = std::fs::symlink_metadata(&self.target).is_ok();
+        let exists = std::fs::symlink_metadata(&self.real).is_ok();
         if !exists {
-            rename_noreplace(&self.tmp, &self.target)
+            rename_noreplace(&self.tmp, &self.real)
                 .map_err(|e| OutputError::io(&self.target, e))?;
             self.done = true;
             drop(reg);
             unregister(&self.tmp);
             return Ok(());
         }
-        match exchange(&self.tmp, &self.target) {
-            Ok(()) => {
-                // The old copy now sits at the temporary name: remove it.
-                self.done = true;
-                remove_any(&self.tmp);
-                drop(reg);
-                unregister(&self.tmp);
-                Ok(())
-            }
-            Err(e) if exchange_unsupported(&e) => {
-                let old = temp_path(&self.target, OLD_INFIX, std::process::id());
-                std::fs::rename(&self.target, &old)
-                    .map_err(|e| OutputError::io(&self.target, e))?;
-                if let Err(e) = std::fs::rename(&self.tmp, &self.target) {
-                    let _ = std::fs::rename(&old, &self.target);
-                    return Err(OutputError::io(&self.target, e));
-                }
-                self.done = true;
-                remove_any(&old);
-                drop(reg);
-                unregister(&self.tmp);
-                Ok(())
-            }
-            Err(e) => Err(OutputError::io(&self.target, e)),
+        replace(&self.tmp, &self.real, false).map_err(|e| OutputError::io(&self.target, e))?;
+        self.done = true;
+        drop(reg);
+        unregister(&self.tmp);
+        Ok(())
+    }
+}
+
+/// Puts `tmp` in the place of the existing `target` and removes the old copy: one atomic exchange where
+/// the OS and file system offer it (or unless `two_renames`), else the old copy is moved aside to
+/// `.NAME.gemma-merge-old-PID` first (the next run puts it back if this process dies in between).
+fn replace(tmp: &Path, target: &Path, two_renames: bool) -> std::io::Result<()> {
+    let swapped = if two_renames {
+        Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
+    } else {
+        exchange(tmp, target)
+    };
+    match swapped {
+        Ok(()) => {
+            // The old copy now sits at the temporary name.
+            remove_any(tmp);
+            Ok(())
         }
+        Err(e) if exchange_unsupported(&e) => {
+            let old = temp_path(target, OLD_INFIX, std::process::id());
+            std::fs::rename(target, &old)?;
+            if let Err(e) = std::fs::rename(tmp, target) {
+                let _ = std::fs::rename(&old, target);
+                return Err(e);
+            }
+            remove_any(&old);
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Removes folders (innermost first) that are still empty.
+fn remove_empty(outermost_first: &[PathBuf]) {
+    for d in outermost_first.iter().rev() {
+        let _ = std::fs::remove_dir(d);
     }
 }
 
 fn unregister(tmp: &Path) {
-    registry().retain(|p| p != tmp);
+    registry().retain(|(p, _)| p != tmp);
 }
 
 impl Drop for Staged {
@@ -675,6 +820,7 @@ impl Drop for Staged {
         if !self.done {
             remove_any(&self.tmp);
             unregister(&self.tmp);
+            remove_empty(&self.created);
         }
     }
 }
@@ -813,8 +959,10 @@ fn looks_like_our_temp(p: &Path, depth: usize) -> bool {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let ours_file = name.ends_with(".safetensors")
-            || name.ends_with(".json")
+        // Shards, config and side files, the card, the chat template, a mergekit config.
+        let ours_file = [".safetensors", ".json", ".jinja", ".yml", ".yaml"]
+            .iter()
+            .any(|ext| name.ends_with(ext))
             || name == "README.md"
             || name == "tokenizer.model";
         match std::fs::symlink_metadata(e) {
@@ -897,6 +1045,25 @@ mod tests {
         std::fs::write(a.join("f"), b"x").unwrap();
         std::fs::hard_link(a.join("f"), d.path().join("h")).unwrap();
         assert_eq!(relation(&d.path().join("h"), &a.join("f")), Some("is"));
+    }
+
+    #[test]
+    fn both_ways_of_replacing_leave_only_the_new_copy() {
+        for two_renames in [false, true] {
+            let d = tempfile::tempdir().unwrap();
+            let (tmp, target) = (d.path().join(".t.gemma-merge-tmp-1"), d.path().join("t"));
+            std::fs::create_dir(&tmp).unwrap();
+            std::fs::write(tmp.join("new"), b"1").unwrap();
+            std::fs::create_dir(&target).unwrap();
+            std::fs::write(target.join("old"), b"0").unwrap();
+            replace(&tmp, &target, two_renames).unwrap();
+            let names: Vec<_> = std::fs::read_dir(d.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            assert_eq!(names, ["t"], "two_renames={two_renames}");
+            assert!(target.join("new").exists() && !target.join("old").exists());
+        }
     }
 
     #[test]

@@ -134,28 +134,31 @@ impl RankSelect {
         }
     }
 
-    /// Ends a pass, given every chunk's partial in chunk order (`None` for chunks not visited).
-    /// Returns true once the element is found.
-    pub fn advance(&mut self, partials: Vec<Option<Partial>>) -> bool {
+    /// Adds chunk `chunk`'s partial to a pass's running total (chunks in order).
+    pub fn absorb(&self, acc: &mut Pass, chunk: usize, p: Partial) {
+        match p {
+            Partial::Histogram { counts, min, max } => {
+                let (c0, lo0, hi0) = acc.histogram.get_or_insert_with(|| {
+                    (vec![0; BUCKETS], vec![u64::MAX; BUCKETS], vec![0; BUCKETS])
+                });
+                for b in 0..BUCKETS {
+                    c0[b] += counts[b];
+                    lo0[b] = lo0[b].min(min[b]);
+                    hi0[b] = hi0[b].max(max[b]);
+                }
+            }
+            Partial::Collect(v) => acc.collected.extend(v),
+            Partial::Count(n) => acc.counts.push((chunk, n)),
+            Partial::Found(f) => acc.found = acc.found.or(f),
+            Partial::Nothing => {}
+        }
+    }
+
+    /// Ends a pass, given its total. Returns true once the element is found.
+    pub fn advance(&mut self, acc: Pass) -> bool {
         match self.phase.clone() {
             Phase::Histogram => {
-                let mut counts = vec![0u64; BUCKETS];
-                let mut min = vec![u64::MAX; BUCKETS];
-                let mut max = vec![0u64; BUCKETS];
-                for p in partials.into_iter().flatten() {
-                    if let Partial::Histogram {
-                        counts: c,
-                        min: lo,
-                        max: hi,
-                    } = p
-                    {
-                        for b in 0..BUCKETS {
-                            counts[b] += c[b];
-                            min[b] = min[b].min(lo[b]);
-                            max[b] = max[b].max(hi[b]);
-                        }
-                    }
-                }
+                let (counts, min, max) = acc.histogram.expect("a histogram pass saw chunks");
                 let width = DIGIT.min(64 - self.bits);
                 let mut below = 0u64;
                 let mut chosen = BUCKETS - 1;
@@ -187,44 +190,40 @@ impl RankSelect {
                 };
             }
             Phase::Collect => {
-                let mut all: Vec<(u64, u64)> = Vec::new();
-                for p in partials.into_iter().flatten() {
-                    if let Partial::Collect(v) = p {
-                        all.extend(v);
-                    }
-                }
+                let mut all = acc.collected;
                 all.sort_unstable();
                 self.phase = Phase::Done(all[self.rank as usize]);
             }
             Phase::CountChunks => {
                 let mut before = 0u64;
-                for (c, p) in partials.into_iter().enumerate() {
-                    if let Some(Partial::Count(n)) = p {
-                        if before + n > self.rank {
-                            self.rank -= before;
-                            self.phase = Phase::Locate { chunk: c };
-                            return false;
-                        }
-                        before += n;
+                for (c, n) in acc.counts {
+                    if before + n > self.rank {
+                        self.rank -= before;
+                        self.phase = Phase::Locate { chunk: c };
+                        return false;
                     }
+                    before += n;
                 }
                 unreachable!("the rank lies within the data");
             }
             Phase::Locate { .. } => {
-                let idx = partials
-                    .into_iter()
-                    .flatten()
-                    .find_map(|p| match p {
-                        Partial::Found(Some(i)) => Some(i),
-                        _ => None,
-                    })
-                    .expect("the located chunk holds the element");
+                let idx = acc.found.expect("the located chunk holds the element");
                 self.phase = Phase::Done((self.prefix, idx));
             }
             Phase::Done(_) => {}
         }
         matches!(self.phase, Phase::Done(_))
     }
+}
+
+/// The running total of one pass: bounded by the histogram size, the collected candidates (at most
+/// [`COLLECT_CAP`]) and one count per chunk.
+#[derive(Debug, Default)]
+pub struct Pass {
+    histogram: Option<(Vec<u64>, Vec<u64>, Vec<u64>)>,
+    collected: Vec<(u64, u64)>,
+    counts: Vec<(usize, u64)>,
+    found: Option<u64>,
 }
 
 /// SplitMix64's finaliser: a bijective mix of 64 bits.
@@ -263,12 +262,13 @@ mod tests {
     fn run(keys: &[u64], rank: u64, chunk: usize) -> (u64, u64) {
         let mut s = RankSelect::new(rank);
         loop {
-            let parts: Vec<Option<Partial>> = keys
-                .chunks(chunk)
-                .enumerate()
-                .map(|(c, k)| s.wants_chunk(c).then(|| s.visit((c * chunk) as u64, k)))
-                .collect();
-            if s.advance(parts) {
+            let mut pass = Pass::default();
+            for (c, k) in keys.chunks(chunk).enumerate() {
+                if s.wants_chunk(c) {
+                    s.absorb(&mut pass, c, s.visit((c * chunk) as u64, k));
+                }
+            }
+            if s.advance(pass) {
                 return s.result().unwrap();
             }
         }

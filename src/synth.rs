@@ -665,7 +665,7 @@ pub fn write_drifted(
     let mut records = writer.finish()?;
     for name in std::iter::once("config.json").chain(SIDE_FILES) {
         let from = base.folder().join(name);
-        match std::fs::read(&from) {
+        match crate::format::files::read_limited(&from, crate::format::files::SIDE_FILE_LIMIT) {
             Ok(bytes) => records.push(write_small_file(dir, name, &bytes)?),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(FormatError::io(from, e)),

@@ -36,7 +36,8 @@ fn s(p: &Path) -> &str {
 fn front_rows_equal_compare_on_models_built_by_run() {
     let recipe = case().join("recipes/front.yaml");
     let front = ok_json(&["front", s(&recipe), "--token-ids", IDS, "--json"]);
-    let rows = front.as_array().unwrap();
+    let all = front.as_array().unwrap();
+    let rows: Vec<&serde_json::Value> = all.iter().filter(|r| r["kind"] == "eta").collect();
     assert_eq!(
         rows.iter()
             .map(|r| r["eta"].as_f64().unwrap())
@@ -50,13 +51,21 @@ fn front_rows_equal_compare_on_models_built_by_run() {
     assert_eq!(rows[0]["top1_agreement"], 1.0);
     let p0 = rows[0]["perplexity"].as_f64().unwrap();
     assert!((p0 - eval["perplexity"].as_f64().unwrap()).abs() < 1e-9 * p0);
+    // The table's reference row is in the JSON too: the base, at KL 0, with the base's perplexity.
+    let reference: Vec<&serde_json::Value> =
+        all.iter().filter(|r| r["kind"] == "reference").collect();
+    assert_eq!(reference.len(), 1, "{front}");
+    assert_eq!(reference[0]["kl"], 0.0);
+    assert!(reference[0]["eta"].is_null());
+    let pr = reference[0]["perplexity"].as_f64().unwrap();
+    assert!((pr - p0).abs() < 1e-9 * p0, "{pr} vs {p0}");
 
     // Every η equals `compare` on the model that `run` writes for that η.
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("front");
     let (code, _, err) = run(&["-q", "run", s(&recipe), "--out", s(&out)]);
     assert_eq!(code, 0, "{err}");
-    for r in rows {
+    for r in &rows {
         let eta = r["eta"].as_f64().unwrap();
         let model = out.join(format!("eta-{eta:?}"));
         let c = ok_json(&[
@@ -97,7 +106,23 @@ fn eta_flag_overrides_the_list_and_keep_writes_ordinary_folders() {
         s(&keep),
         "--json",
     ]);
-    assert_eq!(rows.as_array().unwrap().len(), 3);
+    let etas: Vec<f64> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["kind"] == "eta")
+        .map(|r| r["eta"].as_f64().unwrap())
+        .collect();
+    assert_eq!(etas, vec![0.0, 0.3, 1.0]);
+    // The SLERP step's two input policies are rows too, with their KL to the base.
+    let policies: Vec<&serde_json::Value> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["kind"] == "policy")
+        .collect();
+    assert_eq!(policies.len(), 2, "{rows}");
+    assert!(policies.iter().all(|p| p["kl"].as_f64().unwrap() > 0.0));
     for name in ["eta-0.0", "eta-0.3", "eta-1.0"] {
         let (code, _, err) = run(&["verify", s(&keep.join(name))]);
         assert_eq!(code, 0, "{name}: {err}");
@@ -150,7 +175,8 @@ fn front_plot_renders_in_headless_chromium() {
     assert_eq!(code, 0, "{err}");
     let text = std::fs::read_to_string(&svg).unwrap();
     for needle in [
-        "LITI front — front",
+        "LITI front of front on 20 token ids",
+        "merge inputs",
         "η=0.0",
         "η=0.5",
         "η=1.0",
@@ -198,8 +224,16 @@ fn front_plot_renders_in_headless_chromium() {
         "chromium wrote no PNG: {}",
         String::from_utf8_lossy(&o.stderr)
     );
-    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&png).unwrap()));
-    let mut reader = decoder.read_info().unwrap();
+    assert_front_drawn(&std::fs::read(&png).unwrap());
+}
+
+/// Decodes a 760×520 PNG of the front and checks that its three colours are drawn: the front's blue,
+/// the inputs' red, the reference's green. Returns the count of near-black (text) pixels.
+fn assert_front_drawn(bytes: &[u8]) -> usize {
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "not a PNG");
+    let mut reader = png::Decoder::new(std::io::Cursor::new(bytes))
+        .read_info()
+        .unwrap();
     let mut buf = vec![0; reader.output_buffer_size()];
     let info = reader.next_frame(&mut buf).unwrap();
     assert_eq!((info.width, info.height), (760, 520));
@@ -220,10 +254,59 @@ fn front_plot_renders_in_headless_chromium() {
     );
     assert!(
         count((0xd6, 0x27, 0x28)) > 40,
-        "the policies (red) are not drawn"
+        "the inputs (red) are not drawn"
     );
     assert!(
         count((0x2c, 0xa0, 0x2c)) > 20,
         "the reference (green) is not drawn"
     );
+    count((0, 0, 0))
+}
+
+/// `--plot f.png` writes a real PNG (resvg) of the same chart; other extensions and missing folders are
+/// refused before any work, with exit code 2.
+#[test]
+fn front_plot_png_and_refusals() {
+    let d = tempfile::tempdir().unwrap();
+    let png_path = d.path().join("front.png");
+    let recipe = case().join("recipes/front.yaml");
+    let (code, _, err) = run(&[
+        "front",
+        s(&recipe),
+        "--token-ids",
+        IDS,
+        "--plot",
+        s(&png_path),
+        "--log-y",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    // Dark text pixels: titles, ticks and labels were drawn with a font.
+    let bytes = std::fs::read(&png_path).unwrap();
+    let text = assert_front_drawn(&bytes);
+    // Marked as ours (a tEXt chunk the png decoder accepted above), so --force may replace it.
+    assert!(bytes.windows(11).any(|w| w == b"gemma-merge"));
+    let (code, _, err) = run(&[
+        "front",
+        s(&recipe),
+        "--token-ids",
+        IDS,
+        "--plot",
+        s(&png_path),
+        "--force",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(text > 500, "no text in the PNG ({text} dark pixels)");
+
+    for (plot, needle) in [
+        (d.path().join("missing/front.svg"), "does not exist"),
+        (d.path().join("front.pdf"), "must end in .svg or .png"),
+    ] {
+        let (code, _, err) = run(&["front", s(&recipe), "--token-ids", IDS, "--plot", s(&plot)]);
+        assert_eq!(code, 2, "{err}");
+        assert!(
+            err.starts_with("error: --plot ") && err.contains(needle),
+            "{err}"
+        );
+        assert!(!plot.exists());
+    }
 }

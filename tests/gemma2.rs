@@ -1,6 +1,7 @@
 //! The Gemma 2 forward pass against transformers' golden outputs (fixtures/gemma2-tiny-A: bf16, published
 //! config; -A2: the same model in f32, two shards, newer config), through the library and the binary.
 
+use gemma_merge::progress::Silent;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -313,17 +314,17 @@ fn in_memory_weights_give_the_mapped_model_logits() {
         Weight::from_values(FloatType::BF16, vec![64, 64], &noisy).unwrap(),
     );
     let perturbed = Gemma2::from_weights(config, &weights).unwrap();
-    let same = evaluate::compare(&mapped, &mapped, &g.tokens, 24).unwrap();
+    let same = evaluate::compare(&mapped, &mapped, &g.tokens, 24, &Silent).unwrap();
     assert_eq!((same.kl, same.kl_max, same.top1_agreement), (0.0, 0.0, 1.0));
-    let r = evaluate::compare(&perturbed, &mapped, &g.tokens, 24).unwrap();
+    let r = evaluate::compare(&perturbed, &mapped, &g.tokens, 24, &Silent).unwrap();
     assert!(r.kl > 1e-4 && r.kl_max >= r.kl, "{r:?}");
     assert!((r.reference_perplexity - g.perplexity).abs() / g.perplexity < 1e-4);
     // The reference computed once gives the same numbers, with one window or several.
     for context in [24, 10] {
-        let lockstep = evaluate::compare(&perturbed, &mapped, &g.tokens, context).unwrap();
-        let cached = evaluate::ReferenceLogits::new(&mapped, &g.tokens, context).unwrap();
+        let lockstep = evaluate::compare(&perturbed, &mapped, &g.tokens, context, &Silent).unwrap();
+        let cached = evaluate::ReferenceLogits::new(&mapped, &g.tokens, context, &Silent).unwrap();
         assert_eq!(cached.bytes(), 23 * 384 * 4);
-        let once = evaluate::compare_to(&perturbed, &cached).unwrap();
+        let once = evaluate::compare_to(&perturbed, &cached, &Silent).unwrap();
         assert_eq!(once.kl_per_position, lockstep.kl_per_position);
         assert_eq!(
             (
@@ -530,7 +531,12 @@ fn generate_json_matches_the_greedy_continuation() {
         "3",
     ]);
     assert!(out.status.success());
-    assert_eq!(String::from_utf8(out.stdout).unwrap().trim(), "186 291 86");
+    // The prompt is echoed first (as ids, without its <bos>), then the continuation.
+    let prompt: Vec<String> = g.prompt[1..].iter().map(|t| t.to_string()).collect();
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap().trim(),
+        format!("{} 186 291 86", prompt.join(" "))
+    );
 }
 
 #[test]
@@ -752,11 +758,17 @@ fn text_input_is_tokenized_with_bos_prepended() {
     let generated = id_list(&v["token_ids"]);
     assert_eq!(v["text"].as_str().unwrap(), tok.decode(&generated).unwrap());
     assert!(generated.len() == 16 || [1, 5].contains(generated.last().unwrap()));
-    let streamed = run(&gen);
+    let streamed = run(&[&gen[..], &["--no-echo"]].concat());
     assert!(streamed.status.success());
     assert_eq!(
         String::from_utf8(streamed.stdout).unwrap(),
         format!("{}\n", v["text"].as_str().unwrap())
+    );
+    // By default the prompt is printed first.
+    let echoed = run(&gen);
+    assert_eq!(
+        String::from_utf8(echoed.stdout).unwrap(),
+        format!("the cat{}\n", v["text"].as_str().unwrap())
     );
 }
 

@@ -8,6 +8,9 @@ use std::process::Command;
 use gemma_merge::format::writer::{ModelWriter, TensorSpec};
 use gemma_merge::format::{FloatType, Model};
 
+mod common;
+use common::load;
+
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_gemma-merge"))
 }
@@ -43,23 +46,6 @@ fn ok(args: &[&str]) -> Out {
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
-}
-
-/// Every tensor of a model, as (dtype, shape, f64 values).
-fn load(path: &Path) -> BTreeMap<String, (FloatType, Vec<usize>, Vec<f64>)> {
-    let m = Model::open(path).unwrap();
-    m.tensors()
-        .iter()
-        .map(|t| {
-            let ft = FloatType::from_dtype(t.dtype).unwrap();
-            let mut v = vec![0f32; t.numel()];
-            ft.decode(m.data(t), &mut v);
-            (
-                t.name.clone(),
-                (ft, t.shape.clone(), v.into_iter().map(f64::from).collect()),
-            )
-        })
-        .collect()
 }
 
 /// Half a unit in the last place of `dtype` at `x`.
@@ -178,10 +164,16 @@ fn output_folder_has_config_card_and_manifest() {
     assert_eq!(config["torch_dtype"], "bfloat16");
     assert_eq!(config["model_type"], "gemma2");
     let card = std::fs::read_to_string(out.join("README.md")).unwrap();
-    assert!(card.starts_with("---\nbase_model: \"sft\"\ntags:\n- merge\n- warp\n- gemma-merge\nlibrary_name: transformers\n---\n"), "{card}");
+    // No base_model: the inputs are local checkpoints, not Hugging Face ids (tests/cli.rs pins cards).
+    assert!(card.starts_with("---\nlibrary_name: transformers\ntags:\n- merge\n- gemma-merge\n- ema\n- liti\n- slerp\n- warp\n---\n"), "{card}");
     assert!(
-        card.contains("method: slerp"),
-        "the card carries the recipe"
+        card.contains("**SLERP**"),
+        "the card says what the recipe did"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("recipe.yaml")).unwrap(),
+        std::fs::read_to_string(fixtures().join("recipes/warp.yaml")).unwrap(),
+        "the recipe is beside the weights"
     );
     let manifest: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("merge-manifest.json")).unwrap())
@@ -192,7 +184,15 @@ fn output_folder_has_config_card_and_manifest() {
         .iter()
         .map(|f| f["path"].as_str().unwrap())
         .collect();
-    assert_eq!(files, ["model.safetensors", "config.json", "README.md"]);
+    assert_eq!(
+        files,
+        [
+            "model.safetensors",
+            "config.json",
+            "README.md",
+            "recipe.yaml"
+        ]
+    );
     assert_eq!(manifest["step"], "warp");
     assert_eq!(
         manifest["inputs"].as_array().unwrap().len(),
@@ -244,7 +244,7 @@ fn verify_fails_after_one_byte_changes() {
     let out = d.path().join("lin");
     run_golden("linear.yaml", &out);
     let o = ok(&["verify", s(&out)]);
-    assert!(o.stdout.contains("3 files match"), "{}", o.stdout);
+    assert!(o.stdout.contains("4 files match"), "{}", o.stdout);
     let p = out.join("model.safetensors");
     let mut bytes = std::fs::read(&p).unwrap();
     let i = bytes.len() - 100;

@@ -217,12 +217,13 @@ fn a_closed_stdout_pipe_is_not_a_panic() {
     );
     assert_eq!(gm(&["run", s(&r)]).code, Some(0));
     let out = d.path().join("out");
+    let dry = d.path().join("dry");
     for args in [
         vec!["inspect", s(&a)],
         vec!["inspect", s(&b), "--json"],
         vec!["verify", "-v", s(&out)],
-        vec!["run", s(&r), "--dry-run"],
-        vec!["run", s(&r), "--dry-run", "--json"],
+        vec!["run", s(&r), "--dry-run", "--out", s(&dry)],
+        vec!["run", s(&r), "--dry-run", "--json", "--out", s(&dry)],
     ] {
         let (code, stderr) = with_closed_stdout(&args);
         assert_eq!(code, Some(0), "{args:?}: {stderr}");
@@ -438,4 +439,259 @@ fn eta_lists_write_subfolders_and_refuse_duplicates() {
         fails(&gm(&["run", s(&r)]), 2, &["r.yaml:7", "twice"]);
     }
     assert!(!d.path().join("out2").exists());
+    let many: Vec<String> = (0..1001)
+        .map(|k| format!("{}", k as f64 / 1000.0))
+        .collect();
+    let r = recipe(
+        d.path(),
+        &format!("output: out2\nbase: a\nsteps:\n  - name: l\n    method: liti\n    model: b\n    eta: [{}]\n", many.join(", ")),
+    );
+    fails(&gm(&["run", s(&r)]), 2, &["r.yaml:7", "at most 1000"]);
+    assert!(!d.path().join("out2").exists());
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Group 3: FIFOs, devices and huge side files are refused, never waited on
+
+#[cfg(unix)]
+fn mkfifo(p: &Path) {
+    let st = Command::new("mkfifo").arg(p).status().unwrap();
+    assert!(st.success());
+}
+
+/// A copy of the demo's sft model (weights, config, tokenizer) in `dir`.
+fn demo_copy(dir: &Path) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/demo/sft");
+    std::fs::create_dir_all(dir).unwrap();
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+    }
+    dir.to_path_buf()
+}
+
+/// Replaces `file` by each kind of non-regular file in turn and runs `args`: a clean failure naming
+/// the file, at once.
+#[cfg(unix)]
+fn refused_as_non_regular(file: &Path, args: &[&str], code: i32) {
+    refused_as(file, args, code, "not a regular file")
+}
+
+#[cfg(unix)]
+fn refused_as(file: &Path, args: &[&str], code: i32, what: &str) {
+    let saved = std::fs::read(file).ok();
+    let name = file.file_name().unwrap().to_str().unwrap().to_string();
+    for kind in ["fifo", "zero", "dir"] {
+        let _ = std::fs::remove_file(file);
+        match kind {
+            "fifo" => mkfifo(file),
+            "zero" => std::os::unix::fs::symlink("/dev/zero", file).unwrap(),
+            _ => std::fs::create_dir(file).unwrap(),
+        }
+        let started = Instant::now();
+        let o = gm(args);
+        fails(&o, code, &[&name, what]);
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{kind} {name}: slow"
+        );
+        if kind == "dir" {
+            std::fs::remove_dir(file).unwrap();
+        }
+    }
+    let _ = std::fs::remove_file(file);
+    // Too large (a sparse file): refused with the limit named, before reading it.
+    let f = std::fs::File::create(file).unwrap();
+    f.set_len((64 << 20) + 1).unwrap();
+    drop(f);
+    if name != "model.safetensors" {
+        let o = gm(args);
+        fails(&o, code, &[&name, "MiB"]);
+    }
+    match saved {
+        Some(b) => std::fs::write(file, b).unwrap(),
+        None => std::fs::remove_file(file).unwrap(),
+    }
+}
+
+#[cfg(unix)]
+#[test]
+fn fifos_devices_and_huge_side_files_are_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let m = demo_copy(&d.path().join("m"));
+    let text = d.path().join("t.txt");
+    std::fs::write(&text, "This License applies to any program").unwrap();
+    let eval = ["eval", s(&m), "--text", s(&text)];
+    assert_eq!(gm(&eval).code, Some(0));
+    refused_as_non_regular(&m.join("model.safetensors"), &eval, 1);
+    refused_as_non_regular(&m.join("config.json"), &eval, 1);
+    refused_as_non_regular(&m.join("tokenizer.json"), &eval, 1);
+    refused_as_non_regular(&text, &eval, 1);
+    refused_as_non_regular(&m.join("model.safetensors"), &["inspect", s(&m)], 1);
+
+    // A recipe, and a side file copied from the base.
+    let (_, _) = pair(d.path());
+    let r = recipe(
+        d.path(),
+        "output: out\nbase: a\nsteps:\n  - {name: l, method: liti, model: b, eta: 0.5}\n",
+    );
+    refused_as_non_regular(&r, &["run", s(&r)], 1);
+    refused_as_non_regular(
+        &d.path().join("a/tokenizer_config.json"),
+        &["run", s(&r)],
+        1,
+    );
+    assert!(!d.path().join("out").exists());
+    assert!(
+        !entries(d.path()).iter().any(|e| e.contains("tmp")),
+        "{:?}",
+        entries(d.path())
+    );
+
+    // A manifest entry, and the manifest itself.
+    assert_eq!(gm(&["run", s(&r)]).code, Some(0));
+    let out = d.path().join("out");
+    let o = gm(&["verify", s(&out)]);
+    assert_eq!(o.code, Some(0), "{}", o.stderr);
+    std::fs::remove_file(out.join("README.md")).unwrap();
+    mkfifo(&out.join("README.md"));
+    let o = gm(&["verify", s(&out)]);
+    assert_eq!(o.code, Some(1), "{}", o.stderr);
+    assert!(o.stderr.contains("README.md"), "{}", o.stderr);
+    refused_as(
+        &out.join("merge-manifest.json"),
+        &["verify", s(&out)],
+        1,
+        "",
+    );
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Group 4: verify checks that the folder holds exactly what the manifest lists
+
+fn verify_fails(dir: &Path, needle: &str) {
+    let o = gm(&["verify", s(dir)]);
+    assert_eq!(o.code, Some(1), "{needle}: {}\n{}", o.stdout, o.stderr);
+    assert!(o.stderr.contains(needle), "{needle} not in:\n{}", o.stderr);
+}
+
+#[test]
+fn verify_refuses_what_the_manifest_does_not_cover() {
+    let d = tempfile::tempdir().unwrap();
+    pair(d.path());
+    let r = recipe(
+        d.path(),
+        "output: out\nbase: a\nsteps:\n  - {name: l, method: liti, model: b, eta: [0.0, 0.5, 1.0]}\n",
+    );
+    assert_eq!(gm(&["run", s(&r)]).code, Some(0));
+    let out = d.path().join("out");
+    assert_eq!(gm(&["verify", s(&out)]).code, Some(0));
+    let m5 = out.join("eta-0.5");
+
+    // An η folder deleted.
+    let saved = d.path().join("saved");
+    std::fs::rename(out.join("eta-1.0"), &saved).unwrap();
+    verify_fails(&out, "eta-1.0: missing");
+    std::fs::rename(&saved, out.join("eta-1.0")).unwrap();
+    assert_eq!(gm(&["verify", s(&out)]).code, Some(0));
+
+    // Weights a loader would pick up instead: another model's index and shards beside ours.
+    let other = d.path().join("other");
+    let big = recipe(
+        d.path(),
+        "output: other\nbase: a\nshard_size: 12\nsteps:\n  - {name: l, method: liti, model: b, eta: 0.2}\n",
+    );
+    assert_eq!(gm(&["run", s(&big)]).code, Some(0));
+    for e in entries(&other) {
+        if e.contains("safetensors") {
+            std::fs::copy(other.join(&e), m5.join(&e)).unwrap();
+        }
+    }
+    verify_fails(
+        &m5,
+        "model.safetensors.index.json: not listed in the manifest",
+    );
+    verify_fails(&out, "not listed in the manifest");
+    for e in entries(&other) {
+        if e.starts_with("model-") || e.ends_with(".json") && e.contains("index") {
+            std::fs::remove_file(m5.join(&e)).unwrap();
+        }
+    }
+    assert_eq!(gm(&["verify", s(&m5)]).code, Some(0));
+    // Another model's weights under our names: the hash differs.
+    std::fs::copy(
+        other.join("model-00001-of-00002.safetensors"),
+        m5.join("model.safetensors"),
+    )
+    .unwrap();
+    verify_fails(&m5, "model.safetensors");
+    std::fs::copy(
+        out.join("eta-0.0/model.safetensors"),
+        m5.join("model.safetensors"),
+    )
+    .unwrap();
+    verify_fails(&m5, "SHA-256");
+    let back = recipe(
+        d.path(),
+        "output: out\nbase: a\nsteps:\n  - {name: l, method: liti, model: b, eta: [0.0, 0.5, 1.0]}\n",
+    );
+    assert_eq!(gm(&["run", s(&back), "--force"]).code, Some(0));
+
+    // Stray pytorch weights or an unlisted config.
+    std::fs::write(m5.join("pytorch_model.bin"), b"x").unwrap();
+    verify_fails(&m5, "pytorch_model.bin: not listed");
+    std::fs::remove_file(m5.join("pytorch_model.bin")).unwrap();
+
+    // A symlink leading outside the folder, even to identical bytes.
+    let outside = d.path().join("outside.safetensors");
+    std::fs::copy(m5.join("model.safetensors"), &outside).unwrap();
+    std::fs::remove_file(m5.join("model.safetensors")).unwrap();
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::symlink(&outside, m5.join("model.safetensors")).unwrap();
+        verify_fails(&m5, "symlink leading outside");
+        std::fs::remove_file(m5.join("model.safetensors")).unwrap();
+    }
+    std::fs::copy(&outside, m5.join("model.safetensors")).unwrap();
+    assert_eq!(gm(&["verify", s(&out)]).code, Some(0));
+
+    // A manifest with no outputs.
+    let mp = m5.join("merge-manifest.json");
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&mp).unwrap()).unwrap();
+    assert_eq!(
+        m["front"],
+        serde_json::json!(["eta-0.0", "eta-0.5", "eta-1.0"])
+    );
+    let outputs = m["outputs"].clone();
+    m["outputs"] = serde_json::json!([]);
+    std::fs::write(&mp, serde_json::to_string(&m).unwrap()).unwrap();
+    verify_fails(&m5, "lists no output files");
+    // An old manifest (no `front` key) is still read.
+    m["outputs"] = outputs;
+    m.as_object_mut().unwrap().remove("front");
+    std::fs::write(&mp, serde_json::to_string(&m).unwrap()).unwrap();
+    assert_eq!(gm(&["verify", s(&out)]).code, Some(0));
+}
+
+#[test]
+fn synth_sizes_are_checked_before_anything_is_allocated() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("s");
+    for args in [
+        vec!["--shape", "2b", "--layers", "1000000"],
+        vec!["--shape", "2b", "--vocab-size", "100000000000"],
+        vec!["--shape", "27b", "--layers", "1024"],
+    ] {
+        let mut all = vec!["synth"];
+        all.extend(&args);
+        all.extend(["--out", s(&out)]);
+        let o = gm(&all);
+        assert_eq!(o.code, Some(2), "{args:?}: {}", o.stderr);
+        assert!(o.stderr.contains("error: "), "{}", o.stderr);
+        assert!(
+            entries(d.path()).is_empty(),
+            "{args:?}: {:?}",
+            entries(d.path())
+        );
+    }
 }

@@ -13,9 +13,11 @@ use gemma_merge::model::chat::{self, ChatFormat};
 use gemma_merge::model::sampling::{self, Sampler, SamplingParams};
 use gemma_merge::model::{folder_of, Gemma2, ModelError, Tokenizer};
 
+use super::progress::Bars;
 use gemma_merge::safe_out::{check_conflicts, check_target, model_inputs, Kind, Role, Staged};
 
 use super::{Global, PathArg, UsageError};
+use gemma_merge::progress::{Progress, Unit};
 
 /// Where the tokens come from: a text file (tokenized, `<bos>` prepended) or raw ids.
 #[derive(Debug, Clone, Args)]
@@ -76,9 +78,12 @@ pub struct GenerateArgs {
     /// Prompt token ids used as given, comma separated.
     #[arg(long, value_name = "IDS", value_delimiter = ',', value_parser = parse_token_id)]
     pub token_ids: Option<Vec<u32>>,
-    /// Truncate the prompt to N tokens.
-    #[arg(long, value_name = "N")]
-    pub max_tokens: Option<usize>,
+    /// Truncate the prompt to its first N tokens (`--max-tokens` is an old name of this flag).
+    #[arg(long, value_name = "N", alias = "max-tokens")]
+    pub max_prompt_tokens: Option<usize>,
+    /// Do not print the prompt before the continuation (it is printed unless -q or --json).
+    #[arg(long)]
+    pub no_echo: bool,
     /// Stop after N generated tokens (at most 1000000).
     #[arg(long, value_name = "N", default_value_t = 64, value_parser = parse_max_new_tokens)]
     pub max_new_tokens: usize,
@@ -209,6 +214,12 @@ pub fn eval(args: &EvalArgs, g: &Global) -> anyhow::Result<()> {
     )?;
 
     let started = Instant::now();
+    let bars = Bars::new(g);
+    bars.start(
+        "scoring",
+        evaluate::positions_to_run(tokens.len(), context)?,
+        Unit::Positions,
+    );
     let score = match &args.dump_logits {
         Some(path) => {
             // The logits go to a temporary file renamed into place once complete: the target (checked
@@ -216,14 +227,16 @@ pub fn eval(args: &EvalArgs, g: &Global) -> anyhow::Result<()> {
             let (staged, file) = Staged::file(path, Kind::Logits, args.force)?;
             let mut writer =
                 LogitsWriter::new(file, staged.path(), tokens.len(), model.config().vocab_size)?;
-            let score =
-                evaluate::score_with(&model, &tokens, context, |_, row| writer.write_row(row))?;
+            let score = evaluate::score_with(&model, &tokens, context, &bars, |_, row| {
+                writer.write_row(row)
+            })?;
             writer.finish()?;
             staged.commit()?;
             score
         }
-        None => evaluate::score(&model, &tokens, context)?,
+        None => evaluate::score_with(&model, &tokens, context, &bars, |_, _| Ok(()))?,
     };
+    bars.finish();
     let seconds = started.elapsed().as_secs_f64();
     let tokens_per_second = score.positions_run as f64 / seconds;
     if args.json {
@@ -243,6 +256,11 @@ pub fn eval(args: &EvalArgs, g: &Global) -> anyhow::Result<()> {
         writeln!(out, "mean_nll    {:.6}", score.mean_nll)?;
         writeln!(out, "perplexity  {:.4}", score.perplexity)?;
         writeln!(out, "tokens/s    {tokens_per_second:.1}")?;
+        if g.verbose {
+            per_window(tokens.len(), context, "mean_nll", |r| {
+                -score.log_probs[r].iter().sum::<f64>()
+            })?;
+        }
         if !g.quiet {
             eprintln!(
                 "{} input tokens, {} window(s) of up to {context} positions, {seconds:.2} s",
@@ -255,7 +273,9 @@ pub fn eval(args: &EvalArgs, g: &Global) -> anyhow::Result<()> {
 }
 
 pub fn generate(args: &GenerateArgs, g: &Global) -> anyhow::Result<()> {
-    check_counts(args.max_tokens, None)?;
+    if args.max_prompt_tokens == Some(0) {
+        return Err(UsageError("--max-prompt-tokens must be at least 1".into()).into());
+    }
     let params = SamplingParams {
         temperature: args.temperature,
         top_k: args.top_k,
@@ -292,7 +312,7 @@ pub fn generate(args: &GenerateArgs, g: &Global) -> anyhow::Result<()> {
             return Err(UsageError("give --prompt TEXT or --token-ids IDS".into()).into())
         }
     };
-    if let Some(n) = args.max_tokens {
+    if let Some(n) = args.max_prompt_tokens {
         prompt.truncate(n);
     }
     model.check_tokens(&prompt)?;
@@ -305,6 +325,23 @@ pub fn generate(args: &GenerateArgs, g: &Global) -> anyhow::Result<()> {
     let mut stream = tokenizer.as_ref().map(|t| t.stream());
     let mut out = std::io::stdout().lock();
     let streaming = !args.json;
+    if g.verbose {
+        eprintln!("prompt: {} tokens {:?}", prompt.len(), prompt);
+    }
+    // A chat prompt is the template's rendering, not the user's text: only the reply is printed.
+    let chat = args.chat || args.system.is_some();
+    if streaming && !g.quiet && !args.no_echo && !chat {
+        // The prompt goes through the same streaming decoder, so the continuation joins it seamlessly.
+        let bos = model.config().bos_token_id;
+        let shown = prompt.strip_prefix(&[bos]).unwrap_or(&prompt);
+        for &id in shown {
+            match &mut stream {
+                Some(stream) => out.write_all(stream.push(id)?.as_bytes())?,
+                None => write!(out, "{id} ")?,
+            }
+        }
+        out.flush()?;
+    }
     let generation = sampling::generate(
         &model,
         &prompt,
@@ -383,6 +420,9 @@ pub fn compare(args: &CompareArgs, g: &Global) -> anyhow::Result<()> {
         });
     }
     let started = Instant::now();
+    let bars = Bars::new(g);
+    // Input tokens and window length, for -v (not with --chat-file).
+    let mut windows: Option<(usize, usize)> = None;
     let (r, context) = match &args.chat_file {
         Some(file) => {
             if args.max_tokens.is_some() {
@@ -400,12 +440,19 @@ pub fn compare(args: &CompareArgs, g: &Global) -> anyhow::Result<()> {
                 args.max_tokens,
                 args.context,
             )?;
+            bars.start(
+                "comparing",
+                2 * evaluate::positions_to_run(tokens.len(), context)?,
+                Unit::Positions,
+            );
+            windows = Some((tokens.len(), context));
             (
-                evaluate::compare(&model, &reference, &tokens, context)?,
+                evaluate::compare(&model, &reference, &tokens, context, &bars)?,
                 Some(context),
             )
         }
     };
+    bars.finish();
     let seconds = started.elapsed().as_secs_f64();
     if args.json {
         return print_json(&json!({
@@ -421,13 +468,42 @@ pub fn compare(args: &CompareArgs, g: &Global) -> anyhow::Result<()> {
     }
     let mut out = std::io::stdout().lock();
     writeln!(out, "tokens                {}", r.tokens)?;
-    writeln!(out, "kl                    {:.6e}", r.kl)?;
-    writeln!(out, "kl_max                {:.6e}", r.kl_max)?;
+    writeln!(out, "kl                    {:.6}", r.kl)?;
+    writeln!(out, "kl_max                {:.6}", r.kl_max)?;
     writeln!(out, "top1_agreement        {:.4}", r.top1_agreement)?;
     writeln!(out, "perplexity            {:.4}", r.perplexity)?;
     writeln!(out, "reference_perplexity  {:.4}", r.reference_perplexity)?;
+    if let Some((n, context)) = windows.filter(|_| g.verbose) {
+        per_window(n, context, "kl", |i| r.kl_per_position[i].iter().sum())?;
+    }
     if !g.quiet {
         eprintln!("{} positions per model in {seconds:.2} s", r.positions_run);
+    }
+    Ok(())
+}
+
+/// `-v`: one line per scoring window on stderr, with the mean over its predicted tokens of the value
+/// whose sum `sum(range of predicted-token indices)` gives.
+fn per_window(
+    n_tokens: usize,
+    context: usize,
+    what: &str,
+    sum: impl Fn(std::ops::Range<usize>) -> f64,
+) -> anyhow::Result<()> {
+    for (i, w) in evaluate::windows(n_tokens, context)?.iter().enumerate() {
+        // Predicted-token indices of a window: token p (p ≥ 1) is index p − 1.
+        let r = w.start.saturating_sub(1)..w.end.saturating_sub(1);
+        let n = r.len();
+        eprintln!(
+            "window {i}: tokens {}..{}, {n} predicted, {what} {}",
+            w.start,
+            w.end,
+            if n == 0 {
+                "-".to_string()
+            } else {
+                format!("{:.6}", sum(r) / n as f64)
+            }
+        );
     }
     Ok(())
 }
@@ -506,7 +582,11 @@ pub(super) fn input_tokens(
 ) -> anyhow::Result<Vec<u32>> {
     let mut tokens = match (&input.text, &input.token_ids) {
         (Some(path), _) => {
-            let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+            let text = gemma_merge::format::files::read_text_limited(
+                path,
+                gemma_merge::format::files::SIDE_FILE_LIMIT,
+            )
+            .map_err(|e| ModelError::io(path, e))?;
             if text.is_empty() {
                 anyhow::bail!(
                     "{}: the text file is empty: there are no tokens to run",

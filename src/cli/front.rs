@@ -28,9 +28,12 @@ pub struct FrontArgs {
         allow_hyphen_values = true
     )]
     pub eta: Option<Vec<f64>>,
-    /// Draw the front as an SVG file.
-    #[arg(long, value_name = "FILE.svg")]
+    /// Draw the front: FILE.svg (vector) or FILE.png (760×520, drawn with the system's fonts).
+    #[arg(long, value_name = "FILE.svg|FILE.png")]
     pub plot: Option<PathArg>,
+    /// With --plot: perplexity on a log scale.
+    #[arg(long, requires = "plot")]
+    pub log_y: bool,
     /// Also write each η model as an ordinary output folder under DIR (DIR/eta-0.3, ...).
     #[arg(long, value_name = "DIR")]
     pub keep: Option<PathArg>,
@@ -56,6 +59,44 @@ pub struct FrontArgs {
     pub json: bool,
 }
 
+/// The plot's format, from its extension.
+#[derive(Clone, Copy)]
+enum PlotFormat {
+    Svg,
+    Png,
+}
+
+/// Checks `--plot` before any work: a known extension, and a folder that exists.
+fn plot_format(path: &std::path::Path) -> anyhow::Result<PlotFormat> {
+    let ext = path
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase());
+    let format = match ext.as_deref() {
+        Some("svg") => PlotFormat::Svg,
+        Some("png") => PlotFormat::Png,
+        _ => {
+            return Err(UsageError(format!(
+                "--plot {}: the file must end in .svg or .png",
+                path.display()
+            ))
+            .into())
+        }
+    };
+    let folder = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    };
+    if !folder.is_dir() {
+        return Err(UsageError(format!(
+            "--plot {}: the folder {} does not exist",
+            path.display(),
+            folder.display()
+        ))
+        .into());
+    }
+    Ok(format)
+}
+
 pub fn front(a: &FrontArgs, g: &Global) -> anyhow::Result<()> {
     super::eval::set_fast(a.fast);
     let placeholder = a.recipe.with_extension("front-not-written");
@@ -67,6 +108,8 @@ pub fn front(a: &FrontArgs, g: &Global) -> anyhow::Result<()> {
     }
     gemma_merge::front::liti_step(&plan).map_err(|e| UsageError(e.to_string()))?;
     let inputs = check_outputs(a, &plan)?;
+    // After the aliasing checks (an input named as --plot is reported as such), before any work.
+    let plot_format = a.plot.as_deref().map(plot_format).transpose()?;
     let folder = base_folder(&plan);
     let config = gemma_merge::model::Config::from_folder(&folder)?;
     let tokens =
@@ -76,7 +119,7 @@ pub fn front(a: &FrontArgs, g: &Global) -> anyhow::Result<()> {
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let quiet = g.quiet || a.json;
+    let bars = super::progress::Bars::new(g);
     let front = evaluate_front(
         FrontRequest {
             plan,
@@ -88,10 +131,11 @@ pub fn front(a: &FrontArgs, g: &Global) -> anyhow::Result<()> {
             tokens: &tokens,
             context: a.context,
             policies: !a.no_policies,
+            progress: &bars,
         },
         &|msg| {
-            if !quiet && g.verbose {
-                eprintln!("{msg}");
+            if g.verbose {
+                bars.note(msg);
             }
         },
     )
@@ -101,9 +145,10 @@ pub fn front(a: &FrontArgs, g: &Global) -> anyhow::Result<()> {
         other => anyhow::Error::new(other),
     })?;
 
+    bars.finish();
     let mut out = std::io::stdout().lock();
     if a.json {
-        writeln!(out, "{}", serde_json::to_string_pretty(&front.points)?)?;
+        writeln!(out, "{}", serde_json::to_string_pretty(&json_rows(&front))?)?;
     } else {
         writeln!(
             out,
@@ -148,7 +193,13 @@ pub fn front(a: &FrontArgs, g: &Global) -> anyhow::Result<()> {
             .trim_end_matches(" (reference)")
             .to_string();
         let plot = FrontPlot {
-            title: format!("LITI front — {name}"),
+            title: format!(
+                "LITI front of {name} on {}",
+                input_name(
+                    &a.input,
+                    front.points.first().map(|p| p.tokens + 1).unwrap_or(0)
+                )
+            ),
             x_label: format!("KL(model ‖ {reference_name}) [nats/token]"),
             y_label: "perplexity".into(),
             front: front
@@ -174,18 +225,78 @@ pub fn front(a: &FrontArgs, g: &Global) -> anyhow::Result<()> {
                     y: m.perplexity,
                 })
                 .collect(),
+            log_y: a.log_y,
         };
-        let (staged, mut file) = Staged::file(path, Kind::Svg, a.force)?;
-        file.write_all(plot.to_svg().as_bytes())
+        let (bytes, kind) = match plot_format.expect("checked with --plot") {
+            PlotFormat::Svg => (plot.to_svg().into_bytes(), Kind::Svg),
+            PlotFormat::Png => (
+                plot.to_png()
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+                Kind::Png,
+            ),
+        };
+        let (staged, mut file) = Staged::file(path, kind, a.force)?;
+        file.write_all(&bytes)
             .and_then(|()| file.sync_all())
             .map_err(|e| anyhow::anyhow!("{}: {e}", staged.path().display()))?;
         drop(file);
         staged.commit()?;
         if !g.quiet && !a.json {
-            writeln!(out, "wrote {}", path.display())?;
+            writeln!(out, "wrote {}", super::shown(path))?;
         }
     }
     Ok(())
+}
+
+/// What was scored, for the plot's title: the text file's name, or the number of token ids.
+fn input_name(input: &TokenInput, tokens: usize) -> String {
+    match &input.text {
+        Some(path) => path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| super::shown(path)),
+        None => format!("{tokens} token ids"),
+    }
+}
+
+/// The rows of the table as JSON (keys in docs/cli.md): the η rows, in η order, then the reference and the
+/// policies.
+fn json_rows(front: &gemma_merge::front::Front) -> Vec<serde_json::Value> {
+    let tokens = front.points.first().map(|p| p.tokens).unwrap_or(0);
+    let reference_perplexity = front.reference.perplexity;
+    let mut rows: Vec<serde_json::Value> = front
+        .points
+        .iter()
+        .map(|p| {
+            serde_json::json!({
+                "kind": "eta",
+                "eta": p.eta,
+                "kl": p.kl,
+                "kl_max": p.kl_max,
+                "top1_agreement": p.top1_agreement,
+                "perplexity": p.perplexity,
+                "reference_perplexity": p.reference_perplexity,
+                "tokens": p.tokens,
+                "label": format!("η={:?}", p.eta),
+            })
+        })
+        .collect();
+    let marker = |kind: &str, m: &gemma_merge::front::Marker| {
+        serde_json::json!({
+            "kind": kind,
+            "eta": null,
+            "kl": m.kl,
+            "kl_max": null,
+            "top1_agreement": m.top1_agreement,
+            "perplexity": m.perplexity,
+            "reference_perplexity": reference_perplexity,
+            "tokens": tokens,
+            "label": m.label,
+        })
+    };
+    rows.push(marker("reference", &front.reference));
+    rows.extend(front.policies.iter().map(|m| marker("policy", m)));
+    rows
 }
 
 /// Checks `--keep` and `--plot` before any work: neither may touch an input (models, reference, recipe,
@@ -219,7 +330,11 @@ fn check_outputs(a: &FrontArgs, plan: &Plan) -> anyhow::Result<Vec<Role>> {
         check_target(k, Kind::ModelFolder, a.force)?;
     }
     if let Some(p) = &a.plot {
-        check_target(p, Kind::Svg, a.force)?;
+        let kind = match plot_format(p)? {
+            PlotFormat::Svg => Kind::Svg,
+            PlotFormat::Png => Kind::Png,
+        };
+        check_target(p, kind, a.force)?;
     }
     Ok(extra)
 }

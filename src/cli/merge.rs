@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use clap::Args;
-use gemma_merge::executor::{verify_folder, PlanSummary, Prepared, RunOptions};
+use gemma_merge::executor::{verify_folder, PlanSummary, Prepared, RunOptions, RunReport};
 use gemma_merge::format::Model;
 use gemma_merge::recipe::Plan;
 
@@ -31,12 +31,22 @@ pub struct RunArgs {
     /// Seed of random methods (DARE) for a mergekit config; a recipe sets `seed:` itself.
     #[arg(long, value_name = "N")]
     pub seed: Option<u64>,
+    /// Write only part I of N of the output shards (from 1), for `join` to assemble; `auto` reads a SLURM
+    /// array task or a Kubernetes Indexed Job (see docs/distributed.md).
+    #[arg(long, value_name = "I/N|auto", conflicts_with = "join")]
+    pub part: Option<String>,
+    /// Assemble the parts written by `--part` runs into the output (the same as `gemma-merge join`).
+    #[arg(long, conflicts_with = "dry_run")]
+    pub join: bool,
 }
 
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
     /// An output folder holding merge-manifest.json.
     pub dir: PathArg,
+    /// Print a JSON object ({"dir", "ok", "checked", "mismatches"}) instead of text; exit 1 still on a mismatch.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -49,6 +59,11 @@ pub struct InspectArgs {
 }
 
 pub fn run(a: &RunArgs, g: &Global) -> anyhow::Result<()> {
+    let part = a
+        .part
+        .as_deref()
+        .map(|spec| super::parts::resolve_part(spec, &|name| std::env::var(name).ok()))
+        .transpose()?;
     let plan = Plan::load(&a.recipe, a.out.as_deref(), a.seed)?;
     if !g.quiet {
         for w in &plan.warnings {
@@ -61,34 +76,48 @@ pub fn run(a: &RunArgs, g: &Global) -> anyhow::Result<()> {
         hash_inputs: a.hash_inputs,
         extra_inputs: Vec::new(),
     };
-    if a.dry_run {
-        prepared.check_outputs(&opts)?;
+    if let Some(part) = part {
+        return super::parts::run_part(&prepared, part, &opts, a.dry_run, a.json, g);
+    }
+    if a.join {
+        return super::parts::join_prepared(&prepared, &opts, a.json, g);
+    }
+    if a.dry_run || g.verbose {
+        if a.dry_run {
+            prepared.check_outputs(&opts)?;
+        }
         let s = prepared.summary();
-        if a.json {
-            outln!("{}", serde_json::to_string_pretty(&s)?)?;
+        if !a.dry_run {
+            // -v: the plan, on stderr (stdout keeps the result).
+            eprint!("{}", summary_text(&s));
+        } else if a.json {
+            outln!("{}", serde_json::to_string_pretty(&summary_json(&s))?)?;
+            return Ok(());
         } else {
-            print_summary(&s)?;
+            outln!("{}", summary_text(&s).trim_end())?;
+            return Ok(());
         }
-        return Ok(());
     }
-    let bar = super::progress_bar(
-        g,
-        "{spinner} merging [{bar:40}] {percent:>3}% {elapsed_precise} eta {eta}",
-    );
-    let report = prepared.run(&opts, &|done, total| {
-        if let Some(b) = &bar {
-            b.set_length(total);
-            b.set_position(done);
-        }
-    })?;
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
-    if a.json {
-        outln!("{}", serde_json::to_string_pretty(&report)?)?;
+    let bars = super::progress::Bars::new(g);
+    let report = prepared.run(&opts, &bars)?;
+    bars.finish();
+    print_run_report(&report, a.json, g)
+}
+
+/// What `run` and `join` print when done.
+pub fn print_run_report(report: &RunReport, json: bool, g: &Global) -> anyhow::Result<()> {
+    if json {
+        let out = serde_json::json!({
+            "output": super::shown(&report.output),
+            "outputs": report.outputs.iter().map(|o| super::shown(o)).collect::<Vec<_>>(),
+            "tensors": report.tensors,
+            "bytes_written": report.bytes_written,
+            "seconds": report.seconds,
+        });
+        outln!("{}", serde_json::to_string_pretty(&out)?)?;
     } else if !g.quiet {
         for o in &report.outputs {
-            outln!("wrote {}", o.display())?;
+            outln!("wrote {}", super::shown(o))?;
         }
         outln!(
             "{} tensors, {} in {:.2} s",
@@ -100,37 +129,68 @@ pub fn run(a: &RunArgs, g: &Global) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_summary(s: &PlanSummary) -> std::io::Result<()> {
-    outln!("plan (dry run: nothing is written)")?;
-    outln!("inputs:")?;
+/// The dry-run plan as JSON: lists of objects with named keys (documented in docs/cli.md).
+fn summary_json(s: &PlanSummary) -> serde_json::Value {
+    serde_json::json!({
+        "steps": s.steps.iter().map(|(name, method)| serde_json::json!({"name": name, "method": method})).collect::<Vec<_>>(),
+        "outputs": s.outputs.iter().map(|o| super::shown(o)).collect::<Vec<_>>(),
+        "inputs": s.inputs.iter().map(|(name, path, bytes)| serde_json::json!({
+            "name": name, "path": super::shown(path), "bytes": bytes,
+        })).collect::<Vec<_>>(),
+        "tensors": s.tensors,
+        "merged_tensors": s.merged_tensors,
+        "copied_tensors": s.copied_tensors,
+        "passes": s.passes,
+        "bytes_to_read": s.bytes_to_read,
+        "bytes_to_write": s.bytes_to_write,
+        "peak_memory_estimate": s.peak_memory_estimate,
+        "warnings": s.warnings,
+    })
+}
+
+/// The plan as text (dry run on stdout, `-v` on stderr).
+fn summary_text(s: &PlanSummary) -> String {
+    use std::fmt::Write;
+    let mut o = String::new();
+    let _ = writeln!(o, "plan (dry run: nothing is written)");
+    let _ = writeln!(o, "inputs:");
     for (shown, path, bytes) in &s.inputs {
-        outln!("  {shown:<24} {} ({})", path.display(), human_bytes(*bytes))?;
+        let _ = writeln!(
+            o,
+            "  {shown:<24} {} ({})",
+            super::shown(path),
+            human_bytes(*bytes)
+        );
     }
-    outln!("steps:")?;
+    let _ = writeln!(o, "steps:");
     for (name, method) in &s.steps {
-        outln!("  {name:<24} {method}")?;
+        let _ = writeln!(o, "  {name:<24} {method}");
     }
-    outln!("outputs:")?;
-    for o in &s.outputs {
-        outln!("  {}", o.display())?;
+    let _ = writeln!(o, "outputs:");
+    for out in &s.outputs {
+        let _ = writeln!(o, "  {}", super::shown(out));
     }
-    outln!(
+    let _ = writeln!(
+        o,
         "tensors: {} ({} merged, {} copied)",
-        s.tensors,
-        s.merged_tensors,
-        s.copied_tensors
-    )?;
-    outln!("passes over the inputs: {}", s.passes)?;
-    outln!("bytes to read: {} (at most)", human_bytes(s.bytes_to_read))?;
-    outln!("bytes to write: {}", human_bytes(s.bytes_to_write))?;
-    outln!(
+        s.tensors, s.merged_tensors, s.copied_tensors
+    );
+    let _ = writeln!(o, "passes over the inputs: {}", s.passes);
+    let _ = writeln!(
+        o,
+        "bytes to read: {} (at most)",
+        human_bytes(s.bytes_to_read)
+    );
+    let _ = writeln!(o, "bytes to write: {}", human_bytes(s.bytes_to_write));
+    let _ = writeln!(
+        o,
         "peak memory estimate: {} (plus the page cache)",
         human_bytes(s.peak_memory_estimate)
-    )?;
+    );
     for w in &s.warnings {
-        outln!("warning: {w}")?;
+        let _ = writeln!(o, "warning: {w}");
     }
-    Ok(())
+    o
 }
 
 /// "1.23 GB" style sizes (powers of 1000, as the shard sizes).
@@ -150,34 +210,47 @@ pub fn human_bytes(n: u64) -> String {
 }
 
 pub fn verify(a: &VerifyArgs, g: &Global) -> anyhow::Result<()> {
-    let report = verify_folder(&a.dir)?;
-    if !report.mismatches.is_empty() {
+    let bars = super::progress::Bars::new(g);
+    let report = verify_folder(&a.dir, &bars)?;
+    bars.finish();
+    let dir = super::shown(&a.dir);
+    let total = report.mismatches.len() + report.checked.len();
+    if a.json {
+        outln!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "dir": dir,
+                "ok": report.mismatches.is_empty(),
+                "checked": report.checked,
+                "mismatches": report.mismatches,
+            }))?
+        )?;
+    } else {
         for m in &report.mismatches {
             eprintln!("mismatch: {m}");
         }
-        anyhow::bail!(
-            "{}: {} of {} files differ from merge-manifest.json",
-            a.dir.display(),
-            report.mismatches.len(),
-            report.mismatches.len() + report.checked.len()
-        );
-    }
-    if !g.quiet {
         if g.verbose {
             for c in &report.checked {
                 outln!("ok {c}")?;
             }
         }
+    }
+    if !report.mismatches.is_empty() {
+        anyhow::bail!(
+            "{dir}: {} of {total} files differ from merge-manifest.json",
+            report.mismatches.len(),
+        );
+    }
+    if !g.quiet && !a.json {
         outln!(
-            "{}: {} files match merge-manifest.json",
-            a.dir.display(),
+            "{dir}: {} files match merge-manifest.json",
             report.checked.len()
         )?;
     }
     Ok(())
 }
 
-pub fn inspect(a: &InspectArgs, _g: &Global) -> anyhow::Result<()> {
+pub fn inspect(a: &InspectArgs, g: &Global) -> anyhow::Result<()> {
     let model = Model::open(&a.path)?;
     let config = model.config()?;
     let params: u64 = model.tensors().iter().map(|t| t.numel() as u64).sum();
@@ -214,10 +287,10 @@ pub fn inspect(a: &InspectArgs, _g: &Global) -> anyhow::Result<()> {
         let files: Vec<serde_json::Value> = model
             .files()
             .iter()
-            .map(|f| serde_json::json!({"path": f.path().display().to_string(), "size": f.len()}))
+            .map(|f| serde_json::json!({"path": super::shown(f.path()), "size": f.len()}))
             .collect();
         let out = serde_json::json!({
-            "path": a.path.display().to_string(),
+            "path": super::shown(&a.path),
             "tensors": tensors,
             "parameters": params,
             "bytes": model.data_bytes(),
@@ -228,8 +301,17 @@ pub fn inspect(a: &InspectArgs, _g: &Global) -> anyhow::Result<()> {
         outln!("{}", serde_json::to_string_pretty(&out)?)?;
         return Ok(());
     }
-    outln!("{}", a.path.display())?;
+    outln!("{}", super::shown(&a.path))?;
     outln!("files: {}", model.files().len())?;
+    if g.verbose {
+        for f in model.files() {
+            outln!(
+                "  {} ({})",
+                super::shown(f.path()),
+                human_bytes(f.len() as u64)
+            )?;
+        }
+    }
     outln!("tensors: {}", model.tensors().len())?;
     outln!("parameters: {params}")?;
     outln!(

@@ -12,6 +12,8 @@ macro_rules! outln {
 mod eval;
 mod front;
 mod merge;
+mod parts;
+mod progress;
 mod synth;
 
 use std::path::PathBuf;
@@ -20,7 +22,12 @@ use clap::{Args, Parser, Subcommand};
 
 /// Merge Gemma-family checkpoints the way Gemma 2 was post-trained (WARP), and check the result.
 #[derive(Debug, Parser)]
-#[command(name = "gemma-merge", version, about)]
+#[command(
+    name = "gemma-merge",
+    version,
+    about,
+    after_help = "Examples:\n  gemma-merge run recipes/demo-warp.yaml\n  gemma-merge eval out/demo-warp --text fixtures/demo/heldout-target.txt\n  gemma-merge completions bash > /etc/bash_completion.d/gemma-merge\n\nThe full contract (flags, JSON keys, exit codes) is docs/cli.md."
+)]
 pub struct Cli {
     #[command(flatten)]
     pub global: Global,
@@ -28,38 +35,86 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// The help heading of the flags every command takes, shown apart from each command's own.
+const GLOBAL: &str = "Global options";
+
 /// Flags every command takes.
 #[derive(Debug, Clone, Args)]
 pub struct Global {
     /// Worker threads (default: all cores).
-    #[arg(long, global = true, value_name = "N")]
+    #[arg(long, global = true, value_name = "N", help_heading = GLOBAL)]
     pub threads: Option<usize>,
-    /// Print only results and errors.
-    #[arg(short, long, global = true)]
+    /// Print only results and errors (no progress bar, no notes on stderr).
+    #[arg(short, long, global = true, help_heading = GLOBAL)]
     pub quiet: bool,
-    /// Print more detail about what is done.
-    #[arg(short, long, global = true, conflicts_with = "quiet")]
+    /// Print more detail: the plan and phase timings (run, front, synth), each window (eval, compare),
+    /// each file (verify, inspect), the prompt's token ids (generate).
+    #[arg(
+        short,
+        long,
+        global = true,
+        conflicts_with = "quiet",
+        help_heading = GLOBAL
+    )]
     pub verbose: bool,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Evaluate a recipe and write the merged model.
+    #[command(
+        after_help = "Examples:\n  gemma-merge run recipes/demo-warp.yaml\n  gemma-merge run recipes/warp-round.yaml --out out/round1 --force\n  gemma-merge run recipes/demo-warp.yaml --dry-run --json"
+    )]
     Run(merge::RunArgs),
+    /// Assemble the parts written by `run --part I/N` into the output, byte-identical to a plain run.
+    Join(parts::JoinArgs),
     /// Re-hash the files listed in DIR/merge-manifest.json; exit 1 on any mismatch.
+    #[command(
+        after_help = "Examples:\n  gemma-merge verify out/demo-warp\n  gemma-merge verify out/demo-warp --json"
+    )]
     Verify(merge::VerifyArgs),
     /// Summarise a model folder or a .safetensors file.
+    #[command(
+        after_help = "Examples:\n  gemma-merge inspect fixtures/demo/sft\n  gemma-merge inspect fixtures/demo/sft/model.safetensors --json"
+    )]
     Inspect(merge::InspectArgs),
     /// Perplexity of a text under a model (built-in Gemma 2 forward pass).
+    #[command(
+        after_help = "Examples:\n  gemma-merge eval out/demo-warp --text fixtures/demo/heldout-target.txt\n  gemma-merge eval out/demo-warp --token-ids 2,651,1234 --json"
+    )]
     Eval(eval::EvalArgs),
     /// Continue a prompt (greedy by default).
+    #[command(
+        after_help = "Examples:\n  gemma-merge generate out/demo-warp --prompt \"This License\" --max-new-tokens 40\n  gemma-merge generate out/demo-warp --prompt \"This License\" --temperature 0.8 --top-p 0.9 --seed 1"
+    )]
     Generate(eval::GenerateArgs),
     /// KL divergence, top-1 agreement and perplexities of a model against a reference.
+    #[command(
+        after_help = "Examples:\n  gemma-merge compare out/demo-warp --reference fixtures/demo/sft --text fixtures/demo/heldout-target.txt"
+    )]
     Compare(eval::CompareArgs),
     /// Score the LITI front of a recipe (each η: KL to the init, perplexity) and draw it.
+    #[command(
+        after_help = "Examples:\n  gemma-merge front recipes/demo-warp.yaml --text fixtures/demo/heldout-target.txt --eta 0,0.1,0.3,0.5,1 --plot front.svg\n  gemma-merge front recipes/demo-warp.yaml --text fixtures/demo/heldout-target.txt --plot front.png --log-y --json"
+    )]
     Front(front::FrontArgs),
     /// Write a random checkpoint with real Gemma 2 shapes, or a copy of a model plus relative noise.
+    #[command(
+        after_help = "Examples:\n  gemma-merge synth --shape 2b --out synth/sft\n  gemma-merge synth --shape 2b --layers 4 --vocab-size 32000 --out synth/small\n  gemma-merge synth --from synth/sft --drift 0.01 --seed 1 --out synth/run-a"
+    )]
     Synth(synth::SynthArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) on stdout.
+    #[command(
+        after_help = "Examples:\n  gemma-merge completions bash > ~/.local/share/bash-completion/completions/gemma-merge\n  gemma-merge completions zsh > ~/.zfunc/_gemma-merge\n  gemma-merge completions fish > ~/.config/fish/completions/gemma-merge.fish"
+    )]
+    Completions(CompletionsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell to complete for.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
 }
 
 /// A request that is wrong in itself (exit code 2), as opposed to work that failed (exit code 1).
@@ -101,6 +156,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     let g = &cli.global;
     match &cli.command {
         Command::Run(a) => merge::run(a, g),
+        Command::Join(a) => parts::join(a, g),
         Command::Verify(a) => merge::verify(a, g),
         Command::Inspect(a) => merge::inspect(a, g),
         Command::Eval(a) => eval::eval(a, g),
@@ -108,6 +164,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Compare(a) => eval::compare(a, g),
         Command::Front(a) => front::front(a, g),
         Command::Synth(a) => synth::synth(a, g),
+        Command::Completions(a) => {
+            use clap::CommandFactory;
+            let mut cmd = Cli::command();
+            clap_complete::generate(a.shell, &mut cmd, "gemma-merge", &mut std::io::stdout());
+            Ok(())
+        }
     }
 }
 
@@ -130,17 +192,26 @@ fn check_threads(n: usize, cores: usize) -> Result<usize, UsageError> {
 /// A path argument, kept as given.
 pub type PathArg = PathBuf;
 
-/// A progress bar on stderr, only on a terminal and without `-q`, drawn with `template`.
-pub fn progress_bar(g: &Global, template: &str) -> Option<indicatif::ProgressBar> {
-    use std::io::IsTerminal;
-    if g.quiet || !std::io::stderr().is_terminal() {
-        return None;
+/// A path as shown to the user: `.` and `..` components folded away lexically (`recipes/../out/x` is
+/// `out/x`), never resolved through links, so it stays the path the user would type.
+pub fn shown(path: &std::path::Path) -> String {
+    use std::path::Component;
+    let mut parts: Vec<Component> = Vec::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => match parts.last() {
+                Some(Component::Normal(_)) => {
+                    parts.pop();
+                }
+                Some(Component::RootDir) | Some(Component::Prefix(_)) => {}
+                _ => parts.push(c),
+            },
+            other => parts.push(other),
+        }
     }
-    let b = indicatif::ProgressBar::new(0);
-    b.set_style(
-        indicatif::ProgressStyle::with_template(template)
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
-    Some(b)
+    if parts.is_empty() {
+        return ".".into();
+    }
+    parts.iter().collect::<PathBuf>().display().to_string()
 }

@@ -9,6 +9,7 @@ use gemma_merge::synth::{self, Shape};
 
 use super::merge::human_bytes;
 use super::{Global, PathArg, UsageError};
+use gemma_merge::progress::{Progress, Unit};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ShapeName {
@@ -67,15 +68,12 @@ impl DtypeName {
 }
 
 #[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["shape", "from"])))]
 pub struct SynthArgs {
-    /// Size whose shapes to use: Gemma 2 (2b, 9b, 27b), Gemma 1 (gemma-2b, gemma-7b) or Gemma 3
-    /// (gemma3-1b, gemma3-4b, gemma3-12b, gemma3-27b: the language model, as Gemma3ForCausalLM).
-    #[arg(
-        long,
-        value_enum,
-        required_unless_present = "from",
-        conflicts_with = "from"
-    )]
+    /// Size whose shapes to use (required unless --from): Gemma 2 (2b, 9b, 27b), Gemma 1 (gemma-2b,
+    /// gemma-7b) or Gemma 3 (gemma3-1b, gemma3-4b, gemma3-12b, gemma3-27b: the language model, as
+    /// Gemma3ForCausalLM).
+    #[arg(long, value_enum)]
     pub shape: Option<ShapeName>,
     /// Number of layers (default: the real count: 26, 42, 46).
     #[arg(long, value_name = "N", conflicts_with = "from")]
@@ -106,12 +104,61 @@ pub struct SynthArgs {
     pub out: PathArg,
 }
 
+/// Sane upper bounds on the size flags, checked before anything is allocated: 1024 layers (Gemma 2 has at
+/// most 46), a 2^22 vocabulary, widths of 2^20, and at most 1 TB of weights.
+fn check_size(s: &Shape, dtype: FloatType) -> Result<u64, UsageError> {
+    for (flag, value, max) in [
+        ("--layers", s.num_hidden_layers, 1024),
+        ("--vocab-size", s.vocab_size, 1 << 22),
+        ("--hidden-size", s.hidden_size, 1 << 20),
+        ("--intermediate-size", s.intermediate_size, 1 << 20),
+    ] {
+        if value > max {
+            return Err(UsageError(format!("{flag} {value}: at most {max}")));
+        }
+    }
+    // Within those bounds every product below fits u64; the sum is checked all the same.
+    let bytes = s
+        .tensors()
+        .iter()
+        .try_fold(0u64, |acc, t| {
+            let n = t
+                .shape
+                .iter()
+                .try_fold(dtype.size() as u64, |p, &d| p.checked_mul(d as u64))?;
+            acc.checked_add(n)
+        })
+        .filter(|&b| b <= 1_000_000_000_000);
+    bytes.ok_or_else(|| UsageError("the requested shape needs more than 1 TB of weights".into()))
+}
+
+/// Bytes free for this user in the file system holding `dir` (`None` where it cannot be told).
+fn free_bytes(dir: &std::path::Path) -> Option<u64> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+        // SAFETY: statvfs writes into the zeroed struct we pass; the path is NUL-terminated.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+            return None;
+        }
+        Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = dir;
+        None
+    }
+}
+
 pub fn synth(a: &SynthArgs, g: &Global) -> anyhow::Result<()> {
     let started = Instant::now();
     // clap does not enforce `requires` when the required flag conflicts with one given (--shape).
     if a.drift.is_some() && a.from.is_none() {
         return Err(UsageError("--drift needs --from MODEL".into()).into());
     }
+    let mut needed = 0u64;
     let base = match &a.from {
         Some(from) => {
             let sigma = a.drift.expect("clap requires --drift with --from");
@@ -130,6 +177,7 @@ pub fn synth(a: &SynthArgs, g: &Global) -> anyhow::Result<()> {
                     .map(|f| Role::new("the --from model", f.path())),
             );
             check_conflicts(&[Role::new("the --out folder", &a.out)], &inputs)?;
+            needed = model.data_bytes();
             Some((model, sigma as f32))
         }
         None => None,
@@ -161,20 +209,29 @@ pub fn synth(a: &SynthArgs, g: &Global) -> anyhow::Result<()> {
                 std::path::Path::new(s.name),
             )
             .map_err(|e| UsageError(format!("--shape {}: {e}", s.name)))?;
+            needed = check_size(&s, a.dtype.float_type())?;
             Some(s)
         }
         None => None,
     };
     let staging = Staged::folder(&a.out, Kind::NewFolder, false)?;
-    let bar = super::progress_bar(
-        g,
-        "{spinner} writing [{bar:40}] {percent:>3}% {bytes}/{total_bytes} eta {eta}",
-    );
-    let progress = |done: u64, total: u64| {
-        if let Some(b) = &bar {
-            b.set_length(total);
-            b.set_position(done);
-        }
+    if let Some(free) = free_bytes(staging.path()).filter(|&f| f < needed) {
+        anyhow::bail!(
+            "{}: the weights need {} but only {} are free there",
+            a.out.display(),
+            human_bytes(needed),
+            human_bytes(free)
+        );
+    }
+    let bars = super::progress::Bars::new(g);
+    let done = std::cell::Cell::new(None::<u64>);
+    let progress = |now: u64, total: u64| {
+        let before = done.get().unwrap_or_else(|| {
+            bars.start("writing", total, Unit::Bytes);
+            0
+        });
+        bars.advance(now - before);
+        done.set(Some(now));
     };
     let records = match (&base, &shape) {
         (Some((model, sigma)), _) => {
@@ -189,9 +246,7 @@ pub fn synth(a: &SynthArgs, g: &Global) -> anyhow::Result<()> {
         )?,
         (None, None) => unreachable!("clap requires --shape or --from"),
     };
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
+    bars.finish();
     staging.commit()?;
     if !g.quiet {
         let bytes: u64 = records.iter().map(|r| r.size).sum();
@@ -202,7 +257,7 @@ pub fn synth(a: &SynthArgs, g: &Global) -> anyhow::Result<()> {
         };
         outln!(
             "wrote {} ({} parameters, {} files, {}) in {:.2} s",
-            a.out.display(),
+            super::shown(&a.out),
             params,
             records.len(),
             human_bytes(bytes),

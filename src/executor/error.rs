@@ -8,11 +8,19 @@ pub enum MergeError {
     #[error(transparent)]
     Format(#[from] FormatError),
     /// A floating tensor of the base is missing from an input.
-    #[error("tensor `{tensor}` of the base is missing from {model}")]
-    MissingTensor { tensor: String, model: PathBuf },
+    #[error("{step}: tensor `{tensor}` of the base is missing from {model}")]
+    MissingTensor {
+        /// The recipe step that reads the input: "step `s` (recipe.yaml:7)".
+        step: String,
+        tensor: String,
+        model: PathBuf,
+    },
     /// An input's tensor has another shape than the base's.
-    #[error("tensor `{tensor}` has shape {found:?} in {model} but {expected:?} in the base")]
+    #[error(
+        "{step}: tensor `{tensor}` has shape {found:?} in {model} but {expected:?} in the base"
+    )]
     ShapeMismatch {
+        step: String,
         tensor: String,
         model: PathBuf,
         expected: Vec<usize>,
@@ -52,6 +60,12 @@ pub enum MergeError {
     /// A method cannot compute a tensor (weights summing to 0 where they must be normalized, ...).
     #[error("tensor `{tensor}`: {message}")]
     Method { tensor: String, message: String },
+    /// A part of a split run (`run --part`, `join`) is missing, stale, foreign or damaged.
+    #[error("{path}: {message}")]
+    Part { path: PathBuf, message: String },
+    /// A part number outside 1..=N.
+    #[error("{0}")]
+    BadPart(String),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -63,7 +77,7 @@ pub enum MergeError {
 impl MergeError {
     /// True when the request itself is wrong (exit code 2).
     pub fn is_usage(&self) -> bool {
-        matches!(self, Self::Output(e) if e.is_usage())
+        matches!(self, Self::Output(e) if e.is_usage()) || matches!(self, Self::BadPart(_))
     }
 
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {

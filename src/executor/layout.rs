@@ -86,6 +86,8 @@ pub(super) fn from_slices(
                 .collect();
             if layer.is_empty() {
                 return Err(MergeError::MissingTensor {
+                    // Filled in by the caller, which knows the recipe.
+                    step: String::new(),
                     tensor: format!("{prefix}*"),
                     model: models[first].root().into(),
                 });

@@ -9,11 +9,14 @@
 //! Chunk boundaries are fixed (independent of the thread count) and partial sums are added in chunk
 //! order, so the output is byte-identical for any `--threads`.
 
+mod card;
 mod error;
 mod layout;
 mod output;
+mod parts;
 mod steps;
 mod values;
+mod verify;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -23,9 +26,15 @@ use rayon::prelude::*;
 use safetensors::Dtype;
 
 pub use error::MergeError;
-pub use output::{verify_folder, Manifest, VerifyReport, SIDE_FILES};
+pub use output::{InputRecord, Manifest, SIDE_FILES};
+pub use parts::{
+    part_manifest_name, parts_dir, split_by_bytes, Part, PartFile, PartLayout, PartManifest,
+    PartReport,
+};
+pub use verify::{verify_folder, VerifyReport};
 
 use crate::format::{FloatType, Model, ModelWriter, TensorInfo, TensorSpec};
+use crate::progress::{Progress, Unit};
 use crate::recipe::{Operand, Plan, StepKind};
 use values::{ChunkInputs, Val};
 
@@ -116,6 +125,13 @@ struct OutTensor {
     source: TensorInfo,
 }
 
+impl OutTensor {
+    /// Bytes of `elements` elements of the base tensor (what progress counts).
+    fn bytes_of(&self, elements: usize) -> u64 {
+        (elements as u64 * self.base.len as u64) / (self.base.numel() as u64).max(1)
+    }
+}
+
 /// A recipe bound to its opened inputs and fully validated; ready to run or to describe.
 pub struct Prepared<'p> {
     plan: &'p Plan,
@@ -123,7 +139,13 @@ pub struct Prepared<'p> {
     tensors: Vec<OutTensor>,
     /// Tensor indices of each unit (a `model.layers.N.` layer, or a lone tensor).
     units: Vec<Vec<usize>>,
+    /// Each unit's coefficient vectors once computed (a few numbers per tensor), so that evaluating
+    /// the outputs one at a time ([`Prepared::run_in_memory_one`]) runs SLERP's reduction passes once.
+    coefficients: std::sync::Mutex<HashMap<usize, UnitValues>>,
 }
+
+/// `[tensor of the unit][step]`.
+type UnitValues = Vec<Vec<Val>>;
 
 /// What `--dry-run` prints.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -193,7 +215,17 @@ impl<'p> Prepared<'p> {
         let base = &models[plan.base];
         let wanted = match &plan.layout {
             None => layout::from_base(base, plan.base, models.len()),
-            Some(slices) => layout::from_slices(slices, &models)?,
+            Some(slices) => layout::from_slices(slices, &models).map_err(|e| match e {
+                MergeError::MissingTensor { tensor, model, .. } => {
+                    let l = (models.iter().position(|m| m.root() == model)).unwrap_or(plan.base);
+                    MergeError::MissingTensor {
+                        step: step_reading(plan, l),
+                        tensor,
+                        model,
+                    }
+                }
+                e => e,
+            })?,
         };
         let mut tensors = Vec::with_capacity(wanted.len());
         let mut unit_of: HashMap<String, usize> = HashMap::new();
@@ -204,19 +236,21 @@ impl<'p> Prepared<'p> {
             let treatment = match FloatType::from_dtype(t.dtype) {
                 Some(_) => {
                     let mut inputs = Vec::with_capacity(models.len());
-                    for (m, source) in models.iter().zip(&w.sources) {
+                    for (l, (m, source)) in models.iter().zip(&w.sources).enumerate() {
                         let Some(source) = source else {
                             inputs.push(None);
                             continue;
                         };
                         let Some(x) = m.get(source) else {
                             return Err(MergeError::MissingTensor {
+                                step: step_reading(plan, l),
                                 tensor: source.clone(),
                                 model: m.root().into(),
                             });
                         };
                         if x.shape != t.shape {
                             return Err(MergeError::ShapeMismatch {
+                                step: step_reading(plan, l),
                                 tensor: source.clone(),
                                 model: m.root().into(),
                                 expected: t.shape.clone(),
@@ -280,6 +314,7 @@ impl<'p> Prepared<'p> {
             models,
             tensors,
             units,
+            coefficients: Default::default(),
         })
     }
 
@@ -376,11 +411,7 @@ impl<'p> Prepared<'p> {
     }
 
     /// Runs the merge and writes every output folder (each appears whole or not at all).
-    pub fn run(
-        &self,
-        opts: &RunOptions,
-        progress: &(dyn Fn(u64, u64) + Sync),
-    ) -> Result<RunReport, MergeError> {
+    pub fn run(&self, opts: &RunOptions, progress: &dyn Progress) -> Result<RunReport, MergeError> {
         let started = Instant::now();
         let plan = self.plan;
         let staging = output::Staging::begin(plan, &self.models, opts.force, &opts.extra_inputs)?;
@@ -392,36 +423,14 @@ impl<'p> Prepared<'p> {
                 ModelWriter::create(&staging.staged(path), specs.clone(), plan.shard_size)
             })
             .collect::<Result<_, _>>()?;
-        self.evaluate(&outputs, &mut writers, progress)?;
+        self.evaluate(&outputs, &mut writers, None, progress)?;
         let mut records = Vec::with_capacity(writers.len());
         for w in writers {
             records.push(w.finish()?);
         }
         let seconds = started.elapsed().as_secs_f64();
         let input_files = output::input_records(&self.models, opts.hash_inputs)?;
-        let side = output::SideSources {
-            config_patch: match &plan.layout {
-                Some(slices) => layout::config_patch(slices, &self.models)?,
-                None => Default::default(),
-            },
-            tokenizer: self.models[plan.tokenizer_source.unwrap_or(plan.base)]
-                .folder()
-                .to_path_buf(),
-        };
-        let mut bytes_written = 0u64;
-        for (((path, step, _), eta), recs) in outputs.iter().zip(self.output_etas()).zip(records) {
-            bytes_written += staging.finish_model(
-                path,
-                &self.models[plan.base],
-                plan,
-                *step,
-                eta,
-                recs,
-                &input_files,
-                seconds,
-                &side,
-            )?;
-        }
+        let bytes_written = self.finish_outputs(&staging, records, &input_files, seconds)?;
         let written = staging.commit()?;
         Ok(RunReport {
             output: plan.targets[0].path.clone(),
@@ -432,18 +441,76 @@ impl<'p> Prepared<'p> {
         })
     }
 
+    /// Completes every staged output model (config, side files, model card, manifest) given the records
+    /// of its weight files, in output order; returns the bytes written. `run` and `join` both end here.
+    fn finish_outputs(
+        &self,
+        staging: &output::Staging,
+        records: Vec<Vec<crate::format::FileRecord>>,
+        inputs: &[output::InputRecord],
+        seconds: f64,
+    ) -> Result<u64, MergeError> {
+        let plan = self.plan;
+        let side = output::SideSources {
+            config_patch: match &plan.layout {
+                Some(slices) => layout::config_patch(slices, &self.models)?,
+                None => Default::default(),
+            },
+            tokenizer: self.models[plan.tokenizer_source.unwrap_or(plan.base)]
+                .folder()
+                .to_path_buf(),
+        };
+        let mut bytes_written = 0u64;
+        for (((path, step, _), eta), recs) in self
+            .output_models()
+            .iter()
+            .zip(self.output_etas())
+            .zip(records)
+        {
+            bytes_written += staging.finish_model(
+                path,
+                &self.models[plan.base],
+                plan,
+                *step,
+                eta,
+                recs,
+                inputs,
+                seconds,
+                &side,
+            )?;
+        }
+        Ok(bytes_written)
+    }
+
     /// Evaluates every output model into memory (for scoring without writing; see `front`). Each model's
     /// bytes are exactly those `run` would write.
-    pub fn run_in_memory(
-        &self,
-        progress: &(dyn Fn(u64, u64) + Sync),
-    ) -> Result<Vec<MemoryModel>, MergeError> {
+    pub fn run_in_memory(&self, progress: &dyn Progress) -> Result<Vec<MemoryModel>, MergeError> {
         let outputs = self.output_models();
         let specs = self.specs();
         let mut sinks: Vec<MemoryModel> =
             outputs.iter().map(|_| MemoryModel::new(&specs)).collect();
-        self.evaluate(&outputs, &mut sinks, progress)?;
+        self.evaluate(&outputs, &mut sinks, None, progress)?;
         Ok(sinks)
+    }
+
+    /// Evaluates output model `index` alone into memory: bounded by one model, whatever the number of
+    /// outputs. Its bytes are exactly those `run` would write; SLERP's reduction passes are shared by
+    /// successive calls.
+    pub fn run_in_memory_one(
+        &self,
+        index: usize,
+        progress: &dyn Progress,
+    ) -> Result<MemoryModel, MergeError> {
+        let outputs = [self.output_models()[index].clone()];
+        let mut sinks = [MemoryModel::new(&self.specs())];
+        self.evaluate(&outputs, &mut sinks, None, progress)?;
+        let [model] = sinks;
+        Ok(model)
+    }
+
+    /// Number of output models, in the order of [`Prepared::output_etas`].
+    pub fn output_count(&self) -> usize {
+        self.output_models().len()
     }
 
     /// The η of each output model (`None` for a step other than LITI), in output order.
@@ -457,17 +524,44 @@ impl<'p> Prepared<'p> {
             .collect()
     }
 
-    /// Streams every tensor of every output model, in order, into `sinks` (one per output model).
+    /// What [`Self::evaluate`] counts: each tensor's base bytes once for the writing pass, and once more
+    /// per data pass its steps make over it (SLERP's reduction pass, ...; see [`steps::passes`]).
+    fn progress_total(&self, subset: Option<&[bool]>) -> u64 {
+        let passes: u64 = self
+            .plan
+            .steps
+            .iter()
+            .map(|s| steps::passes(&s.kind) as u64)
+            .sum();
+        self.tensors
+            .iter()
+            .enumerate()
+            .filter(|&(ti, _)| subset.is_none_or(|s| s[ti]))
+            .map(|(_, t)| match t.treatment {
+                Treatment::Merge { .. } => t.base.len as u64 * (1 + passes),
+                Treatment::Copy => t.base.len as u64,
+            })
+            .sum()
+    }
+
+    /// Streams every tensor of every output model, in order, into `sinks` (one per output model). With
+    /// `subset` (a flag per tensor), only the flagged tensors are evaluated and streamed (one part's shards);
+    /// the statistics of their units (SLERP's layer Gram) still cover every tensor of the unit.
     fn evaluate<W: TensorSink>(
         &self,
         outputs: &[(PathBuf, usize, Option<usize>)],
         sinks: &mut [W],
-        progress: &(dyn Fn(u64, u64) + Sync),
+        subset: Option<&[bool]>,
+        progress: &dyn Progress,
     ) -> Result<(), MergeError> {
-        let total: u64 = self.tensors.iter().map(|t| t.base.numel() as u64).sum();
-        let mut done = 0u64;
+        let wanted = |ti: usize| subset.is_none_or(|s| s[ti]);
+        progress.start("merging", self.progress_total(subset), Unit::Bytes);
         let mut coefs: HashMap<usize, Vec<Vec<Val>>> = HashMap::new();
-        let mut remaining: Vec<usize> = self.units.iter().map(|u| u.len()).collect();
+        let mut remaining: Vec<usize> = self
+            .units
+            .iter()
+            .map(|u| u.iter().filter(|&&ti| wanted(ti)).count())
+            .collect();
         // The step (and η) of each output, to name it in a non-finite error.
         let labels: Vec<String> = outputs
             .iter()
@@ -482,13 +576,16 @@ impl<'p> Prepared<'p> {
             })
             .collect();
         for (ti, t) in self.tensors.iter().enumerate() {
+            if !wanted(ti) {
+                continue;
+            }
             match &t.treatment {
-                Treatment::Copy => self.copy_tensor(t, sinks)?,
+                Treatment::Copy => self.copy_tensor(t, sinks, progress)?,
                 Treatment::Merge { .. } => {
                     let unit_vals = match coefs.entry(t.unit) {
                         std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                         std::collections::hash_map::Entry::Vacant(e) => {
-                            e.insert(self.unit_values(t.unit)?)
+                            e.insert(self.memo_values(t.unit, progress)?)
                         }
                     };
                     let pos = self.units[t.unit]
@@ -499,15 +596,13 @@ impl<'p> Prepared<'p> {
                         .iter()
                         .map(|&(_, step, eta)| self.output_value(&unit_vals[pos], step, eta))
                         .collect();
-                    self.write_tensor(t, &values, &labels, sinks)?;
+                    self.write_tensor(t, &values, &labels, sinks, progress)?;
                 }
             }
             remaining[t.unit] -= 1;
             if remaining[t.unit] == 0 {
                 coefs.remove(&t.unit);
             }
-            done += t.base.numel() as u64;
-            progress(done, total);
         }
         Ok(())
     }
@@ -535,6 +630,26 @@ impl<'p> Prepared<'p> {
         }
     }
 
+    /// [`Self::unit_values`], computed once per unit and then remembered (a few numbers per tensor),
+    /// so that evaluating outputs one at a time runs the reduction passes once.
+    fn memo_values(&self, unit: usize, progress: &dyn Progress) -> Result<UnitValues, MergeError> {
+        let known = self
+            .coefficients
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&unit)
+            .cloned();
+        if let Some(v) = known {
+            return Ok(v);
+        }
+        let v = self.unit_values(unit, progress)?;
+        self.coefficients
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(unit, v.clone());
+        Ok(v)
+    }
+
     /// The writing pass of one merged tensor: every output's weighted sum, rounded once, in order.
     fn write_tensor(
         &self,
@@ -542,6 +657,7 @@ impl<'p> Prepared<'p> {
         values: &[Val],
         labels: &[String],
         writers: &mut [impl TensorSink],
+        progress: &dyn Progress,
     ) -> Result<(), MergeError> {
         let needed = self.needed_leaves(t, values);
         let out_type =
@@ -607,12 +723,9 @@ impl<'p> Prepared<'p> {
             if let Some(next) = next {
                 pending = Some(next?);
             }
-            self.release(
-                t,
-                &needed,
-                block_start * CHUNK,
-                ((block_start + BLOCK) * CHUNK).min(n),
-            );
+            let (lo, hi) = (block_start * CHUNK, ((block_start + BLOCK) * CHUNK).min(n));
+            self.release(t, &needed, lo, hi);
+            progress.advance(t.bytes_of(hi - lo));
         }
         Ok(())
     }
@@ -622,6 +735,7 @@ impl<'p> Prepared<'p> {
         &self,
         t: &OutTensor,
         writers: &mut [impl TensorSink],
+        progress: &dyn Progress,
     ) -> Result<(), MergeError> {
         let base = &self.models[t.reference];
         let data = base.data(&t.source);
@@ -629,6 +743,7 @@ impl<'p> Prepared<'p> {
             for w in writers.iter_mut() {
                 w.write(piece)?;
             }
+            progress.advance(piece.len() as u64);
         }
         base.file_of(&t.source)
             .release(t.source.start, t.source.len);
@@ -709,6 +824,19 @@ impl<'p> Prepared<'p> {
                     .release(info.start + lo * size, (hi - lo) * size);
             }
         }
+    }
+}
+
+/// The first step that reads input `leaf`, as "step `s` (recipe.yaml:7)", for messages.
+fn step_reading(plan: &Plan, leaf: usize) -> String {
+    let at = |line: u64| format!("{}:{line}", plan.recipe_path.display());
+    match plan
+        .steps
+        .iter()
+        .find(|s| crate::recipe::operands(&s.kind).contains(&Operand::Leaf(leaf)))
+    {
+        Some(s) => format!("step `{}` ({})", s.name, at(s.line)),
+        None => format!("input `{}`", plan.leaves[leaf].shown),
     }
 }
 

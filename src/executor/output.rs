@@ -8,7 +8,8 @@ use sha2::{Digest, Sha256};
 
 use super::MergeError;
 use crate::format::writer::{hex, write_small_file, FileRecord};
-use crate::format::Model;
+use crate::format::{files, Model};
+use crate::progress::Progress;
 use crate::recipe::Plan;
 use crate::safe_out::{check_conflicts, check_target, model_inputs, Kind, Role, Staged};
 
@@ -57,6 +58,11 @@ pub struct Manifest {
     pub inputs: Vec<InputRecord>,
     pub outputs: Vec<FileRecord>,
     pub seconds: f64,
+    /// For one model of a LITI front (`OUTPUT/eta-<η>`): every sibling folder of the front, so that
+    /// `verify OUTPUT` notices one that is missing. Absent in manifests of single models (and in
+    /// manifests written before gemma-merge recorded it).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub front: Option<Vec<String>>,
 }
 
 /// Staged output targets of one run.
@@ -66,7 +72,7 @@ pub(crate) struct Staging {
 }
 
 /// The paths a run reads: every input model (its root and weight files) and the recipe.
-fn run_inputs(plan: &Plan, models: &[Model], extra: &[Role]) -> Vec<Role> {
+pub(crate) fn run_inputs(plan: &Plan, models: &[Model], extra: &[Role]) -> Vec<Role> {
     let mut inputs = Vec::new();
     for (leaf, m) in plan.leaves.iter().zip(models) {
         let role = format!("the input model `{}`", leaf.shown);
@@ -104,7 +110,14 @@ pub(crate) fn check_outputs(
     for t in &plan.targets {
         check_target(&t.path, Kind::ModelFolder, force)?;
     }
-    models[plan.base].config()?;
+    let base = &models[plan.base];
+    base.config()?;
+    for name in SIDE_FILES {
+        let src = base.folder().join(name);
+        if src.is_file() {
+            std::fs::File::open(&src).map_err(|e| MergeError::io(&src, e))?;
+        }
+    }
     Ok(())
 }
 
@@ -184,8 +197,9 @@ impl Staging {
         }
         for name in SIDE_FILES {
             let src = side.tokenizer.join(name);
-            if src.is_file() {
-                let mut bytes = std::fs::read(&src).map_err(|e| MergeError::io(&src, e))?;
+            if src.exists() {
+                let mut bytes = files::read_limited(&src, files::SIDE_FILE_LIMIT)
+                    .map_err(|e| MergeError::io(&src, e))?;
                 if let (Some(template), "tokenizer_config.json") = (&plan.chat_template, name) {
                     bytes = with_chat_template(&bytes, template, &src)?;
                 }
@@ -196,8 +210,13 @@ impl Staging {
             records.push(write_small_file(&dir, name, text.as_bytes())?);
         }
         let step_name = &plan.steps[step].name;
-        let card = model_card(plan, step_name, eta, path);
+        let card = super::card::model_card(plan, step, eta, path);
         records.push(write_small_file(&dir, "README.md", card.as_bytes())?);
+        records.push(write_small_file(
+            &dir,
+            super::card::RECIPE_FILE,
+            plan.recipe_text.as_bytes(),
+        )?);
         let manifest = Manifest {
             tool: "gemma-merge".into(),
             version: env!("CARGO_PKG_VERSION").into(),
@@ -212,6 +231,7 @@ impl Staging {
             inputs: inputs.to_vec(),
             outputs: records.clone(),
             seconds,
+            front: front_folders(plan, path),
         };
         let mut text = serde_json::to_string_pretty(&manifest).expect("JSON serializes");
         text.push('\n');
@@ -256,35 +276,18 @@ fn with_chat_template(bytes: &[u8], template: &str, src: &Path) -> Result<Vec<u8
     Ok(text.into_bytes())
 }
 
-fn model_card(plan: &Plan, step: &str, eta: Option<f64>, path: &Path) -> String {
-    let base_name = &plan.leaves[plan.base].shown;
-    // `base_model` names a model on the Hub: only a model found by its hub id can be one.
-    let base_line = match &plan.leaves[plan.base].hub_id {
-        Some(id) => format!(
-            "base_model: {}\n",
-            serde_json::to_string(id).expect("a string serializes")
-        ),
-        None => String::new(),
-    };
-    let merged: String = plan
-        .leaves
+/// The η folders of the front that `path` belongs to, if it is one model of a front.
+fn front_folders(plan: &Plan, path: &Path) -> Option<Vec<String>> {
+    let target = plan
+        .targets
         .iter()
-        .map(|l| format!("- {}\n", l.hub_id.as_deref().unwrap_or(&l.shown)))
+        .find(|t| path != t.path && path.starts_with(&t.path))?;
+    let subdirs: Vec<String> = target
+        .models
+        .iter()
+        .filter_map(|m| m.subdir.clone())
         .collect();
-    let title = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "merged model".into());
-    let eta_text = eta.map(|e| format!(", η = {e:?}")).unwrap_or_default();
-    format!(
-        "---\n{base_line}tags:\n- merge\n- warp\n- gemma-merge\nlibrary_name: transformers\n---\n\n# {title}\n\n\
-         Merged with gemma-merge {} from the recipe below (output step `{step}`{eta_text}): \
-         WARP-style weight averaging (EMA, SLERP of task vectors, LITI towards the init) of checkpoints \
-         sharing the base `{base_name}`. `merge-manifest.json` lists every input and the SHA-256 of every file \
-         here; `gemma-merge verify` re-checks them.\n\n## Merged models\n\n{merged}\n## Recipe\n\n```yaml\n{}\n```\n",
-        env!("CARGO_PKG_VERSION"),
-        plan.recipe_text.trim_end()
-    )
+    (!subdirs.is_empty()).then_some(subdirs)
 }
 
 /// Every input file (the safetensors files of each input model), with sizes and optionally SHA-256.
@@ -293,7 +296,7 @@ pub(crate) fn input_records(models: &[Model], hash: bool) -> Result<Vec<InputRec
     for m in models {
         for f in m.files() {
             let sha256 = if hash {
-                Some(hash_file(f.path())?)
+                Some(hash_file(f.path(), &crate::progress::Silent)?)
             } else {
                 None
             };
@@ -307,8 +310,8 @@ pub(crate) fn input_records(models: &[Model], hash: bool) -> Result<Vec<InputRec
     Ok(out)
 }
 
-fn hash_file(path: &Path) -> Result<String, MergeError> {
-    let mut f = std::fs::File::open(path).map_err(|e| MergeError::io(path, e))?;
+pub(crate) fn hash_file(path: &Path, progress: &dyn Progress) -> Result<String, MergeError> {
+    let mut f = files::open_regular(path).map_err(|e| MergeError::io(path, e))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 8 << 20];
     loop {
@@ -317,82 +320,7 @@ fn hash_file(path: &Path) -> Result<String, MergeError> {
             break;
         }
         h.update(&buf[..n]);
+        progress.advance(n as u64);
     }
     Ok(hex(&h.finalize()))
-}
-
-/// Result of re-hashing a folder: one line per file checked, and the mismatches.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct VerifyReport {
-    pub checked: Vec<String>,
-    pub mismatches: Vec<String>,
-}
-
-/// Re-hashes every file listed in `DIR/merge-manifest.json` (or, for a LITI front, in each
-/// `DIR/eta-*/merge-manifest.json`).
-pub fn verify_folder(dir: &Path) -> Result<VerifyReport, MergeError> {
-    let mut report = VerifyReport {
-        checked: Vec::new(),
-        mismatches: Vec::new(),
-    };
-    let manifest_path = dir.join(MANIFEST);
-    if !manifest_path.is_file() {
-        let mut subs: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(|e| MergeError::io(dir, e))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.join(MANIFEST).is_file())
-            .collect();
-        if subs.is_empty() {
-            return Err(MergeError::io(
-                &manifest_path,
-                std::io::Error::new(std::io::ErrorKind::NotFound, "no merge-manifest.json here"),
-            ));
-        }
-        subs.sort();
-        for s in subs {
-            let r = verify_folder(&s)?;
-            report.checked.extend(r.checked);
-            report.mismatches.extend(r.mismatches);
-        }
-        return Ok(report);
-    }
-    let text =
-        std::fs::read_to_string(&manifest_path).map_err(|e| MergeError::io(&manifest_path, e))?;
-    let manifest: Manifest = serde_json::from_str(&text).map_err(|e| {
-        MergeError::io(
-            &manifest_path,
-            std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
-        )
-    })?;
-    for rec in &manifest.outputs {
-        let p = dir.join(&rec.path);
-        if rec.path.contains("..") || rec.path.starts_with('/') {
-            report
-                .mismatches
-                .push(format!("{}: path escapes the folder", p.display()));
-            continue;
-        }
-        match std::fs::metadata(&p) {
-            Err(_) => report.mismatches.push(format!("{}: missing", p.display())),
-            Ok(meta) if meta.len() != rec.size => report.mismatches.push(format!(
-                "{}: size {} but the manifest says {}",
-                p.display(),
-                meta.len(),
-                rec.size
-            )),
-            Ok(_) => {
-                let got = hash_file(&p)?;
-                if got != rec.sha256 {
-                    report.mismatches.push(format!(
-                        "{}: SHA-256 {got} but the manifest says {}",
-                        p.display(),
-                        rec.sha256
-                    ));
-                } else {
-                    report.checked.push(p.display().to_string());
-                }
-            }
-        }
-    }
-    Ok(report)
 }

@@ -9,11 +9,12 @@ use rayon::prelude::*;
 use super::values::{GroupOf, Keep, Node, TaskVectorNode, Val};
 use super::{MergeError, OutTensor, Prepared, Treatment, BLOCK, CHUNK};
 use crate::kernels;
+use crate::progress::Progress;
 use crate::recipe::{Angle, Grouping, Operand, Sparsify, StepKind, TaskVectorStep};
-use crate::selection::{magnitude_key, probability_threshold, stream_key, Partial, RankSelect};
+use crate::selection::{magnitude_key, probability_threshold, stream_key, Pass, RankSelect};
 
-/// Data passes a step makes over each tensor before the writing pass (for `--dry-run`; an estimate for
-/// rank selections, which take two or three).
+/// Data passes a step makes over each tensor before the writing pass (for `--dry-run`; rank selections
+/// usually take three, all models together: two histograms, then a sort of the candidates left).
 pub(super) fn passes(kind: &StepKind) -> usize {
     match kind {
         StepKind::Slerp { .. }
@@ -23,8 +24,7 @@ pub(super) fn passes(kind: &StepKind) -> usize {
         StepKind::TaskVectors(tv) => match tv.sparsify {
             Sparsify::None => 0,
             Sparsify::Random => tv.rescale as usize,
-            Sparsify::Magnitude => 3 * tv.models.len() + tv.rescale as usize,
-            Sparsify::MagnitudeOutliers => 6 * tv.models.len() + tv.rescale as usize,
+            Sparsify::Magnitude | Sparsify::MagnitudeOutliers => 3 + tv.rescale as usize,
         },
         _ => 0,
     }
@@ -36,7 +36,11 @@ impl Prepared<'_> {
     }
 
     /// Every step's value for every tensor of a unit (`[tensor][step]`), running the passes they need.
-    pub(super) fn unit_values(&self, unit: usize) -> Result<Vec<Vec<Val>>, MergeError> {
+    pub(super) fn unit_values(
+        &self,
+        unit: usize,
+        progress: &dyn Progress,
+    ) -> Result<Vec<Vec<Val>>, MergeError> {
         let all = &self.units[unit];
         let mut per_tensor: Vec<Vec<Val>> =
             vec![Vec::with_capacity(self.plan.steps.len()); all.len()];
@@ -48,13 +52,21 @@ impl Prepared<'_> {
                 angle,
             } = &step.kind
             {
-                self.slerp_unit(all, &mut per_tensor, *base, models, lambdas, *angle)?;
+                self.slerp_unit(
+                    all,
+                    &mut per_tensor,
+                    *base,
+                    models,
+                    lambdas,
+                    *angle,
+                    progress,
+                )?;
                 continue;
             }
             for (pos, &ti) in all.iter().enumerate() {
                 let t = &self.tensors[ti];
                 let v = if matches!(t.treatment, Treatment::Merge { .. }) {
-                    self.step_value(t, &step.kind, &per_tensor[pos])?
+                    self.step_value(t, &step.kind, &per_tensor[pos], progress)?
                 } else {
                     Val::leaf(self.plan.base, self.leaves())
                 };
@@ -73,6 +85,7 @@ impl Prepared<'_> {
         models: &[Operand],
         lambdas: &[f64],
         angle: Angle,
+        progress: &dyn Progress,
     ) -> Result<(), MergeError> {
         let deltas: Vec<Vec<Val>> = per_tensor
             .iter()
@@ -89,7 +102,10 @@ impl Prepared<'_> {
         for (pos, &ti) in all.iter().enumerate() {
             let t = &self.tensors[ti];
             if matches!(t.treatment, Treatment::Merge { .. }) {
-                grams.push(self.gram(t, &deltas[pos], GroupOf::Whole)?.remove(0));
+                grams.push(
+                    self.gram(t, &deltas[pos], GroupOf::Whole, progress)?
+                        .remove(0),
+                );
             } else {
                 grams.push(vec![vec![0.0; m]; m]);
             }
@@ -114,7 +130,13 @@ impl Prepared<'_> {
     }
 
     /// The value of one step for one merged tensor, given the earlier steps' values.
-    fn step_value(&self, t: &OutTensor, kind: &StepKind, sv: &[Val]) -> Result<Val, MergeError> {
+    fn step_value(
+        &self,
+        t: &OutTensor,
+        kind: &StepKind,
+        sv: &[Val],
+        progress: &dyn Progress,
+    ) -> Result<Val, MergeError> {
         let restricted;
         let kind = if self.plan.layout.is_some() {
             restricted = restrict(t, kind)?;
@@ -170,7 +192,7 @@ impl Prepared<'_> {
                 }
                 Val::sum(vec![(self.value(models[0], sv), at(&scale[0], 1.0))], n)
             }
-            StepKind::TaskVectors(tv) => self.task_vectors(t, tv, sv)?,
+            StepKind::TaskVectors(tv) => self.task_vectors(t, tv, sv, progress)?,
             StepKind::ModelStock {
                 base,
                 models,
@@ -184,7 +206,7 @@ impl Prepared<'_> {
                 } else {
                     GroupOf::Whole
                 };
-                let grams = self.gram(t, &deltas, group)?;
+                let grams = self.gram(t, &deltas, group, progress)?;
                 let k = ms.len() as f64;
                 let ts: Vec<f64> = grams.iter().map(|g| kernels::model_stock_t(g)).collect();
                 let mut terms = vec![(b, ts.iter().map(|t| 1.0 - t).collect::<Vec<f64>>())];
@@ -195,7 +217,7 @@ impl Prepared<'_> {
             }
             StepKind::WeightSlerp { base, other, t: tp } => {
                 let vals = vec![self.value(*base, sv), self.value(*other, sv)];
-                let g = self.gram(t, &vals, GroupOf::Whole)?.remove(0);
+                let g = self.gram(t, &vals, GroupOf::Whole, progress)?.remove(0);
                 let (ca, cb) = kernels::weight_slerp(g[0][1], g[0][0], g[1][1], at(tp, 0.5));
                 Val::sum(vals.into_iter().zip([ca, cb]).collect(), n)
             }
@@ -225,7 +247,7 @@ impl Prepared<'_> {
                         (t.base.numel() / shape.first().copied().unwrap_or(1).max(1)).max(1),
                     ),
                 };
-                let grams = self.gram(t, &vecs, group)?;
+                let grams = self.gram(t, &vecs, group, progress)?;
                 let pairs: Vec<(f64, f64)> = grams
                     .iter()
                     .map(|g| kernels::slerp_pair(g[0][1], g[0][0], g[1][1], lambda))
@@ -249,6 +271,7 @@ impl Prepared<'_> {
         t: &OutTensor,
         tv: &TaskVectorStep,
         sv: &[Val],
+        progress: &dyn Progress,
     ) -> Result<Val, MergeError> {
         let name = t.base.name.as_str();
         let at = |p: &crate::methods::Param, default: f64| p.or_default(name, t.t, default);
@@ -277,11 +300,12 @@ impl Prepared<'_> {
             );
             return Ok(Val::sum(terms, n));
         }
-        let mut keep = Vec::with_capacity(deltas.len());
-        let mut scaled = Vec::with_capacity(deltas.len());
-        for (i, d) in deltas.iter().enumerate() {
+        // Which ranks each task vector's mask needs: (model, rank, descending); found together, in shared passes.
+        let mut targets: Vec<(usize, u64, bool)> = Vec::new();
+        let mut plans = Vec::with_capacity(deltas.len());
+        for i in 0..deltas.len() {
             let density = at(&tv.density[i], 1.0);
-            let k = if density >= 1.0 {
+            let plan = if density >= 1.0 || tv.sparsify == Sparsify::None {
                 Keep::All
             } else if density <= 0.0 {
                 Keep::Nothing
@@ -290,11 +314,11 @@ impl Prepared<'_> {
                     Sparsify::None => Keep::All,
                     Sparsify::Magnitude => {
                         let kept = ((density * numel as f64).floor() as u64).clamp(1, numel);
-                        let hi = self.select(t, d, kept - 1, true)?;
+                        targets.push((i, kept - 1, true));
                         Keep::Ranked {
                             desc: true,
                             lo: None,
-                            hi,
+                            hi: (0, 0),
                         }
                     }
                     Sparsify::MagnitudeOutliers => {
@@ -304,13 +328,12 @@ impl Prepared<'_> {
                         if target == 0 {
                             Keep::Nothing
                         } else {
-                            let lo = self.select(t, d, bottom, false)?;
-                            let hi =
-                                self.select(t, d, (bottom + target - 1).min(numel - 1), false)?;
+                            targets.push((i, bottom, false));
+                            targets.push((i, (bottom + target - 1).min(numel - 1), false));
                             Keep::Ranked {
                                 desc: false,
-                                lo: Some(lo),
-                                hi,
+                                lo: Some((0, 0)),
+                                hi: (0, 0),
                             }
                         }
                     }
@@ -320,18 +343,30 @@ impl Prepared<'_> {
                     },
                 }
             };
-            let factor = if tv.rescale && !matches!(k, Keep::All | Keep::Nothing) {
-                let (all, kept) = self.l1_norms(t, d, k)?;
-                if all < 1e-7 || kept < 1e-7 {
-                    1.0
-                } else {
-                    all / kept
+            plans.push(plan);
+        }
+        let found = self.select_many(t, &deltas, &targets, progress)?;
+        let mut found = targets.iter().zip(found);
+        let keep: Vec<Keep> = plans
+            .into_iter()
+            .map(|k| match k {
+                Keep::Ranked { desc, lo, .. } => {
+                    let lo = lo.map(|_| found.next().expect("a lower rank").1);
+                    let hi = found.next().expect("an upper rank").1;
+                    Keep::Ranked { desc, lo, hi }
                 }
-            } else {
-                1.0
-            };
-            keep.push(k);
-            scaled.push(weights[i] * factor);
+                other => other,
+            })
+            .collect();
+        let rescaled: Vec<usize> = (0..deltas.len())
+            .filter(|&i| tv.rescale && !matches!(keep[i], Keep::All | Keep::Nothing))
+            .collect();
+        let norms = self.l1_norms(t, &deltas, &keep, &rescaled, progress)?;
+        let mut scaled = weights.clone();
+        for (&i, (all, kept)) in rescaled.iter().zip(norms) {
+            if all >= 1e-7 && kept >= 1e-7 {
+                scaled[i] *= all / kept;
+            }
         }
         Ok(Val::Node(Arc::new(Node::TaskVectors(TaskVectorNode {
             base,
@@ -350,6 +385,7 @@ impl Prepared<'_> {
     fn chunk_pass<A: Send>(
         &self,
         t: &OutTensor,
+        progress: &dyn Progress,
         vals: &[Val],
         wanted: impl Fn(usize) -> bool + Sync,
         f: impl Fn(usize, &[Vec<f64>]) -> A + Sync,
@@ -383,12 +419,9 @@ impl Prepared<'_> {
             for (k, p) in parts.into_iter().enumerate() {
                 sink(block_start + k, p);
             }
-            self.release(
-                t,
-                &needed,
-                block_start * CHUNK,
-                (block_end * CHUNK).min(numel),
-            );
+            let (lo, hi) = (block_start * CHUNK, (block_end * CHUNK).min(numel));
+            self.release(t, &needed, lo, hi);
+            progress.advance(t.bytes_of(hi - lo));
         }
         Ok(())
     }
@@ -399,12 +432,14 @@ impl Prepared<'_> {
         t: &OutTensor,
         vals: &[Val],
         group: GroupOf,
+        progress: &dyn Progress,
     ) -> Result<Vec<Vec<Vec<f64>>>, MergeError> {
         let m = vals.len();
         let numel = t.base.numel();
         let mut grams = vec![vec![vec![0.0; m]; m]; group.count(numel)];
         self.chunk_pass(
             t,
+            progress,
             vals,
             |_| true,
             |lo, values| {
@@ -414,15 +449,24 @@ impl Prepared<'_> {
                     kernels::gram_accumulate(&refs, &mut g);
                     return vec![(0, g)];
                 }
-                // Per group touched by the chunk, in order of first appearance.
+                // Per group touched by the chunk, in order of first appearance (rows are runs of
+                // consecutive elements; columns repeat every `count`).
                 let mut out: Vec<(usize, Vec<Vec<f64>>)> = Vec::new();
-                let mut index: std::collections::HashMap<usize, usize> = Default::default();
+                let mut slot_of: std::collections::HashMap<usize, usize> = Default::default();
+                let mut last: Option<(usize, usize)> = None;
                 for j in 0..refs[0].len() {
                     let gi = group.of(lo + j);
-                    let slot = *index.entry(gi).or_insert_with(|| {
-                        out.push((gi, vec![vec![0.0; m]; m]));
-                        out.len() - 1
-                    });
+                    let slot = match last {
+                        Some((g, s)) if g == gi => s,
+                        _ => {
+                            let s = *slot_of.entry(gi).or_insert_with(|| {
+                                out.push((gi, vec![vec![0.0; m]; m]));
+                                out.len() - 1
+                            });
+                            last = Some((gi, s));
+                            s
+                        }
+                    };
                     let g = &mut out[slot].1;
                     for a in 0..m {
                         for b in 0..m {
@@ -443,62 +487,116 @@ impl Prepared<'_> {
         Ok(grams)
     }
 
-    /// (key, index) of the element of ascending rank `rank` of |δ| (descending magnitude with `desc`),
-    /// equal magnitudes ordered by flat index.
-    fn select(
+    /// For each target (model i, rank r, descending?): (key, index) of the element of ascending rank r
+    /// of |δ_i| in (magnitude key, flat index) order. All targets advance in the same passes.
+    fn select_many(
         &self,
         t: &OutTensor,
-        delta: &Val,
-        rank: u64,
-        desc: bool,
-    ) -> Result<(u64, u64), MergeError> {
-        let mut sel = RankSelect::new(rank);
-        let vals = std::slice::from_ref(delta);
-        loop {
-            let mut parts: Vec<Option<Partial>> = Vec::new();
-            let s = &sel;
+        deltas: &[Val],
+        targets: &[(usize, u64, bool)],
+        progress: &dyn Progress,
+    ) -> Result<Vec<(u64, u64)>, MergeError> {
+        let mut sels: Vec<RankSelect> = targets
+            .iter()
+            .map(|&(_, r, _)| RankSelect::new(r))
+            .collect();
+        let mut done = vec![false; targets.len()];
+        while done.iter().any(|d| !d) {
+            // The task vectors the unfinished targets read, evaluated once per chunk.
+            let models: Vec<usize> = {
+                let mut m: Vec<usize> = (0..targets.len())
+                    .filter(|&k| !done[k])
+                    .map(|k| targets[k].0)
+                    .collect();
+                m.dedup();
+                m.sort_unstable();
+                m.dedup();
+                m
+            };
+            let vals: Vec<Val> = models.iter().map(|&i| deltas[i].clone()).collect();
+            let mut passes: Vec<Pass> = targets.iter().map(|_| Pass::default()).collect();
+            let sref = &sels;
+            let dref = &done;
             self.chunk_pass(
                 t,
-                vals,
-                |c| s.wants_chunk(c),
+                progress,
+                &vals,
+                |c| (0..targets.len()).any(|k| !dref[k] && sref[k].wants_chunk(c)),
                 |lo, values| {
-                    let keys: Vec<u64> =
-                        values[0].iter().map(|&x| magnitude_key(x, desc)).collect();
-                    s.visit(lo as u64, &keys)
+                    (0..targets.len())
+                        .map(|k| {
+                            let (i, _, desc) = targets[k];
+                            if dref[k] || !sref[k].wants_chunk(lo / CHUNK) {
+                                return None;
+                            }
+                            let v =
+                                &values[models.iter().position(|&m| m == i).expect("evaluated")];
+                            let keys: Vec<u64> =
+                                v.iter().map(|&x| magnitude_key(x, desc)).collect();
+                            Some(sref[k].visit(lo as u64, &keys))
+                        })
+                        .collect::<Vec<_>>()
                 },
-                |_, p| parts.push(p),
+                |c, parts| {
+                    for (k, p) in parts.into_iter().flatten().enumerate() {
+                        if let Some(p) = p {
+                            sref[k].absorb(&mut passes[k], c, p);
+                        }
+                    }
+                },
             )?;
-            if sel.advance(parts) {
-                return Ok(sel.result().expect("found"));
+            for (k, pass) in passes.into_iter().enumerate() {
+                if !done[k] {
+                    done[k] = sels[k].advance(pass);
+                }
             }
         }
+        Ok(sels.iter().map(|s| s.result().expect("found")).collect())
     }
 
-    /// ‖δ‖₁ and ‖kept part of δ‖₁, summed in chunk order.
-    fn l1_norms(&self, t: &OutTensor, delta: &Val, keep: Keep) -> Result<(f64, f64), MergeError> {
-        let (mut all, mut kept) = (0.0, 0.0);
+    /// (‖δ_i‖₁, ‖kept part of δ_i‖₁) for each model i in `which`, summed in chunk order.
+    fn l1_norms(
+        &self,
+        t: &OutTensor,
+        deltas: &[Val],
+        keep: &[Keep],
+        which: &[usize],
+        progress: &dyn Progress,
+    ) -> Result<Vec<(f64, f64)>, MergeError> {
+        let mut total = vec![(0.0, 0.0); which.len()];
+        if which.is_empty() {
+            return Ok(total);
+        }
+        let vals: Vec<Val> = which.iter().map(|&i| deltas[i].clone()).collect();
         self.chunk_pass(
             t,
-            std::slice::from_ref(delta),
+            progress,
+            &vals,
             |_| true,
             |lo, values| {
-                let (mut a, mut k) = (0.0, 0.0);
-                for (j, &x) in values[0].iter().enumerate() {
-                    a += x.abs();
-                    if keep.keeps(x, (lo + j) as u64) {
-                        k += x.abs();
-                    }
-                }
-                (a, k)
+                which
+                    .iter()
+                    .zip(values)
+                    .map(|(&i, v)| {
+                        let (mut a, mut k) = (0.0, 0.0);
+                        for (j, &x) in v.iter().enumerate() {
+                            a += x.abs();
+                            if keep[i].keeps(x, (lo + j) as u64) {
+                                k += x.abs();
+                            }
+                        }
+                        (a, k)
+                    })
+                    .collect::<Vec<_>>()
             },
             |_, p| {
-                if let Some((a, k)) = p {
-                    all += a;
-                    kept += k;
+                for (acc, (a, k)) in total.iter_mut().zip(p.into_iter().flatten()) {
+                    acc.0 += a;
+                    acc.1 += k;
                 }
             },
         )?;
-        Ok((all, kept))
+        Ok(total)
     }
 }
 

@@ -3,6 +3,7 @@
 mod convert;
 pub mod dtype;
 pub mod error;
+pub mod files;
 pub mod reader;
 pub mod writer;
 

@@ -1,7 +1,6 @@
 //! Reading models: memory-mapped safetensors files, validated in full before anything trusts them.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -46,7 +45,7 @@ impl SafetensorsFile {
     /// Maps and validates `path`: header size, UTF-8 JSON, every offset and length (checked arithmetic,
     /// contiguous, `dtype size × elements`), and no bytes after the last tensor.
     pub fn open(path: &Path, file_index: usize) -> Result<Self, FormatError> {
-        let file = File::open(path).map_err(|e| FormatError::io(path, e))?;
+        let file = super::files::open_regular(path).map_err(|e| FormatError::io(path, e))?;
         // SAFETY: the map is read-only. The caller must not truncate or rewrite input files while a merge
         // or evaluation runs (the same contract as every mmap-based safetensors reader); the executor
         // never opens an input for writing and refuses outputs inside an input folder.
@@ -69,7 +68,9 @@ impl SafetensorsFile {
                 len: info.data_offsets.1 - info.data_offsets.0,
             })
             .collect();
-        tensors.sort_by_key(|t| (t.start, t.len));
+        // Zero-element tensors share their offset with a neighbour: the name breaks the tie, so the order
+        // (which becomes the output's) does not depend on the header's hashing.
+        tensors.sort_by(|a, b| (a.start, a.len, &a.name).cmp(&(b.start, b.len, &b.name)));
         Ok(Self {
             path: path.to_path_buf(),
             mmap,
@@ -218,7 +219,7 @@ fn tensors_file(tensors: &[TensorInfo], i: usize) -> usize {
 /// Reads `DIR/config.json` as JSON (key order kept), `None` when absent.
 pub fn read_config(dir: &Path) -> Result<Option<serde_json::Value>, FormatError> {
     let path = dir.join("config.json");
-    match std::fs::read_to_string(&path) {
+    match super::files::read_text_limited(&path, super::files::SIDE_FILE_LIMIT) {
         Ok(text) => serde_json::from_str(&text)
             .map(Some)
             .map_err(|e| FormatError::InvalidConfig {
@@ -237,9 +238,11 @@ type Discovered = (Vec<PathBuf>, Option<(PathBuf, WeightMap)>);
 /// Finds the weight files of a model folder, and its index if it has one.
 fn discover(dir: &Path) -> Result<Discovered, FormatError> {
     let index_path = dir.join(INDEX_FILE);
-    if index_path.is_file() {
-        let text =
-            std::fs::read_to_string(&index_path).map_err(|e| FormatError::io(&index_path, e))?;
+    // `exists`, not `is_file`: a FIFO or device under a weight file's name is refused by name when
+    // opened, rather than silently passed over.
+    if index_path.exists() {
+        let text = super::files::read_text_limited(&index_path, super::files::SIDE_FILE_LIMIT)
+            .map_err(|e| FormatError::io(&index_path, e))?;
         let bad = |reason: String| FormatError::InvalidIndex {
             path: index_path.clone(),
             reason,
@@ -272,13 +275,13 @@ fn discover(dir: &Path) -> Result<Discovered, FormatError> {
         return Ok((paths, Some((index_path, weight_map))));
     }
     let single = dir.join(SINGLE_FILE);
-    if single.is_file() {
+    if single.exists() {
         return Ok((vec![single], None));
     }
     let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| FormatError::io(dir, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "safetensors"))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
         .collect();
     if paths.is_empty() {
         return Err(FormatError::NoWeights {

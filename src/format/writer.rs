@@ -157,7 +157,10 @@ pub struct ModelWriter {
     dir: PathBuf,
     specs: Vec<TensorSpec>,
     shards: Vec<Vec<usize>>,
-    /// Shard being written and position in its tensor list.
+    /// The shards this writer writes, in order: all of them, or one part's (see [`ModelWriter::create_part`]).
+    selected: Vec<usize>,
+    /// Position in `selected` of the shard being written, and position in its tensor list.
+    pos: usize,
     shard: usize,
     slot: usize,
     /// Bytes still due for the current tensor.
@@ -172,19 +175,40 @@ impl ModelWriter {
         specs: Vec<TensorSpec>,
         shard_size: u64,
     ) -> Result<Self, FormatError> {
+        let n = plan_shards(&specs, shard_size).len();
+        Self::create_part(dir, specs, shard_size, &(0..n).collect::<Vec<_>>())
+    }
+
+    /// A writer of only the shards `selected` (indices into [`plan_shards`]`(specs, shard_size)`, increasing):
+    /// it takes the data of their tensors only, in order, and writes no index. Each shard's bytes are
+    /// exactly those of the same shard written by [`ModelWriter::create`].
+    pub fn create_part(
+        dir: &Path,
+        specs: Vec<TensorSpec>,
+        shard_size: u64,
+        selected: &[usize],
+    ) -> Result<Self, FormatError> {
         let shards = plan_shards(&specs, shard_size);
+        assert!(
+            selected.windows(2).all(|w| w[0] < w[1]) && selected.iter().all(|&k| k < shards.len()),
+            "selected shards must be increasing shard indices"
+        );
         let mut w = Self {
             dir: dir.to_path_buf(),
             specs,
             shards,
-            shard: 0,
+            selected: selected.to_vec(),
+            pos: 0,
+            shard: selected.first().copied().unwrap_or(0),
             slot: 0,
             remaining: 0,
             file: None,
             records: Vec::new(),
         };
-        w.open_shard()?;
-        w.skip_empty()?;
+        if !w.selected.is_empty() {
+            w.open_shard()?;
+            w.skip_empty()?;
+        }
         Ok(w)
     }
 
@@ -256,43 +280,57 @@ impl ModelWriter {
         }
         let f = self.file.take().expect("an open shard");
         self.records.push(f.finish()?);
-        if self.shard + 1 < self.shards.len() {
-            self.shard += 1;
+        if self.pos + 1 < self.selected.len() {
+            self.pos += 1;
+            self.shard = self.selected[self.pos];
             self.open_shard()?;
         }
         Ok(())
     }
 
-    /// Checks that every tensor was written, writes the index when sharded, returns the files written.
+    /// Checks that every tensor was written, writes the index when sharded (and every shard was written
+    /// here), returns the files written.
     pub fn finish(mut self) -> Result<Vec<FileRecord>, FormatError> {
-        if self.file.is_some() || self.records.len() != self.shards.len() {
+        if self.file.is_some() || self.records.len() != self.selected.len() {
             return Err(FormatError::io(
                 &self.dir,
                 std::io::Error::other("output ended before every tensor was written"),
             ));
         }
-        let n = self.shards.len();
-        if n > 1 {
-            let total: u64 = self.specs.iter().map(|s| s.byte_len()).sum();
-            let mut map: Vec<(&str, String)> = Vec::new();
-            for (k, shard) in self.shards.iter().enumerate() {
-                for &i in shard {
-                    map.push((&self.specs[i].name, shard_name(k, n)));
-                }
+        if self.selected.len() == self.shards.len() {
+            if let Some(text) = index_text(&self.specs, &self.shards) {
+                self.records
+                    .push(write_small_file(&self.dir, INDEX_FILE, text.as_bytes())?);
             }
-            map.sort();
-            let mut weight_map = serde_json::Map::new();
-            for (name, file) in map {
-                weight_map.insert(name.to_string(), serde_json::Value::String(file));
-            }
-            let index = serde_json::json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
-            let mut text = serde_json::to_string_pretty(&index).expect("JSON serializes");
-            text.push('\n');
-            self.records
-                .push(write_small_file(&self.dir, INDEX_FILE, text.as_bytes())?);
         }
         Ok(self.records)
     }
+}
+
+/// The text of `model.safetensors.index.json` for `specs` split into `shards` (see [`plan_shards`]), or
+/// `None` for a single shard (which has no index).
+pub fn index_text(specs: &[TensorSpec], shards: &[Vec<usize>]) -> Option<String> {
+    let n = shards.len();
+    if n <= 1 {
+        return None;
+    }
+    let total: u64 = specs.iter().map(|s| s.byte_len()).sum();
+    let mut map: Vec<(&str, String)> = Vec::new();
+    for (k, shard) in shards.iter().enumerate() {
+        for &i in shard {
+            map.push((&specs[i].name, shard_name(k, n)));
+        }
+    }
+    map.sort();
+    let mut weight_map = serde_json::Map::new();
+    for (name, file) in map {
+        weight_map.insert(name.to_string(), serde_json::Value::String(file));
+    }
+    let index =
+        serde_json::json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
+    let mut text = serde_json::to_string_pretty(&index).expect("JSON serializes");
+    text.push('\n');
+    Some(text)
 }
 
 #[cfg(test)]
@@ -373,6 +411,55 @@ mod tests {
         assert_eq!(m.data(m.get("w1").unwrap()), &w1[..]);
         assert_eq!(m.data(m.get("w2").unwrap()), &[1, 2, 3, 4, 5, 6]);
         assert_eq!(m.get("ids").unwrap().shape, vec![2]);
+    }
+
+    #[test]
+    fn a_part_writes_the_same_shard_bytes_and_no_index() {
+        let specs = vec![
+            spec("a", Dtype::F32, &[4]),
+            spec("b", Dtype::BF16, &[6]),
+            spec("c", Dtype::F32, &[2]),
+            spec("d", Dtype::I64, &[1]),
+        ];
+        let data: Vec<Vec<u8>> = specs
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                (0..s.byte_len())
+                    .map(|b| (b as u8) ^ (i as u8 * 40))
+                    .collect()
+            })
+            .collect();
+        assert_eq!(plan_shards(&specs, 12).len(), 4);
+        let full = tempfile::tempdir().unwrap();
+        let mut w = ModelWriter::create(full.path(), specs.clone(), 12).unwrap();
+        for d in &data {
+            w.write(d).unwrap();
+        }
+        let all = w.finish().unwrap();
+        assert_eq!(all.len(), 5);
+        let part = tempfile::tempdir().unwrap();
+        let mut w = ModelWriter::create_part(part.path(), specs.clone(), 12, &[1, 3]).unwrap();
+        w.write(&data[1]).unwrap();
+        w.write(&data[3]).unwrap();
+        let some = w.finish().unwrap();
+        assert_eq!(some, vec![all[1].clone(), all[3].clone()]);
+        let mut names: Vec<String> = std::fs::read_dir(part.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, vec![shard_name(1, 4), shard_name(3, 4)]);
+        // The index a join writes is the plain run's.
+        let index = std::fs::read_to_string(full.path().join(INDEX_FILE)).unwrap();
+        assert_eq!(index_text(&specs, &plan_shards(&specs, 12)), Some(index));
+        assert_eq!(index_text(&specs, &plan_shards(&specs, 1000)), None);
+        // A part with no shard writes nothing; one fed too little is an error.
+        let empty = tempfile::tempdir().unwrap();
+        let w = ModelWriter::create_part(empty.path(), specs.clone(), 12, &[]).unwrap();
+        assert!(w.finish().unwrap().is_empty());
+        let short = ModelWriter::create_part(empty.path(), specs, 12, &[0]).unwrap();
+        assert!(short.finish().is_err());
     }
 
     #[test]

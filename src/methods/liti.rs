@@ -3,7 +3,7 @@
 
 use super::{MethodDef, StepArgs};
 use crate::recipe::raw::Eta;
-use crate::recipe::{duplicate_eta, RecipeError, StepKind};
+use crate::recipe::{duplicate_eta, RecipeError, StepKind, MAX_ETAS};
 
 pub static LITI: MethodDef = MethodDef {
     name: "liti",
@@ -33,6 +33,15 @@ fn resolve(a: &mut dyn StepArgs) -> Result<StepKind, RecipeError> {
             }
             if list.is_empty() {
                 return Err(n.err_at(&eta.referenced, "`eta` is an empty list".into()));
+            }
+            if list.len() > MAX_ETAS {
+                return Err(n.err_at(
+                    &eta.referenced,
+                    format!(
+                        "`eta` lists {} values: at most {MAX_ETAS} (one output folder each)",
+                        list.len()
+                    ),
+                ));
             }
             // −0.0 is 0.0: one folder, `eta-0.0`.
             let list: Vec<f64> = list.iter().map(|&e| e + 0.0).collect();

@@ -257,8 +257,9 @@ impl Gemma2 {
     /// Opens a model folder (or a `.safetensors` file with `config.json` beside it): the config is read and
     /// checked first, then the weights are memory-mapped and checked against it. Nothing is converted.
     pub fn load(path: &Path) -> Result<Self, ModelError> {
-        let config = Config::from_folder(super::folder_of(path))?;
+        // The weights first: a path that does not exist is named as such, not as a folder without config.
         let model = Arc::new(Model::open(path)?);
+        let config = Config::from_folder(super::folder_of(path))?;
         Self::from_source(config, &model)
     }
 

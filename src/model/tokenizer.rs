@@ -18,7 +18,7 @@ impl Tokenizer {
     /// Loads `DIR/tokenizer.json`; a clear [`ModelError::NoTokenizer`] when the folder has none.
     pub fn from_folder(dir: &Path) -> Result<Self, ModelError> {
         let path = dir.join(TOKENIZER_FILE);
-        if !path.is_file() {
+        if !path.exists() {
             return Err(ModelError::NoTokenizer {
                 folder: dir.to_path_buf(),
             });
@@ -29,7 +29,7 @@ impl Tokenizer {
     /// Loads the folder's tokenizer if it has one.
     pub fn from_folder_if_present(dir: &Path) -> Result<Option<Self>, ModelError> {
         let path = dir.join(TOKENIZER_FILE);
-        if path.is_file() {
+        if path.exists() {
             Self::from_file(&path).map(Some)
         } else {
             Ok(None)
@@ -37,10 +37,14 @@ impl Tokenizer {
     }
 
     pub fn from_file(path: &Path) -> Result<Self, ModelError> {
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| ModelError::Tokenizer {
-            path: path.to_path_buf(),
-            reason: format!("cannot load: {e}"),
-        })?;
+        // A regular file of bounded size only (not a FIFO or a device, which would block or never end).
+        let bytes = crate::format::files::read_limited(path, crate::format::files::SIDE_FILE_LIMIT)
+            .map_err(|e| ModelError::io(path, e))?;
+        let inner =
+            tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| ModelError::Tokenizer {
+                path: path.to_path_buf(),
+                reason: format!("cannot load: {e}"),
+            })?;
         Ok(Self {
             inner,
             path: path.to_path_buf(),

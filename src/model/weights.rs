@@ -23,8 +23,8 @@ pub struct Weight {
 enum Data {
     /// Bytes inside a memory-mapped checkpoint; the `Arc` keeps the mapping alive.
     Mapped { model: Arc<Model>, info: TensorInfo },
-    /// Bytes owned in memory.
-    Owned(Arc<[u8]>),
+    /// Bytes owned in memory (the `Vec` itself, so that building a weight from one copies nothing).
+    Owned(Arc<Vec<u8>>),
 }
 
 impl std::fmt::Debug for Weight {
@@ -57,7 +57,7 @@ impl Weight {
         Ok(Self {
             dtype,
             shape,
-            data: Data::Owned(bytes.into()),
+            data: Data::Owned(Arc::new(bytes)),
         })
     }
 

@@ -96,7 +96,7 @@ pub fn plan(text: &str, path: &Path, out: Option<&Path>, seed: u64) -> Result<Pl
     };
     let Some(out) = out else {
         return Err(cx.err(
-            &Location::UNKNOWN,
+            &method.referenced,
             "a mergekit config needs the output folder: pass --out DIR",
         ));
     };
@@ -281,6 +281,17 @@ pub fn plan(text: &str, path: &Path, out: Option<&Path>, seed: u64) -> Result<Pl
         }
         Some(t) => Some(leaf_of(t)?),
     };
+    if let Some(c) = &raw.chat_template {
+        if !(c.value.contains("{{") || c.value.contains("{%")) {
+            return Err(cx.err(
+                &c.referenced,
+                format!(
+                    "chat_template `{}`: only a literal Jinja template is supported (no named templates)",
+                    c.value
+                ),
+            ));
+        }
+    }
     let plan_base = base
         .or_else(|| layout.as_ref().map(|l| l[0].sources[0].0))
         .unwrap_or(models[0].leaf);

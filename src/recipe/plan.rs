@@ -174,10 +174,12 @@ impl Plan {
     /// config (whose model paths are relative to the current directory, and which needs `out`). `seed`
     /// is mergekit's `--seed` (a gemma-merge recipe sets `seed:` itself).
     pub fn load(path: &Path, out: Option<&Path>, seed: Option<u64>) -> Result<Plan, RecipeError> {
-        let text = std::fs::read_to_string(path).map_err(|source| RecipeError::Io {
-            path: path.into(),
-            source,
-        })?;
+        let text =
+            crate::format::files::read_text_limited(path, crate::format::files::SIDE_FILE_LIMIT)
+                .map_err(|source| RecipeError::Io {
+                    path: path.into(),
+                    source,
+                })?;
         if super::mergekit::is_mergekit(&text) {
             return super::mergekit::plan(&text, path, out, seed.unwrap_or(0));
         }
@@ -206,12 +208,7 @@ pub(crate) fn parse_yaml<T: serde::de::DeserializeOwned>(
             .location()
             .map(|l| (l.line(), l.column()))
             .unwrap_or((0, 0));
-        let full = e.to_string();
-        let first = full.lines().next().unwrap_or("").to_string();
-        let message = match first.find(": ") {
-            Some(i) if first.starts_with("error: line ") => first[i + 2..].to_string(),
-            _ => first.trim_start_matches("error: ").to_string(),
-        };
+        let message = super::error::yaml_message(&e);
         RecipeError::Invalid {
             path: path.into(),
             line,
@@ -226,6 +223,9 @@ pub(crate) fn parse_yaml<T: serde::de::DeserializeOwned>(
 pub fn eta_label(eta: f64) -> String {
     format!("eta-{:?}", eta + 0.0)
 }
+
+/// Most η values in one list: each is a model folder (and, in `front`, a forward pass).
+pub const MAX_ETAS: usize = 1000;
 
 /// A value that appears twice in an η list (−0.0 and 0.0 are the same η), if any.
 pub fn duplicate_eta(etas: &[f64]) -> Option<f64> {
@@ -326,10 +326,17 @@ impl<'a> Resolver<'a> {
         let mut hub_id = None;
         if !path.exists() {
             if !hub::is_hub_id(target) {
+                let names: Vec<&str> = (self.all_steps.keys())
+                    .chain(self.aliases.keys())
+                    .map(String::as_str)
+                    .collect();
+                let hint = super::error::closest(shown, &names)
+                    .map(|n| format!(" (did you mean `{n}`?)"))
+                    .unwrap_or_default();
                 return Err(self.err(
                     loc,
                     format!(
-                        "`{shown}` is not a step, an alias, or an existing path ({} not found)",
+                        "`{shown}` is not a step, an alias, or an existing path ({} not found){hint}",
                         path.display()
                     ),
                 ));
