@@ -12,9 +12,19 @@
 # a baseline, `cat` of every input file to /dev/null (page cache / disk read speed, same session).
 # Prints wall time (median of REPEAT), input MB/s, peak RSS (largest of the runs).
 #
+# Floors, measured in the same run: "memory floor" = reading every input once from the page cache (`cat`)
+# plus writing the output's bytes to OUT_DIR; "durable floor" (when OUT_DIR is on a disk) adds fsync.
+# The output goes to OUT_DIR (default /dev/shm when it exists: tmpfs, so the merge is compared with the
+# in-memory floor; set OUT_DIR to a disk folder for the durable comparison).
+#
+# Side by side (optional, never in CI): with MERGEKIT (the `mergekit-yaml` executable of a throwaway venv),
+# each round also runs a linear merge of the five checkpoints with gemma-merge and with mergekit
+# (`mergekit-yaml --lazy-unpickle`, same weights, bf16 out, same OUT_DIR), alternating, and prints the ratio.
+#
 # Environment: BENCH_DIR (default /tmp/gemma-merge-bench; never inside the repository), SHAPE (2b),
 # LAYERS ("2 4 8"), DTYPE (bfloat16), DRIFT (0.01), REPEAT (3), THREADS (default: all cores),
-# KEEP=1 keeps the generated models (default: each size is deleted once measured).
+# KEEP=1 keeps the generated models and reuses them next time (default: each size is deleted once measured),
+# OUT_DIR, MERGEKIT.
 # Disk: 6 models at once (5 inputs + the output); 2b bf16 is 1.18 GB + 0.156 GB per layer each,
 # so 8 layers need about 15 GB.
 set -euo pipefail
@@ -27,6 +37,9 @@ DTYPE=${DTYPE:-bfloat16}
 DRIFT=${DRIFT:-0.01}
 REPEAT=${REPEAT:-3}
 KEEP=${KEEP:-0}
+MERGEKIT=${MERGEKIT:-}
+if [[ -z "${OUT_DIR:-}" ]]; then OUT_DIR=$([[ -d /dev/shm ]] && echo /dev/shm/gemma-merge-bench || echo "$BENCH_DIR/out"); fi
+mkdir -p "$OUT_DIR"
 THREAD_ARGS=()
 if [[ -n "${THREADS:-}" ]]; then THREAD_ARGS=(--threads "$THREADS"); fi
 
@@ -82,36 +95,97 @@ steps:
 YAML
 }
 
+write_linear() {
+  cat > "$1" <<YAML
+# A linear merge of the five checkpoints (the same one mergekit runs below).
+output: out
+dtype: bfloat16
+base: $2/sft
+steps:
+  - name: avg
+    method: linear
+    models: [$2/sft, $2/run_a/step-100, $2/run_a/step-200, $2/run_b/step-100, $2/run_b/step-200]
+    weights: [0.2, 0.2, 0.2, 0.2, 0.2]
+YAML
+  cat > "$1.mergekit.yaml" <<YAML
+merge_method: linear
+dtype: bfloat16
+models:
+  - {model: $2/sft, parameters: {weight: 0.2}}
+  - {model: $2/run_a/step-100, parameters: {weight: 0.2}}
+  - {model: $2/run_a/step-200, parameters: {weight: 0.2}}
+  - {model: $2/run_b/step-100, parameters: {weight: 0.2}}
+  - {model: $2/run_b/step-200, parameters: {weight: 0.2}}
+YAML
+}
+
 ROWS=()
+FLOOR_ROWS=()
+MK_ROWS=()
 for n in $LAYERS; do
   d="$BENCH_DIR/$SHAPE-L$n"
-  rm -rf "$d"
-  mkdir -p "$d/run_a" "$d/run_b"
-  echo "== $SHAPE, $n layers: writing 5 checkpoints into $d" >&2
-  "${GM[@]}" -q synth --shape "$SHAPE" --layers "$n" --dtype "$DTYPE" --seed 0 --out "$d/sft"
-  "${GM[@]}" -q synth --from "$d/sft" --drift "$DRIFT" --seed 1 --out "$d/run_a/step-100"
-  "${GM[@]}" -q synth --from "$d/run_a/step-100" --drift "$DRIFT" --seed 2 --out "$d/run_a/step-200"
-  "${GM[@]}" -q synth --from "$d/sft" --drift "$DRIFT" --seed 3 --out "$d/run_b/step-100"
-  "${GM[@]}" -q synth --from "$d/run_b/step-100" --drift "$DRIFT" --seed 4 --out "$d/run_b/step-200"
+  if [[ "$KEEP" == 1 && -f "$d/run_b/step-200/config.json" ]]; then
+    echo "== $SHAPE, $n layers: reusing the checkpoints in $d (KEEP=1)" >&2
+  else
+    rm -rf "$d"
+    mkdir -p "$d/run_a" "$d/run_b"
+    echo "== $SHAPE, $n layers: writing 5 checkpoints into $d" >&2
+    "${GM[@]}" -q synth --shape "$SHAPE" --layers "$n" --dtype "$DTYPE" --seed 0 --out "$d/sft"
+    "${GM[@]}" -q synth --from "$d/sft" --drift "$DRIFT" --seed 1 --out "$d/run_a/step-100"
+    "${GM[@]}" -q synth --from "$d/run_a/step-100" --drift "$DRIFT" --seed 2 --out "$d/run_a/step-200"
+    "${GM[@]}" -q synth --from "$d/sft" --drift "$DRIFT" --seed 3 --out "$d/run_b/step-100"
+    "${GM[@]}" -q synth --from "$d/run_b/step-100" --drift "$DRIFT" --seed 4 --out "$d/run_b/step-200"
+  fi
   write_recipe "$d/warp.yaml"
   mapfile -t inputs < <(find "$d/sft" "$d/run_a" "$d/run_b" -name '*.safetensors' | sort)
   model_bytes=$(stat -c %s "$d"/sft/*.safetensors | awk '{ s += $1 } END { print s }')
   input_bytes=$(stat -c %s "${inputs[@]}" | awk '{ s += $1 } END { print s }')
 
+  write_linear "$d/linear.yaml" "$d"
+  out="$OUT_DIR/$SHAPE-L$n"
   cat_times=()
+  floors=()
+  durables=()
   walls=()
   rsses=()
+  lin=(); mk=()
+  cat "${inputs[@]}" > /dev/null
   for r in $(seq "$REPEAT"); do
     t0=$(now); cat "${inputs[@]}" > /dev/null; t1=$(now)
     cat_times+=("$(echo "$t1 - $t0" | bc -l)")
+    # The output's bytes written once to OUT_DIR (and, for the durable floor, synced).
+    t2=$(now); head -c "$model_bytes" /dev/zero > "$OUT_DIR/floor.bin"; t3=$(now)
+    dd if=/dev/zero of="$OUT_DIR/floor.bin" bs=16M count=$(( model_bytes / 16777216 + 1 )) conv=fsync status=none; t4=$(now)
+    rm -f "$OUT_DIR/floor.bin"
+    floors+=("$(echo "$t1 - $t0 + $t3 - $t2" | bc -l)")
+    durables+=("$(echo "$t1 - $t0 + $t4 - $t3" | bc -l)")
     log="$d/time-$r.log"
-    /usr/bin/time -v -o "$log" "${GM[@]}" run "$d/warp.yaml" --out "$d/out" --force -q
+    /usr/bin/time -v -o "$log" "${GM[@]}" run "$d/warp.yaml" --out "$out" --force -q
     walls+=("$(wall_of "$log")")
     rsses+=("$(rss_of "$log")")
-    echo "   run $r: cat ${cat_times[-1]} s, merge ${walls[-1]} s, peak RSS $(( ${rsses[-1]} / 1024 )) MiB" >&2
+    echo "   run $r: cat ${cat_times[-1]} s, memory floor ${floors[-1]} s, durable floor ${durables[-1]} s," \
+      "merge ${walls[-1]} s, peak RSS $(( ${rsses[-1]} / 1024 )) MiB" >&2
+    if [[ -n "$MERGEKIT" ]]; then
+      t0=$(now); "${GM[@]}" run "$d/linear.yaml" --out "$out-linear" --force -q; t1=$(now)
+      rm -rf "$out-mergekit"
+      "$MERGEKIT" "$d/linear.yaml.mergekit.yaml" "$out-mergekit" --lazy-unpickle --no-copy-tokenizer > /dev/null 2>&1 || true
+      t2=$(now)
+      [[ -f "$out-mergekit/config.json" ]] || { echo "error: mergekit failed (see $d)" >&2; exit 1; }
+      lin+=("$(echo "$t1 - $t0" | bc -l)"); mk+=("$(echo "$t2 - $t1" | bc -l)")
+      echo "   run $r: linear merge of 5: gemma-merge ${lin[-1]} s, mergekit ${mk[-1]} s" >&2
+    fi
   done
+  rm -rf "$out" "$out-linear" "$out-mergekit"
   wall=$(printf '%s\n' "${walls[@]}" | median)
+  floor=$(printf '%s\n' "${floors[@]}" | median)
+  durable=$(printf '%s\n' "${durables[@]}" | median)
   cat_s=$(printf '%s\n' "${cat_times[@]}" | median)
+  FLOOR_ROWS+=("$(awk -v m="$SHAPE-L$n" -v w="$wall" -v f="$floor" -v d="$durable" \
+    'BEGIN { printf "%-10s %10.2f %14.2f %9.2f %15.2f %9.2f", m, w, f, w / f, d, w / d }')")
+  if [[ -n "$MERGEKIT" ]]; then
+    l=$(printf '%s\n' "${lin[@]}" | median); k=$(printf '%s\n' "${mk[@]}" | median)
+    MK_ROWS+=("$(awk -v m="$SHAPE-L$n" -v l="$l" -v k="$k" 'BEGIN { printf "%-10s %14.2f %10.2f %8.2f", m, l, k, k / l }')")
+  fi
   rss_kb=$(printf '%s\n' "${rsses[@]}" | maximum)
   ROWS+=("$(awk -v n="$n" -v mb="$model_bytes" -v ib="$input_bytes" -v w="$wall" -v c="$cat_s" -v r="$rss_kb" -v s="$SHAPE" \
     'BEGIN { printf "%-10s %10.2f %12.2f %10.2f %9.0f %10.2f %9.0f %12.0f", s "-L" n, mb / 1e9, ib / 1e9, w, ib / 1e6 / w, c, ib / 1e6 / c, r / 1024 }')")
@@ -121,3 +195,11 @@ done
 printf '\n%-10s %10s %12s %10s %9s %10s %9s %12s\n' model "model GB" "inputs GB" "wall s" "MB/s" "cat s" "cat MB/s" "peak RSS MiB"
 printf '%s\n' "${ROWS[@]}"
 echo "(wall: median of $REPEAT runs of 'gemma-merge run'; MB/s: input bytes / wall; peak RSS: largest of the runs; cat: median of $REPEAT)"
+printf '\n%-10s %10s %14s %9s %15s %9s\n' model "merge s" "memory floor s" "ratio" "durable floor s" "ratio"
+printf '%s\n' "${FLOOR_ROWS[@]}"
+echo "(output in $OUT_DIR; memory floor: cat of the inputs + writing the output's bytes there; durable: + fsync)"
+if [[ ${#MK_ROWS[@]} -gt 0 ]]; then
+  printf '\n%-10s %14s %10s %8s\n' model "gemma-merge s" "mergekit s" "ratio"
+  printf '%s\n' "${MK_ROWS[@]}"
+  echo "(linear merge of the 5 checkpoints, bf16 out, medians of $REPEAT alternating runs; ratio: mergekit / gemma-merge)"
+fi

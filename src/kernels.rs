@@ -137,21 +137,9 @@ pub fn normalize_weights(weights: &[f64]) -> Option<Vec<f64>> {
 /// f64, so a task vector (s = 0) carries no cancellation error and a merge (s = 1) is the base plus a
 /// small correction.
 pub fn combine(coefs: &[f64], sum: f64, inputs: &[&[f32]], reference: usize, out: &mut [f64]) {
-    let x_ref = &inputs[reference][..out.len()];
-    out.fill(0.0);
-    // One streaming pass per input (vectorizes); the order of additions per element is the input order.
-    for (i, &c) in coefs.iter().enumerate() {
-        if i == reference || c == 0.0 {
-            continue;
-        }
-        let x = &inputs[i][..out.len()];
-        for ((o, &xi), &r) in out.iter_mut().zip(x).zip(x_ref) {
-            *o += c * (xi as f64 - r as f64);
-        }
-    }
-    for (o, &r) in out.iter_mut().zip(x_ref) {
-        *o += sum * r as f64;
-    }
+    // Vectorised at the process's SIMD level, with the same operations per element in the same order
+    // (the order of additions per element is the input order) at every level.
+    crate::sum::combine_at(coefs, sum, inputs, reference, out)
 }
 
 /// Accumulates the Gram matrix of several vectors of equal length in f64.

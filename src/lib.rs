@@ -17,4 +17,5 @@ pub mod recipe;
 pub mod safe_out;
 pub mod selection;
 pub mod simd;
+mod sum;
 pub mod synth;

@@ -118,6 +118,56 @@ pub fn cpu_has_bf16_dot() -> bool {
     }
 }
 
+/// Defines `fn NAME(args) [-> T] { body }` compiled three times: for AVX-512, for AVX2 + FMA + F16C (each with
+/// `#[target_feature]`, so the body's loops vectorise to that width) and portably; `NAME(...)` runs at
+/// [`level`], `NAME::at(level, ...)` at an explicit level (at most [`detected`]).
+macro_rules! leveled {
+    ($(#[$doc:meta])* $vis:vis fn $name:ident ($($arg:ident : $ty:ty),*) $(-> $ret:ty)? $body:block) => {
+        $(#[$doc])*
+        #[allow(dead_code)] // some are used by the tests only
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            $name::at($crate::simd::level(), $($arg),*)
+        }
+
+        #[allow(dead_code)]
+        pub(crate) mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            #[inline(always)]
+            fn imp($($arg: $ty),*) $(-> $ret)? $body
+
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+            unsafe fn avx512($($arg: $ty),*) $(-> $ret)? { imp($($arg),*) }
+
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma,f16c")]
+            unsafe fn avx2($($arg: $ty),*) $(-> $ret)? { imp($($arg),*) }
+
+            /// At an explicit level (at most `simd::detected()`).
+            pub(crate) fn at(level: $crate::simd::Level, $($arg: $ty),*) $(-> $ret)? {
+                use $crate::simd::Level;
+                match level {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: the CPU has the level's features (asserted).
+                    Level::Avx512 => {
+                        assert!(level <= $crate::simd::detected());
+                        unsafe { avx512($($arg),*) }
+                    }
+                    #[cfg(target_arch = "x86_64")]
+                    Level::Avx2 => {
+                        assert!(level <= $crate::simd::detected());
+                        unsafe { avx2($($arg),*) }
+                    }
+                    _ => imp($($arg),*),
+                }
+            }
+        }
+    };
+}
+pub(crate) use leveled;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -798,7 +798,7 @@ impl<'p> Prepared<'p> {
             let mut v = vec![0f32; hi - lo];
             ft.decode(bytes, &mut v);
             if !self.plan.allow_nonfinite {
-                if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+                if let Some(i) = crate::format::dtype::first_non_finite(&v) {
                     return Err(MergeError::NonFinite {
                         tensor: info.name.clone(),
                         file: model.file_of(info).path().into(),

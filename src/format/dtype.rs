@@ -4,6 +4,8 @@
 //! once to the output type with round-to-nearest-even, which is what `half` implements.
 
 use half::{bf16, f16};
+
+pub use super::convert::first_non_finite;
 use safetensors::Dtype;
 
 /// A floating-point storage type that can be merged.
@@ -61,28 +63,9 @@ impl FloatType {
     }
 
     /// Decodes little-endian elements into `out` (exact). `bytes.len()` must be `out.len() * size`.
+    /// Vectorised at the process's SIMD level (`crate::simd`); every level gives the same bits.
     pub fn decode(self, bytes: &[u8], out: &mut [f32]) {
-        debug_assert_eq!(bytes.len(), out.len() * self.size());
-        match self {
-            Self::BF16 => {
-                let (pairs, _) = bytes.as_chunks::<2>();
-                for (o, b) in out.iter_mut().zip(pairs) {
-                    *o = f32::from_bits((u16::from_le_bytes(*b) as u32) << 16);
-                }
-            }
-            Self::F16 => {
-                let (pairs, _) = bytes.as_chunks::<2>();
-                for (o, b) in out.iter_mut().zip(pairs) {
-                    *o = f16::from_bits(u16::from_le_bytes(*b)).to_f32();
-                }
-            }
-            Self::F32 => {
-                let (quads, _) = bytes.as_chunks::<4>();
-                for (o, b) in out.iter_mut().zip(quads) {
-                    *o = f32::from_le_bytes(*b);
-                }
-            }
-        }
+        super::convert::decode_at(crate::simd::level(), self, bytes, out)
     }
 
     /// Rounds each value once to this type (round-to-nearest-even) and appends little-endian bytes.
@@ -136,34 +119,12 @@ impl FloatType {
     /// For bf16/f16 the value first goes to f32 with round-to-odd, which keeps the second rounding
     /// correct (f32 has more than twice the precision of either, plus two bits): the result is the f64
     /// value rounded once.
+    ///
+    /// Vectorised at the process's SIMD level (`crate::simd`); every level gives the same bytes.
     pub fn encode_f64(self, values: &[f64], out: &mut Vec<u8>) {
         let start = out.len();
         out.resize(start + values.len() * self.size(), 0);
-        let dst = &mut out[start..];
-        match self {
-            Self::F32 => {
-                let (quads, _) = dst.as_chunks_mut::<4>();
-                for (d, &v) in quads.iter_mut().zip(values) {
-                    *d = (v as f32).to_le_bytes();
-                }
-            }
-            Self::BF16 => {
-                let (pairs, _) = dst.as_chunks_mut::<2>();
-                for (d, &v) in pairs.iter_mut().zip(values) {
-                    *d = bf16::from_f32(f64_to_f32_round_odd(v))
-                        .to_bits()
-                        .to_le_bytes();
-                }
-            }
-            Self::F16 => {
-                let (pairs, _) = dst.as_chunks_mut::<2>();
-                for (d, &v) in pairs.iter_mut().zip(values) {
-                    *d = f16::from_f32(f64_to_f32_round_odd(v))
-                        .to_bits()
-                        .to_le_bytes();
-                }
-            }
-        }
+        super::convert::encode_f64_at(crate::simd::level(), self, values, &mut out[start..]);
     }
 }
 

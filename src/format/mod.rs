@@ -1,5 +1,6 @@
 //! The format layer: safetensors models in and out, checksummed.
 
+mod convert;
 pub mod dtype;
 pub mod error;
 pub mod files;

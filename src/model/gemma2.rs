@@ -27,9 +27,7 @@ use crate::format::Model;
 
 pub use super::family::Config;
 use super::family::{layer_group, lm_head_name};
-use super::ops::{
-    axpy, dot, exp_in_place, gelu_mul, matmul_many, matmul_p, rms_norm, softcap, Precision, Rope,
-};
+use super::ops::{attend, gelu_mul, matmul_many, matmul_p, rms_norm, softcap, Precision, Rope};
 use super::weights::{Weight, WeightSource};
 use super::ModelError;
 
@@ -584,20 +582,15 @@ impl Attention {
                 let i = first + t;
                 let keys = key_range(i, self.window);
                 let qh = &qs[t * nh * hd + head * hd..][..hd];
-                let mut scores: Vec<f32> = keys
-                    .clone()
-                    .map(|j| dot(qh, key(j, g)) * self.scaling)
-                    .collect();
-                if let Some(cap) = self.softcap {
-                    softcap(&mut scores, cap);
-                }
-                let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-                scores.iter_mut().for_each(|s| *s -= max);
-                exp_in_place(&mut scores);
-                let sum: f32 = scores.iter().sum();
-                for (p, j) in scores.iter().zip(keys) {
-                    axpy(p / sum, value(j, g), o);
-                }
+                attend(
+                    qh,
+                    keys,
+                    |j| key(j, g),
+                    |j| value(j, g),
+                    self.scaling,
+                    self.softcap,
+                    o,
+                );
             });
         cache.append(first, &k, &v);
         matmul_p(out.view(), &self.o_proj, p)

@@ -59,6 +59,110 @@ pub(crate) fn matmul_into(x: ArrayView2<f32>, w: &Weight, precision: Precision, 
     super::gemm::matmul_into(crate::simd::level(), precision, xs, n, w, y);
 }
 
+/// One query head's attention: `o += Σ_j softmax_j(softcap(q·k_j · scaling)) · v_j` over the key
+/// positions `keys`, with `key(j)` / `value(j)` the rows of position j. Compiled for the process's SIMD
+/// level (the dot products and `axpy` vectorise to its width); the soft-cap and exp are [`super::vmath`]'s.
+pub(crate) fn attend<'a>(
+    qh: &[f32],
+    keys: std::ops::RangeInclusive<usize>,
+    key: impl Fn(usize) -> &'a [f32],
+    value: impl Fn(usize) -> &'a [f32],
+    scaling: f32,
+    cap: Option<f32>,
+    o: &mut [f32],
+) {
+    match crate::simd::level() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: simd::level() never exceeds the CPU's features.
+        crate::simd::Level::Avx512 => unsafe {
+            attend_avx512(qh, keys, key, value, scaling, cap, o)
+        },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        crate::simd::Level::Avx2 => unsafe { attend_avx2(qh, keys, key, value, scaling, cap, o) },
+        _ => attend_impl(qh, keys, key, value, scaling, cap, o),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+unsafe fn attend_avx512<'a>(
+    qh: &[f32],
+    keys: std::ops::RangeInclusive<usize>,
+    key: impl Fn(usize) -> &'a [f32],
+    value: impl Fn(usize) -> &'a [f32],
+    scaling: f32,
+    cap: Option<f32>,
+    o: &mut [f32],
+) {
+    attend_impl(qh, keys, key, value, scaling, cap, o)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn attend_avx2<'a>(
+    qh: &[f32],
+    keys: std::ops::RangeInclusive<usize>,
+    key: impl Fn(usize) -> &'a [f32],
+    value: impl Fn(usize) -> &'a [f32],
+    scaling: f32,
+    cap: Option<f32>,
+    o: &mut [f32],
+) {
+    attend_impl(qh, keys, key, value, scaling, cap, o)
+}
+
+#[inline(always)]
+fn attend_impl<'a>(
+    qh: &[f32],
+    keys: std::ops::RangeInclusive<usize>,
+    key: impl Fn(usize) -> &'a [f32],
+    value: impl Fn(usize) -> &'a [f32],
+    scaling: f32,
+    cap: Option<f32>,
+    o: &mut [f32],
+) {
+    let mut scores: Vec<f32> = keys
+        .clone()
+        .map(|j| dot_wide(qh, key(j)) * scaling)
+        .collect();
+    if let Some(cap) = cap {
+        softcap(&mut scores, cap);
+    }
+    let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+    scores.iter_mut().for_each(|s| *s -= max);
+    exp_in_place(&mut scores);
+    let sum: f32 = scores.iter().sum();
+    for (p, j) in scores.iter().zip(keys) {
+        axpy(p / sum, value(j), o);
+    }
+}
+
+/// [`dot`] with sixteen independent lanes (one AVX-512 register, two AVX2 ones).
+#[inline(always)]
+fn dot_wide(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..16 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut s = 0f32;
+    for half in [8, 4, 2, 1] {
+        for i in 0..half {
+            acc[i] += acc[i + half];
+        }
+    }
+    s += acc[0];
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
 /// Dot product of two f32 slices of equal length (eight independent lanes, so it vectorizes).
 #[inline]
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -79,7 +183,7 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// `y += a · x`.
-#[inline]
+#[inline(always)]
 pub(crate) fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
     for (y, x) in y.iter_mut().zip(x) {
         *y += a * x;

@@ -6,7 +6,7 @@
 //! the exact value (the unit tests sweep the whole useful range against f64 `std` functions), as
 //! PyTorch's vectorised CPU kernels (Sleef, 1 ulp) are.
 
-use crate::simd::Level;
+use crate::simd::leveled;
 
 /// Lanes processed per step (one AVX-512 register of f64, two of AVX2).
 const W: usize = 8;
@@ -71,50 +71,6 @@ fn gelu_one(x: f32) -> f32 {
     0.5 * x * (1.0 + tanh_one(inner))
 }
 
-macro_rules! leveled {
-    ($(#[$doc:meta])* $name:ident ($($arg:ident : $ty:ty),*) $body:block) => {
-        $(#[$doc])*
-        #[allow(dead_code)] // tanh_in_place is used by the tests only
-        pub(crate) fn $name($($arg: $ty),*) {
-            $name::at(crate::simd::level(), $($arg),*)
-        }
-
-        #[allow(dead_code)]
-        pub(crate) mod $name {
-            use super::*;
-
-            #[inline(always)]
-            fn imp($($arg: $ty),*) $body
-
-            #[cfg(target_arch = "x86_64")]
-            #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
-            unsafe fn avx512($($arg: $ty),*) { imp($($arg),*) }
-
-            #[cfg(target_arch = "x86_64")]
-            #[target_feature(enable = "avx2,fma,f16c")]
-            unsafe fn avx2($($arg: $ty),*) { imp($($arg),*) }
-
-            /// At an explicit level (at most `simd::detected()`).
-            pub(crate) fn at(level: Level, $($arg: $ty),*) {
-                match level {
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: the CPU has the level's features (asserted).
-                    Level::Avx512 => {
-                        assert!(level <= crate::simd::detected());
-                        unsafe { avx512($($arg),*) }
-                    }
-                    #[cfg(target_arch = "x86_64")]
-                    Level::Avx2 => {
-                        assert!(level <= crate::simd::detected());
-                        unsafe { avx2($($arg),*) }
-                    }
-                    _ => imp($($arg),*),
-                }
-            }
-        }
-    };
-}
-
 /// Applies `f` to every element, `W` at a time so that the compiler keeps the lanes in registers.
 #[inline(always)]
 fn map(v: &mut [f32], f: impl Fn(f32) -> f32 + Copy) {
@@ -131,22 +87,22 @@ fn map(v: &mut [f32], f: impl Fn(f32) -> f32 + Copy) {
 
 leveled! {
     /// `v ← e^v` elementwise (within 1 ulp; NaN stays NaN).
-    exp_in_place(v: &mut [f32]) { map(v, exp_one) }
+    pub(crate) fn exp_in_place(v: &mut [f32]) { map(v, exp_one) }
 }
 
 leveled! {
     /// `v ← tanh(v)` elementwise (within 1 ulp).
-    tanh_in_place(v: &mut [f32]) { map(v, tanh_one) }
+    pub(crate) fn tanh_in_place(v: &mut [f32]) { map(v, tanh_one) }
 }
 
 leveled! {
     /// `v ← cap · tanh(v / cap)` (Gemma 2's attention and final logit soft-caps).
-    softcap(v: &mut [f32], cap: f32) { map(v, |x| tanh_one(x / cap) * cap) }
+    pub(crate) fn softcap(v: &mut [f32], cap: f32) { map(v, |x| tanh_one(x / cap) * cap) }
 }
 
 leveled! {
     /// `gate ← gelu_tanh(gate) · up` elementwise (the gated MLP's activation).
-    gelu_mul(gate: &mut [f32], up: &[f32]) {
+    pub(crate) fn gelu_mul(gate: &mut [f32], up: &[f32]) {
         let mut g = gate.chunks_exact_mut(W);
         let mut u = up.chunks_exact(W);
         for (g, u) in (&mut g).zip(&mut u) {
