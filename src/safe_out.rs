@@ -644,7 +644,45 @@ fn temp_path(target: &Path, infix: &str, pid: u32) -> PathBuf {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "output".into());
-    parent_of(target).join(format!(".{name}{infix}{pid}"))
+    parent_of(target).join(format!(".{name}{infix}{}-{pid}", host_tag()))
+}
+
+/// This machine's name as it appears in temporary names (`-` and anything unusual become `_`), so that a
+/// run never takes another machine's temporaries on a shared file system for a dead process's.
+fn host_tag() -> &'static str {
+    static TAG: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TAG.get_or_init(|| {
+        #[cfg(unix)]
+        let raw = {
+            let mut buf = [0u8; 256];
+            // SAFETY: gethostname writes at most buf.len() bytes into buf.
+            let r = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+            let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+            if r == 0 {
+                String::from_utf8_lossy(&buf[..end]).into_owned()
+            } else {
+                String::new()
+            }
+        };
+        #[cfg(not(unix))]
+        let raw = std::env::var("COMPUTERNAME").unwrap_or_default();
+        let tag: String = raw
+            .chars()
+            .take(64)
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '.' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        if tag.is_empty() {
+            "host".into()
+        } else {
+            tag
+        }
+    })
 }
 
 fn parent_of(target: &Path) -> PathBuf {
@@ -922,7 +960,9 @@ fn process_alive(pid: u32) -> bool {
     }
 }
 
-/// Parses `.NAME<infix>PID` (and the legacy `.NAME.gemma-merge-tmp-PID.old`) into (NAME, PID, old copy?).
+/// Parses `.NAME<infix>HOST-PID` (and the older `.NAME<infix>PID` and `.NAME.gemma-merge-tmp-PID.old`,
+/// taken to be this machine's) into (NAME, PID, old copy?). `None` for names that are not ours, and for
+/// another machine's temporaries: whether that process lives cannot be told from here.
 fn parse_temp_name(file_name: &str) -> Option<(String, u32, bool)> {
     let rest = file_name.strip_prefix('.')?;
     let (rest, legacy_old) = match rest.strip_suffix(".old") {
@@ -931,7 +971,12 @@ fn parse_temp_name(file_name: &str) -> Option<(String, u32, bool)> {
     };
     for (infix, old) in [(TMP_INFIX, legacy_old), (OLD_INFIX, true)] {
         if let Some(i) = rest.rfind(infix) {
-            let pid = &rest[i + infix.len()..];
+            let tail = &rest[i + infix.len()..];
+            let pid = match tail.rsplit_once('-') {
+                Some((host, pid)) if host == host_tag() => pid,
+                Some(_) => return None,
+                None => tail,
+            };
             if !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()) {
                 return Some((rest[..i].to_string(), pid.parse().ok()?, old));
             }
@@ -1031,6 +1076,15 @@ mod tests {
         );
         assert_eq!(parse_temp_name("out.gemma-merge-tmp-1"), None);
         assert_eq!(parse_temp_name(".out.gemma-merge-tmp-x1"), None);
+        // This machine's temporaries carry its name; another machine's are never taken for stale.
+        let ours = format!(".out.gemma-merge-tmp-{}-42", host_tag());
+        assert_eq!(parse_temp_name(&ours), Some(("out".into(), 42, false)));
+        let mine = temp_path(Path::new("d/out"), TMP_INFIX, 7);
+        assert_eq!(
+            parse_temp_name(&mine.file_name().unwrap().to_string_lossy()),
+            Some(("out".into(), 7, false))
+        );
+        assert_eq!(parse_temp_name(".out.gemma-merge-tmp-otherhost_x-42"), None);
     }
 
     #[test]
