@@ -9,7 +9,7 @@ use gemma_merge::format::writer::{ModelWriter, TensorSpec};
 use gemma_merge::format::{FloatType, Model};
 
 mod common;
-use common::load;
+use common::{load, write_model};
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_gemma-merge"))
@@ -400,31 +400,6 @@ fn shipped_recipes_are_valid() {
 
 // ---------------------------------------------------------------------------------------------------
 // Hand-built models
-
-/// Writes a model folder with the given f32 tensors stored as `dtype`, and a minimal config.json.
-fn write_model(dir: &Path, dtype: FloatType, tensors: &[(&str, Vec<usize>, Vec<f32>)]) {
-    std::fs::create_dir_all(dir).unwrap();
-    let specs: Vec<TensorSpec> = tensors
-        .iter()
-        .map(|(n, shape, _)| TensorSpec {
-            name: n.to_string(),
-            dtype: dtype.dtype(),
-            shape: shape.clone(),
-        })
-        .collect();
-    let mut w = ModelWriter::create(dir, specs, u64::MAX).unwrap();
-    for (_, _, v) in tensors {
-        let mut b = Vec::new();
-        dtype.encode(v, &mut b);
-        w.write(&b).unwrap();
-    }
-    w.finish().unwrap();
-    std::fs::write(
-        dir.join("config.json"),
-        "{\"model_type\": \"gemma2\", \"torch_dtype\": \"float32\"}\n",
-    )
-    .unwrap();
-}
 
 /// A deterministic pseudo-random vector.
 fn noise(seed: u64, n: usize, scale: f32) -> Vec<f32> {

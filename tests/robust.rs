@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use gemma_merge::format::writer::{ModelWriter, TensorSpec};
+mod common;
+use common::write_model;
+
 use gemma_merge::format::{FloatType, Model};
 
 struct Out {
@@ -72,31 +74,6 @@ fn fails(o: &Out, code: i32, needles: &[&str]) {
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
-}
-
-/// Writes a model folder with the given f32 tensors stored as `dtype`, and a minimal config.json.
-fn write_model(dir: &Path, dtype: FloatType, tensors: &[(&str, Vec<usize>, Vec<f32>)]) {
-    std::fs::create_dir_all(dir).unwrap();
-    let specs: Vec<TensorSpec> = tensors
-        .iter()
-        .map(|(n, shape, _)| TensorSpec {
-            name: n.to_string(),
-            dtype: dtype.dtype(),
-            shape: shape.clone(),
-        })
-        .collect();
-    let mut w = ModelWriter::create(dir, specs, u64::MAX).unwrap();
-    for (_, _, v) in tensors {
-        let mut b = Vec::new();
-        dtype.encode(v, &mut b);
-        w.write(&b).unwrap();
-    }
-    w.finish().unwrap();
-    std::fs::write(
-        dir.join("config.json"),
-        "{\"model_type\": \"gemma2\", \"torch_dtype\": \"float32\"}\n",
-    )
-    .unwrap();
 }
 
 /// f32 values of every tensor of a model.

@@ -1,9 +1,10 @@
-//! Helpers shared by the integration tests.
+//! Helpers shared by the integration tests (each test binary uses some of them).
+#![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use gemma_merge::format::{FloatType, Model};
+use gemma_merge::format::{FloatType, Model, ModelWriter, TensorSpec};
 
 /// Every tensor of a model, by name: (dtype, shape, values widened exactly to f64).
 pub type Tensors = BTreeMap<String, (FloatType, Vec<usize>, Vec<f64>)>;
@@ -23,4 +24,29 @@ pub fn load(path: &Path) -> Tensors {
             )
         })
         .collect()
+}
+
+/// Writes a model folder with the given f32 tensors stored as `dtype`, and a minimal config.json.
+pub fn write_model(dir: &Path, dtype: FloatType, tensors: &[(&str, Vec<usize>, Vec<f32>)]) {
+    std::fs::create_dir_all(dir).unwrap();
+    let specs: Vec<TensorSpec> = tensors
+        .iter()
+        .map(|(n, shape, _)| TensorSpec {
+            name: n.to_string(),
+            dtype: dtype.dtype(),
+            shape: shape.clone(),
+        })
+        .collect();
+    let mut w = ModelWriter::create(dir, specs, u64::MAX).unwrap();
+    for (_, _, v) in tensors {
+        let mut b = Vec::new();
+        dtype.encode(v, &mut b);
+        w.write(&b).unwrap();
+    }
+    w.finish().unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        "{\"model_type\": \"gemma2\", \"torch_dtype\": \"float32\"}\n",
+    )
+    .unwrap();
 }
