@@ -4,9 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_gemma-merge"))
-}
+mod common;
+use common::{gm, Out};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -14,21 +13,6 @@ fn root() -> PathBuf {
 
 fn case() -> PathBuf {
     root().join("fixtures/merge-case")
-}
-
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-fn gm(args: &[&str]) -> Out {
-    let o = bin().args(args).output().expect("binary runs");
-    Out {
-        code: o.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
-    }
 }
 
 fn ok(args: &[&str]) -> Out {

@@ -3,35 +3,15 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use gemma_merge::format::writer::{ModelWriter, TensorSpec};
 use gemma_merge::format::{FloatType, Model};
 
 mod common;
-use common::{load, write_model};
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_gemma-merge"))
-}
+use common::{gm, load, write_model, Out};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/merge-case")
-}
-
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-fn gm(args: &[&str]) -> Out {
-    let o = bin().args(args).output().expect("binary runs");
-    Out {
-        code: o.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
-    }
 }
 
 fn ok(args: &[&str]) -> Out {

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::process::Command;
 
 use gemma_merge::format::{FloatType, Model, ModelWriter, TensorSpec};
 
@@ -49,4 +50,26 @@ pub fn write_model(dir: &Path, dtype: FloatType, tensors: &[(&str, Vec<usize>, V
         "{\"model_type\": \"gemma2\", \"torch_dtype\": \"float32\"}\n",
     )
     .unwrap();
+}
+
+/// The gemma-merge binary under test.
+pub fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_gemma-merge"))
+}
+
+/// What a run of the binary printed, and its exit code (-1 when killed by a signal).
+pub struct Out {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs the binary with `args`.
+pub fn gm(args: &[&str]) -> Out {
+    let o = bin().args(args).output().expect("binary runs");
+    Out {
+        code: o.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+    }
 }
