@@ -60,6 +60,24 @@ pub fn slerp_pair(dot: f64, norm2_a: f64, norm2_b: f64, lambda: f64) -> (f64, f6
     )
 }
 
+/// mergekit's `nuslerp` pair, edge cases included: each vector is normalised by its norm clamped to at
+/// least 1e-7, so a zero vector has cosine 0 with anything (Ω = π/2, not the linear fallback of
+/// [`slerp_pair`]); linear only where 1 − cos² ≤ 1e-16.
+pub fn nuslerp_pair(dot: f64, norm2_a: f64, norm2_b: f64, lambda: f64) -> (f64, f64) {
+    let na = norm2_a.sqrt().max(1e-7);
+    let nb = norm2_b.sqrt().max(1e-7);
+    let cos = (dot / (na * nb)).clamp(-1.0, 1.0);
+    if 1.0 - cos * cos <= 1e-16 {
+        return (1.0 - lambda, lambda);
+    }
+    let omega = cos.acos();
+    let sin = omega.sin();
+    (
+        ((1.0 - lambda) * omega).sin() / sin,
+        (lambda * omega).sin() / sin,
+    )
+}
+
 /// SLERP of M task vectors given their Gram matrix `gram[m][n] = ⟨δ_m, δ_n⟩` (over one group), as WARP's
 /// chain: r₁ = δ₁, r_m = pair(r_{m−1}, δ_m, λ_m). Returns r_M's coefficients over δ₁..δ_M.
 ///

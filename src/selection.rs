@@ -226,6 +226,202 @@ pub struct Pass {
     found: Option<u64>,
 }
 
+/// The order torch's CPU `sort` (and `argsort`) gives `keys` with `stable=False`: libstdc++'s
+/// `std::sort` (introsort: median-of-three quicksort, heapsort past 2·⌊log₂ n⌋ levels, insertion sort of
+/// runs of 16) over (key, index) pairs, compared by key only as torch's `KeyValueCompDesc`/`Asc` do.
+/// Equal keys thus come out in the order this algorithm leaves them, which is what mergekit keeps at a
+/// top-k threshold. Returns the indices in sorted order.
+///
+/// Checked against torch 2.15 on random inputs with many ties (tools/make_methods_refs.py's fixtures
+/// exercise it end to end).
+pub fn torch_sort_order(keys: &[f32], descending: bool) -> Vec<u32> {
+    assert!(
+        keys.len() <= u32::MAX as usize,
+        "torch_sort_order: too many keys"
+    );
+    let mut a: Vec<(f32, u32)> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, &k)| (k, i as u32))
+        .collect();
+    if descending {
+        introsort(&mut a, &|x: &(f32, u32), y: &(f32, u32)| {
+            (x.0.is_nan() && !y.0.is_nan()) || x.0 > y.0
+        });
+    } else {
+        introsort(&mut a, &|x: &(f32, u32), y: &(f32, u32)| {
+            (!x.0.is_nan() && y.0.is_nan()) || x.0 < y.0
+        });
+    }
+    a.into_iter().map(|(_, i)| i).collect()
+}
+
+/// libstdc++'s `std::sort`, step for step (`__introsort_loop` then `__final_insertion_sort`).
+fn introsort<T: Copy>(a: &mut [T], less: &impl Fn(&T, &T) -> bool) {
+    const THRESHOLD: usize = 16;
+    let n = a.len();
+    if n < 2 {
+        return;
+    }
+    introsort_loop(a, 0, n, 2 * n.ilog2() as usize, less);
+    if n > THRESHOLD {
+        insertion_sort(a, 0, THRESHOLD, less);
+        for i in THRESHOLD..n {
+            unguarded_linear_insert(a, i, less);
+        }
+    } else {
+        insertion_sort(a, 0, n, less);
+    }
+}
+
+fn introsort_loop<T: Copy>(
+    a: &mut [T],
+    first: usize,
+    mut last: usize,
+    mut depth: usize,
+    less: &impl Fn(&T, &T) -> bool,
+) {
+    while last - first > 16 {
+        if depth == 0 {
+            heap_sort(&mut a[first..last], less);
+            return;
+        }
+        depth -= 1;
+        let mid = first + (last - first) / 2;
+        move_median_to_first(a, first, first + 1, mid, last - 1, less);
+        let cut = unguarded_partition(a, first + 1, last, first, less);
+        introsort_loop(a, cut, last, depth, less);
+        last = cut;
+    }
+}
+
+fn move_median_to_first<T: Copy>(
+    a: &mut [T],
+    result: usize,
+    x: usize,
+    y: usize,
+    z: usize,
+    less: &impl Fn(&T, &T) -> bool,
+) {
+    let m = if less(&a[x], &a[y]) {
+        if less(&a[y], &a[z]) {
+            y
+        } else if less(&a[x], &a[z]) {
+            z
+        } else {
+            x
+        }
+    } else if less(&a[x], &a[z]) {
+        x
+    } else if less(&a[y], &a[z]) {
+        z
+    } else {
+        y
+    };
+    a.swap(result, m);
+}
+
+fn unguarded_partition<T: Copy>(
+    a: &mut [T],
+    mut first: usize,
+    mut last: usize,
+    pivot: usize,
+    less: &impl Fn(&T, &T) -> bool,
+) -> usize {
+    loop {
+        while less(&a[first], &a[pivot]) {
+            first += 1;
+        }
+        last -= 1;
+        while less(&a[pivot], &a[last]) {
+            last -= 1;
+        }
+        if first >= last {
+            return first;
+        }
+        a.swap(first, last);
+        first += 1;
+    }
+}
+
+fn insertion_sort<T: Copy>(a: &mut [T], first: usize, last: usize, less: &impl Fn(&T, &T) -> bool) {
+    for i in first + 1..last {
+        if less(&a[i], &a[first]) {
+            let v = a[i];
+            a.copy_within(first..i, first + 1);
+            a[first] = v;
+        } else {
+            unguarded_linear_insert(a, i, less);
+        }
+    }
+}
+
+fn unguarded_linear_insert<T: Copy>(a: &mut [T], mut last: usize, less: &impl Fn(&T, &T) -> bool) {
+    let v = a[last];
+    while less(&v, &a[last - 1]) {
+        a[last] = a[last - 1];
+        last -= 1;
+    }
+    a[last] = v;
+}
+
+/// `std::__make_heap` then `std::__sort_heap` (the introsort's fallback).
+fn heap_sort<T: Copy>(a: &mut [T], less: &impl Fn(&T, &T) -> bool) {
+    let len = a.len();
+    if len >= 2 {
+        let mut parent = (len - 2) / 2;
+        loop {
+            let v = a[parent];
+            adjust_heap(a, parent, len, v, less);
+            if parent == 0 {
+                break;
+            }
+            parent -= 1;
+        }
+    }
+    let mut last = len;
+    while last > 1 {
+        last -= 1;
+        let v = a[last];
+        a[last] = a[0];
+        adjust_heap(a, 0, last, v, less);
+    }
+}
+
+fn adjust_heap<T: Copy>(
+    a: &mut [T],
+    mut hole: usize,
+    len: usize,
+    v: T,
+    less: &impl Fn(&T, &T) -> bool,
+) {
+    let top = hole;
+    let mut second = hole;
+    while second < (len - 1) / 2 {
+        second = 2 * (second + 1);
+        if less(&a[second], &a[second - 1]) {
+            second -= 1;
+        }
+        a[hole] = a[second];
+        hole = second;
+    }
+    if len & 1 == 0 && second == (len - 2) / 2 {
+        second = 2 * (second + 1);
+        a[hole] = a[second - 1];
+        hole = second - 1;
+    }
+    // std::__push_heap
+    while hole > top {
+        let parent = (hole - 1) / 2;
+        if !less(&a[parent], &v) {
+            break;
+        }
+        a[hole] = a[parent];
+        hole = parent;
+    }
+    a[hole] = v;
+}
+
 /// SplitMix64's finaliser: a bijective mix of 64 bits.
 pub fn mix64(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -298,6 +494,51 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Expected orders printed by torch 2.15 (`torch.sort(x, descending=d).indices`, CPU).
+    #[test]
+    fn torch_sort_order_reproduces_torchs_unstable_sort() {
+        let x: Vec<f32> = (0..100).map(|i| ((i * 37) % 11) as f32).collect();
+        let desc = [
+            74, 85, 52, 41, 30, 8, 96, 63, 19, 49, 38, 82, 27, 60, 93, 16, 5, 71, 68, 46, 2, 13,
+            24, 79, 90, 35, 57, 65, 43, 98, 54, 87, 32, 10, 76, 21, 84, 7, 29, 18, 62, 40, 73, 95,
+            51, 37, 70, 59, 81, 4, 15, 48, 92, 26, 23, 1, 12, 67, 78, 89, 34, 56, 45, 31, 20, 64,
+            86, 53, 42, 9, 97, 75, 94, 50, 83, 72, 6, 61, 17, 28, 39, 69, 3, 14, 25, 91, 36, 47,
+            58, 80, 44, 88, 33, 0, 55, 22, 11, 66, 77, 99,
+        ];
+        let asc = [
+            99, 33, 22, 88, 44, 77, 0, 55, 11, 66, 25, 36, 47, 58, 14, 69, 80, 91, 3, 61, 72, 83,
+            39, 94, 28, 50, 6, 17, 53, 64, 42, 97, 20, 9, 75, 31, 86, 23, 89, 34, 78, 67, 1, 12,
+            45, 56, 26, 92, 15, 59, 4, 81, 70, 48, 37, 84, 51, 29, 7, 18, 62, 40, 95, 73, 98, 10,
+            21, 76, 87, 32, 43, 65, 54, 68, 35, 90, 13, 46, 79, 57, 2, 24, 93, 5, 27, 82, 71, 60,
+            16, 49, 38, 85, 8, 74, 63, 52, 19, 96, 41, 30,
+        ];
+        assert_eq!(torch_sort_order(&x, true), desc);
+        assert_eq!(torch_sort_order(&x, false), asc);
+        // 5000 keys with 50 values: a hash of the whole order, and its start.
+        let big: Vec<f32> = (0..5000u64)
+            .map(|i| (((i * 2654435761) % (1 << 32) >> 20) % 50) as f32)
+            .collect();
+        let hash = |o: &[u32]| {
+            o.iter().fold(0u128, |h, &i| {
+                (h * 1000003 + i as u128) % ((1u128 << 61) - 1)
+            })
+        };
+        let d = torch_sort_order(&big, true);
+        assert_eq!(d[..8], [1158, 1183, 3001, 4844, 470, 2089, 1983, 87]);
+        assert_eq!(hash(&d), 24044210003995662);
+        let a = torch_sort_order(&big, false);
+        assert_eq!(a[..8], [4458, 3250, 2008, 2014, 171, 4433, 3798, 2945]);
+        assert_eq!(hash(&a), 1182465880561993742);
+        // The heapsort fallback gives a sorted order too.
+        let mut v: Vec<(f32, u32)> = big
+            .iter()
+            .enumerate()
+            .map(|(i, &k)| (k, i as u32))
+            .collect();
+        heap_sort(&mut v, &|x: &(f32, u32), y: &(f32, u32)| x.0 < y.0);
+        assert!(v.windows(2).all(|w| w[0].0 <= w[1].0));
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Which output tensors a plan writes and where each comes from: the base's tensors (every input holds
 //! the same names), or layers stacked from mergekit `slices`.
 
-use super::{layer_index, layer_position, MergeError};
+use super::{layer_index, LayerPositions, MergeError};
 use crate::format::{Model, TensorInfo};
 use crate::recipe::LayoutSlice;
 
@@ -19,7 +19,7 @@ pub(super) struct Wanted {
 
 /// Every tensor of the base, from every leaf under the same name.
 pub(super) fn from_base(base: &Model, base_leaf: usize, leaves: usize) -> Vec<Wanted> {
-    let n_layers = layer_count(base);
+    let positions = LayerPositions::of(base.tensors().iter().map(|t| t.name.as_str()));
     base.tensors()
         .iter()
         .map(|t| Wanted {
@@ -27,17 +27,9 @@ pub(super) fn from_base(base: &Model, base_leaf: usize, leaves: usize) -> Vec<Wa
             template: t.clone(),
             reference: base_leaf,
             sources: vec![Some(t.name.clone()); leaves],
-            t: layer_position(&t.name, n_layers),
+            t: positions.at(&t.name),
         })
         .collect()
-}
-
-fn layer_count(m: &Model) -> usize {
-    m.tensors()
-        .iter()
-        .filter_map(|t| layer_index(&t.name))
-        .max()
-        .map_or(0, |l| l + 1)
 }
 
 /// Tensors outside the layers that belong before them (embeddings); the others (final norm, head) go after.

@@ -115,6 +115,8 @@ struct OutTensor {
     base: TensorInfo,
     treatment: Treatment,
     out_dtype: Dtype,
+    /// The dtype mergekit computes this tensor in (see `Plan::mergekit_dtypes`).
+    compute: FloatType,
     unit: usize,
     /// Position of the tensor's layer among the layers, in [0, 1] (0 outside the layers): where
     /// parameter gradients are evaluated.
@@ -195,12 +197,42 @@ fn layer_index(name: &str) -> Option<usize> {
     })
 }
 
-/// Layer i of n sits at t = i / (n − 1) (t = 1 when n = 1); tensors outside the layers at t = 0.
-fn layer_position(name: &str, n_layers: usize) -> f64 {
-    match layer_index(name) {
-        Some(_) if n_layers <= 1 => 1.0,
-        Some(i) => i as f64 / (n_layers - 1) as f64,
-        None => 0.0,
+/// The stack a layer tensor belongs to and its index in it: (`model.`, N) for `model.layers.N.…`,
+/// (`vision_tower.vision_model.encoder.`, N) for a vision tower's layer; `None` outside any layer.
+fn stack_layer(name: &str) -> Option<(&str, usize)> {
+    let group = crate::model::family::layer_group(name);
+    let inner = group.strip_suffix('.')?;
+    let at = inner.rfind("layers.")?;
+    let index = inner[at + "layers.".len()..].parse().ok()?;
+    Some((&group[..at], index))
+}
+
+/// Where parameter gradients are evaluated: layer i of a stack of n layers at t = i / (n − 1) (t = 1
+/// when n = 1), tensors outside the layers at t = 0. Every stack counts its own layers (the language
+/// model's, a vision tower's), as mergekit counts each module's layers.
+pub(super) struct LayerPositions {
+    counts: HashMap<String, usize>,
+}
+
+impl LayerPositions {
+    /// The stacks of a model, from its tensor names.
+    pub(super) fn of<'a>(names: impl IntoIterator<Item = &'a str>) -> Self {
+        let mut counts: HashMap<String, usize> = HashMap::new();
+        for (stack, i) in names.into_iter().filter_map(stack_layer) {
+            let n = counts.entry(stack.to_string()).or_default();
+            *n = (*n).max(i + 1);
+        }
+        Self { counts }
+    }
+
+    pub(super) fn at(&self, name: &str) -> f64 {
+        match stack_layer(name) {
+            Some((stack, i)) => match self.counts.get(stack).copied().unwrap_or(i + 1) {
+                0 | 1 => 1.0,
+                n => i as f64 / (n - 1) as f64,
+            },
+            None => 0.0,
+        }
     }
 }
 
@@ -277,8 +309,20 @@ impl<'p> Prepared<'p> {
                     })
                 }
             };
+            // What mergekit computes this tensor in (float32 for gemma-merge recipes).
+            let compute = match (&treatment, plan.input_dtype) {
+                (_, Some(d)) if plan.mergekit_dtypes => d,
+                (Treatment::Merge { inputs }, None) if plan.mergekit_dtypes => inputs
+                    .iter()
+                    .flatten()
+                    .map(|(ft, _)| *ft)
+                    .reduce(FloatType::promote)
+                    .unwrap_or(FloatType::F32),
+                _ => FloatType::F32,
+            };
             let out_dtype = match (&treatment, plan.dtype) {
                 (Treatment::Merge { .. }, Some(d)) => d.dtype(),
+                (Treatment::Merge { .. }, None) if plan.mergekit_dtypes => compute.dtype(),
                 _ => t.dtype,
             };
             let key = crate::model::family::layer_group(&w.name).to_string();
@@ -294,6 +338,7 @@ impl<'p> Prepared<'p> {
                 source: t.clone(),
                 treatment,
                 out_dtype,
+                compute,
                 unit,
                 t: w.t,
                 reference: w.reference,
@@ -805,6 +850,10 @@ impl<'p> Prepared<'p> {
                         index: lo + i,
                     });
                 }
+            }
+            // mergekit's `dtype`: the input as mergekit loads it.
+            if let Some(d) = self.plan.input_dtype.filter(|&d| d != *ft) {
+                d.round_in_place(&mut v);
             }
             out.push(v);
         }

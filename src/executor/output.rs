@@ -71,6 +71,9 @@ pub(crate) struct Staging {
     targets: Vec<Staged>,
 }
 
+/// The keys of config.json that name the weights' dtype (transformers 5's, then older versions').
+const DTYPE_KEYS: [&str; 2] = ["dtype", "torch_dtype"];
+
 /// The paths a run reads: every input model (its root and weight files) and the recipe.
 pub(crate) fn run_inputs(plan: &Plan, models: &[Model], extra: &[Role]) -> Vec<Role> {
     let mut inputs = Vec::new();
@@ -175,18 +178,29 @@ impl Staging {
             .map(|d| d.torch_name().to_string())
             .or_else(|| {
                 base.config().ok().flatten().and_then(|c| {
-                    c.get("torch_dtype")
-                        .and_then(|v| v.as_str())
+                    DTYPE_KEYS
+                        .iter()
+                        .find_map(|k| c.get(*k).and_then(|v| v.as_str()))
                         .map(String::from)
                 })
             })
             .unwrap_or_else(|| "bfloat16".to_string());
         if let Some(mut config) = base.config()? {
             if let Some(obj) = config.as_object_mut() {
-                obj.insert(
-                    "torch_dtype".into(),
-                    serde_json::Value::String(dtype.clone()),
-                );
+                // transformers 5 writes `dtype`, older versions `torch_dtype`: set the one(s) the base has,
+                // so that no stale value is left behind.
+                let keys: Vec<&str> = DTYPE_KEYS
+                    .iter()
+                    .copied()
+                    .filter(|k| obj.contains_key(*k))
+                    .collect();
+                for k in if keys.is_empty() {
+                    vec!["torch_dtype"]
+                } else {
+                    keys
+                } {
+                    obj.insert(k.into(), serde_json::Value::String(dtype.clone()));
+                }
                 for (k, v) in &side.config_patch {
                     obj.insert(k.clone(), v.clone());
                 }

@@ -11,7 +11,15 @@ use super::{MergeError, OutTensor, Prepared, Treatment, BLOCK, CHUNK};
 use crate::kernels;
 use crate::progress::Progress;
 use crate::recipe::{Angle, Grouping, Operand, Sparsify, StepKind, TaskVectorStep};
-use crate::selection::{magnitude_key, probability_threshold, stream_key, Pass, RankSelect};
+use crate::selection::{
+    magnitude_key, probability_threshold, stream_key, torch_sort_order, Pass, RankSelect,
+};
+
+/// Tensors of at most this many elements are sparsified by magnitude with an in-memory sort that
+/// reproduces torch's (8 bytes per element while it runs), so that the elements kept among equal
+/// magnitudes at the threshold are mergekit's; larger ones by the streaming rank selection, which
+/// breaks such ties by flat index.
+pub const TORCH_ORDER_CAP: u64 = 1 << 28;
 
 /// Data passes a step makes over each tensor before the writing pass (for `--dry-run`; rank selections
 /// usually take three, all models together: two histograms, then a sort of the candidates left).
@@ -250,7 +258,7 @@ impl Prepared<'_> {
                 let grams = self.gram(t, &vecs, group, progress)?;
                 let pairs: Vec<(f64, f64)> = grams
                     .iter()
-                    .map(|g| kernels::slerp_pair(g[0][1], g[0][0], g[1][1], lambda))
+                    .map(|g| kernels::nuslerp_pair(g[0][1], g[0][0], g[1][1], lambda))
                     .collect();
                 let mut terms: Vec<(Val, Vec<f64>)> = Vec::new();
                 if let Some(b) = b {
@@ -300,9 +308,15 @@ impl Prepared<'_> {
             );
             return Ok(Val::sum(terms, n));
         }
-        // Which ranks each task vector's mask needs: (model, rank, descending); found together, in shared passes.
+        // Which ranks each task vector's mask needs: (model, rank, descending); found together, in shared
+        // passes. A tensor small enough is sorted in memory instead, in torch's own order (`sorted`: model,
+        // descending, kept positions of the order), so that equal magnitudes at the threshold are kept
+        // exactly as mergekit keeps them.
+        let in_memory = numel <= TORCH_ORDER_CAP;
         let mut targets: Vec<(usize, u64, bool)> = Vec::new();
+        let mut sorted: Vec<(usize, bool, std::ops::Range<u64>)> = Vec::new();
         let mut plans = Vec::with_capacity(deltas.len());
+        let compute = t.compute;
         for i in 0..deltas.len() {
             let density = at(&tv.density[i], 1.0);
             let plan = if density >= 1.0 || tv.sparsify == Sparsify::None {
@@ -314,11 +328,17 @@ impl Prepared<'_> {
                     Sparsify::None => Keep::All,
                     Sparsify::Magnitude => {
                         let kept = ((density * numel as f64).floor() as u64).clamp(1, numel);
-                        targets.push((i, kept - 1, true));
-                        Keep::Ranked {
-                            desc: true,
-                            lo: None,
-                            hi: (0, 0),
+                        if in_memory {
+                            sorted.push((i, true, 0..kept));
+                            Keep::Nothing // replaced by the sorted mask below
+                        } else {
+                            targets.push((i, kept - 1, true));
+                            Keep::Ranked {
+                                desc: true,
+                                compute,
+                                lo: None,
+                                hi: (0, 0),
+                            }
                         }
                     }
                     Sparsify::MagnitudeOutliers => {
@@ -327,11 +347,15 @@ impl Prepared<'_> {
                         let bottom = numel.saturating_sub(target + top);
                         if target == 0 {
                             Keep::Nothing
+                        } else if in_memory {
+                            sorted.push((i, false, bottom..(bottom + target).min(numel)));
+                            Keep::Nothing // replaced by the sorted mask below
                         } else {
                             targets.push((i, bottom, false));
                             targets.push((i, (bottom + target - 1).min(numel - 1), false));
                             Keep::Ranked {
                                 desc: false,
+                                compute,
                                 lo: Some((0, 0)),
                                 hi: (0, 0),
                             }
@@ -347,33 +371,47 @@ impl Prepared<'_> {
         }
         let found = self.select_many(t, &deltas, &targets, progress)?;
         let mut found = targets.iter().zip(found);
-        let keep: Vec<Keep> = plans
+        let mut keep: Vec<Keep> = plans
             .into_iter()
             .map(|k| match k {
-                Keep::Ranked { desc, lo, .. } => {
+                Keep::Ranked {
+                    desc, compute, lo, ..
+                } => {
                     let lo = lo.map(|_| found.next().expect("a lower rank").1);
                     let hi = found.next().expect("an upper rank").1;
-                    Keep::Ranked { desc, lo, hi }
+                    Keep::Ranked {
+                        desc,
+                        compute,
+                        lo,
+                        hi,
+                    }
                 }
                 other => other,
             })
             .collect();
+        for ((i, _, _), mask) in sorted
+            .iter()
+            .zip(self.sorted_masks(t, &deltas, &sorted, progress)?)
+        {
+            keep[*i] = Keep::Mask(mask);
+        }
         let rescaled: Vec<usize> = (0..deltas.len())
             .filter(|&i| tv.rescale && !matches!(keep[i], Keep::All | Keep::Nothing))
             .collect();
         let norms = self.l1_norms(t, &deltas, &keep, &rescaled, progress)?;
-        let mut scaled = weights.clone();
+        let mut rescale = vec![1.0; deltas.len()];
         for (&i, (all, kept)) in rescaled.iter().zip(norms) {
             if all >= 1e-7 && kept >= 1e-7 {
-                scaled[i] *= all / kept;
+                rescale[i] = all / kept;
             }
         }
         Ok(Val::Node(Arc::new(Node::TaskVectors(TaskVectorNode {
             base,
             deltas,
             keep,
-            scaled_weights: scaled,
+            rescale,
             weights,
+            compute,
             consensus: tv.consensus,
             normalize: tv.normalize,
             lambda,
@@ -531,8 +569,10 @@ impl Prepared<'_> {
                             }
                             let v =
                                 &values[models.iter().position(|&m| m == i).expect("evaluated")];
-                            let keys: Vec<u64> =
-                                v.iter().map(|&x| magnitude_key(x, desc)).collect();
+                            let keys: Vec<u64> = v
+                                .iter()
+                                .map(|&x| magnitude_key(t.compute.round_f64(x) as f64, desc))
+                                .collect();
                             Some(sref[k].visit(lo as u64, &keys))
                         })
                         .collect::<Vec<_>>()
@@ -552,6 +592,59 @@ impl Prepared<'_> {
             }
         }
         Ok(sels.iter().map(|s| s.result().expect("found")).collect())
+    }
+
+    /// For each (model i, descending, positions): the elements at those positions of torch's sort of
+    /// |δ_i| (as mergekit computes δ_i, in the tensor's compute dtype), as a bit mask over the tensor.
+    /// One pass gathers the magnitudes of every model at once; each is then sorted in memory.
+    fn sorted_masks(
+        &self,
+        t: &OutTensor,
+        deltas: &[Val],
+        sorted: &[(usize, bool, std::ops::Range<u64>)],
+        progress: &dyn Progress,
+    ) -> Result<Vec<Arc<Vec<u64>>>, MergeError> {
+        if sorted.is_empty() {
+            return Ok(Vec::new());
+        }
+        let numel = t.base.numel();
+        let vals: Vec<Val> = sorted.iter().map(|&(i, _, _)| deltas[i].clone()).collect();
+        let mut keys: Vec<Vec<f32>> = vec![Vec::with_capacity(numel); sorted.len()];
+        self.chunk_pass(
+            t,
+            progress,
+            &vals,
+            |_| true,
+            |_, values| {
+                values
+                    .iter()
+                    .map(|v| {
+                        v.iter()
+                            .map(|&x| t.compute.round_f64(x).abs())
+                            .collect::<Vec<f32>>()
+                    })
+                    .collect::<Vec<_>>()
+            },
+            |_, part| {
+                for (k, chunk) in keys.iter_mut().zip(part.into_iter().flatten()) {
+                    k.extend_from_slice(&chunk);
+                }
+            },
+        )?;
+        // The streaming selection this replaces is counted as three passes: the two not made.
+        progress.advance(2 * t.bytes_of(numel));
+        Ok(sorted
+            .iter()
+            .zip(keys)
+            .map(|((_, desc, range), k)| {
+                let order = torch_sort_order(&k, *desc);
+                let mut bits = vec![0u64; numel.div_ceil(64)];
+                for &j in &order[range.start as usize..range.end as usize] {
+                    bits[j as usize / 64] |= 1 << (j % 64);
+                }
+                Arc::new(bits)
+            })
+            .collect())
     }
 
     /// (‖δ_i‖₁, ‖kept part of δ_i‖₁) for each model i in `which`, summed in chunk order.

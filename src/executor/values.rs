@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use crate::format::FloatType;
 use crate::kernels;
 use crate::selection::{bernoulli_keep, magnitude_key};
 
@@ -58,13 +59,15 @@ impl GroupOf {
 }
 
 /// Which elements of one task vector survive sparsification.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) enum Keep {
     All,
     Nothing,
-    /// Ranked by (key, index) with `magnitude_key(desc)`: kept if between `lo` and `hi` inclusive.
+    /// Ranked by (key, index) with `magnitude_key(desc)` of |δ| rounded to `compute`: kept if between
+    /// `lo` and `hi` inclusive.
     Ranked {
         desc: bool,
+        compute: FloatType,
         lo: Option<(u64, u64)>,
         hi: (u64, u64),
     },
@@ -72,6 +75,8 @@ pub(crate) enum Keep {
         stream: u64,
         threshold: u64,
     },
+    /// Element j is kept where bit j is set.
+    Mask(Arc<Vec<u64>>),
 }
 
 impl Keep {
@@ -80,11 +85,17 @@ impl Keep {
         match *self {
             Keep::All => true,
             Keep::Nothing => false,
-            Keep::Ranked { desc, lo, hi } => {
-                let k = (magnitude_key(delta, desc), index);
+            Keep::Ranked {
+                desc,
+                compute,
+                lo,
+                hi,
+            } => {
+                let k = (magnitude_key(compute.round_f64(delta) as f64, desc), index);
                 k <= hi && lo.is_none_or(|lo| k >= lo)
             }
             Keep::Random { stream, threshold } => bernoulli_keep(stream, index, threshold),
+            Keep::Mask(ref bits) => bits[(index / 64) as usize] >> (index % 64) & 1 == 1,
         }
     }
 }
@@ -95,9 +106,11 @@ pub(crate) struct TaskVectorNode {
     /// δ_i = θ_i − θ_b.
     pub deltas: Vec<Val>,
     pub keep: Vec<Keep>,
-    /// w_i times the rescale factor of model i.
-    pub scaled_weights: Vec<f64>,
+    /// The rescale factor of each model (1 without rescaling).
+    pub rescale: Vec<f64>,
     pub weights: Vec<f64>,
+    /// The dtype mergekit computes this tensor in: the sign election is decided in it (below).
+    pub compute: FloatType,
     pub consensus: bool,
     pub normalize: bool,
     pub lambda: f64,
@@ -203,27 +216,46 @@ impl TaskVectorNode {
         for (d, v) in deltas.iter_mut().zip(&self.deltas) {
             v.eval(x, d);
         }
-        // Sparsify, rescale and weight each task vector in place.
+        // Sparsify each task vector in place.
         for (i, d) in deltas.iter_mut().enumerate() {
-            let (keep, w) = (self.keep[i], self.scaled_weights[i]);
+            let keep = &self.keep[i];
             for (j, v) in d.iter_mut().enumerate() {
-                *v = if keep.keeps(*v, (x.first + j) as u64) {
-                    *v * w
-                } else {
-                    0.0
-                };
+                if !keep.keeps(*v, (x.first + j) as u64) {
+                    *v = 0.0;
+                }
             }
         }
+        // The election's operands as mergekit has them: each rounded to the compute dtype, as are the
+        // rescale factors and weights, and each product.
+        let c = self.compute;
+        let factor: Vec<Option<f32>> = self
+            .rescale
+            .iter()
+            .map(|&s| (s != 1.0).then(|| c.round_f64(s)))
+            .collect();
+        let w32: Vec<f32> = self.weights.iter().map(|&w| c.round_f64(w)).collect();
+        let mut elected = vec![0f32; m];
         self.base.eval(x, out);
         for j in 0..n {
             let (mut mixed, mut divisor) = (0.0, 0.0);
             if self.consensus {
-                let total: f64 = deltas.iter().map(|d| d[j]).sum();
+                // sign(Σ_i w_i·δ_i), with 0 counting as +, taken from the sum mergekit computes (in
+                // float32, in model order): where the exact sum cancels to within its rounding, the
+                // sign is mergekit's.
+                let mut total = 0f32;
+                for i in 0..m {
+                    let mut d = c.round_f64(deltas[i][j]);
+                    if let Some(s) = factor[i] {
+                        d = c.round_f32(d * s);
+                    }
+                    elected[i] = c.round_f32(d * w32[i]);
+                    total += elected[i];
+                }
                 let positive = total >= 0.0;
                 for (i, d) in deltas.iter().enumerate() {
-                    let v = d[j];
+                    let v = elected[i];
                     if (v > 0.0 && positive) || (v < 0.0 && !positive) {
-                        mixed += v;
+                        mixed += d[j] * self.rescale[i] * self.weights[i];
                         divisor += self.weights[i];
                     }
                 }
@@ -232,7 +264,7 @@ impl TaskVectorNode {
                 }
             } else {
                 for (i, d) in deltas.iter().enumerate() {
-                    mixed += d[j];
+                    mixed += d[j] * self.rescale[i] * self.weights[i];
                     divisor += self.weights[i];
                 }
                 if divisor.abs() < 1e-8 {

@@ -62,6 +62,48 @@ impl FloatType {
         }
     }
 
+    /// The type torch computes in when it combines tensors of these two types (`torch.promote_types`):
+    /// the same type, else float32 (bfloat16 with float16 included).
+    pub fn promote(self, other: Self) -> Self {
+        if self == other {
+            self
+        } else {
+            Self::F32
+        }
+    }
+
+    /// Rounds each value to this type in place (round-to-nearest-even; a value beyond float16's range
+    /// becomes ±Inf, as a cast does).
+    pub fn round_in_place(self, values: &mut [f32]) {
+        match self {
+            Self::BF16 => values
+                .iter_mut()
+                .for_each(|v| *v = bf16::from_f32(*v).to_f32()),
+            Self::F16 => values
+                .iter_mut()
+                .for_each(|v| *v = f16::from_f32(*v).to_f32()),
+            Self::F32 => {}
+        }
+    }
+
+    /// `x` rounded once to this type (round-to-nearest-even), as an f32.
+    pub fn round_f64(self, x: f64) -> f32 {
+        match self {
+            Self::BF16 => bf16::from_f64(x).to_f32(),
+            Self::F16 => f16::from_f64(x).to_f32(),
+            Self::F32 => x as f32,
+        }
+    }
+
+    /// `x` rounded to this type (round-to-nearest-even).
+    pub fn round_f32(self, x: f32) -> f32 {
+        match self {
+            Self::BF16 => bf16::from_f32(x).to_f32(),
+            Self::F16 => f16::from_f32(x).to_f32(),
+            Self::F32 => x,
+        }
+    }
+
     /// Decodes little-endian elements into `out` (exact). `bytes.len()` must be `out.len() * size`.
     /// Vectorised at the process's SIMD level (`crate::simd`); every level gives the same bits.
     pub fn decode(self, bytes: &[u8], out: &mut [f32]) {

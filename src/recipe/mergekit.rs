@@ -264,7 +264,8 @@ pub fn plan(text: &str, path: &Path, out: Option<&Path>, seed: u64) -> Result<Pl
             )
         })
     };
-    // `dtype` is mergekit's compute dtype: checked, but the computation stays exact (f64).
+    // `dtype` is mergekit's compute dtype: the inputs are loaded in it (rounded, where they differ), as
+    // mergekit loads them; the computation itself stays exact (f64), rounded once to the output dtype.
     let compute = raw.dtype.as_ref().map(dtype_of).transpose()?;
     let dtype = match &raw.out_dtype {
         Some(d) => Some(dtype_of(d)?),
@@ -320,6 +321,10 @@ pub fn plan(text: &str, path: &Path, out: Option<&Path>, seed: u64) -> Result<Pl
             }],
         }],
         dtype,
+        // mergekit computes each tensor in `dtype`, else in the promotion of its inputs' dtypes (bf16
+        // with f16 → f32), and writes it so without `out_dtype`.
+        mergekit_dtypes: true,
+        input_dtype: compute,
         shard_size: DEFAULT_SHARD_SIZE,
         ignore_extra_tensors: false,
         allow_nonfinite: false,

@@ -147,8 +147,16 @@ pub struct Plan {
     /// The model that defines tensor names, order and shapes, and whose config/tokenizer are copied.
     pub base: usize,
     pub targets: Vec<OutputTarget>,
-    /// Output dtype; `None` keeps each base tensor's own.
+    /// Output dtype; `None` keeps each base tensor's own (see `promote_dtypes`).
     pub dtype: Option<FloatType>,
+    /// mergekit's dtype rules (configs only): each tensor is computed in `input_dtype`, else in the
+    /// promotion of the dtypes of the inputs it is merged from (`FloatType::promote`); where `dtype` is
+    /// `None`, that is also its output dtype. (gemma-merge recipes: float32, and the base tensor's own.)
+    /// The computation stays exact; the compute dtype decides what mergekit's arithmetic decides (which
+    /// equal magnitudes a sort keeps, a sign election's sum that cancels).
+    pub mergekit_dtypes: bool,
+    /// mergekit's `dtype`: every input is loaded in it (rounded to it, where it differs) before merging.
+    pub input_dtype: Option<FloatType>,
     pub shard_size: u64,
     pub ignore_extra_tensors: bool,
     pub allow_nonfinite: bool,
@@ -515,6 +523,8 @@ impl<'a> Resolver<'a> {
             base,
             targets,
             dtype,
+            mergekit_dtypes: false,
+            input_dtype: None,
             shard_size,
             ignore_extra_tensors,
             allow_nonfinite: raw.allow_nonfinite.map(|v| v.value).unwrap_or(false),
