@@ -226,6 +226,12 @@ pub struct Pass {
     found: Option<u64>,
 }
 
+/// Tensors of at most this many elements are sparsified by magnitude with an in-memory sort that
+/// reproduces torch's ([`torch_sort_order`]; 8 bytes per element while it runs, one task vector at a
+/// time), so that the elements kept among equal magnitudes at the threshold are mergekit's; larger ones
+/// (a big model's embeddings) by the streaming [`RankSelect`], which breaks such ties by flat index.
+pub const TORCH_ORDER_CAP: u64 = 1 << 28;
+
 /// The order torch's CPU `sort` (and `argsort`) gives `keys` with `stable=False`: libstdc++'s
 /// `std::sort` (introsort: median-of-three quicksort, heapsort past 2·⌊log₂ n⌋ levels, insertion sort of
 /// runs of 16) over (key, index) pairs, compared by key only as torch's `KeyValueCompDesc`/`Asc` do.
@@ -244,16 +250,21 @@ pub fn torch_sort_order(keys: &[f32], descending: bool) -> Vec<u32> {
         .enumerate()
         .map(|(i, &k)| (k, i as u32))
         .collect();
+    torch_sort_pairs(&mut a, descending);
+    a.into_iter().map(|(_, i)| i).collect()
+}
+
+/// [`torch_sort_order`] in place, on (key, index) pairs whose indices are 0, 1, 2, … in order.
+pub fn torch_sort_pairs(a: &mut [(f32, u32)], descending: bool) {
     if descending {
-        introsort(&mut a, &|x: &(f32, u32), y: &(f32, u32)| {
+        introsort(a, &|x: &(f32, u32), y: &(f32, u32)| {
             (x.0.is_nan() && !y.0.is_nan()) || x.0 > y.0
         });
     } else {
-        introsort(&mut a, &|x: &(f32, u32), y: &(f32, u32)| {
+        introsort(a, &|x: &(f32, u32), y: &(f32, u32)| {
             (!x.0.is_nan() && y.0.is_nan()) || x.0 < y.0
         });
     }
-    a.into_iter().map(|(_, i)| i).collect()
 }
 
 /// libstdc++'s `std::sort`, step for step (`__introsort_loop` then `__final_insertion_sort`).

@@ -60,17 +60,39 @@ fn ulp(dtype: FloatType, x: f64) -> f64 {
 
 /// Runs a config of fixtures/methods-case/mergekit from that folder (as mergekit was run) into `out`.
 fn run_config(name: &str, out: &Path, extra: &[&str]) {
-    let dir = case().join("mergekit");
+    run_config_of(&case(), name, out, extra);
+}
+
+/// Runs a config of `case`/mergekit from that folder into `out`.
+fn run_config_of(case: &Path, name: &str, out: &Path, extra: &[&str]) {
+    let dir = case.join("mergekit");
     let mut args = vec!["-q", "run", name, "--out", s(out)];
     args.extend_from_slice(extra);
     ok_in(&dir, &args);
 }
 
+/// How an output compares with mergekit's.
+#[derive(Debug)]
+struct Comparison {
+    /// The largest difference, in ulps of the output dtype at mergekit's value.
+    max_ulp: f64,
+    /// The largest difference, in ulps of the output dtype at the inputs' magnitude there (large
+    /// `max_ulp` only where the result cancels to near zero).
+    max_scale_ulp: f64,
+    /// Elements outside one ulp of the output dtype plus mergekit's own float32 rounding.
+    outside: usize,
+}
+
 /// Compares an output with mergekit's: same names, shapes and dtypes; each element within one ulp of the
 /// output dtype, plus mergekit's own float32 rounding (it computes in f32, we exactly): 8 f32 ulps of
 /// the largest input at that element, which matters only where the result cancels to far below its
-/// inputs. Returns the number of elements outside that (threshold ties of sparsifying methods).
+/// inputs. Counts the elements outside that (sparsifying methods could differ at a top-k threshold).
 fn compare_with_mergekit(got: &Path, expected: &Path) -> usize {
+    compare_outputs(&case(), &["sft", "ft_a", "ft_b", "ft_c"], got, expected).outside
+}
+
+/// [`compare_with_mergekit`] for the models `inputs` of `case`.
+fn compare_outputs(case: &Path, inputs: &[&str], got: &Path, expected: &Path) -> Comparison {
     let g = load(got);
     let w = load(expected);
     assert_eq!(
@@ -78,11 +100,12 @@ fn compare_with_mergekit(got: &Path, expected: &Path) -> usize {
         w.keys().collect::<Vec<_>>(),
         "tensor names differ"
     );
-    let inputs: Vec<Tensors> = ["sft", "ft_a", "ft_b", "ft_c"]
-        .iter()
-        .map(|m| load(&case().join(m)))
-        .collect();
-    let mut outside = 0;
+    let inputs: Vec<Tensors> = inputs.iter().map(|m| load(&case.join(m))).collect();
+    let mut c = Comparison {
+        max_ulp: 0.0,
+        max_scale_ulp: 0.0,
+        outside: 0,
+    };
     for (name, (wt, wshape, wv)) in &w {
         let (gt, gshape, gv) = &g[name];
         assert_eq!(gt, wt, "{name}: dtype");
@@ -90,36 +113,39 @@ fn compare_with_mergekit(got: &Path, expected: &Path) -> usize {
         for (i, (a, b)) in gv.iter().zip(wv).enumerate() {
             let scale = inputs
                 .iter()
-                .filter_map(|m| m.get(name).map(|t| t.2[i].abs()))
+                .filter_map(|m| m.get(name).filter(|t| t.2.len() == wv.len()))
+                .map(|t| t.2[i].abs())
                 .fold(b.abs(), f64::max);
             let tol = ulp(*wt, *b) + 8.0 * ulp(FloatType::F32, scale);
+            c.max_ulp = c.max_ulp.max((a - b).abs() / ulp(*wt, *b));
+            c.max_scale_ulp = c.max_scale_ulp.max((a - b).abs() / ulp(*wt, scale));
             if (a - b).abs() > tol {
-                outside += 1;
+                c.outside += 1;
             }
         }
     }
-    outside
+    c
 }
 
 #[test]
 fn mergekit_configs_match_mergekits_outputs() {
     let d = tempfile::tempdir().unwrap();
-    // (config, elements allowed outside the tolerance: threshold ties of sparsifying methods)
-    for (name, ties) in [
-        ("linear", 0),
-        ("task_arithmetic", 0),
-        ("slerp", 0),
-        ("nuslerp", 0),
-        ("model_stock", 0),
-        ("passthrough", 0),
-        ("ties", 8),
-        ("breadcrumbs", 8),
+    for name in [
+        "linear",
+        "task_arithmetic",
+        "slerp",
+        "nuslerp",
+        "model_stock",
+        "passthrough",
+        "ties",
+        "breadcrumbs",
     ] {
         let out = d.path().join(name);
         run_config(&format!("{name}.yml"), &out, &[]);
+        // Sparsifying methods included: equal magnitudes at the threshold are kept as torch sorts them.
         let outside = compare_with_mergekit(&out, &case().join("expected").join(name));
-        assert!(
-            outside <= ties,
+        assert_eq!(
+            outside, 0,
             "{name}: {outside} elements differ from mergekit's"
         );
         let config =
@@ -129,6 +155,246 @@ fn mergekit_configs_match_mergekits_outputs() {
             config,
             "{name}: the output holds the config"
         );
+    }
+}
+
+fn case2() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/methods-case2")
+}
+
+/// Every model of fixtures/methods-case2 (for the tolerance's input scale).
+const CASE2_MODELS: [&str; 8] = [
+    "base", "ft_a", "ft_b", "ft_c", "ft_d", "mm_base", "mm_a", "mm_b",
+];
+
+/// The Gemma 3 case: a bf16 base, fine-tunes in bf16 (embeddings frozen), f16, f32 and bf16 in 2 shards,
+/// a multimodal checkpoint; TIES with per-model gradients and filters, a negative weight, λ and
+/// normalize off; task arithmetic with a negative weight; configs without `dtype` (each tensor computed
+/// and written in its inputs' promoted dtype), with only `dtype: bfloat16` or `float16` (mergekit computes
+/// task vectors in 16 bits, operation by operation). Every element within the tolerance: no threshold tie
+/// is counted apart, because none differs.
+#[test]
+fn gemma3_configs_in_mixed_dtypes_match_mergekits_outputs() {
+    let d = tempfile::tempdir().unwrap();
+    let mut report = String::new();
+    for name in [
+        "ties",
+        "ties_promoted",
+        "ties_all_bf16",
+        "ties_f16",
+        "task_arithmetic",
+        "task_arithmetic_bf16",
+        "breadcrumbs",
+        "breadcrumbs_ties",
+        "model_stock",
+        "model_stock_filter_wise",
+        "slerp",
+        "slerp_bf16",
+        "nuslerp",
+        "nuslerp_rows",
+        "linear",
+        "linear_no_normalize",
+        "linear_bf16",
+        "passthrough",
+        "passthrough_mixed",
+        "mm_ties",
+        "mm_linear",
+    ] {
+        let out = d.path().join(name);
+        run_config_of(&case2(), &format!("{name}.yml"), &out, &[]);
+        let c = compare_outputs(
+            &case2(),
+            &CASE2_MODELS,
+            &out,
+            &case2().join("expected").join(name),
+        );
+        report.push_str(&format!(
+            "{name}: max {:.1} ulp at the value, {:.2} ulp at the inputs' magnitude\n",
+            c.max_ulp, c.max_scale_ulp
+        ));
+        assert_eq!(c.outside, 0, "{name}: {c:?}");
+    }
+    eprint!("{report}");
+}
+
+#[test]
+fn without_dtype_keys_each_tensor_takes_its_inputs_promoted_dtype() {
+    let d = tempfile::tempdir().unwrap();
+    for (name, want) in [
+        // bf16, f16 and f32 inputs: float32, whatever the base's dtype.
+        ("ties_promoted", FloatType::F32),
+        // Only bf16 inputs: bfloat16.
+        ("ties_all_bf16", FloatType::BF16),
+        // Only `dtype`: that dtype.
+        ("linear_bf16", FloatType::BF16),
+    ] {
+        let out = d.path().join(name);
+        run_config_of(&case2(), &format!("{name}.yml"), &out, &[]);
+        assert!(load(&out).values().all(|t| t.0 == want), "{name}");
+    }
+    // A passthrough keeps each tensor's own: its source's.
+    let out = d.path().join("p");
+    run_config_of(&case2(), "passthrough_mixed.yml", &out, &[]);
+    let got = load(&out);
+    assert_eq!(got["model.layers.0.mlp.up_proj.weight"].0, FloatType::F32); // ft_c's layer 4
+    assert_eq!(got["model.layers.2.mlp.up_proj.weight"].0, FloatType::BF16); // the base's layer 0
+    assert_eq!(
+        got["model.layers.2.mlp.up_proj.weight"].2,
+        load(&case2().join("base"))["model.layers.0.mlp.up_proj.weight"].2
+    );
+}
+
+/// mergekit computes Model Stock and NuSLERP in a 16-bit `dtype` operation by operation; gemma-merge
+/// merges the inputs as loaded in that dtype exactly and rounds once. The two stay within a few ulps of
+/// the inputs' magnitude (measured: 2 for model_stock_bf16, 3 for nuslerp_bf16).
+#[test]
+fn model_stock_and_nuslerp_in_bfloat16_stay_within_a_few_ulps_of_mergekits() {
+    let d = tempfile::tempdir().unwrap();
+    let inputs: Vec<Tensors> = ["base", "ft_a", "ft_b", "ft_c", "ft_d"]
+        .iter()
+        .map(|m| load(&case2().join(m)))
+        .collect();
+    for name in ["model_stock_bf16", "nuslerp_bf16"] {
+        let out = d.path().join(name);
+        run_config_of(&case2(), &format!("{name}.yml"), &out, &[]);
+        let (got, want) = (load(&out), load(&case2().join("expected").join(name)));
+        let mut worst: f64 = 0.0;
+        for (t, (_, _, w)) in &want {
+            let g = &got[t].2;
+            for i in 0..w.len() {
+                let scale = inputs.iter().map(|m| m[t].2[i].abs()).fold(0.0, f64::max);
+                worst = worst.max((g[i] - w[i]).abs() / ulp(FloatType::BF16, scale));
+            }
+        }
+        assert!(worst <= 4.0, "{name}: {worst} bf16 ulps");
+        assert!(worst > 0.0, "{name}: now exact: tighten the comparison");
+    }
+}
+
+#[test]
+fn passthrough_on_gemma3_writes_the_layer_count_and_each_layers_kind() {
+    let d = tempfile::tempdir().unwrap();
+    let kinds = |m: &str| -> Vec<serde_json::Value> {
+        let c: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(case2().join(m).join("config.json")).unwrap(),
+        )
+        .unwrap();
+        c["layer_types"].as_array().unwrap().clone()
+    };
+    let (base, ft_c) = (kinds("base"), kinds("ft_c"));
+    // passthrough: base 0..3, then ft_c 2..5; passthrough_mixed: ft_c 4..6, then base 0..2.
+    for (name, want) in [
+        ("passthrough", [&base[0..3], &ft_c[2..5]].concat()),
+        ("passthrough_mixed", [&ft_c[4..6], &base[0..2]].concat()),
+    ] {
+        let out = d.path().join(name);
+        run_config_of(&case2(), &format!("{name}.yml"), &out, &[]);
+        let got: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap())
+                .unwrap();
+        assert_eq!(got["num_hidden_layers"], want.len(), "{name}");
+        assert_eq!(got["layer_types"].as_array().unwrap(), &want, "{name}");
+    }
+    // Not the base's pattern: output layer 3 is ft_c's layer 2, a full-attention layer.
+    assert_eq!(ft_c[2], "full_attention");
+    assert_eq!(base[3], "sliding_attention");
+}
+
+#[test]
+fn a_native_ties_step_on_gemma3_gives_the_mergekit_configs_bytes() {
+    let d = tempfile::tempdir().unwrap();
+    let c = case2();
+    let recipe = format!(
+        "output: out\nbase: base\ndtype: bfloat16\nmodels:\n  base: {}\n  ft_a: {}\n  ft_b: {}\n  ft_c: {}\n  ft_d: {}\nsteps:\n  - name: t\n    method: ties\n    models: [ft_a, ft_b, ft_c, ft_d]\n    weights: [[1.0, 0.5], 0.8, -0.4, [{{filter: embed, value: 0.2}}, {{value: [0.3, 0.9, 0.6]}}]]\n    density: [[{{filter: mlp, value: [0.3, 0.7]}}, {{value: 0.5}}], 0.6, [{{filter: self_attn, value: 0.9}}, {{value: 0.4}}], 0.5]\n    lambda: 1.3\n    normalize: false\n",
+        s(&c.join("base")),
+        s(&c.join("ft_a")),
+        s(&c.join("ft_b")),
+        s(&c.join("ft_c")),
+        s(&c.join("ft_d"))
+    );
+    let path = d.path().join("recipe.yaml");
+    std::fs::write(&path, recipe).unwrap();
+    ok_in(d.path(), &["-q", "run", s(&path)]);
+    let mk = d.path().join("mk");
+    run_config_of(&c, "ties.yml", &mk, &[]);
+    assert!(weights_of(&d.path().join("out")) == weights_of(&mk));
+    let cmp = compare_outputs(&c, &CASE2_MODELS, &mk, &c.join("expected/ties"));
+    assert_eq!(cmp.outside, 0, "{cmp:?}");
+}
+
+/// DARE on the Gemma 3 case (2 models, f32 and sharded bf16): the documented mask, one rescale factor
+/// per model and tensor, about `density` kept, the same bytes again, other bytes for another seed.
+#[test]
+fn dare_on_gemma3_keeps_about_density_with_one_rescale_factor_per_tensor() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("dare");
+    run_config_of(&case2(), "dare_linear.yml", &out, &[]);
+    let again = d.path().join("again");
+    run_config_of(&case2(), "dare_linear.yml", &again, &["--threads", "1"]);
+    assert!(
+        weights_of(&out) == weights_of(&again),
+        "same seed, same bytes"
+    );
+    let other = d.path().join("other");
+    run_config_of(&case2(), "dare_linear.yml", &other, &["--seed", "3"]);
+    assert!(weights_of(&out) != weights_of(&other), "another seed");
+    for name in ["dare_ties"] {
+        let (a, b) = (d.path().join("t1"), d.path().join("t2"));
+        run_config_of(&case2(), &format!("{name}.yml"), &a, &[]);
+        run_config_of(&case2(), &format!("{name}.yml"), &b, &["--threads", "1"]);
+        assert!(weights_of(&a) == weights_of(&b), "{name}");
+    }
+
+    let got = load(&out);
+    let base = load(&case2().join("base"));
+    let models = [("ft_c", 0.7, 0.3), ("ft_d", 0.3, 0.6)];
+    let fts: Vec<Tensors> = models.iter().map(|m| load(&case2().join(m.0))).collect();
+    let mut kept = [0usize; 2];
+    let mut total = 0usize;
+    for (name, (_, _, v)) in &got {
+        let b = &base[name].2;
+        let mut want: Vec<f64> = b.clone();
+        for (k, &(_, w, density)) in models.iter().enumerate() {
+            let x = &fts[k][name].2;
+            let stream = stream_key(0, name, k);
+            let threshold = probability_threshold(density);
+            let mask: Vec<bool> = (0..v.len())
+                .map(|i| bernoulli_keep(stream, i as u64, threshold))
+                .collect();
+            // ‖δ‖₁ / ‖kept δ‖₁, δ as mergekit computes it (float32).
+            let (mut l1, mut l1_kept) = (0.0, 0.0);
+            for i in 0..v.len() {
+                let delta = ((x[i] - b[i]) as f32).abs() as f64;
+                l1 += delta;
+                if mask[i] {
+                    l1_kept += delta;
+                }
+            }
+            let f = if l1 < 1e-7 || l1_kept < 1e-7 {
+                1.0
+            } else {
+                l1 / l1_kept
+            };
+            for i in 0..v.len() {
+                if mask[i] {
+                    want[i] += w * f * (x[i] - b[i]);
+                }
+            }
+            kept[k] += mask.iter().filter(|&&m| m).count();
+        }
+        total += v.len();
+        for i in 0..v.len() {
+            assert!(
+                (v[i] - want[i]).abs() <= ulp(FloatType::F32, want[i]),
+                "{name}[{i}]: {} vs {}",
+                v[i],
+                want[i]
+            );
+        }
+    }
+    for (k, &(m, _, density)) in models.iter().enumerate() {
+        let frac = kept[k] as f64 / total as f64;
+        assert!((frac - density).abs() < 0.01, "{m}: kept {frac}");
     }
 }
 
@@ -277,12 +543,13 @@ fn dare_keeps_about_density_with_one_rescale_factor_per_tensor() {
         let mask: Vec<bool> = (0..v.len())
             .map(|i| bernoulli_keep(stream, i as u64, threshold))
             .collect();
+        // The norms of δ as mergekit computes it (float32).
         let (mut l1, mut l1_kept) = (0.0, 0.0);
         for i in 0..v.len() {
-            let delta = x[i] - b[i];
-            l1 += delta.abs();
+            let delta = ((x[i] - b[i]) as f32).abs() as f64;
+            l1 += delta;
             if mask[i] {
-                l1_kept += delta.abs();
+                l1_kept += delta;
             }
         }
         let kept = mask.iter().filter(|&&k| k).count();
@@ -543,4 +810,97 @@ fn per_row_and_per_column_angles_match_explicit_evaluation() {
             check(cols[name].2[i], b[i] + ca * a[j] + cz * z[j], "column");
         }
     }
+}
+
+/// Records the total a merge announces and what its advances add up to.
+#[derive(Default)]
+struct Counted(std::sync::Mutex<(u64, u64)>);
+
+impl gemma_merge::progress::Progress for Counted {
+    fn start(&self, _: &str, total: u64, _: gemma_merge::progress::Unit) {
+        self.0.lock().unwrap().0 = total;
+    }
+    fn advance(&self, n: u64) {
+        self.0.lock().unwrap().1 += n;
+    }
+}
+
+/// Past `torch_order_cap` elements a tensor is sparsified by the streaming rank selection instead of an
+/// in-memory sort: equal magnitudes at the threshold are then kept by flat index, not in torch's order.
+/// On bf16 fine-tunes (ties_all_bf16) that changes which of them are kept, and nothing else: every element
+/// that differs from mergekit's has, in some model, exactly that model's threshold magnitude.
+#[test]
+fn past_the_sort_cap_only_threshold_ties_differ_from_mergekit() {
+    use gemma_merge::executor::Prepared;
+    use gemma_merge::recipe::Plan;
+    let d = tempfile::tempdir().unwrap();
+    let c = case2();
+    let text = std::fs::read_to_string(c.join("mergekit/ties_all_bf16.yml"))
+        .unwrap()
+        .replace("../", &format!("{}/", s(&c)));
+    let config = d.path().join("ties_all_bf16.yml");
+    std::fs::write(&config, text).unwrap();
+    let expected = load(&c.join("expected/ties_all_bf16"));
+    let base = load(&c.join("base"));
+    let models: Vec<Tensors> = ["ft_a", "ft_d"].iter().map(|m| load(&c.join(m))).collect();
+    let mut differing = [0usize; 2];
+    for (k, cap) in [gemma_merge::selection::TORCH_ORDER_CAP, 0]
+        .into_iter()
+        .enumerate()
+    {
+        let mut plan = Plan::load(&config, Some(&d.path().join("out")), None).unwrap();
+        plan.torch_order_cap = cap;
+        let counted = Counted::default();
+        let merged = Prepared::new(&plan)
+            .unwrap()
+            .run_in_memory(&counted)
+            .unwrap()
+            .remove(0);
+        if cap > 0 {
+            // The in-memory sort counts as the three passes the streaming selection usually makes.
+            let (total, done) = *counted.0.lock().unwrap();
+            assert_eq!(done, total, "progress adds up");
+        }
+        for (spec, bytes) in &merged.tensors {
+            let ft = FloatType::from_dtype(spec.dtype).unwrap();
+            let mut got = vec![0f32; spec.shape.iter().product()];
+            ft.decode(bytes, &mut got);
+            let want = &expected[&spec.name].2;
+            // Each model's threshold: the ⌊0.5·n⌋-th largest |δ| (density 0.5 for both), δ as mergekit
+            // computes it: in bf16, the inputs' dtype.
+            let b = &base[&spec.name].2;
+            let mags: Vec<Vec<f32>> = models
+                .iter()
+                .map(|m| {
+                    m[&spec.name]
+                        .2
+                        .iter()
+                        .zip(b)
+                        .map(|(x, y)| FloatType::BF16.round_f64(x - y).abs())
+                        .collect()
+                })
+                .collect();
+            let thresholds: Vec<f32> = mags
+                .iter()
+                .map(|a| {
+                    let mut a = a.clone();
+                    a.sort_by(|x, y| y.total_cmp(x));
+                    a[(a.len() / 2).max(1) - 1]
+                })
+                .collect();
+            for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+                if g as f64 != w {
+                    differing[k] += 1;
+                    let at_threshold = mags.iter().zip(&thresholds).any(|(m, &t)| m[i] == t);
+                    assert!(at_threshold, "cap {cap}: {}[{i}]: {g} vs {w}", spec.name);
+                }
+            }
+        }
+    }
+    eprintln!(
+        "past the cap: {} elements differ, all at a threshold",
+        differing[1]
+    );
+    assert_eq!(differing[0], 0, "in torch's order, nothing differs");
+    assert!(differing[1] > 0, "past the cap, ties are kept by index");
 }

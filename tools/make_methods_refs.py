@@ -253,6 +253,23 @@ CONFIGS = {
           - model: ../ft_d
             parameters: {weight: 0.4, density: 0.5}
         """, True),
+    # `dtype: float16` with rescale: every step in float16 (ft_c's values rounded to it on loading).
+    "ties_f16": ("""
+        merge_method: ties
+        base_model: ../base
+        models:
+          - model: ../ft_b
+            parameters: {weight: 0.7, density: 0.5}
+          - model: ../ft_c
+            parameters: {weight: 0.5, density: [0.3, 0.8]}
+          - model: ../ft_d
+            parameters: {weight: -0.2, density: 0.6}
+        parameters:
+          rescale: true
+          lambda: 1.5
+        dtype: float16
+        out_dtype: bfloat16
+        """, True),
     "breadcrumbs_ties": ("""
         merge_method: breadcrumbs_ties
         base_model: ../base
@@ -319,6 +336,15 @@ CONFIGS = {
         dtype: float32
         out_dtype: float32
         """, True),
+    "model_stock_bf16": ("""
+        merge_method: model_stock
+        base_model: ../base
+        models:
+          - model: ../ft_a
+          - model: ../ft_b
+          - model: ../ft_d
+        dtype: bfloat16
+        """, True),
     "model_stock_filter_wise": ("""
         merge_method: model_stock
         base_model: ../base
@@ -361,6 +387,26 @@ CONFIGS = {
             parameters: {weight: 3.0}
         dtype: float32
         out_dtype: float32
+        """, True),
+    "nuslerp_bf16": ("""
+        merge_method: nuslerp
+        base_model: ../base
+        models:
+          - model: ../ft_c
+            parameters: {weight: 1.0}
+          - model: ../ft_d
+            parameters: {weight: 1.0}
+        dtype: bfloat16
+        """, True),
+    "slerp_bf16": ("""
+        merge_method: slerp
+        base_model: ../ft_b
+        models:
+          - model: ../ft_b
+          - model: ../ft_c
+        parameters:
+          t: [0.2, 0.8]
+        dtype: bfloat16
         """, True),
     "nuslerp_rows": ("""
         merge_method: nuslerp

@@ -412,10 +412,30 @@ impl<'p> Prepared<'p> {
         // 8 MiB write buffer. Plus headers, plan and bookkeeping.
         let threads = rayon::current_num_threads() as u64;
         let block = (BLOCK * CHUNK) as u64;
+        // A magnitude sparsification sorts one task vector of a tensor at a time in memory: 8 bytes
+        // per element, for the largest such tensor (up to `plan.torch_order_cap` elements).
+        let sorts = plan.steps.iter().any(|s| {
+            matches!(&s.kind, StepKind::TaskVectors(tv)
+                if matches!(tv.sparsify, crate::recipe::Sparsify::Magnitude
+                    | crate::recipe::Sparsify::MagnitudeOutliers))
+        });
+        let sort = if sorts {
+            self.tensors
+                .iter()
+                .filter(|t| matches!(t.treatment, Treatment::Merge { .. }))
+                .map(|t| t.base.numel() as u64)
+                .filter(|&n| n <= plan.torch_order_cap)
+                .max()
+                .unwrap_or(0)
+                * 8
+        } else {
+            0
+        };
         let peak = threads * CHUNK as u64 * (4 * l + 8)
             + block * 4 * k
             + block * 4 * l
             + k * (8 << 20)
+            + sort
             + (16 << 20);
         PlanSummary {
             steps: plan

@@ -8,18 +8,13 @@ use rayon::prelude::*;
 
 use super::values::{GroupOf, Keep, Node, TaskVectorNode, Val};
 use super::{MergeError, OutTensor, Prepared, Treatment, BLOCK, CHUNK};
+use crate::format::FloatType;
 use crate::kernels;
 use crate::progress::Progress;
 use crate::recipe::{Angle, Grouping, Operand, Sparsify, StepKind, TaskVectorStep};
 use crate::selection::{
-    magnitude_key, probability_threshold, stream_key, torch_sort_order, Pass, RankSelect,
+    magnitude_key, probability_threshold, stream_key, torch_sort_pairs, Pass, RankSelect,
 };
-
-/// Tensors of at most this many elements are sparsified by magnitude with an in-memory sort that
-/// reproduces torch's (8 bytes per element while it runs), so that the elements kept among equal
-/// magnitudes at the threshold are mergekit's; larger ones by the streaming rank selection, which
-/// breaks such ties by flat index.
-pub const TORCH_ORDER_CAP: u64 = 1 << 28;
 
 /// Data passes a step makes over each tensor before the writing pass (for `--dry-run`; rank selections
 /// usually take three, all models together: two histograms, then a sort of the candidates left).
@@ -293,7 +288,8 @@ impl Prepared<'_> {
             .collect();
         let weights: Vec<f64> = tv.weights.iter().map(|p| at(p, 1.0)).collect();
         let lambda = at(&tv.lambda, 1.0);
-        if tv.sparsify == Sparsify::None && !tv.consensus {
+        // A plain weighted sum, exact; mergekit's 16-bit arithmetic needs the node (below).
+        if tv.sparsify == Sparsify::None && !tv.consensus && t.compute == FloatType::F32 {
             let divisor: f64 = weights.iter().sum();
             let divisor = if !tv.normalize || divisor.abs() < 1e-8 {
                 1.0
@@ -312,7 +308,7 @@ impl Prepared<'_> {
         // passes. A tensor small enough is sorted in memory instead, in torch's own order (`sorted`: model,
         // descending, kept positions of the order), so that equal magnitudes at the threshold are kept
         // exactly as mergekit keeps them.
-        let in_memory = numel <= TORCH_ORDER_CAP;
+        let in_memory = numel <= self.plan.torch_order_cap;
         let mut targets: Vec<(usize, u64, bool)> = Vec::new();
         let mut sorted: Vec<(usize, bool, std::ops::Range<u64>)> = Vec::new();
         let mut plans = Vec::with_capacity(deltas.len());
@@ -401,8 +397,16 @@ impl Prepared<'_> {
         let norms = self.l1_norms(t, &deltas, &keep, &rescaled, progress)?;
         let mut rescale = vec![1.0; deltas.len()];
         for (&i, (all, kept)) in rescaled.iter().zip(norms) {
-            if all >= 1e-7 && kept >= 1e-7 {
-                rescale[i] = all / kept;
+            if compute == FloatType::F32 {
+                if all >= 1e-7 && kept >= 1e-7 {
+                    rescale[i] = all / kept;
+                }
+            } else {
+                // mergekit's norms and their quotient are 16-bit numbers too.
+                let (all, kept) = (compute.round_f64(all), compute.round_f64(kept));
+                if all >= 1e-7 && kept >= 1e-7 {
+                    rescale[i] = compute.round_f32(all / kept) as f64;
+                }
             }
         }
         Ok(Val::Node(Arc::new(Node::TaskVectors(TaskVectorNode {
@@ -596,7 +600,8 @@ impl Prepared<'_> {
 
     /// For each (model i, descending, positions): the elements at those positions of torch's sort of
     /// |δ_i| (as mergekit computes δ_i, in the tensor's compute dtype), as a bit mask over the tensor.
-    /// One pass gathers the magnitudes of every model at once; each is then sorted in memory.
+    /// One model at a time: a pass gathers its magnitudes, then they are sorted in memory (8 bytes an
+    /// element).
     fn sorted_masks(
         &self,
         t: &OutTensor,
@@ -604,47 +609,39 @@ impl Prepared<'_> {
         sorted: &[(usize, bool, std::ops::Range<u64>)],
         progress: &dyn Progress,
     ) -> Result<Vec<Arc<Vec<u64>>>, MergeError> {
-        if sorted.is_empty() {
-            return Ok(Vec::new());
-        }
         let numel = t.base.numel();
-        let vals: Vec<Val> = sorted.iter().map(|&(i, _, _)| deltas[i].clone()).collect();
-        let mut keys: Vec<Vec<f32>> = vec![Vec::with_capacity(numel); sorted.len()];
-        self.chunk_pass(
-            t,
-            progress,
-            &vals,
-            |_| true,
-            |_, values| {
-                values
-                    .iter()
-                    .map(|v| {
-                        v.iter()
-                            .map(|&x| t.compute.round_f64(x).abs())
-                            .collect::<Vec<f32>>()
-                    })
-                    .collect::<Vec<_>>()
-            },
-            |_, part| {
-                for (k, chunk) in keys.iter_mut().zip(part.into_iter().flatten()) {
-                    k.extend_from_slice(&chunk);
-                }
-            },
-        )?;
-        // The streaming selection this replaces is counted as three passes: the two not made.
-        progress.advance(2 * t.bytes_of(numel));
-        Ok(sorted
-            .iter()
-            .zip(keys)
-            .map(|((_, desc, range), k)| {
-                let order = torch_sort_order(&k, *desc);
-                let mut bits = vec![0u64; numel.div_ceil(64)];
-                for &j in &order[range.start as usize..range.end as usize] {
-                    bits[j as usize / 64] |= 1 << (j % 64);
-                }
-                Arc::new(bits)
-            })
-            .collect())
+        let mut masks = Vec::with_capacity(sorted.len());
+        for (i, desc, range) in sorted {
+            let mut pairs: Vec<(f32, u32)> = Vec::with_capacity(numel);
+            // Counted below, as the streaming selection's passes.
+            self.chunk_pass(
+                t,
+                &crate::progress::Silent,
+                std::slice::from_ref(&deltas[*i]),
+                |_| true,
+                |_, values| {
+                    values[0]
+                        .iter()
+                        .map(|&x| t.compute.round_f64(x).abs())
+                        .collect::<Vec<f32>>()
+                },
+                |_, part| {
+                    for k in part.into_iter().flatten() {
+                        pairs.push((k, pairs.len() as u32));
+                    }
+                },
+            )?;
+            torch_sort_pairs(&mut pairs, *desc);
+            let mut bits = vec![0u64; numel.div_ceil(64)];
+            for &(_, j) in &pairs[range.start as usize..range.end as usize] {
+                bits[j as usize / 64] |= 1 << (j % 64);
+            }
+            masks.push(Arc::new(bits));
+        }
+        if !sorted.is_empty() {
+            progress.advance(3 * t.bytes_of(numel));
+        }
+        Ok(masks)
     }
 
     /// (‖δ_i‖₁, ‖kept part of δ_i‖₁) for each model i in `which`, summed in chunk order.
@@ -673,9 +670,11 @@ impl Prepared<'_> {
                     .map(|(&i, v)| {
                         let (mut a, mut k) = (0.0, 0.0);
                         for (j, &x) in v.iter().enumerate() {
-                            a += x.abs();
+                            // |δ| as mergekit computes δ, in the compute dtype.
+                            let m = t.compute.round_f64(x).abs() as f64;
+                            a += m;
                             if keep[i].keeps(x, (lo + j) as u64) {
-                                k += x.abs();
+                                k += m;
                             }
                         }
                         (a, k)

@@ -210,6 +210,9 @@ impl Val {
 
 impl TaskVectorNode {
     fn eval(&self, x: &ChunkInputs, out: &mut [f64]) {
+        if self.compute != FloatType::F32 {
+            return self.eval_rounded(x, out);
+        }
         let n = out.len();
         let m = self.deltas.len();
         let mut deltas = vec![vec![0f64; n]; m];
@@ -275,6 +278,77 @@ impl TaskVectorNode {
                 mixed /= divisor;
             }
             out[j] += self.lambda * mixed;
+        }
+    }
+
+    /// mergekit's arithmetic in a 16-bit compute dtype, operation by operation: every intermediate
+    /// (task vector, rescaled and weighted task vector, sums, quotient, λ·, the final addition) is
+    /// rounded to the compute dtype, sums accumulating in float32 in model order, as torch does on the
+    /// CPU. Rounding this coarse at each step is mergekit's result (several ulps from the exact one);
+    /// reproducing it is what matching a `dtype: bfloat16` config takes.
+    fn eval_rounded(&self, x: &ChunkInputs, out: &mut [f64]) {
+        let n = out.len();
+        let m = self.deltas.len();
+        let c = self.compute;
+        let mut deltas = vec![vec![0f64; n]; m];
+        for (d, v) in deltas.iter_mut().zip(&self.deltas) {
+            v.eval(x, d);
+        }
+        // torch makes 16-bit constants from Python floats through float32.
+        let w: Vec<f32> = self
+            .weights
+            .iter()
+            .map(|&w| c.round_f32(w as f32))
+            .collect();
+        // Already a 16-bit number (see `task_vectors`).
+        let factor: Vec<Option<f32>> = self
+            .rescale
+            .iter()
+            .map(|&s| (s != 1.0).then_some(s as f32))
+            .collect();
+        let lambda = self.lambda as f32;
+        let mut p = vec![0f32; m];
+        self.base.eval(x, out);
+        for j in 0..n {
+            for i in 0..m {
+                let mut d = if self.keep[i].keeps(deltas[i][j], (x.first + j) as u64) {
+                    c.round_f64(deltas[i][j])
+                } else {
+                    0.0
+                };
+                if let Some(s) = factor[i] {
+                    d = c.round_f32(d * s);
+                }
+                p[i] = c.round_f32(d * w[i]);
+            }
+            let (mut mixed, mut divisor) = (0f32, 0f32);
+            if self.consensus {
+                let positive = p.iter().sum::<f32>() >= 0.0;
+                for i in 0..m {
+                    if (p[i] > 0.0 && positive) || (p[i] < 0.0 && !positive) {
+                        mixed += p[i];
+                        divisor += w[i];
+                    }
+                }
+                mixed = c.round_f32(mixed);
+                divisor = c.round_f32(divisor);
+                if divisor == 0.0 {
+                    divisor = 1.0;
+                }
+            } else {
+                mixed = c.round_f32(p.iter().sum::<f32>());
+                divisor = c.round_f32(w.iter().sum::<f32>());
+                if divisor.abs() < 1e-8 {
+                    divisor = 1.0;
+                }
+            }
+            if self.normalize {
+                mixed = c.round_f32(mixed / divisor);
+            }
+            if self.lambda != 1.0 {
+                mixed = c.round_f32(mixed * lambda);
+            }
+            out[j] = c.round_f32(c.round_f64(out[j]) + mixed) as f64;
         }
     }
 }

@@ -325,6 +325,7 @@ pub fn plan(text: &str, path: &Path, out: Option<&Path>, seed: u64) -> Result<Pl
         // with f16 → f32), and writes it so without `out_dtype`.
         mergekit_dtypes: true,
         input_dtype: compute,
+        torch_order_cap: crate::selection::TORCH_ORDER_CAP,
         shard_size: DEFAULT_SHARD_SIZE,
         ignore_extra_tensors: false,
         allow_nonfinite: false,

@@ -157,6 +157,9 @@ pub struct Plan {
     pub mergekit_dtypes: bool,
     /// mergekit's `dtype`: every input is loaded in it (rounded to it, where it differs) before merging.
     pub input_dtype: Option<FloatType>,
+    /// Magnitude sparsification sorts tensors of at most this many elements in memory, in torch's order
+    /// (`selection::TORCH_ORDER_CAP`); larger ones stream, equal magnitudes ordered by flat index.
+    pub torch_order_cap: u64,
     pub shard_size: u64,
     pub ignore_extra_tensors: bool,
     pub allow_nonfinite: bool,
@@ -525,6 +528,7 @@ impl<'a> Resolver<'a> {
             dtype,
             mergekit_dtypes: false,
             input_dtype: None,
+            torch_order_cap: crate::selection::TORCH_ORDER_CAP,
             shard_size,
             ignore_extra_tensors,
             allow_nonfinite: raw.allow_nonfinite.map(|v| v.value).unwrap_or(false),
