@@ -179,6 +179,20 @@ pub fn gram_accumulate(vectors: &[&[f64]], gram: &mut [Vec<f64>]) {
 mod tests {
     use super::*;
 
+    #[test]
+    fn nuslerp_pair_normalises_as_mergekit() {
+        // A zero vector: cosine 0, Ω = π/2, so sin(λπ/2) of the other (not λ, the linear fallback).
+        let (a, b) = nuslerp_pair(0.0, 0.0, 4.0, 0.25);
+        assert!((a - (0.75 * std::f64::consts::FRAC_PI_2).sin()).abs() < 1e-15);
+        assert!((b - (0.25 * std::f64::consts::FRAC_PI_2).sin()).abs() < 1e-15);
+        // Parallel: linear.
+        assert_eq!(nuslerp_pair(2.0, 1.0, 4.0, 0.25), (0.75, 0.25));
+        // Otherwise the same pair as recipe `slerp`.
+        let (x, y) = nuslerp_pair(0.3, 1.0, 2.0, 0.4);
+        let (u, v) = slerp_pair(0.3, 1.0, 2.0, 0.4);
+        assert!((x - u).abs() < 1e-15 && (y - v).abs() < 1e-15);
+    }
+
     fn dot(a: &[f64], b: &[f64]) -> f64 {
         a.iter().zip(b).map(|(x, y)| x * y).sum()
     }

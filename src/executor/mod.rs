@@ -923,3 +923,30 @@ fn is_integral(d: Dtype) -> bool {
             | Dtype::U64
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_layer_stack_spreads_its_own_gradient() {
+        let names = [
+            "language_model.model.embed_tokens.weight",
+            "language_model.model.layers.0.mlp.up_proj.weight",
+            "language_model.model.layers.3.mlp.up_proj.weight",
+            "vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight",
+            "vision_tower.vision_model.encoder.layers.1.mlp.fc1.weight",
+            "multi_modal_projector.mm_input_projection_weight",
+        ];
+        let p = LayerPositions::of(names);
+        let t: Vec<f64> = names.iter().map(|n| p.at(n)).collect();
+        assert_eq!(t, [0.0, 0.0, 1.0, 0.0, 1.0, 0.0]);
+        assert_eq!(
+            p.at("language_model.model.layers.1.self_attn.q_proj.weight"),
+            1.0 / 3.0
+        );
+        // A stack of one layer sits at t = 1, as in mergekit.
+        let one = LayerPositions::of(["model.layers.0.mlp.up_proj.weight"]);
+        assert_eq!(one.at("model.layers.0.mlp.up_proj.weight"), 1.0);
+    }
+}

@@ -86,13 +86,10 @@ impl FloatType {
         }
     }
 
-    /// `x` rounded once to this type (round-to-nearest-even), as an f32.
+    /// `x` as torch has it in this type when it computed `x` in float32: rounded to float32, then to
+    /// this type (round-to-nearest-even both times), as an f32.
     pub fn round_f64(self, x: f64) -> f32 {
-        match self {
-            Self::BF16 => bf16::from_f64(x).to_f32(),
-            Self::F16 => f16::from_f64(x).to_f32(),
-            Self::F32 => x as f32,
-        }
+        self.round_f32(x as f32)
     }
 
     /// `x` rounded to this type (round-to-nearest-even).
@@ -356,5 +353,25 @@ mod properties {
         let mut b = Vec::new();
         FloatType::F16.encode_f64(&[65504.0, 65519.0, 65520.0], &mut b);
         assert_eq!(FloatType::F16.first_nonfinite(&b), Some(2));
+    }
+
+    #[test]
+    fn promotion_and_rounding_follow_torch() {
+        use FloatType::*;
+        assert_eq!(BF16.promote(BF16), BF16);
+        assert_eq!(BF16.promote(F16), F32);
+        assert_eq!(F16.promote(F32), F32);
+        // 1 + 2^-8 lies halfway between two bf16 numbers: to even, 1. Just above it, float32 first
+        // (torch computes in it) rounds back to the halfway point.
+        let x = 1.0 + 2f64.powi(-8);
+        assert_eq!(BF16.round_f64(x), 1.0);
+        assert_eq!(BF16.round_f64(x + 2f64.powi(-30)), 1.0);
+        assert_eq!(BF16.round_f64(x + 2f64.powi(-20)), 1.0 + 2f32.powi(-7));
+        assert_eq!(F16.round_f64(70000.0), f32::INFINITY);
+        assert_eq!(F32.round_f64(0.1), 0.1f32);
+        let mut v = [0.1f32, 1.0 + 2f32.powi(-9)];
+        BF16.round_in_place(&mut v);
+        assert_eq!(v, [bf16::from_f32(0.1).to_f32(), 1.0]);
+        assert_eq!(F16.round_f32(1.0 + 2f32.powi(-11)), 1.0);
     }
 }
