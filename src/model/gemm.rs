@@ -16,7 +16,8 @@
 //! Exact mode ([`Precision::Exact`]): f32 products of exactly widened weights, f32 sums (FMA where the CPU
 //! has it). Fast mode ([`Precision::Bf16`], AVX512-BF16 only): weights and activations as bf16 pairs,
 //! `vdpbf16ps` products with f32 accumulation, as llama.cpp and PyTorch's bf16 CPU path do; activations
-//! are rounded to bf16 (round-to-nearest-even). Where the CPU lacks AVX512-BF16, fast mode is exact mode.
+//! are rounded to bf16 (round-to-nearest-even; below f32's smallest normal, to zero). Where the CPU lacks
+//! AVX512-BF16, fast mode is exact mode.
 
 #![allow(clippy::needless_range_loop)]
 
@@ -779,29 +780,56 @@ pub(crate) mod x86 {
             static PANEL16: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
         }
 
-        /// Activations as bf16 pairs (round-to-nearest-even), packed like [`super::super::pack_x`] but
-        /// with one u32 = (x[t, 2c], x[t, 2c + 1]) per element: tile i is [kp/2][32].
-        fn pack_x_bf16(x: &[f32], n: usize, k: usize) -> Vec<u32> {
+        /// Activations as bf16 pairs (round-to-nearest-even, with `vcvtne2ps2bf16`, which flushes
+        /// values below f32's smallest normal to zero), packed like [`super::super::pack_x`] but with
+        /// one u32 = (x[t, 2c], x[t, 2c + 1]) per element: tile i is [kp/2][32].
+        ///
+        /// # Safety
+        /// The CPU has AVX-512 F/BW/VL and AVX512-BF16.
+        unsafe fn pack_x_bf16(x: &[f32], n: usize, k: usize) -> Vec<u32> {
             let w = 2 * L;
             let kp = k.div_ceil(2 * L) * 2 * L;
             let tiles = n.div_ceil(w);
             let mut xp = vec![0u32; tiles * kp / 2 * w];
-            let b = |v: f32| half::bf16::from_f32(v).to_bits() as u32;
             xp.par_chunks_mut(kp / 2 * w)
                 .enumerate()
                 .for_each(|(i, tile)| {
                     let t0 = i * w;
-                    for t in 0..w.min(n - t0) {
-                        let row = &x[(t0 + t) * k..(t0 + t + 1) * k];
-                        for c in 0..k / 2 {
-                            tile[c * w + t] = b(row[2 * c]) | (b(row[2 * c + 1]) << 16);
-                        }
-                        if k % 2 == 1 {
-                            tile[(k / 2) * w + t] = b(row[k - 1]);
-                        }
-                    }
+                    // SAFETY: the caller checked the CPU.
+                    unsafe { pack_tile_bf16(x, k, t0, w.min(n - t0), tile) };
                 });
             xp
+        }
+
+        /// Rows `t0..t0 + tn` of `x` into one tile of [`pack_x_bf16`].
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+        unsafe fn pack_tile_bf16(x: &[f32], k: usize, t0: usize, tn: usize, tile: &mut [u32]) {
+            let w = 2 * L;
+            let full = k / (2 * L);
+            let b = |v: f32| half::bf16::from_f32(v).to_bits() as u32;
+            let mut pairs = [0u32; L];
+            for t in 0..tn {
+                let row = &x[(t0 + t) * k..(t0 + t + 1) * k];
+                for g in 0..full {
+                    let lo = _mm512_loadu_ps(row.as_ptr().add(g * 2 * L));
+                    let hi = _mm512_loadu_ps(row.as_ptr().add(g * 2 * L + L));
+                    // Pair j = (element 2j, element 2j + 1): cvtne2ps puts `b` in the low half.
+                    let v = _mm512_cvtne2ps_pbh(hi, lo);
+                    _mm512_storeu_si512(
+                        pairs.as_mut_ptr() as *mut _,
+                        std::mem::transmute::<__m512bh, __m512i>(v),
+                    );
+                    for (j, p) in pairs.iter().enumerate() {
+                        tile[(g * L + j) * w + t] = *p;
+                    }
+                }
+                for c in full * L..k / 2 {
+                    tile[c * w + t] = b(row[2 * c]) | (b(row[2 * c + 1]) << 16);
+                }
+                if k % 2 == 1 {
+                    tile[(k / 2) * w + t] = b(row[k - 1]);
+                }
+            }
         }
 
         /// [`super::super::matmul_into`] in fast mode: bf16 products with f32 sums (`vdpbf16ps`).
@@ -815,7 +843,8 @@ pub(crate) mod x86 {
             outs: &[super::super::OutPtr],
         ) {
             let k = ws[0].shape()[1];
-            let xp = pack_x_bf16(x, n, k);
+            // SAFETY: the caller checked the CPU.
+            let xp = unsafe { pack_x_bf16(x, n, k) };
             super::super::work_items(ws, MR)
                 .into_par_iter()
                 .for_each(|(i, col0)| {
