@@ -1,6 +1,10 @@
 #!/usr/bin/env python3
-"""transformers' logits for layer stacks of the multimodal Gemma 3 fixtures, the reference of tests/slices.rs.
+"""transformers' logits for layer stacks, the reference of tests/slices.rs.
 
+gemma2-passthrough: the stack of fixtures/methods-case/expected/passthrough (layers 0..3 of ft_a, then 1..4 of
+ft_b, written by the shared reference with its layer_types), scored as it is on 30 random tokens.
+
+The multimodal Gemma 3 fixtures:
 For each case, the stacked checkpoint is built here, independently of gemma-merge: the language model's
 layers of each `[first, end)` range are renamed to consecutive output layers under the checkpoint's own
 prefix (`language_model.model.layers.N.` or `model.language_model.layers.N.`); every other tensor (embeddings,
@@ -23,7 +27,7 @@ import tempfile
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+from transformers import Gemma2ForCausalLM, Gemma3Config, Gemma3ForConditionalGeneration
 
 CASES = {
     # `language_model.model.` names, a sparse published text_config (no layer_types: every 6th layer is
@@ -60,8 +64,8 @@ def stack(tensors, ranges):
     return out, k
 
 
-def score(folder, tokens):
-    model, info = Gemma3ForConditionalGeneration.from_pretrained(
+def score(folder, tokens, cls=Gemma3ForConditionalGeneration):
+    model, info = cls.from_pretrained(
         folder, attn_implementation="eager", dtype=torch.float64, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     model.eval()
@@ -72,8 +76,25 @@ def score(folder, tokens):
     return logits, nll
 
 
-def main(fixtures):
+def save(fixtures, case, logits, nll, **fields):
     import transformers
+    out = os.path.join(fixtures, "slices", case)
+    os.makedirs(out, exist_ok=True)
+    save_file({"logits": logits.float()}, os.path.join(out, "golden.safetensors"), metadata={"format": "pt"})
+    json.dump(dict(fields, mean_nll=nll, perplexity=float(torch.tensor(nll).exp()),
+                   reference=f"transformers {fields.pop('cls')} {transformers.__version__}, eager, float64"),
+              open(os.path.join(out, "golden.json"), "w"), indent=1)
+
+
+def main(fixtures):
+    src = os.path.join(fixtures, "methods-case", "expected", "passthrough")
+    g = torch.Generator().manual_seed(1)
+    tokens = [2] + torch.randint(3, 384, (29,), generator=g).tolist()
+    logits, nll = score(src, tokens, Gemma2ForCausalLM)
+    save(fixtures, "gemma2-passthrough", logits, nll, cls="Gemma2ForCausalLM", source="methods-case/expected/passthrough",
+         slices=[["ft_a", 0, 3], ["ft_b", 1, 4]], tokens=tokens)
+    print("gemma2-passthrough", nll)
+
     for case, (source, ranges) in CASES.items():
         src = os.path.join(fixtures, source)
         golden = json.load(open(os.path.join(src, "golden.json")))
@@ -94,14 +115,8 @@ def main(fixtures):
             json.dump(config, open(os.path.join(tmp, "config.json"), "w"), indent=2)
             logits, nll = score(tmp, tokens)
 
-        out = os.path.join(fixtures, "slices", case)
-        os.makedirs(out, exist_ok=True)
-        save_file({"logits": logits.float()}, os.path.join(out, "golden.safetensors"), metadata={"format": "pt"})
-        json.dump(dict(source=source, slices=[list(r) for r in ranges], layer_types=stacked_types,
-                       tokens=tokens, mean_nll=nll, perplexity=float(torch.tensor(nll).exp()),
-                       reference=f"transformers {Gemma3ForConditionalGeneration.__name__} "
-                                 f"{transformers.__version__}, eager, float64"),
-                  open(os.path.join(out, "golden.json"), "w"), indent=1)
+        save(fixtures, case, logits, nll, cls="Gemma3ForConditionalGeneration", source=source,
+             slices=[list(r) for r in ranges], layer_types=stacked_types, tokens=tokens)
         print(case, n, stacked_types, nll)
 
 
