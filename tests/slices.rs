@@ -764,3 +764,23 @@ fn the_vision_tower_comes_with_the_embeddings_from_the_first_slice_the_final_nor
     assert!(out.contains_key("model.multi_modal_projector.mm_input_projection_weight"));
     assert_eq!(out.len(), a.len(), "4 layers, as the fixture");
 }
+
+#[test]
+fn a_mergekit_configs_layer_range_past_the_end_names_its_line_too() {
+    let d = tempfile::tempdir().unwrap();
+    let config = format!(
+        "merge_method: passthrough\nslices:\n  - sources:\n      - model: {}\n        layer_range: [0, 3]\n  - sources:\n      - model: {}\n        layer_range: [2, 5]\n",
+        s(&case().join("ft_a")),
+        s(&case().join("ft_b"))
+    );
+    std::fs::write(d.path().join("config.yml"), config).unwrap();
+    let o = gm_in(d.path(), &["-q", "run", "config.yml", "--out", "out"]);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert_eq!(
+        o.stderr.trim_end(),
+        "error: config.yml:8:22: `layer_range` [2, 5] goes past the last layer of `".to_string()
+            + s(&case().join("ft_b"))
+            + "`, which has 4 (layers 0 to 3)"
+    );
+    assert!(!d.path().join("out").exists());
+}

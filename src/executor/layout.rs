@@ -223,14 +223,14 @@ fn layer_type(config: &serde_json::Value, i: usize) -> Option<String> {
         )
     };
     match config.get("model_type").and_then(|v| v.as_str()) {
-        Some("gemma2") => kind(i % 2 == 0),
+        Some("gemma2") => kind(i.is_multiple_of(2)),
         Some("gemma3" | "gemma3_text") => {
             let p = text
                 .get("sliding_window_pattern")
                 .and_then(|v| v.as_u64())
                 .unwrap_or(6)
                 .max(1) as usize;
-            kind((i + 1) % p != 0)
+            kind(!(i + 1).is_multiple_of(p))
         }
         _ => None,
     }
