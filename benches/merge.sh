@@ -6,9 +6,11 @@
 #   BENCH_DIR=/scratch/bench KEEP=1 benches/merge.sh
 #
 # For each size it writes, with `gemma-merge synth`, an SFT model and two RL-like runs of two checkpoints
-# each (every checkpoint the previous one plus relative noise DRIFT), then times
-#   gemma-merge run warp.yaml --out OUT --force -q
-# under /usr/bin/time -v (recipe: EMA of each run starting at the SFT, SLERP by layer, LITI η 0.3), and, as
+# each (every checkpoint the previous one plus relative noise DRIFT), then times, for each recipe of
+# RECIPES (default "warp ties"),
+#   gemma-merge run RECIPE.yaml --out OUT --force -q
+# under /usr/bin/time -v (warp: EMA of each run starting at the SFT, SLERP by layer, LITI η 0.3; ties: TIES
+# of the four RL checkpoints on the SFT, density 0.5, which takes a selection pass per tensor), and, as
 # a baseline, `cat` of every input file to /dev/null (page cache / disk read speed, same session).
 # Prints wall time (median of REPEAT), input MB/s, peak RSS (largest of the runs).
 #
@@ -24,7 +26,7 @@
 # Environment: BENCH_DIR (default /tmp/gemma-merge-bench; never inside the repository), SHAPE (2b),
 # LAYERS ("2 4 8"), DTYPE (bfloat16), DRIFT (0.01), REPEAT (3), THREADS (default: all cores),
 # KEEP=1 keeps the generated models and reuses them next time (default: each size is deleted once measured),
-# OUT_DIR, MERGEKIT.
+# OUT_DIR, MERGEKIT, RECIPES.
 # Disk: 6 models at once (5 inputs + the output); 2b bf16 is 1.18 GB + 0.156 GB per layer each,
 # so 8 layers need about 15 GB.
 set -euo pipefail
@@ -38,6 +40,7 @@ DRIFT=${DRIFT:-0.01}
 REPEAT=${REPEAT:-3}
 KEEP=${KEEP:-0}
 MERGEKIT=${MERGEKIT:-}
+RECIPES=${RECIPES:-warp ties}
 if [[ -z "${OUT_DIR:-}" ]]; then OUT_DIR=$([[ -d /dev/shm ]] && echo /dev/shm/gemma-merge-bench || echo "$BENCH_DIR/out"); fi
 mkdir -p "$OUT_DIR"
 THREAD_ARGS=()
@@ -62,15 +65,14 @@ now() { date +%s.%N; }
 wall_of() { awk -F': ' '/Elapsed \(wall clock\)/ { n = split($2, p, ":"); s = 0; for (i = 1; i <= n; i++) s = s * 60 + p[i]; print s }' "$1"; }
 rss_of() { awk -F': ' '/Maximum resident set size/ { print $2 }' "$1"; }
 
+# The start of every recipe below: bf16 output, the SFT as base.
+recipe_head() {
+  printf '# %s\noutput: out\ndtype: bfloat16\nbase: sft\nmodels:\n  sft: sft\nsteps:\n' "$2" > "$1"
+}
+
 write_recipe() {
-  cat > "$1" <<'YAML'
-# One WARP round: two RL runs (EMA of two checkpoints each, starting at the SFT), SLERP, LITI.
-output: out
-dtype: bfloat16
-base: sft
-models:
-  sft: sft
-steps:
+  recipe_head "$1" "One WARP round: two RL runs (EMA of two checkpoints each, starting at the SFT), SLERP, LITI."
+  cat >> "$1" <<'YAML'
   - name: run_a
     method: ema
     models: [run_a/step-100, run_a/step-200]
@@ -92,6 +94,17 @@ steps:
     method: liti
     model: slerp
     eta: 0.3
+YAML
+}
+
+write_ties() {
+  recipe_head "$1" "TIES of the four RL checkpoints on the SFT (mergekit's ties: top 50% of each task vector, sign election)."
+  cat >> "$1" <<'YAML'
+  - name: ties
+    method: ties
+    models: [run_a/step-100, run_a/step-200, run_b/step-100, run_b/step-200]
+    weights: [0.25, 0.25, 0.25, 0.25]
+    density: 0.5
 YAML
 }
 
@@ -137,6 +150,7 @@ for n in $LAYERS; do
     "${GM[@]}" -q synth --from "$d/run_b/step-100" --drift "$DRIFT" --seed 4 --out "$d/run_b/step-200"
   fi
   write_recipe "$d/warp.yaml"
+  write_ties "$d/ties.yaml"
   mapfile -t inputs < <(find "$d/sft" "$d/run_a" "$d/run_b" -name '*.safetensors' | sort)
   model_bytes=$(stat -c %s "$d"/sft/*.safetensors | awk '{ s += $1 } END { print s }')
   input_bytes=$(stat -c %s "${inputs[@]}" | awk '{ s += $1 } END { print s }')
@@ -146,8 +160,7 @@ for n in $LAYERS; do
   cat_times=()
   floors=()
   durables=()
-  walls=()
-  rsses=()
+  declare -A walls=() rsses=()
   lin=(); mk=()
   cat "${inputs[@]}" > /dev/null
   for r in $(seq "$REPEAT"); do
@@ -159,12 +172,14 @@ for n in $LAYERS; do
     rm -f "$OUT_DIR/floor.bin"
     floors+=("$(echo "$t1 - $t0 + $t3 - $t2" | bc -l)")
     durables+=("$(echo "$t1 - $t0 + $t4 - $t3" | bc -l)")
-    log="$d/time-$r.log"
-    /usr/bin/time -v -o "$log" "${GM[@]}" run "$d/warp.yaml" --out "$out" --force -q
-    walls+=("$(wall_of "$log")")
-    rsses+=("$(rss_of "$log")")
-    echo "   run $r: cat ${cat_times[-1]} s, memory floor ${floors[-1]} s, durable floor ${durables[-1]} s," \
-      "merge ${walls[-1]} s, peak RSS $(( ${rsses[-1]} / 1024 )) MiB" >&2
+    echo "   run $r: cat ${cat_times[-1]} s, memory floor ${floors[-1]} s, durable floor ${durables[-1]} s" >&2
+    for rec in $RECIPES; do
+      log="$d/time-$rec-$r.log"
+      /usr/bin/time -v -o "$log" "${GM[@]}" run "$d/$rec.yaml" --out "$out" --force -q
+      walls[$rec]+="$(wall_of "$log") "
+      rsses[$rec]+="$(rss_of "$log") "
+      echo "   run $r: $rec $(wall_of "$log") s, peak RSS $(( $(rss_of "$log") / 1024 )) MiB" >&2
+    done
     if [[ -n "$MERGEKIT" ]]; then
       t0=$(now); "${GM[@]}" run "$d/linear.yaml" --out "$out-linear" --force -q; t1=$(now)
       rm -rf "$out-mergekit"
@@ -176,26 +191,28 @@ for n in $LAYERS; do
     fi
   done
   rm -rf "$out" "$out-linear" "$out-mergekit"
-  wall=$(printf '%s\n' "${walls[@]}" | median)
   floor=$(printf '%s\n' "${floors[@]}" | median)
   durable=$(printf '%s\n' "${durables[@]}" | median)
   cat_s=$(printf '%s\n' "${cat_times[@]}" | median)
-  FLOOR_ROWS+=("$(awk -v m="$SHAPE-L$n" -v w="$wall" -v f="$floor" -v d="$durable" \
-    'BEGIN { printf "%-10s %10.2f %14.2f %9.2f %15.2f %9.2f", m, w, f, w / f, d, w / d }')")
+  for rec in $RECIPES; do
+    wall=$(printf '%s\n' ${walls[$rec]} | median)
+    rss_kb=$(printf '%s\n' ${rsses[$rec]} | maximum)
+    FLOOR_ROWS+=("$(awk -v m="$SHAPE-L$n" -v rec="$rec" -v w="$wall" -v f="$floor" -v d="$durable" \
+      'BEGIN { printf "%-10s %-6s %10.2f %14.2f %9.2f %15.2f %9.2f", m, rec, w, f, w / f, d, w / d }')")
+    ROWS+=("$(awk -v n="$n" -v rec="$rec" -v mb="$model_bytes" -v ib="$input_bytes" -v w="$wall" -v c="$cat_s" -v r="$rss_kb" -v s="$SHAPE" \
+      'BEGIN { printf "%-10s %-6s %10.2f %12.2f %10.2f %9.0f %10.2f %9.0f %12.0f", s "-L" n, rec, mb / 1e9, ib / 1e9, w, ib / 1e6 / w, c, ib / 1e6 / c, r / 1024 }')")
+  done
   if [[ -n "$MERGEKIT" ]]; then
     l=$(printf '%s\n' "${lin[@]}" | median); k=$(printf '%s\n' "${mk[@]}" | median)
     MK_ROWS+=("$(awk -v m="$SHAPE-L$n" -v l="$l" -v k="$k" 'BEGIN { printf "%-10s %14.2f %10.2f %8.2f", m, l, k, k / l }')")
   fi
-  rss_kb=$(printf '%s\n' "${rsses[@]}" | maximum)
-  ROWS+=("$(awk -v n="$n" -v mb="$model_bytes" -v ib="$input_bytes" -v w="$wall" -v c="$cat_s" -v r="$rss_kb" -v s="$SHAPE" \
-    'BEGIN { printf "%-10s %10.2f %12.2f %10.2f %9.0f %10.2f %9.0f %12.0f", s "-L" n, mb / 1e9, ib / 1e9, w, ib / 1e6 / w, c, ib / 1e6 / c, r / 1024 }')")
   if [[ "$KEEP" != 1 ]]; then rm -rf "$d"; fi
 done
 
-printf '\n%-10s %10s %12s %10s %9s %10s %9s %12s\n' model "model GB" "inputs GB" "wall s" "MB/s" "cat s" "cat MB/s" "peak RSS MiB"
+printf '\n%-10s %-6s %10s %12s %10s %9s %10s %9s %12s\n' model recipe "model GB" "inputs GB" "wall s" "MB/s" "cat s" "cat MB/s" "peak RSS MiB"
 printf '%s\n' "${ROWS[@]}"
 echo "(wall: median of $REPEAT runs of 'gemma-merge run'; MB/s: input bytes / wall; peak RSS: largest of the runs; cat: median of $REPEAT)"
-printf '\n%-10s %10s %14s %9s %15s %9s\n' model "merge s" "memory floor s" "ratio" "durable floor s" "ratio"
+printf '\n%-10s %-6s %10s %14s %9s %15s %9s\n' model recipe "merge s" "memory floor s" "ratio" "durable floor s" "ratio"
 printf '%s\n' "${FLOOR_ROWS[@]}"
 echo "(output in $OUT_DIR; memory floor: cat of the inputs + writing the output's bytes there; durable: + fsync)"
 if [[ ${#MK_ROWS[@]} -gt 0 ]]; then

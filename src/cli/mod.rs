@@ -141,6 +141,21 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
     1
 }
 
+/// The forward pass allocates the same activation buffers (megabytes each) for every layer. glibc's
+/// default hands blocks that large back to the kernel when they are freed, so every layer faulted in
+/// fresh zeroed pages (about 120 000 faults for a 128-token prefill of the 2b shape; with this, 47 000,
+/// nearly all first touches of the mapped weights, and prefill 7% faster). Here freed blocks up to 1 GiB
+/// stay in the heap for the next layer. Only the forward-pass commands set it: the merge keeps the
+/// default, so its memory goes back as it streams.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; called before the work starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -154,6 +169,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         .build_global()
         .ok();
     let g = &cli.global;
+    if matches!(
+        cli.command,
+        Command::Eval(_) | Command::Generate(_) | Command::Compare(_) | Command::Front(_)
+    ) {
+        keep_freed_memory();
+    }
     match &cli.command {
         Command::Run(a) => merge::run(a, g),
         Command::Join(a) => parts::join(a, g),

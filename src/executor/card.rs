@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::fmt::Write;
 use std::path::{Component, Path};
 
-use crate::recipe::{operands, Angle, Operand, Plan, StepKind};
+use crate::recipe::{operands, step_operands, Angle, Operand, Plan, Step, StepKind};
 
 /// The file the recipe is copied to, beside the weights.
 pub const RECIPE_FILE: &str = "recipe.yaml";
@@ -128,7 +128,7 @@ fn steps_used(plan: &Plan, step: usize) -> Vec<usize> {
 fn leaves_read(plan: &Plan, used: &[usize]) -> Vec<bool> {
     let mut read = vec![false; plan.leaves.len()];
     for &s in used {
-        for op in operands(&plan.steps[s].kind) {
+        for op in step_operands(plan, s) {
             if let Operand::Leaf(l) = op {
                 read[l] = true;
             }
@@ -145,14 +145,55 @@ fn leaves_used(plan: &Plan, read: &[bool]) -> Vec<usize> {
         .collect()
 }
 
-/// One line on what a step computes.
+/// One line on what a step computes; for a layer layout, one line per slice.
 fn describe(plan: &Plan, s: usize, eta: Option<f64>) -> String {
     let step = &plan.steps[s];
+    let Some(slices) = &plan.layout else {
+        return describe_kind(plan, step, &step.kind, eta);
+    };
+    let total: usize = slices.iter().map(|sl| sl.len).sum();
+    let mut o = format!(
+        "{} stacked from {}:",
+        count(total, "layer"),
+        count(slices.len(), "slice")
+    );
+    let mut k = 0;
+    for sl in slices {
+        let from = sl
+            .sources
+            .iter()
+            .map(|&(l, a)| format!("{} of `{}`", span(a, sl.len), leaf_name(plan, l)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let what = match &sl.kind {
+            Some(kind) => describe_kind(plan, step, kind, None),
+            None => format!("**{}**", step.method),
+        };
+        let _ = write!(
+            o,
+            "\n   - layers {} (from layers {from}): {what}",
+            span(k, sl.len)
+        );
+        k += sl.len;
+    }
+    o
+}
+
+/// Layers `first` to `first + len − 1`, as "3–5" (or "3").
+fn span(first: usize, len: usize) -> String {
+    match len {
+        1 => first.to_string(),
+        _ => format!("{first}–{}", first + len - 1),
+    }
+}
+
+/// One line on what `kind` (of `step`) computes.
+fn describe_kind(plan: &Plan, step: &Step, kind: &StepKind, eta: Option<f64>) -> String {
     let name = |op: &Operand| match *op {
         Operand::Leaf(l) => format!("`{}`", leaf_name(plan, l)),
         Operand::Step(p) => format!("`{}`", plan.steps[p].name),
     };
-    match &step.kind {
+    match kind {
         StepKind::Weighted { terms } => {
             let sum = terms
                 .iter()

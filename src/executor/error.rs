@@ -66,6 +66,10 @@ pub enum MergeError {
     /// A part number outside 1..=N.
     #[error("{0}")]
     BadPart(String),
+    /// A recipe error that shows only once the inputs' headers are read (a `layer_range` past a model's
+    /// last layer), with the recipe's line.
+    #[error(transparent)]
+    Recipe(#[from] crate::recipe::RecipeError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -77,7 +81,9 @@ pub enum MergeError {
 impl MergeError {
     /// True when the request itself is wrong (exit code 2).
     pub fn is_usage(&self) -> bool {
-        matches!(self, Self::Output(e) if e.is_usage()) || matches!(self, Self::BadPart(_))
+        matches!(self, Self::Output(e) if e.is_usage())
+            || matches!(self, Self::Recipe(e) if e.is_usage())
+            || matches!(self, Self::BadPart(_))
     }
 
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {

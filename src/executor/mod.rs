@@ -125,6 +125,8 @@ struct OutTensor {
     reference: usize,
     /// That leaf's tensor (its own name; `base` carries the output name).
     source: TensorInfo,
+    /// The slice of the plan's layer layout it comes from.
+    slice: Option<usize>,
 }
 
 impl OutTensor {
@@ -185,18 +187,6 @@ pub struct RunReport {
     pub seconds: f64,
 }
 
-/// N of a language-model layer tensor (`model.layers.N.…`, or under a multimodal prefix).
-fn layer_index(name: &str) -> Option<usize> {
-    let key = crate::model::family::layer_group(name);
-    crate::model::family::LM_PREFIXES.iter().find_map(|p| {
-        key.strip_prefix(p)?
-            .strip_prefix("layers.")?
-            .strip_suffix('.')?
-            .parse()
-            .ok()
-    })
-}
-
 /// The stack a layer tensor belongs to and its index in it: (`model.`, N) for `model.layers.N.…`,
 /// (`vision_tower.vision_model.encoder.`, N) for a vision tower's layer; `None` outside any layer.
 fn stack_layer(name: &str) -> Option<(&str, usize)> {
@@ -247,7 +237,7 @@ impl<'p> Prepared<'p> {
         let base = &models[plan.base];
         let wanted = match &plan.layout {
             None => layout::from_base(base, plan.base, models.len()),
-            Some(slices) => layout::from_slices(slices, &models).map_err(|e| match e {
+            Some(slices) => layout::from_slices(plan, slices, &models).map_err(|e| match e {
                 MergeError::MissingTensor { tensor, model, .. } => {
                     let l = (models.iter().position(|m| m.root() == model)).unwrap_or(plan.base);
                     MergeError::MissingTensor {
@@ -342,6 +332,7 @@ impl<'p> Prepared<'p> {
                 unit,
                 t: w.t,
                 reference: w.reference,
+                slice: w.slice,
             });
         }
         if !plan.ignore_extra_tensors && plan.layout.is_none() {
@@ -518,7 +509,9 @@ impl<'p> Prepared<'p> {
         let plan = self.plan;
         let side = output::SideSources {
             config_patch: match &plan.layout {
-                Some(slices) => layout::config_patch(slices, &self.models)?,
+                Some(slices) => {
+                    layout::config_patch(slices, &self.models, &self.models[plan.base])?
+                }
                 None => Default::default(),
             },
             tokenizer: self.models[plan.tokenizer_source.unwrap_or(plan.base)]
@@ -899,10 +892,9 @@ impl<'p> Prepared<'p> {
 /// The first step that reads input `leaf`, as "step `s` (recipe.yaml:7)", for messages.
 fn step_reading(plan: &Plan, leaf: usize) -> String {
     let at = |line: u64| format!("{}:{line}", plan.recipe_path.display());
-    match plan
-        .steps
-        .iter()
-        .find(|s| crate::recipe::operands(&s.kind).contains(&Operand::Leaf(leaf)))
+    match (0..plan.steps.len())
+        .find(|&s| crate::recipe::step_operands(plan, s).contains(&Operand::Leaf(leaf)))
+        .map(|s| &plan.steps[s])
     {
         Some(s) => format!("step `{}` ({})", s.name, at(s.line)),
         None => format!("input `{}`", plan.leaves[leaf].shown),

@@ -140,12 +140,17 @@ impl Prepared<'_> {
         sv: &[Val],
         progress: &dyn Progress,
     ) -> Result<Val, MergeError> {
+        // In a layer layout (whose plan has one step), each tensor is computed by its slice's own kind
+        // where the slice has one, limited to the slice's sources.
         let restricted;
-        let kind = if self.plan.layout.is_some() {
-            restricted = restrict(t, kind)?;
-            &restricted
-        } else {
-            kind
+        let kind = match &self.plan.layout {
+            Some(slices) => {
+                debug_assert_eq!(self.plan.steps.len(), 1);
+                let own = t.slice.and_then(|s| slices[s].kind.as_ref());
+                restricted = restrict(t, own.unwrap_or(kind))?;
+                &restricted
+            }
+            None => kind,
         };
         let name = t.base.name.as_str();
         let at = |p: &crate::methods::Param, default: f64| p.or_default(name, t.t, default);

@@ -134,22 +134,28 @@ impl FloatType {
     /// Index of the first NaN or ±Inf among little-endian elements of this type (checked on the bit
     /// patterns: an exponent field of all ones), `None` when every element is finite.
     pub fn first_nonfinite(self, bytes: &[u8]) -> Option<usize> {
+        /// First element whose `mask` bits are all set. Blocks of 64 are tested with a branch-free OR
+        /// (which the compiler vectorises) and only a block with a hit is searched.
+        fn first_all_ones<const N: usize>(
+            bytes: &[u8],
+            mask: u32,
+            bits: impl Fn(&[u8; N]) -> u32,
+        ) -> Option<usize> {
+            const BLOCK: usize = 64;
+            let hit = |e: &[u8; N]| bits(e) & mask == mask;
+            let elems = bytes.as_chunks::<N>().0;
+            elems.chunks(BLOCK).enumerate().find_map(|(b, block)| {
+                if block.iter().fold(false, |any, e| any | hit(e)) {
+                    block.iter().position(hit).map(|i| b * BLOCK + i)
+                } else {
+                    None
+                }
+            })
+        }
         match self {
-            Self::BF16 => bytes
-                .as_chunks::<2>()
-                .0
-                .iter()
-                .position(|b| u16::from_le_bytes(*b) & 0x7f80 == 0x7f80),
-            Self::F16 => bytes
-                .as_chunks::<2>()
-                .0
-                .iter()
-                .position(|b| u16::from_le_bytes(*b) & 0x7c00 == 0x7c00),
-            Self::F32 => bytes
-                .as_chunks::<4>()
-                .0
-                .iter()
-                .position(|b| u32::from_le_bytes(*b) & 0x7f80_0000 == 0x7f80_0000),
+            Self::BF16 => first_all_ones::<2>(bytes, 0x7f80, |b| u16::from_le_bytes(*b) as u32),
+            Self::F16 => first_all_ones::<2>(bytes, 0x7c00, |b| u16::from_le_bytes(*b) as u32),
+            Self::F32 => first_all_ones::<4>(bytes, 0x7f80_0000, |b| u32::from_le_bytes(*b)),
         }
     }
 
@@ -353,6 +359,18 @@ mod properties {
         let mut b = Vec::new();
         FloatType::F16.encode_f64(&[65504.0, 65519.0, 65520.0], &mut b);
         assert_eq!(FloatType::F16.first_nonfinite(&b), Some(2));
+        // Long inputs are tested in blocks: the first bad element wins wherever it falls, and a second
+        // one later never hides it.
+        for ft in [FloatType::BF16, FloatType::F16, FloatType::F32] {
+            for at in [0, 63, 64, 65, 127, 128, 1000, 1023] {
+                let mut v = vec![0.5; 1024];
+                v[at] = f64::NAN;
+                v[1023.min(at + 70)] = f64::INFINITY;
+                let mut b = Vec::new();
+                ft.encode_f64(&v, &mut b);
+                assert_eq!(ft.first_nonfinite(&b), Some(at), "{ft:?} at {at}");
+            }
+        }
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! `passthrough`: copies one model's tensors (times `scale`); with mergekit `slices`, stacks layer ranges.
+//! `passthrough`: copies one model's tensors (times `scale`); with `slices`, stacks layer ranges.
 
 use super::{check_range, MethodDef, Param, StepArgs};
 use crate::recipe::{RecipeError, StepKind};
@@ -15,6 +15,17 @@ pub static PASSTHROUGH: MethodDef = MethodDef {
 
 fn resolve(a: &mut dyn StepArgs) -> Result<StepKind, RecipeError> {
     let models = a.models(1)?;
+    // A gemma-merge step (or one slice of it) names the models of each tensor: one to copy. A mergekit
+    // config's models are those of all its slices together, one per slice (limited per tensor).
+    if models.len() > 1 && a.native().is_some() {
+        return Err(a.error(
+            Some("models"),
+            format!(
+                "passthrough copies one model, got {} (to stack layers of several, give each its own slice)",
+                models.len()
+            ),
+        ));
+    }
     let scale = match a.per_model("scale", models.len())? {
         Some(v) => v,
         None => vec![Param::Const(1.0); models.len()],

@@ -1,8 +1,10 @@
 //! `y = x · wᵀ` for f32 activations `x` [n, k] and a weight `w` [m, k] in its stored type (bf16, f16 or
 //! f32), at the SIMD level chosen by [`crate::simd`]: AVX-512, AVX2 + FMA, or portable Rust.
 //!
-//! - n ≤ 8 (decoding): each weight row is streamed once from memory (with software prefetch) and
-//!   widened in registers against all n activation rows ([`dot_rows`]).
+//! - n ≤ 8 (decoding): each weight row is streamed once from memory and widened in registers against all
+//!   n activation rows ([`dot_rows`]). Each parallel work item is a contiguous run of rows of about
+//!   [`STREAM_ITEM_BYTES`], so the hardware prefetchers see long sequential streams; software prefetch was
+//!   measured slower (see docs/performance.md).
 //! - n > 8 (prefill): the activations are packed once per product into tiles of `2·L` rows (L = lanes:
 //!   16, 8, 8) laid out k-major, so that one vector load gives the same column of 2·L/2 rows. Each
 //!   parallel work item widens a panel of `MR` weight rows (14 on AVX-512, 6 on AVX2 and portable)
@@ -14,7 +16,8 @@
 //! Exact mode ([`Precision::Exact`]): f32 products of exactly widened weights, f32 sums (FMA where the CPU
 //! has it). Fast mode ([`Precision::Bf16`], AVX512-BF16 only): weights and activations as bf16 pairs,
 //! `vdpbf16ps` products with f32 accumulation, as llama.cpp and PyTorch's bf16 CPU path do; activations
-//! are rounded to bf16 (round-to-nearest-even). Where the CPU lacks AVX512-BF16, fast mode is exact mode.
+//! are rounded to bf16 (round-to-nearest-even; below f32's smallest normal, to zero). Where the CPU lacks
+//! AVX512-BF16, fast mode is exact mode.
 
 #![allow(clippy::needless_range_loop)]
 
@@ -55,8 +58,10 @@ pub fn default_precision() -> Precision {
 
 /// Up to this many activation rows, a product streams each weight row once ([`dot_rows`]).
 pub(crate) const STREAM_MAX_ROWS: usize = 8;
-/// Weight rows per parallel work item on the streaming path.
-const STREAM_ROWS: usize = 16;
+/// Bytes of weight rows per parallel work item on the streaming path: runs this long keep both cores
+/// near the machine's read bandwidth (measured: 16-row items of a 2304-wide bf16 matrix, 74 KB, read at
+/// 27–33 GB/s on 2 cores; 128 rows and up at 48–50 GB/s).
+pub(crate) const STREAM_ITEM_BYTES: usize = 1 << 20;
 
 /// A raw output pointer shared by work items that write disjoint elements.
 #[derive(Clone, Copy)]
@@ -148,7 +153,9 @@ pub(crate) trait Simd {
     /// Widens the panel rows `w` (`rows` rows of `k` elements of `dtype`, row-major) into
     /// `panel` = [k.div_ceil(L)][MR][L], zero-padded; then for every activation tile of `xp` (each
     /// [k.div_ceil(L)·L][2L], `tiles` of them) writes `y[t, col0 + r]` (row stride `m`) for the `n` real
-    /// activation rows and `rows` real weight rows.
+    /// activation rows and `rows` real weight rows. `next` holds the rows the same thread most likely
+    /// widens next (the following panel): the kernel brings them into L2 while it computes, so that
+    /// widening does not wait on memory.
     ///
     /// # Safety
     /// The CPU supports the level; `y` points at an [n, m] buffer whose columns `col0..col0 + rows` only
@@ -165,6 +172,7 @@ pub(crate) trait Simd {
         m: usize,
         col0: usize,
         panel: &mut Vec<f32>,
+        next: &[u8],
     );
 }
 
@@ -182,6 +190,7 @@ fn gemm<S: Simd>(x: &[f32], n: usize, ws: &[&Weight], outs: &[OutPtr]) {
         let (m, dtype) = (w.shape()[0], w.dtype());
         let row_bytes = k * dtype.size();
         let rows = S::MR.min(m - col0);
+        let next = following_rows(w.bytes(), row_bytes, m, col0 + rows, S::MR);
         PANEL.with(|panel| {
             // SAFETY: the caller checked the level; this work item alone writes columns col0..col0+rows.
             unsafe {
@@ -196,10 +205,20 @@ fn gemm<S: Simd>(x: &[f32], n: usize, ws: &[&Weight], outs: &[OutPtr]) {
                     m,
                     col0,
                     &mut panel.borrow_mut(),
+                    next,
                 )
             }
         });
     });
+}
+
+/// Rows `first..first + rows` (clipped to `m`) of a row-major weight: the next panel of a work item.
+fn following_rows(bytes: &[u8], row_bytes: usize, m: usize, first: usize, rows: usize) -> &[u8] {
+    let end = (first + rows).min(m);
+    if first >= end {
+        return &[];
+    }
+    &bytes[first * row_bytes..end * row_bytes]
 }
 
 /// Activations [n, k] packed into tiles of `2l` rows: tile `i` is [kp][2l] with kp = k rounded up to a
@@ -249,22 +268,26 @@ fn store_tile(
 /// The streaming path: `y[t, r] = w[r] · x[t]`, one weight row at a time.
 fn streaming(level: Level, x: &[f32], n: usize, ws: &[&Weight], outs: &[OutPtr]) {
     let k = ws[0].shape()[1];
-    work_items(ws, STREAM_ROWS)
-        .into_par_iter()
-        .for_each(|(i, first)| {
-            let (w, out) = (ws[i], outs[i]);
-            let (m, dtype) = (w.shape()[0], w.dtype());
-            let (bytes, row_bytes) = (w.bytes(), k * dtype.size());
-            let mut o = [0f32; STREAM_MAX_ROWS];
-            for row in first..(first + STREAM_ROWS).min(m) {
-                let wr = &bytes[row * row_bytes..(row + 1) * row_bytes];
-                dot_rows(level, wr, dtype, x, k, &mut o[..n]);
-                for (t, v) in o[..n].iter().enumerate() {
-                    // SAFETY: y is [n, m]; this work item alone writes column `row`.
-                    unsafe { *out.0.add(t * m + row) = *v };
-                }
+    let row_bytes = k * ws[0].dtype().size();
+    let total_rows: usize = ws.iter().map(|w| w.shape()[0]).sum();
+    // About STREAM_ITEM_BYTES per item, but enough items to share between the threads.
+    let rows = (STREAM_ITEM_BYTES / row_bytes.max(1))
+        .min(total_rows.div_ceil(4 * rayon::current_num_threads()))
+        .max(1);
+    work_items(ws, rows).into_par_iter().for_each(|(i, first)| {
+        let (w, out) = (ws[i], outs[i]);
+        let (m, dtype) = (w.shape()[0], w.dtype());
+        let (bytes, row_bytes) = (w.bytes(), k * dtype.size());
+        let mut o = [0f32; STREAM_MAX_ROWS];
+        for row in first..(first + rows).min(m) {
+            let wr = &bytes[row * row_bytes..(row + 1) * row_bytes];
+            dot_rows(level, wr, dtype, x, k, &mut o[..n]);
+            for (t, v) in o[..n].iter().enumerate() {
+                // SAFETY: y is [n, m]; this work item alone writes column `row`.
+                unsafe { *out.0.add(t * m + row) = *v };
             }
-        });
+        }
+    });
 }
 
 /// `out[t] = Σᵢ w[i]·x[t·k + i]` for each of the `out.len()` activation rows of `x`: one weight row in its
@@ -325,6 +348,7 @@ mod portable {
             m: usize,
             col0: usize,
             panel: &mut Vec<f32>,
+            _next: &[u8],
         ) {
             let groups = k.div_ceil(L);
             let kp = groups * L;
@@ -389,6 +413,37 @@ pub(crate) mod x86 {
 
     use super::{store_tile, Simd};
     use crate::format::FloatType;
+
+    /// Cache lines to prefetch into L2 while a kernel runs: a share of them at each group of columns, so
+    /// the requests are spread over the computation instead of queueing at once.
+    #[derive(Clone, Copy)]
+    pub struct Ahead {
+        p: *const u8,
+        lines: usize,
+        per_group: usize,
+    }
+
+    impl Ahead {
+        pub fn over(bytes: &[u8], groups: usize) -> Self {
+            let lines = bytes.len().div_ceil(64);
+            Ahead {
+                p: bytes.as_ptr(),
+                lines,
+                per_group: lines.div_ceil(groups.max(1)),
+            }
+        }
+
+        /// Prefetches group `g`'s share.
+        #[inline(always)]
+        pub fn step(self, g: usize) {
+            let first = g * self.per_group;
+            for l in first..(first + self.per_group).min(self.lines) {
+                // SAFETY: line l starts inside the slice `over` was given (l < lines); prefetching
+                // never faults.
+                unsafe { _mm_prefetch::<_MM_HINT_T1>(self.p.add(l * 64) as *const i8) };
+            }
+        }
+    }
 
     /// A stored element type: how to read one element as f32.
     pub trait Elem {
@@ -460,10 +515,6 @@ pub(crate) mod x86 {
         }
     }
 
-    /// Bytes ahead of the current position that the decode kernels prefetch: far enough to cover the
-    /// memory latency at the rate a core consumes a weight row.
-    const PREFETCH_AHEAD: usize = 1024;
-
     macro_rules! simd_level {
         ($name:ident, $feat:literal, $L:literal, $MR:literal, $vec:ty, $zero:ident, $load:ident,
          $set1:ident, $fma:ident, $store:ident, $add:ident, $widen:ident, $hsum:path) => {
@@ -490,16 +541,17 @@ pub(crate) mod x86 {
                         m: usize,
                         col0: usize,
                         panel: &mut Vec<f32>,
+                        next: &[u8],
                     ) {
                         match dtype {
                             FloatType::BF16 => {
-                                panel_impl::<Bf16>(w, rows, k, xp, n, y, m, col0, panel)
+                                panel_impl::<Bf16>(w, rows, k, xp, n, y, m, col0, panel, next)
                             }
                             FloatType::F16 => {
-                                panel_impl::<F16>(w, rows, k, xp, n, y, m, col0, panel)
+                                panel_impl::<F16>(w, rows, k, xp, n, y, m, col0, panel, next)
                             }
                             FloatType::F32 => {
-                                panel_impl::<F32>(w, rows, k, xp, n, y, m, col0, panel)
+                                panel_impl::<F32>(w, rows, k, xp, n, y, m, col0, panel, next)
                             }
                         }
                     }
@@ -518,6 +570,7 @@ pub(crate) mod x86 {
                     m: usize,
                     col0: usize,
                     panel: &mut Vec<f32>,
+                    next: &[u8],
                 ) {
                     let groups = k.div_ceil(L);
                     let kp = groups * L;
@@ -546,10 +599,12 @@ pub(crate) mod x86 {
                         let t0 = i * l2;
                         let tn = l2.min(n - t0);
                         let xt = xp.as_ptr().add(i * kp * l2);
+                        // The first tile's pass brings the next panel's rows into L2.
+                        let ahead = Ahead::over(if i == 0 { next } else { &[] }, groups);
                         if tn > L {
-                            kernel::<2>(pp, xt, groups, tile.as_mut_ptr());
+                            kernel::<2>(pp, xt, groups, tile.as_mut_ptr(), ahead);
                         } else {
-                            kernel::<1>(pp, xt, groups, tile.as_mut_ptr());
+                            kernel::<1>(pp, xt, groups, tile.as_mut_ptr(), ahead);
                         }
                         store_tile(&tile, l2, y, m, t0, tn, col0, rows);
                     }
@@ -562,10 +617,12 @@ pub(crate) mod x86 {
                     xt: *const f32,
                     groups: usize,
                     tile: *mut f32,
+                    ahead: Ahead,
                 ) {
                     let l2 = 2 * L;
                     let mut acc = [[$zero(); NC]; MR];
                     for g in 0..groups {
+                        ahead.step(g);
                         let wg = pp.add(g * MR * L);
                         let xg = xt.add(g * L * l2);
                         for j in 0..L {
@@ -589,7 +646,7 @@ pub(crate) mod x86 {
                 }
 
                 /// See [`super::super::dot_rows`]; activation rows are taken four at a time, so each
-                /// weight load feeds four FMAs, and the weight row is prefetched ahead.
+                /// weight load feeds four FMAs.
                 ///
                 /// # Safety
                 /// The CPU has the level's features; `w` holds `k` elements of `E`; `x` holds
@@ -620,12 +677,7 @@ pub(crate) mod x86 {
                 ) {
                     let mut acc = [[$zero(); U]; T];
                     let mut i = 0;
-                    let end = w.add(k * E::SIZE) as usize;
                     while i + L * U <= k {
-                        let p = w.add(i * E::SIZE + PREFETCH_AHEAD);
-                        if (p as usize) < end {
-                            _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
-                        }
                         for u in 0..U {
                             let wv = E::$widen(w.add((i + L * u) * E::SIZE));
                             for (t, a) in acc.iter_mut().enumerate() {
@@ -728,29 +780,56 @@ pub(crate) mod x86 {
             static PANEL16: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
         }
 
-        /// Activations as bf16 pairs (round-to-nearest-even), packed like [`super::super::pack_x`] but
-        /// with one u32 = (x[t, 2c], x[t, 2c + 1]) per element: tile i is [kp/2][32].
-        fn pack_x_bf16(x: &[f32], n: usize, k: usize) -> Vec<u32> {
+        /// Activations as bf16 pairs (round-to-nearest-even, with `vcvtne2ps2bf16`, which flushes
+        /// values below f32's smallest normal to zero), packed like [`super::super::pack_x`] but with
+        /// one u32 = (x[t, 2c], x[t, 2c + 1]) per element: tile i is [kp/2][32].
+        ///
+        /// # Safety
+        /// The CPU has AVX-512 F/BW/VL and AVX512-BF16.
+        unsafe fn pack_x_bf16(x: &[f32], n: usize, k: usize) -> Vec<u32> {
             let w = 2 * L;
             let kp = k.div_ceil(2 * L) * 2 * L;
             let tiles = n.div_ceil(w);
             let mut xp = vec![0u32; tiles * kp / 2 * w];
-            let b = |v: f32| half::bf16::from_f32(v).to_bits() as u32;
             xp.par_chunks_mut(kp / 2 * w)
                 .enumerate()
                 .for_each(|(i, tile)| {
                     let t0 = i * w;
-                    for t in 0..w.min(n - t0) {
-                        let row = &x[(t0 + t) * k..(t0 + t + 1) * k];
-                        for c in 0..k / 2 {
-                            tile[c * w + t] = b(row[2 * c]) | (b(row[2 * c + 1]) << 16);
-                        }
-                        if k % 2 == 1 {
-                            tile[(k / 2) * w + t] = b(row[k - 1]);
-                        }
-                    }
+                    // SAFETY: the caller checked the CPU.
+                    unsafe { pack_tile_bf16(x, k, t0, w.min(n - t0), tile) };
                 });
             xp
+        }
+
+        /// Rows `t0..t0 + tn` of `x` into one tile of [`pack_x_bf16`].
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+        unsafe fn pack_tile_bf16(x: &[f32], k: usize, t0: usize, tn: usize, tile: &mut [u32]) {
+            let w = 2 * L;
+            let full = k / (2 * L);
+            let b = |v: f32| half::bf16::from_f32(v).to_bits() as u32;
+            let mut pairs = [0u32; L];
+            for t in 0..tn {
+                let row = &x[(t0 + t) * k..(t0 + t + 1) * k];
+                for g in 0..full {
+                    let lo = _mm512_loadu_ps(row.as_ptr().add(g * 2 * L));
+                    let hi = _mm512_loadu_ps(row.as_ptr().add(g * 2 * L + L));
+                    // Pair j = (element 2j, element 2j + 1): cvtne2ps puts `b` in the low half.
+                    let v = _mm512_cvtne2ps_pbh(hi, lo);
+                    _mm512_storeu_si512(
+                        pairs.as_mut_ptr() as *mut _,
+                        std::mem::transmute::<__m512bh, __m512i>(v),
+                    );
+                    for (j, p) in pairs.iter().enumerate() {
+                        tile[(g * L + j) * w + t] = *p;
+                    }
+                }
+                for c in full * L..k / 2 {
+                    tile[c * w + t] = b(row[2 * c]) | (b(row[2 * c + 1]) << 16);
+                }
+                if k % 2 == 1 {
+                    tile[(k / 2) * w + t] = b(row[k - 1]);
+                }
+            }
         }
 
         /// [`super::super::matmul_into`] in fast mode: bf16 products with f32 sums (`vdpbf16ps`).
@@ -764,7 +843,8 @@ pub(crate) mod x86 {
             outs: &[super::super::OutPtr],
         ) {
             let k = ws[0].shape()[1];
-            let xp = pack_x_bf16(x, n, k);
+            // SAFETY: the caller checked the CPU.
+            let xp = unsafe { pack_x_bf16(x, n, k) };
             super::super::work_items(ws, MR)
                 .into_par_iter()
                 .for_each(|(i, col0)| {
@@ -772,6 +852,8 @@ pub(crate) mod x86 {
                     let (m, dtype) = (w.shape()[0], w.dtype());
                     let row_bytes = k * dtype.size();
                     let rows = MR.min(m - col0);
+                    let next =
+                        super::super::following_rows(w.bytes(), row_bytes, m, col0 + rows, MR);
                     let w = &w.bytes()[col0 * row_bytes..(col0 + rows) * row_bytes];
                     PANEL16.with(|panel| {
                         // SAFETY: the caller checked the CPU; this work item alone writes these columns.
@@ -787,6 +869,7 @@ pub(crate) mod x86 {
                                 m,
                                 col0,
                                 &mut panel.borrow_mut(),
+                                next,
                             )
                         }
                     });
@@ -808,6 +891,7 @@ pub(crate) mod x86 {
             m: usize,
             col0: usize,
             panel: &mut Vec<u32>,
+            next: &[u8],
         ) {
             let groups = k.div_ceil(2 * L);
             let kp = groups * 2 * L;
@@ -855,10 +939,11 @@ pub(crate) mod x86 {
                 let t0 = i * l2;
                 let tn = l2.min(n - t0);
                 let xt = xp.as_ptr().add(i * kp / 2 * l2);
+                let ahead = Ahead::over(if i == 0 { next } else { &[] }, groups);
                 if tn > L {
-                    kernel_bf16::<2>(pp, xt, groups, tile.as_mut_ptr());
+                    kernel_bf16::<2>(pp, xt, groups, tile.as_mut_ptr(), ahead);
                 } else {
-                    kernel_bf16::<1>(pp, xt, groups, tile.as_mut_ptr());
+                    kernel_bf16::<1>(pp, xt, groups, tile.as_mut_ptr(), ahead);
                 }
                 store_tile(&tile, l2, y, m, t0, tn, col0, rows);
             }
@@ -870,10 +955,12 @@ pub(crate) mod x86 {
             xt: *const u32,
             groups: usize,
             tile: *mut f32,
+            ahead: Ahead,
         ) {
             let l2 = 2 * L;
             let mut acc = [[_mm512_setzero_ps(); NC]; MR];
             for g in 0..groups {
+                ahead.step(g);
                 let wg = pp.add(g * MR * L);
                 let xg = xt.add(g * L * l2);
                 for j in 0..L {

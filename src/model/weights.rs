@@ -131,21 +131,11 @@ impl Weight {
         use rayon::prelude::*;
         const BLOCK: usize = 1 << 16;
         let size = self.dtype.size();
-        let exponent_all_ones: fn(&[u8]) -> bool = match self.dtype {
-            FloatType::BF16 => |b| u16::from_le_bytes([b[0], b[1]]) & 0x7f80 == 0x7f80,
-            FloatType::F16 => |b| u16::from_le_bytes([b[0], b[1]]) & 0x7c00 == 0x7c00,
-            FloatType::F32 => {
-                |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & 0x7f80_0000 == 0x7f80_0000
-            }
-        };
         self.bytes()
             .par_chunks(BLOCK * size)
             .enumerate()
             .find_map_first(|(block, bytes)| {
-                bytes
-                    .chunks_exact(size)
-                    .position(exponent_all_ones)
-                    .map(|i| block * BLOCK + i)
+                self.dtype.first_nonfinite(bytes).map(|i| block * BLOCK + i)
             })
     }
 

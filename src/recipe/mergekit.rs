@@ -151,6 +151,7 @@ pub fn plan(text: &str, path: &Path, out: Option<&Path>, seed: u64) -> Result<Pl
             let mut out_slices = Vec::new();
             for sl in &slices.value {
                 let mut sources = Vec::new();
+                let mut ranges_at = Vec::new();
                 let mut len = None;
                 for src in &sl.value.sources.value {
                     let src = &src.value;
@@ -178,6 +179,7 @@ pub fn plan(text: &str, path: &Path, out: Option<&Path>, seed: u64) -> Result<Pl
                         ));
                     }
                     sources.push((leaf, a.value));
+                    ranges_at.push((r.referenced.line(), r.referenced.column()));
                     if !models.iter().any(|m| m.leaf == leaf) {
                         models.push(Model {
                             leaf,
@@ -199,6 +201,8 @@ pub fn plan(text: &str, path: &Path, out: Option<&Path>, seed: u64) -> Result<Pl
                 out_slices.push(LayoutSlice {
                     sources,
                     len: len.unwrap_or(0),
+                    ranges_at,
+                    kind: None,
                 });
             }
             layout = Some(out_slices);

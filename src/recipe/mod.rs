@@ -9,7 +9,8 @@ pub(crate) mod raw;
 
 pub use error::RecipeError;
 pub use plan::{
-    duplicate_eta, eta_label, operands, Angle, Grouping, LayoutSlice, Leaf, Operand, OutputModel,
-    OutputTarget, Plan, Sparsify, Step, StepKind, TaskVectorStep, DEFAULT_SHARD_SIZE, MAX_ETAS,
+    duplicate_eta, eta_label, operands, step_operands, Angle, Grouping, LayoutSlice, Leaf, Operand,
+    OutputModel, OutputTarget, Plan, Sparsify, Step, StepKind, TaskVectorStep, DEFAULT_SHARD_SIZE,
+    MAX_ETAS,
 };
 pub use raw::parse_byte_size;

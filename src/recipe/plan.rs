@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 
 use serde_saphyr::Location;
 
-use super::raw::{RawParam, RawRecipe, RawStep, S};
+use super::raw::{RawParam, RawRecipe, RawSlice, RawStep, S};
 use super::{hub, RecipeError};
 use crate::format::FloatType;
-use crate::methods::{self, NativeArgs, Param};
+use crate::methods::{self, MethodDef, NativeArgs, Param};
 pub use crate::methods::{Sparsify, TaskVectorStep};
 
 /// Default maximum shard size, as Hugging Face's `save_pretrained` (5 GB).
@@ -97,6 +97,8 @@ pub enum Grouping {
 pub struct Step {
     pub name: String,
     pub method: &'static str,
+    /// What the step computes. A step with `slices` computes each slice with that slice's own kind
+    /// ([`LayoutSlice::kind`]); this is then the first slice's (see [`step_operands`] for all its inputs).
     pub kind: StepKind,
     /// Line of the step in the recipe.
     pub line: u64,
@@ -120,6 +122,13 @@ pub struct LayoutSlice {
     /// (leaf, first layer) of each source.
     pub sources: Vec<(usize, usize)>,
     pub len: usize,
+    /// (line, column) of each source's `layer_range` in the recipe, for errors found once the models'
+    /// headers are read (a range past a model's last layer); (0, 0) where unknown.
+    pub ranges_at: Vec<(u64, u64)>,
+    /// The step resolved for this slice alone, its sources' own `parameters` included, as mergekit
+    /// resolves parameters per slice (gemma-merge recipes). `None`: the plan's one step, limited to the
+    /// slice's sources (mergekit configs).
+    pub kind: Option<StepKind>,
 }
 
 /// One model to write: a step, and which η of a LITI list.
@@ -165,7 +174,8 @@ pub struct Plan {
     pub allow_nonfinite: bool,
     /// Things worth saying that do not stop the run (η outside [0, 1], ...).
     pub warnings: Vec<String>,
-    /// Output layers stacked from layer ranges (mergekit `slices`); `None`: the base's layers.
+    /// Output layers stacked from layer ranges (mergekit `slices`); `None`: the base's layers. A plan with a
+    /// layout has one step, the output (a layer layout is the whole output's).
     pub layout: Option<Vec<LayoutSlice>>,
     /// The model whose tokenizer files are copied (default: the base).
     pub tokenizer_source: Option<usize>,
@@ -259,6 +269,8 @@ struct Resolver<'a> {
     warnings: Vec<String>,
     /// The recipe's `seed:` (default 0), for random methods.
     seed: u64,
+    /// The step with `slices` (no other step may read it) and its layer layout.
+    sliced: Option<(usize, Vec<LayoutSlice>)>,
 }
 
 impl<'a> Resolver<'a> {
@@ -280,6 +292,7 @@ impl<'a> Resolver<'a> {
             list_steps: Vec::new(),
             warnings: Vec::new(),
             seed: 0,
+            sliced: None,
         }
     }
 
@@ -305,6 +318,12 @@ impl<'a> Resolver<'a> {
     fn reference(&mut self, r: &S<String>, current: usize) -> Result<Operand, RecipeError> {
         let name = r.value.as_str();
         if let Some(&(i, line)) = self.all_steps.get(name) {
+            if i < current && self.sliced.as_ref().is_some_and(|(k, _)| *k == i) {
+                return Err(self.err(
+                    &r.referenced,
+                    format!("step `{name}` has `slices`: its layer layout is the output's, no step can read it"),
+                ));
+            }
             if i < current && self.list_steps.contains(&i) {
                 return Err(self.err(
                     &r.referenced,
@@ -460,6 +479,36 @@ impl<'a> Resolver<'a> {
             None => steps_raw.len() - 1,
         };
 
+        // A layer layout is the whole output's: only the output step may stack layers, and then the run
+        // writes nothing else.
+        for (i, s) in steps_raw.iter().enumerate() {
+            if let Some(slices) = &s.value.slices {
+                if i != output_index {
+                    return Err(self.err(
+                        &slices.referenced,
+                        format!(
+                            "`slices` only on the output step: a layer layout is the whole output's (this recipe writes step `{}`)",
+                            steps_raw[output_index].value.name.value
+                        ),
+                    ));
+                }
+                if let Some((j, save)) = steps_raw
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, _)| *j != output_index)
+                    .find_map(|(j, t)| Some((j, t.value.save.as_ref()?)))
+                {
+                    return Err(self.err(
+                        &save.referenced,
+                        format!(
+                            "`save` in a recipe whose step `{}` has `slices`: the layer layout applies to all the run writes, so it writes that step only (step `{}` cannot be saved)",
+                            s.value.name.value, steps_raw[j].value.name.value
+                        ),
+                    ));
+                }
+            }
+        }
+
         let mut steps = Vec::with_capacity(steps_raw.len());
         for (i, s) in steps_raw.iter().enumerate() {
             steps.push(self.step(i, &s.value, &s.referenced, base, i == output_index)?);
@@ -518,6 +567,7 @@ impl<'a> Resolver<'a> {
             Some(Operand::Leaf(b)) => b,
             _ => first_leaf(&steps, output_index).expect("every step has an input"),
         };
+        let layout = self.sliced.take().map(|(_, layout)| layout);
         Ok(Plan {
             recipe_path: self.path.to_path_buf(),
             recipe_text: self.text.to_string(),
@@ -533,7 +583,7 @@ impl<'a> Resolver<'a> {
             ignore_extra_tensors,
             allow_nonfinite: raw.allow_nonfinite.map(|v| v.value).unwrap_or(false),
             warnings: self.warnings,
-            layout: None,
+            layout,
             tokenizer_source: None,
             chat_template: None,
             extra_files: Vec::new(),
@@ -595,15 +645,20 @@ impl<'a> Resolver<'a> {
                 ));
             }
         }
-        let mut args = NativeStep {
-            r: self,
-            s,
-            at: *at,
-            index,
-            recipe_base,
-            is_output,
+        let kind = match &s.slices {
+            Some(slices) => self.sliced_step(index, s, slices, def, recipe_base)?,
+            None => {
+                let mut args = NativeStep {
+                    r: self,
+                    s,
+                    at: *at,
+                    index,
+                    recipe_base,
+                    is_output,
+                };
+                (def.resolve)(&mut args)?
+            }
         };
-        let kind = (def.resolve)(&mut args)?;
         // A list, even of one η, writes `OUTPUT/eta-<η>` folders.
         if matches!(
             s.eta.as_ref().map(|e| &e.value),
@@ -620,6 +675,398 @@ impl<'a> Resolver<'a> {
     }
 }
 
+/// A source of a slice, bound.
+struct Source<'s> {
+    leaf: usize,
+    params: Option<&'s S<BTreeMap<String, S<RawParam>>>>,
+}
+
+impl Resolver<'_> {
+    /// A step with `slices` (mergekit's layer stacking): checks the slices, resolves the method once per
+    /// slice (its sources are that slice's models, each with its own `parameters`, the step's values as
+    /// the shared default, as mergekit does), and records the layout. Returns the first slice's kind.
+    fn sliced_step(
+        &mut self,
+        index: usize,
+        s: &RawStep,
+        slices: &S<Vec<S<RawSlice>>>,
+        def: &'static MethodDef,
+        recipe_base: Option<Operand>,
+    ) -> Result<StepKind, RecipeError> {
+        if def.mergekit_name.is_none() {
+            let takes: Vec<&str> = methods::REGISTRY
+                .iter()
+                .filter(|m| m.native && m.mergekit_name.is_some())
+                .map(|m| m.name)
+                .collect();
+            return Err(self.err(
+                &slices.referenced,
+                format!(
+                    "method `{}` does not take `slices` (mergekit's methods do: {})",
+                    def.name,
+                    takes.join(", ")
+                ),
+            ));
+        }
+        if s.models.is_some() {
+            return Err(self.err(
+                &slices.referenced,
+                "give either `models` or `slices`, not both",
+            ));
+        }
+        if slices.value.is_empty() {
+            return Err(self.err(
+                &slices.referenced,
+                "`slices` is empty: give at least one slice",
+            ));
+        }
+        // The base of a method that has one: the step's, else the recipe's; a source of every slice.
+        let base = match (def.fields.contains(&"base"), &s.base) {
+            (false, _) => None,
+            (true, Some(b)) => match self.reference(b, index)? {
+                Operand::Leaf(l) => Some(l),
+                Operand::Step(_) => {
+                    return Err(self.err(
+                        &b.referenced,
+                        format!(
+                            "a step with `slices` reads input models only: its base `{}` is a step",
+                            b.value
+                        ),
+                    ))
+                }
+            },
+            (true, None) => match recipe_base {
+                Some(Operand::Leaf(l)) => Some(l),
+                _ => None,
+            },
+        };
+        let mut layout = Vec::with_capacity(slices.value.len());
+        let mut first_kind = None;
+        for (k, sl) in slices.value.iter().enumerate() {
+            let list = &sl.value.sources;
+            if list.value.is_empty() {
+                return Err(self.err(&list.referenced, "a slice needs at least one source"));
+            }
+            let mut sources = Vec::with_capacity(list.value.len());
+            let mut ranges_at = Vec::with_capacity(list.value.len());
+            let mut bound: Vec<Source> = Vec::with_capacity(list.value.len());
+            let mut len = None;
+            for src in &list.value {
+                let src = &src.value;
+                let leaf = match self.reference(&src.model, index)? {
+                    Operand::Leaf(l) => l,
+                    Operand::Step(_) => {
+                        return Err(self.err(
+                            &src.model.referenced,
+                            format!(
+                                "slice sources are input models, not steps: `{}` is a step",
+                                src.model.value
+                            ),
+                        ))
+                    }
+                };
+                if bound.iter().any(|b| b.leaf == leaf) {
+                    return Err(self.err(
+                        &src.model.referenced,
+                        format!(
+                            "`{}` is a source of this slice twice (a model can be a source only once per slice)",
+                            src.model.value
+                        ),
+                    ));
+                }
+                let r = &src.layer_range;
+                let [a, b] = r.value.as_slice() else {
+                    return Err(self.err(
+                        &r.referenced,
+                        format!(
+                            "`layer_range` is two numbers [first, end), got {}",
+                            r.value.len()
+                        ),
+                    ));
+                };
+                let (a, b) = (a.value, b.value);
+                if b <= a {
+                    return Err(self.err(
+                        &r.referenced,
+                        format!(
+                            "`layer_range` [{a}, {b}] holds no layer: it is [first, end), the end above the first"
+                        ),
+                    ));
+                }
+                let n = b - a;
+                match len {
+                    None => len = Some(n),
+                    Some(first) if first != n => {
+                        return Err(self.err(
+                            &r.referenced,
+                            format!(
+                                "every source of a slice gives the same number of layers: this one gives {n}, the first {first}"
+                            ),
+                        ))
+                    }
+                    Some(_) => {}
+                }
+                if let Some(p) = &src.parameters {
+                    if base == Some(leaf) {
+                        return Err(self.err(
+                            &p.referenced,
+                            format!(
+                                "`{}` is the base of this `{}` step: it takes no per-model parameters",
+                                src.model.value, def.name
+                            ),
+                        ));
+                    }
+                    for (key, v) in &p.value {
+                        if !def.model_params.contains(&key.as_str()) {
+                            let takes = match def.model_params {
+                                [] => "it takes none".to_string(),
+                                list => format!("it takes: {}", list.join(", ")),
+                            };
+                            return Err(self.err(
+                                &v.referenced,
+                                format!(
+                                    "unknown parameter `{key}` of a source for method `{}` ({takes})",
+                                    def.name
+                                ),
+                            ));
+                        }
+                    }
+                }
+                sources.push((leaf, a));
+                ranges_at.push((r.referenced.line(), r.referenced.column()));
+                bound.push(Source {
+                    leaf,
+                    params: src.parameters.as_ref(),
+                });
+            }
+            if let Some(b) = base {
+                if !sources.iter().any(|&(l, _)| l == b) {
+                    return Err(self.err(
+                        &list.referenced,
+                        format!(
+                            "the base `{}` must be a source of every slice: each slice's layers are merged against the base's",
+                            self.leaves[b].shown
+                        ),
+                    ));
+                }
+            }
+            bound.retain(|b| Some(b.leaf) != base);
+            let mut args = SliceStep {
+                r: self,
+                s,
+                at: list.referenced,
+                index,
+                slice: k,
+                base,
+                sources: bound,
+            };
+            let kind = (def.resolve)(&mut args)?;
+            first_kind.get_or_insert_with(|| kind.clone());
+            layout.push(LayoutSlice {
+                sources,
+                len: len.expect("a slice has sources"),
+                ranges_at,
+                kind: Some(kind),
+            });
+        }
+        self.sliced = Some((index, layout));
+        Ok(first_kind.expect("slices are not empty"))
+    }
+}
+
+/// One slice of a step with `slices`, as the methods see it: the slice's sources (less the base) are the
+/// models, each with its own `parameters`; the step's fields are the shared values.
+struct SliceStep<'r, 'a, 's> {
+    r: &'r mut Resolver<'a>,
+    s: &'s RawStep,
+    /// The slice's `sources`.
+    at: Location,
+    index: usize,
+    slice: usize,
+    base: Option<usize>,
+    sources: Vec<Source<'s>>,
+}
+
+impl SliceStep<'_, '_, '_> {
+    fn own<'k>(&'k self, key: &'k str) -> impl Iterator<Item = Option<&'k S<RawParam>>> + 'k {
+        self.sources
+            .iter()
+            .map(move |src| src.params.and_then(|p| p.value.get(key)))
+    }
+
+    fn at_slice(&self, message: String) -> RecipeError {
+        self.r.err(
+            &self.at,
+            format!(
+                "step `{}` ({}), slice {}: {message}",
+                self.s.name.value,
+                self.s.method.value,
+                self.slice + 1
+            ),
+        )
+    }
+}
+
+impl methods::StepArgs for SliceStep<'_, '_, '_> {
+    fn models(&mut self, min: usize) -> Result<Vec<Operand>, RecipeError> {
+        if self.sources.len() < min {
+            let besides = if self.base.is_some() {
+                " besides the base"
+            } else {
+                ""
+            };
+            return Err(self.at_slice(format!(
+                "`{}` needs at least {min} source{}{besides}, got {}",
+                self.s.method.value,
+                if min == 1 { "" } else { "s" },
+                self.sources.len()
+            )));
+        }
+        Ok(self.sources.iter().map(|s| Operand::Leaf(s.leaf)).collect())
+    }
+
+    fn model(&mut self) -> Result<Operand, RecipeError> {
+        self.models(1).map(|m| m[0])
+    }
+
+    fn base(&mut self, required: bool) -> Result<Option<Operand>, RecipeError> {
+        match self.base {
+            Some(b) => Ok(Some(Operand::Leaf(b))),
+            None if !required => Ok(None),
+            None => Err(self.r.err(
+                &self.at,
+                format!(
+                    "step `{}` ({}) needs a base: set `base:` on the step or in the recipe, and make it a source of every slice",
+                    self.s.name.value, self.s.method.value
+                ),
+            )),
+        }
+    }
+
+    fn per_model(&self, key: &str, n: usize) -> Result<Option<Vec<Param>>, RecipeError> {
+        debug_assert_eq!(n, self.sources.len());
+        let to_param = |x: &S<RawParam>| param(x).map_err(|(loc, m)| self.r.err(&loc, m));
+        let shared = step_field(self.s, key).map(to_param).transpose()?;
+        let own: Vec<Option<Param>> = self
+            .own(key)
+            .map(|p| p.map(to_param).transpose())
+            .collect::<Result<_, _>>()?;
+        if shared.is_none() && own.iter().all(Option::is_none) {
+            return Ok(None);
+        }
+        own.into_iter()
+            .map(|o| match (o, &shared) {
+                (Some(o), Some(s)) => Ok(Param::Or(Box::new(o), Box::new(s.clone()))),
+                (Some(o), None) => Ok(o),
+                (None, Some(s)) => Ok(s.clone()),
+                (None, None) => Err(self.at_slice(format!(
+                    "a source has no `{key}` (set it in the `parameters` of every source, or `{}` on the step)",
+                    field_name(key)
+                ))),
+            })
+            .collect::<Result<_, _>>()
+            .map(Some)
+    }
+
+    fn shared(&self, key: &str) -> Result<Option<Param>, RecipeError> {
+        match step_field(self.s, key) {
+            Some(p) => param(p).map(Some).map_err(|(loc, m)| self.r.err(&loc, m)),
+            None => Ok(None),
+        }
+    }
+
+    fn flag(&self, key: &str) -> Result<Option<bool>, RecipeError> {
+        Ok(step_flag(self.s, key).map(|v| v.value))
+    }
+
+    fn seed(&self) -> u64 {
+        self.s.seed.as_ref().map(|v| v.value).unwrap_or(self.r.seed)
+    }
+
+    fn error(&self, key: Option<&str>, message: String) -> RecipeError {
+        let own = key.and_then(|k| self.own(k).flatten().next().map(|p| p.referenced));
+        match own.or_else(|| key.and_then(|k| step_location(self.s, k))) {
+            Some(loc) => self.r.err(&loc, message),
+            None => self.at_slice(message),
+        }
+    }
+
+    fn native(&mut self) -> Option<&mut dyn methods::NativeArgs> {
+        Some(self)
+    }
+}
+
+impl methods::NativeArgs for SliceStep<'_, '_, '_> {
+    fn step(&self) -> &RawStep {
+        self.s
+    }
+
+    fn reference(&mut self, r: &S<String>) -> Result<Operand, RecipeError> {
+        self.r.reference(r, self.index)
+    }
+
+    fn is_output(&self) -> bool {
+        true
+    }
+
+    fn warn(&mut self, loc: &Location, message: String) {
+        self.r.warn(loc, message)
+    }
+
+    fn err_at(&self, loc: &Location, message: String) -> RecipeError {
+        self.r.err(loc, message)
+    }
+
+    fn missing(&self, field: &str) -> RecipeError {
+        self.at_slice(format!("needs `{field}`"))
+    }
+}
+
+/// The recipe field holding parameter `key` (`weight` is written `weights` in a recipe).
+fn step_field<'s>(s: &'s RawStep, key: &str) -> Option<&'s S<RawParam>> {
+    match key {
+        "weight" => s.weights.as_ref(),
+        "density" => s.density.as_ref(),
+        "gamma" => s.gamma.as_ref(),
+        "epsilon" => s.epsilon.as_ref(),
+        "lambda" => s.lambda.as_ref(),
+        "scale" => s.scale.as_ref(),
+        "t" => s.t.as_ref(),
+        _ => None,
+    }
+}
+
+/// The recipe field holding flag `key`.
+fn step_flag<'s>(s: &'s RawStep, key: &str) -> Option<&'s S<bool>> {
+    match key {
+        "normalize" => s.normalize.as_ref(),
+        "rescale" => s.rescale.as_ref(),
+        "filter_wise" => s.filter_wise.as_ref(),
+        "nuslerp_flatten" => s.nuslerp_flatten.as_ref(),
+        "nuslerp_row_wise" => s.nuslerp_row_wise.as_ref(),
+        _ => None,
+    }
+}
+
+/// Where parameter or flag `key` (or `models`) is written on the step.
+fn step_location(s: &RawStep, key: &str) -> Option<Location> {
+    if key == "models" {
+        return s.models.as_ref().map(|m| m.referenced);
+    }
+    step_field(s, key)
+        .map(|p| p.referenced)
+        .or_else(|| step_flag(s, key).map(|f| f.referenced))
+}
+
+/// How a recipe writes parameter `key`.
+fn field_name(key: &str) -> &str {
+    if key == "weight" {
+        "weights"
+    } else {
+        key
+    }
+}
+
 /// A step of a gemma-merge recipe, as the methods see it.
 struct NativeStep<'r, 'a> {
     r: &'r mut Resolver<'a>,
@@ -631,33 +1078,12 @@ struct NativeStep<'r, 'a> {
 }
 
 impl NativeStep<'_, '_> {
-    /// The recipe field holding parameter `key` (`weight` is written `weights` in a recipe).
     fn field(&self, key: &str) -> Option<&S<RawParam>> {
-        match key {
-            "weight" => self.s.weights.as_ref(),
-            "density" => self.s.density.as_ref(),
-            "gamma" => self.s.gamma.as_ref(),
-            "epsilon" => self.s.epsilon.as_ref(),
-            "lambda" => self.s.lambda.as_ref(),
-            "scale" => self.s.scale.as_ref(),
-            "t" => self.s.t.as_ref(),
-            _ => None,
-        }
+        step_field(self.s, key)
     }
 
     fn location(&self, key: &str) -> Option<Location> {
-        if let Some(p) = self.field(key) {
-            return Some(p.referenced);
-        }
-        let flag = match key {
-            "normalize" => self.s.normalize.as_ref(),
-            "rescale" => self.s.rescale.as_ref(),
-            "filter_wise" => self.s.filter_wise.as_ref(),
-            "nuslerp_flatten" => self.s.nuslerp_flatten.as_ref(),
-            "nuslerp_row_wise" => self.s.nuslerp_row_wise.as_ref(),
-            _ => None,
-        };
-        flag.map(|f| f.referenced)
+        step_location(self.s, key)
     }
 }
 
@@ -725,7 +1151,7 @@ impl methods::StepArgs for NativeStep<'_, '_> {
                         &p.referenced,
                         format!(
                             "`{}` has {} entries for {n} models",
-                            self.field_name(key),
+                            field_name(key),
                             items.len()
                         ),
                     ));
@@ -748,14 +1174,7 @@ impl methods::StepArgs for NativeStep<'_, '_> {
     }
 
     fn flag(&self, key: &str) -> Result<Option<bool>, RecipeError> {
-        Ok(match key {
-            "normalize" => self.s.normalize.as_ref().map(|v| v.value),
-            "rescale" => self.s.rescale.as_ref().map(|v| v.value),
-            "filter_wise" => self.s.filter_wise.as_ref().map(|v| v.value),
-            "nuslerp_flatten" => self.s.nuslerp_flatten.as_ref().map(|v| v.value),
-            "nuslerp_row_wise" => self.s.nuslerp_row_wise.as_ref().map(|v| v.value),
-            _ => None,
-        })
+        Ok(step_flag(self.s, key).map(|v| v.value))
     }
 
     fn seed(&self) -> u64 {
@@ -777,16 +1196,6 @@ impl methods::StepArgs for NativeStep<'_, '_> {
 
     fn native(&mut self) -> Option<&mut dyn methods::NativeArgs> {
         Some(self)
-    }
-}
-
-impl NativeStep<'_, '_> {
-    fn field_name(&self, key: &str) -> String {
-        if key == "weight" {
-            "weights".into()
-        } else {
-            key.into()
-        }
     }
 }
 
@@ -880,6 +1289,19 @@ pub fn operands(kind: &StepKind) -> Vec<Operand> {
             base.iter().copied().chain(models.iter().copied()).collect()
         }
     }
+}
+
+/// Every input of step `step` of a plan: its operands and, for the step of a layer layout, every slice's.
+pub fn step_operands(plan: &Plan, step: usize) -> Vec<Operand> {
+    let mut ops = operands(&plan.steps[step].kind);
+    for slice in plan.layout.iter().flatten() {
+        for op in slice.kind.iter().flat_map(operands) {
+            if !ops.contains(&op) {
+                ops.push(op);
+            }
+        }
+    }
+    ops
 }
 
 fn first_leaf(steps: &[Step], from: usize) -> Option<usize> {

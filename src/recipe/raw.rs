@@ -51,6 +51,25 @@ pub struct RawStep {
     pub nuslerp_row_wise: Option<S<bool>>,
     pub seed: Option<S<u64>>,
     pub save: Option<S<String>>,
+    /// mergekit's layer stacking: instead of `models`, the output's layers from layer ranges of models.
+    pub slices: Option<S<Vec<S<RawSlice>>>>,
+}
+
+/// One slice of a step's `slices`: sources merged layer by layer.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSlice {
+    pub sources: S<Vec<S<RawSource>>>,
+}
+
+/// One source of a slice: a model, its layers [first, end), and its own parameters in this slice
+/// (mergekit's per-model `parameters`: `weight`, `density`, ...).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSource {
+    pub model: S<String>,
+    pub layer_range: S<Vec<S<usize>>>,
+    pub parameters: Option<S<std::collections::BTreeMap<String, S<RawParam>>>>,
 }
 
 impl RawStep {
