@@ -529,7 +529,7 @@ mod tests {
         assert_eq!(torch_sort_order(&x, false), asc);
         // 5000 keys with 50 values: a hash of the whole order, and its start.
         let big: Vec<f32> = (0..5000u64)
-            .map(|i| (((i * 2654435761) % (1 << 32) >> 20) % 50) as f32)
+            .map(|i| ((((i * 2654435761) % (1 << 32)) >> 20) % 50) as f32)
             .collect();
         let hash = |o: &[u32]| {
             o.iter().fold(0u128, |h, &i| {
