@@ -267,6 +267,59 @@ pub fn torch_sort_pairs(a: &mut [(f32, u32)], descending: bool) {
     }
 }
 
+/// Which elements [`torch_sort_pairs`] would leave at positions `range`, without sorting the rest:
+/// afterwards `a[range]` holds exactly those elements (in some order). Introsort never moves an element
+/// across a partition's cut, and its final insertion sort is stable within the runs the partitions leave,
+/// so only the partitions that split `range`'s ends need to be made; this is quickselect's cost (linear),
+/// not a sort's.
+pub fn torch_sort_select(a: &mut [(f32, u32)], descending: bool, range: std::ops::Range<usize>) {
+    let n = a.len();
+    if n < 2 || range.is_empty() {
+        return;
+    }
+    let depth = 2 * n.ilog2() as usize;
+    if descending {
+        select_loop(a, 0, n, depth, &range, &|x: &(f32, u32), y: &(f32, u32)| {
+            (x.0.is_nan() && !y.0.is_nan()) || x.0 > y.0
+        });
+    } else {
+        select_loop(a, 0, n, depth, &range, &|x: &(f32, u32), y: &(f32, u32)| {
+            (!x.0.is_nan() && y.0.is_nan()) || x.0 < y.0
+        });
+    }
+}
+
+/// [`introsort_loop`], descending only into the parts that one of `range`'s ends falls strictly inside.
+fn select_loop<T: Copy>(
+    a: &mut [T],
+    first: usize,
+    mut last: usize,
+    mut depth: usize,
+    range: &std::ops::Range<usize>,
+    less: &impl Fn(&T, &T) -> bool,
+) {
+    let splits = |f: usize, l: usize| {
+        (f < range.start && range.start < l) || (f < range.end && range.end < l)
+    };
+    while splits(first, last) {
+        if last - first <= 16 {
+            // The final insertion sort, within this run.
+            insertion_sort(a, first, last, less);
+            return;
+        }
+        if depth == 0 {
+            heap_sort(&mut a[first..last], less);
+            return;
+        }
+        depth -= 1;
+        let mid = first + (last - first) / 2;
+        move_median_to_first(a, first, first + 1, mid, last - 1, less);
+        let cut = unguarded_partition(a, first + 1, last, first, less);
+        select_loop(a, cut, last, depth, range, less);
+        last = cut;
+    }
+}
+
 /// libstdc++'s `std::sort`, step for step (`__introsort_loop` then `__final_insertion_sort`).
 fn introsort<T: Copy>(a: &mut [T], less: &impl Fn(&T, &T) -> bool) {
     const THRESHOLD: usize = 16;
@@ -550,6 +603,35 @@ mod tests {
             .collect();
         heap_sort(&mut v, &|x: &(f32, u32), y: &(f32, u32)| x.0 < y.0);
         assert!(v.windows(2).all(|w| w[0].0 <= w[1].0));
+    }
+
+    #[test]
+    fn selecting_a_range_keeps_what_the_full_sort_puts_there() {
+        let mut x = 99u64;
+        for &(n, levels) in &[(17usize, 3u64), (1000, 7), (5000, 50), (20000, 400), (3, 2)] {
+            let keys: Vec<f32> = (0..n)
+                .map(|_| {
+                    x = mix64(x);
+                    (x % levels) as f32
+                })
+                .collect();
+            for desc in [true, false] {
+                let full = torch_sort_order(&keys, desc);
+                for range in [0..n / 2, n / 3..n - n / 5, 0..1, n - 1..n, 0..n] {
+                    let mut pairs: Vec<(f32, u32)> = keys
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &k)| (k, i as u32))
+                        .collect();
+                    torch_sort_select(&mut pairs, desc, range.clone());
+                    let mut got: Vec<u32> = pairs[range.clone()].iter().map(|p| p.1).collect();
+                    let mut want = full[range.clone()].to_vec();
+                    got.sort_unstable();
+                    want.sort_unstable();
+                    assert_eq!(got, want, "n {n} desc {desc} {range:?}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -13,7 +13,7 @@ use crate::kernels;
 use crate::progress::Progress;
 use crate::recipe::{Angle, Grouping, Operand, Sparsify, StepKind, TaskVectorStep};
 use crate::selection::{
-    magnitude_key, probability_threshold, stream_key, torch_sort_pairs, Pass, RankSelect,
+    magnitude_key, probability_threshold, stream_key, torch_sort_select, Pass, RankSelect,
 };
 
 /// Data passes a step makes over each tensor before the writing pass (for `--dry-run`; rank selections
@@ -605,8 +605,8 @@ impl Prepared<'_> {
 
     /// For each (model i, descending, positions): the elements at those positions of torch's sort of
     /// |δ_i| (as mergekit computes δ_i, in the tensor's compute dtype), as a bit mask over the tensor.
-    /// One model at a time: a pass gathers its magnitudes, then they are sorted in memory (8 bytes an
-    /// element).
+    /// One model at a time: a pass gathers its magnitudes, then the sort is followed in memory (8 bytes an
+    /// element) only as far as it decides which elements land in those positions.
     fn sorted_masks(
         &self,
         t: &OutTensor,
@@ -636,7 +636,7 @@ impl Prepared<'_> {
                     }
                 },
             )?;
-            torch_sort_pairs(&mut pairs, *desc);
+            torch_sort_select(&mut pairs, *desc, range.start as usize..range.end as usize);
             let mut bits = vec![0u64; numel.div_ceil(64)];
             for &(_, j) in &pairs[range.start as usize..range.end as usize] {
                 bits[j as usize / 64] |= 1 << (j % 64);
