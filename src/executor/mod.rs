@@ -14,6 +14,7 @@ mod error;
 mod layout;
 mod output;
 mod parts;
+mod scratch;
 mod steps;
 mod values;
 mod verify;
@@ -731,8 +732,8 @@ impl<'p> Prepared<'p> {
                     let (lo, hi) = (c * CHUNK, ((c + 1) * CHUNK).min(n));
                     let inputs = self.decode_chunk(t, &needed, lo, hi)?;
                     let x = self.chunk_inputs(t, &inputs, lo);
-                    let mut out = vec![0f64; hi - lo];
-                    values
+                    let mut out = scratch::f64s(hi - lo);
+                    let encoded = values
                         .iter()
                         .zip(labels)
                         .map(|(v, label)| {
@@ -753,7 +754,11 @@ impl<'p> Prepared<'p> {
                             }
                             Ok(bytes)
                         })
-                        .collect()
+                        .collect();
+                    drop(x);
+                    scratch::give_f64(out);
+                    inputs.into_iter().for_each(scratch::give_f32);
+                    encoded
                 })
                 .collect()
         };
@@ -853,7 +858,7 @@ impl<'p> Prepared<'p> {
             let size = ft.size();
             let model = &self.models[l];
             let bytes = &model.data(info)[lo * size..hi * size];
-            let mut v = vec![0f32; hi - lo];
+            let mut v = scratch::f32s(hi - lo);
             ft.decode(bytes, &mut v);
             if !self.plan.allow_nonfinite {
                 if let Some(i) = crate::format::dtype::first_non_finite(&v) {

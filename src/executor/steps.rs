@@ -455,12 +455,16 @@ impl Prepared<'_> {
                     let values: Vec<Vec<f64>> = vals
                         .iter()
                         .map(|v| {
-                            let mut out = vec![0f64; hi - lo];
+                            let mut out = super::scratch::f64s(hi - lo);
                             v.eval(&x, &mut out);
                             out
                         })
                         .collect();
-                    Ok(Some(f(lo, &values)))
+                    let result = f(lo, &values);
+                    drop(x);
+                    values.into_iter().for_each(super::scratch::give_f64);
+                    inputs.into_iter().for_each(super::scratch::give_f32);
+                    Ok(Some(result))
                 })
                 .collect::<Result<_, MergeError>>()?;
             for (k, p) in parts.into_iter().enumerate() {

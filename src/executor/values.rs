@@ -186,21 +186,23 @@ impl Val {
             Val::Node(n) => match &**n {
                 Node::Mix(terms) => {
                     out.fill(0.0);
-                    let mut tmp = vec![0f64; out.len()];
+                    let mut tmp = super::scratch::f64s(out.len());
                     for (v, w) in terms {
                         v.eval(x, &mut tmp);
                         out.iter_mut().zip(&tmp).for_each(|(o, t)| *o += w * t);
                     }
+                    super::scratch::give_f64(tmp);
                 }
                 Node::Grouped { terms, group } => {
                     out.fill(0.0);
-                    let mut tmp = vec![0f64; out.len()];
+                    let mut tmp = super::scratch::f64s(out.len());
                     for (v, coefs) in terms {
                         v.eval(x, &mut tmp);
                         for (j, (o, t)) in out.iter_mut().zip(&tmp).enumerate() {
                             *o += coefs[group.of(x.first + j)] * t;
                         }
                     }
+                    super::scratch::give_f64(tmp);
                 }
                 Node::TaskVectors(tv) => tv.eval(x, out),
             },
@@ -215,7 +217,7 @@ impl TaskVectorNode {
         }
         let n = out.len();
         let m = self.deltas.len();
-        let mut deltas = vec![vec![0f64; n]; m];
+        let mut deltas: Vec<Vec<f64>> = (0..m).map(|_| super::scratch::f64s(n)).collect();
         for (d, v) in deltas.iter_mut().zip(&self.deltas) {
             v.eval(x, d);
         }
@@ -279,6 +281,7 @@ impl TaskVectorNode {
             }
             out[j] += self.lambda * mixed;
         }
+        deltas.into_iter().for_each(super::scratch::give_f64);
     }
 
     /// mergekit's arithmetic in a 16-bit compute dtype, operation by operation: every intermediate
