@@ -230,7 +230,9 @@ pub struct Pass {
 /// reproduces torch's ([`torch_sort_order`]; 8 bytes per element while it runs, one task vector at a
 /// time), so that the elements kept among equal magnitudes at the threshold are mergekit's; larger ones
 /// (a big model's embeddings) by the streaming [`RankSelect`], which breaks such ties by flat index.
-pub const TORCH_ORDER_CAP: u64 = 1 << 28;
+/// 2^25 elements (256 MiB while sorted) covers every tensor of gemma-2-2b but its embeddings, and bounds
+/// a merge's memory whatever the model size (2^28 would hold 2 GiB for a 27b's MLP matrices).
+pub const TORCH_ORDER_CAP: u64 = 1 << 25;
 
 /// The order torch's CPU `sort` (and `argsort`) gives `keys` with `stable=False`: libstdc++'s
 /// `std::sort` (introsort: median-of-three quicksort, heapsort past 2·⌊log₂ n⌋ levels, insertion sort of
