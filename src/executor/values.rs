@@ -196,6 +196,9 @@ impl Val {
 }
 
 impl TaskVectorNode {
+    /// Column by column (one loop per task vector, so the loops vectorise), with per element the same
+    /// operations in the same order as the row-wise definition: the masks, then Σ_i in model order of
+    /// the kept (and, with consensus, sign-agreeing) w_i·δ_i and of their weights.
     fn eval(&self, x: &ChunkInputs, out: &mut [f64]) {
         let n = out.len();
         let m = self.deltas.len();
@@ -205,44 +208,71 @@ impl TaskVectorNode {
         }
         // Sparsify, rescale and weight each task vector in place.
         for (i, d) in deltas.iter_mut().enumerate() {
-            let (keep, w) = (self.keep[i], self.scaled_weights[i]);
+            mask_and_weight(self.keep[i], self.scaled_weights[i], x.first as u64, d);
+        }
+        self.base.eval(x, out);
+        let mut mixed = vec![0f64; n];
+        let mut divisor = vec![0f64; n];
+        if self.consensus {
+            // The elected sign: that of Σ_i w_i·δ_i (zero counts as positive).
+            let mut total = vec![0f64; n];
+            for d in &deltas {
+                total.iter_mut().zip(d).for_each(|(t, &v)| *t += v);
+            }
+            // Branch-free: an element that does not agree adds +0.0, which changes neither sum (both
+            // start at +0.0 and so never hold −0.0).
+            for (d, &w) in deltas.iter().zip(&self.weights) {
+                for (((mx, dv), &t), &v) in mixed.iter_mut().zip(&mut divisor).zip(&total).zip(d) {
+                    let positive = t >= 0.0;
+                    let agrees = (v > 0.0) & positive | (v < 0.0) & !positive;
+                    let bits = 0u64.wrapping_sub(agrees as u64);
+                    *mx += f64::from_bits(v.to_bits() & bits);
+                    *dv += f64::from_bits(w.to_bits() & bits);
+                }
+            }
+            divisor
+                .iter_mut()
+                .filter(|dv| **dv == 0.0)
+                .for_each(|dv| *dv = 1.0);
+        } else {
+            for d in &deltas {
+                mixed.iter_mut().zip(d).for_each(|(mx, &v)| *mx += v);
+            }
+            let mut all = 0.0;
+            for &w in &self.weights {
+                all += w;
+            }
+            divisor.fill(if all.abs() < 1e-8 { 1.0 } else { all });
+        }
+        for ((o, &mx), &dv) in out.iter_mut().zip(&mixed).zip(&divisor) {
+            let mx = if self.normalize { mx / dv } else { mx };
+            *o += self.lambda * mx;
+        }
+    }
+}
+
+/// δ ← w·δ where `keep` keeps it, else 0; `first` is the flat index of `d[0]`.
+fn mask_and_weight(keep: Keep, w: f64, first: u64, d: &mut [f64]) {
+    match keep {
+        Keep::All => d.iter_mut().for_each(|v| *v *= w),
+        Keep::Nothing => d.fill(0.0),
+        // The ranked masks, element by element as [`Keep::keeps`] decides, without its dispatch.
+        Keep::Ranked { desc, lo: None, hi } => {
             for (j, v) in d.iter_mut().enumerate() {
-                *v = if keep.keeps(*v, (x.first + j) as u64) {
+                let k = magnitude_key(*v, desc);
+                let kept = (k < hi.0) | (k == hi.0) & (first + j as u64 <= hi.1);
+                // Branch-free select of w·δ or +0.0.
+                *v = f64::from_bits((*v * w).to_bits() & 0u64.wrapping_sub(kept as u64));
+            }
+        }
+        _ => {
+            for (j, v) in d.iter_mut().enumerate() {
+                *v = if keep.keeps(*v, first + j as u64) {
                     *v * w
                 } else {
                     0.0
                 };
             }
-        }
-        self.base.eval(x, out);
-        for j in 0..n {
-            let (mut mixed, mut divisor) = (0.0, 0.0);
-            if self.consensus {
-                let total: f64 = deltas.iter().map(|d| d[j]).sum();
-                let positive = total >= 0.0;
-                for (i, d) in deltas.iter().enumerate() {
-                    let v = d[j];
-                    if (v > 0.0 && positive) || (v < 0.0 && !positive) {
-                        mixed += v;
-                        divisor += self.weights[i];
-                    }
-                }
-                if divisor == 0.0 {
-                    divisor = 1.0;
-                }
-            } else {
-                for (i, d) in deltas.iter().enumerate() {
-                    mixed += d[j];
-                    divisor += self.weights[i];
-                }
-                if divisor.abs() < 1e-8 {
-                    divisor = 1.0;
-                }
-            }
-            if self.normalize {
-                mixed /= divisor;
-            }
-            out[j] += self.lambda * mixed;
         }
     }
 }
