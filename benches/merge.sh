@@ -65,15 +65,14 @@ now() { date +%s.%N; }
 wall_of() { awk -F': ' '/Elapsed \(wall clock\)/ { n = split($2, p, ":"); s = 0; for (i = 1; i <= n; i++) s = s * 60 + p[i]; print s }' "$1"; }
 rss_of() { awk -F': ' '/Maximum resident set size/ { print $2 }' "$1"; }
 
+# The start of every recipe below: bf16 output, the SFT as base.
+recipe_head() {
+  printf '# %s\noutput: out\ndtype: bfloat16\nbase: sft\nmodels:\n  sft: sft\nsteps:\n' "$2" > "$1"
+}
+
 write_recipe() {
-  cat > "$1" <<'YAML'
-# One WARP round: two RL runs (EMA of two checkpoints each, starting at the SFT), SLERP, LITI.
-output: out
-dtype: bfloat16
-base: sft
-models:
-  sft: sft
-steps:
+  recipe_head "$1" "One WARP round: two RL runs (EMA of two checkpoints each, starting at the SFT), SLERP, LITI."
+  cat >> "$1" <<'YAML'
   - name: run_a
     method: ema
     models: [run_a/step-100, run_a/step-200]
@@ -99,14 +98,8 @@ YAML
 }
 
 write_ties() {
-  cat > "$1" <<'YAML'
-# TIES of the four RL checkpoints on the SFT (mergekit's ties: top 50% of each task vector, sign election).
-output: out
-dtype: bfloat16
-base: sft
-models:
-  sft: sft
-steps:
+  recipe_head "$1" "TIES of the four RL checkpoints on the SFT (mergekit's ties: top 50% of each task vector, sign election)."
+  cat >> "$1" <<'YAML'
   - name: ties
     method: ties
     models: [run_a/step-100, run_a/step-200, run_b/step-100, run_b/step-200]

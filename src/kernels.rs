@@ -143,12 +143,29 @@ pub fn combine(coefs: &[f64], sum: f64, inputs: &[&[f32]], reference: usize, out
 }
 
 /// Accumulates the Gram matrix of several vectors of equal length in f64.
+///
+/// Each dot product runs in 8 interleaved partial sums (element i goes to sum i mod 8, the sums added in
+/// lane order at the end): a fixed order, so the result does not depend on threads or SIMD level, and eight
+/// independent additions per step instead of one chain (the single chain was 19% of a WARP merge).
 pub fn gram_accumulate(vectors: &[&[f64]], gram: &mut [Vec<f64>]) {
+    const LANES: usize = 8;
     let m = vectors.len();
     for a in 0..m {
         for b in a..m {
             let (x, y) = (vectors[a], vectors[b]);
-            let s: f64 = x.iter().zip(y).map(|(p, q)| p * q).sum();
+            assert_eq!(x.len(), y.len(), "Gram of vectors of different lengths");
+            let (xc, xr) = x.as_chunks::<LANES>();
+            let (yc, yr) = y.as_chunks::<LANES>();
+            let mut acc = [0f64; LANES];
+            for (p, q) in xc.iter().zip(yc) {
+                for l in 0..LANES {
+                    acc[l] += p[l] * q[l];
+                }
+            }
+            for (l, (p, q)) in xr.iter().zip(yr).enumerate() {
+                acc[l] += p * q;
+            }
+            let s = acc.iter().fold(0.0, |s, v| s + v);
             gram[a][b] += s;
             if a != b {
                 gram[b][a] += s;
@@ -163,6 +180,26 @@ mod tests {
 
     fn dot(a: &[f64], b: &[f64]) -> f64 {
         a.iter().zip(b).map(|(x, y)| x * y).sum()
+    }
+
+    #[test]
+    fn gram_accumulates_exact_dot_products_over_any_length() {
+        // Small integers: every partial sum is exact, so the result is the exact dot product whatever the
+        // order; lengths around the 8-lane blocks, added onto an existing Gram.
+        for n in [0, 1, 7, 8, 9, 19, 64] {
+            let v: Vec<Vec<f64>> = (0..3)
+                .map(|k| (0..n).map(|i| ((i * (k + 2)) % 7) as f64 - 3.0).collect())
+                .collect();
+            let refs: Vec<&[f64]> = v.iter().map(|x| x.as_slice()).collect();
+            let mut g = vec![vec![1.0; 3]; 3];
+            gram_accumulate(&refs, &mut g);
+            let want = gram_of(&v);
+            for a in 0..3 {
+                for b in 0..3 {
+                    assert_eq!(g[a][b], want[a][b] + 1.0, "n={n} ({a},{b})");
+                }
+            }
+        }
     }
 
     fn gram_of(v: &[Vec<f64>]) -> Vec<Vec<f64>> {
