@@ -2,12 +2,22 @@
 //! the order (key, flat index), found by a few passes of radix histograms over the data, then a sort of
 //! the few candidates left (or, when one key repeats many times, a count of its occurrences per chunk).
 //! Pure bookkeeping, no I/O: the caller runs the passes and feeds each chunk's keys to [`RankSelect`].
+//!
+//! Digits are 16 bits wide, so two histograms resolve the sign, the exponent and 20 bits of mantissa of
+//! an f64 magnitude: all of it for a difference of two nearby bf16, f16 or f32 weights. Each chunk's
+//! histogram is sparse (the buckets it touched), and a pass keeps them (up to [`RETAIN_CAP`] entries),
+//! so when a pass narrows the search to a single key it already knows how many occurrences each chunk
+//! holds: the answer is then located in one chunk, without another pass over the data.
+
+use std::cell::RefCell;
 
 /// Bits resolved per histogram pass.
-const DIGIT: u32 = 12;
+const DIGIT: u32 = 16;
 const BUCKETS: usize = 1 << DIGIT;
 /// Candidates sorted in memory at most (16 bytes each).
 pub const COLLECT_CAP: u64 = 1 << 20;
+/// Per-chunk histogram entries a pass keeps at most (12 bytes each).
+pub const RETAIN_CAP: usize = 1 << 20;
 
 /// The key of |x| for an ascending (`desc = false`) or descending order of magnitude: equal magnitudes
 /// get equal keys, and the order of keys is the order wanted.
@@ -33,18 +43,29 @@ enum Phase {
     Done((u64, u64)),
 }
 
+/// One touched bucket of a chunk's histogram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bin {
+    bucket: u32,
+    count: u32,
+    min: u64,
+    max: u64,
+}
+
 /// What one chunk contributes to a pass.
 #[derive(Debug, Clone)]
 pub enum Partial {
-    Histogram {
-        counts: Vec<u64>,
-        min: Vec<u64>,
-        max: Vec<u64>,
-    },
+    /// The buckets the chunk touched, in bucket order.
+    Histogram(Vec<Bin>),
     Collect(Vec<(u64, u64)>),
     Count(u64),
     Found(Option<u64>),
     Nothing,
+}
+
+thread_local! {
+    /// A dense histogram per thread, all (0, MAX, 0) between calls: only the touched buckets are reset.
+    static SCRATCH: RefCell<Vec<(u32, u64, u64)>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Finds the element of ascending rank `rank` (0-based) in the order (key, index).
@@ -93,20 +114,44 @@ impl RankSelect {
     pub fn visit(&self, first: u64, keys: &[u64]) -> Partial {
         match self.phase {
             Phase::Histogram => {
-                let shift = 64 - self.bits - DIGIT.min(64 - self.bits);
-                let mask = (1u64 << DIGIT.min(64 - self.bits)) - 1;
-                let mut counts = vec![0u64; BUCKETS];
-                let mut min = vec![u64::MAX; BUCKETS];
-                let mut max = vec![0u64; BUCKETS];
-                for &k in keys {
-                    if self.matches(k) {
-                        let b = ((k >> shift) & mask) as usize;
-                        counts[b] += 1;
-                        min[b] = min[b].min(k);
-                        max[b] = max[b].max(k);
+                let width = DIGIT.min(64 - self.bits);
+                let shift = 64 - self.bits - width;
+                let mask = (1u64 << width) - 1;
+                SCRATCH.with(|s| {
+                    let mut dense = s.borrow_mut();
+                    if dense.is_empty() {
+                        dense.resize(BUCKETS, (0, u64::MAX, 0));
                     }
-                }
-                Partial::Histogram { counts, min, max }
+                    let mut touched: Vec<u32> = Vec::new();
+                    for &k in keys {
+                        if self.matches(k) {
+                            let b = ((k >> shift) & mask) as usize;
+                            let e = &mut dense[b];
+                            if e.0 == 0 {
+                                touched.push(b as u32);
+                            }
+                            e.0 += 1;
+                            e.1 = e.1.min(k);
+                            e.2 = e.2.max(k);
+                        }
+                    }
+                    touched.sort_unstable();
+                    Partial::Histogram(
+                        touched
+                            .into_iter()
+                            .map(|b| {
+                                let (count, min, max) =
+                                    std::mem::replace(&mut dense[b as usize], (0, u64::MAX, 0));
+                                Bin {
+                                    bucket: b,
+                                    count,
+                                    min,
+                                    max,
+                                }
+                            })
+                            .collect(),
+                    )
+                })
             }
             Phase::Collect => Partial::Collect(
                 keys.iter()
@@ -137,14 +182,22 @@ impl RankSelect {
     /// Adds chunk `chunk`'s partial to a pass's running total (chunks in order).
     pub fn absorb(&self, acc: &mut Pass, chunk: usize, p: Partial) {
         match p {
-            Partial::Histogram { counts, min, max } => {
+            Partial::Histogram(bins) => {
                 let (c0, lo0, hi0) = acc.histogram.get_or_insert_with(|| {
                     (vec![0; BUCKETS], vec![u64::MAX; BUCKETS], vec![0; BUCKETS])
                 });
-                for b in 0..BUCKETS {
-                    c0[b] += counts[b];
-                    lo0[b] = lo0[b].min(min[b]);
-                    hi0[b] = hi0[b].max(max[b]);
+                for bin in &bins {
+                    let b = bin.bucket as usize;
+                    c0[b] += bin.count as u64;
+                    lo0[b] = lo0[b].min(bin.min);
+                    hi0[b] = hi0[b].max(bin.max);
+                }
+                if let Some(kept) = &mut acc.retained {
+                    if kept.len() + bins.len() > RETAIN_CAP {
+                        acc.retained = None;
+                    } else {
+                        kept.extend(bins.iter().map(|b| (chunk as u32, b.bucket, b.count)));
+                    }
                 }
             }
             Partial::Collect(v) => acc.collected.extend(v),
@@ -182,7 +235,15 @@ impl RankSelect {
                     self.bits = 64;
                 }
                 self.phase = if self.bits == 64 {
-                    Phase::CountChunks
+                    match acc.retained {
+                        // The pass kept every chunk's count of that key (the bucket holds only it).
+                        Some(kept) => self.chunk_of_rank(
+                            kept.into_iter()
+                                .filter(|&(_, b, _)| b as usize == chosen)
+                                .map(|(c, _, n)| (c as usize, n as u64)),
+                        ),
+                        None => Phase::CountChunks,
+                    }
                 } else if counts[chosen] <= COLLECT_CAP {
                     Phase::Collect
                 } else {
@@ -194,18 +255,7 @@ impl RankSelect {
                 all.sort_unstable();
                 self.phase = Phase::Done(all[self.rank as usize]);
             }
-            Phase::CountChunks => {
-                let mut before = 0u64;
-                for (c, n) in acc.counts {
-                    if before + n > self.rank {
-                        self.rank -= before;
-                        self.phase = Phase::Locate { chunk: c };
-                        return false;
-                    }
-                    before += n;
-                }
-                unreachable!("the rank lies within the data");
-            }
+            Phase::CountChunks => self.phase = self.chunk_of_rank(acc.counts.into_iter()),
             Phase::Locate { .. } => {
                 let idx = acc.found.expect("the located chunk holds the element");
                 self.phase = Phase::Done((self.prefix, idx));
@@ -214,13 +264,29 @@ impl RankSelect {
         }
         matches!(self.phase, Phase::Done(_))
     }
+
+    /// The chunk holding occurrence `rank` of the key, given each chunk's count in chunk order; `rank`
+    /// becomes the occurrence's rank within that chunk.
+    fn chunk_of_rank(&mut self, counts: impl Iterator<Item = (usize, u64)>) -> Phase {
+        let mut before = 0u64;
+        for (c, n) in counts {
+            if before + n > self.rank {
+                self.rank -= before;
+                return Phase::Locate { chunk: c };
+            }
+            before += n;
+        }
+        unreachable!("the rank lies within the data");
+    }
 }
 
-/// The running total of one pass: bounded by the histogram size, the collected candidates (at most
-/// [`COLLECT_CAP`]) and one count per chunk.
-#[derive(Debug, Default)]
+/// The running total of one pass: bounded by the histogram size, the per-chunk entries kept (at most
+/// [`RETAIN_CAP`]), the collected candidates (at most [`COLLECT_CAP`]) and one count per chunk.
+#[derive(Debug)]
 pub struct Pass {
     histogram: Option<(Vec<u64>, Vec<u64>, Vec<u64>)>,
+    /// (chunk, bucket, count) of every chunk's histogram, in chunk order; `None` once over the cap.
+    retained: Option<Vec<(u32, u32, u32)>>,
     collected: Vec<(u64, u64)>,
     counts: Vec<(usize, u64)>,
     found: Option<u64>,
@@ -418,6 +484,18 @@ fn insertion_sort<T: Copy>(a: &mut [T], first: usize, last: usize, less: &impl F
             a[first] = v;
         } else {
             unguarded_linear_insert(a, i, less);
+        }
+    }
+}
+
+impl Default for Pass {
+    fn default() -> Self {
+        Self {
+            histogram: None,
+            retained: Some(Vec::new()),
+            collected: Vec::new(),
+            counts: Vec::new(),
+            found: None,
         }
     }
 }
@@ -632,6 +710,57 @@ mod tests {
                     want.sort_unstable();
                     assert_eq!(got, want, "n {n} desc {desc} {range:?}");
                 }
+            }
+        }
+    }
+
+    /// Keys repeated so often that a histogram pass ends on one key: the chunk of the answer comes from
+    /// the pass's kept per-chunk counts, or, past [`RETAIN_CAP`], from a counting pass; both agree with
+    /// a full sort.
+    #[test]
+    fn repeated_keys_are_located_with_and_without_kept_counts() {
+        let mut x = 7u64;
+        // Three magnitudes that share their first 16 key bits, more of them than a sort may hold.
+        let n = COLLECT_CAP as usize + 200_000;
+        let keys: Vec<u64> = (0..n)
+            .map(|_| {
+                x = mix64(x);
+                magnitude_key((1.0 + (x % 3) as f64 / 1024.0) / 128.0, true)
+            })
+            .collect();
+        let mut sorted: Vec<(u64, u64)> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, &k)| (k, i as u64))
+            .collect();
+        sorted.sort();
+        for rank in [0, n as u64 / 3, n as u64 / 2, n as u64 - 1] {
+            for retain in [true, false] {
+                let mut s = RankSelect::new(rank);
+                let mut passes = 0;
+                loop {
+                    passes += 1;
+                    let mut pass = Pass::default();
+                    if !retain {
+                        pass.retained = None;
+                    }
+                    for (c, k) in keys.chunks(4096).enumerate() {
+                        if s.wants_chunk(c) {
+                            s.absorb(&mut pass, c, s.visit((c * 4096) as u64, k));
+                        }
+                    }
+                    if s.advance(pass) {
+                        break;
+                    }
+                }
+                assert_eq!(s.result().unwrap(), sorted[rank as usize], "rank={rank}");
+                // Two histograms resolve these keys; then a look into one chunk, after a counting pass
+                // only without the kept counts.
+                assert_eq!(
+                    passes,
+                    if retain { 3 } else { 4 },
+                    "rank={rank} retain={retain}"
+                );
             }
         }
     }

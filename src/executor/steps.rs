@@ -17,7 +17,8 @@ use crate::selection::{
 };
 
 /// Data passes a step makes over each tensor before the writing pass (for `--dry-run`; rank selections
-/// usually take three, all models together: two histograms, then a sort of the candidates left).
+/// usually take three, all models together: two histograms, then a sort of the candidates left, or,
+/// when the histograms end on one repeated key, a look into the one chunk that holds the answer).
 pub(super) fn passes(kind: &StepKind) -> usize {
     match kind {
         StepKind::Slerp { .. }

@@ -211,6 +211,9 @@ impl Val {
 }
 
 impl TaskVectorNode {
+    /// Column by column (one loop per task vector, so the loops vectorise), with per element the same
+    /// operations in the same order as the row-wise definition: the masks, then Σ_i in model order of
+    /// the kept (and, with consensus, sign-agreeing) w_i·δ_i and of their weights.
     fn eval(&self, x: &ChunkInputs, out: &mut [f64]) {
         if self.compute != FloatType::F32 {
             return self.eval_rounded(x, out);
