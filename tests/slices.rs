@@ -784,3 +784,46 @@ fn a_mergekit_configs_layer_range_past_the_end_names_its_line_too() {
     );
     assert!(!d.path().join("out").exists());
 }
+
+/// A mergekit config reads each source's `parameters` per slice, as mergekit does: a linear merge weighting
+/// ft_b 3:1 in the first slice and ft_a 3:1 in the second gives each layer (and the embeddings, from the
+/// first slice; the final norm, from the last) its own slice's mix, derived here by hand in f64 and rounded
+/// once to f32.
+#[test]
+fn mergekit_configs_take_each_slices_own_parameters() {
+    let d = tempfile::tempdir().unwrap();
+    let c = case();
+    let src = |m: &str, a: usize, b: usize, w: f64| {
+        format!(
+            "      - model: {}\n        layer_range: [{a}, {b}]\n        parameters: {{weight: {w}}}\n",
+            s(&c.join(m))
+        )
+    };
+    let text = format!(
+        "merge_method: linear\ndtype: float32\nslices:\n  - sources:\n{}{}  - sources:\n{}{}",
+        src("ft_a", 0, 2, 1.0),
+        src("ft_b", 0, 2, 3.0),
+        src("ft_a", 2, 4, 3.0),
+        src("ft_b", 2, 4, 1.0)
+    );
+    std::fs::write(d.path().join("config.yml"), text).unwrap();
+    let out = d.path().join("out");
+    ok_in(d.path(), &["-q", "run", "config.yml", "--out", s(&out)]);
+    let (a, b, got) = (load(&c.join("ft_a")), load(&c.join("ft_b")), load(&out));
+    let mut checked = 0;
+    for name in got.keys() {
+        // Layers 0-1, the embeddings: the first slice (1:3); layers 2-3, the final norm: the second (3:1).
+        let first =
+            name.contains("embed") || name.contains("layers.0.") || name.contains("layers.1.");
+        let (wa, wb) = if first { (1.0, 3.0) } else { (3.0, 1.0) };
+        let (va, vb) = (values(&a, name), values(&b, name));
+        let want: Vec<f32> = va
+            .iter()
+            .zip(&vb)
+            .map(|(&x, &y)| ((wa * x as f64 + wb * y as f64) / 4.0) as f32)
+            .collect();
+        assert_eq!(values(&got, name), want, "{name}");
+        checked += 1;
+    }
+    assert!(checked > 10, "only {checked} tensors");
+}

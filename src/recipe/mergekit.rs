@@ -10,7 +10,7 @@ use serde_saphyr::Location;
 
 use super::plan::{param, parse_yaml, LayoutSlice, Leaf, OutputModel, OutputTarget, Plan, Step};
 use super::raw::{RawParam, S};
-use super::{hub, Operand, RecipeError, DEFAULT_SHARD_SIZE};
+use super::{hub, Operand, RecipeError, StepKind, DEFAULT_SHARD_SIZE};
 use crate::format::FloatType;
 use crate::methods::{self, Param, StepArgs};
 
@@ -125,6 +125,8 @@ pub fn plan(text: &str, path: &Path, out: Option<&Path>, seed: u64) -> Result<Pl
     };
     let mut models: Vec<Model> = Vec::new();
     let mut layout = None;
+    // With `slices`: each slice's sources with that slice's own `parameters` (mergekit reads them per slice).
+    let mut per_slice: Vec<Vec<Model>> = Vec::new();
     match (&raw.models, &raw.slices) {
         (Some(_), Some(s)) => {
             return Err(cx.err(&s.referenced, "give either `models` or `slices`, not both"))
@@ -150,6 +152,7 @@ pub fn plan(text: &str, path: &Path, out: Option<&Path>, seed: u64) -> Result<Pl
             }
             let mut out_slices = Vec::new();
             for sl in &slices.value {
+                let mut own = Vec::new();
                 let mut sources = Vec::new();
                 let mut ranges_at = Vec::new();
                 let mut len = None;
@@ -179,6 +182,10 @@ pub fn plan(text: &str, path: &Path, out: Option<&Path>, seed: u64) -> Result<Pl
                         ));
                     }
                     sources.push((leaf, a.value));
+                    own.push(Model {
+                        leaf,
+                        params: src.parameters.clone(),
+                    });
                     ranges_at.push((r.referenced.line(), r.referenced.column()));
                     if !models.iter().any(|m| m.leaf == leaf) {
                         models.push(Model {
@@ -198,6 +205,7 @@ pub fn plan(text: &str, path: &Path, out: Option<&Path>, seed: u64) -> Result<Pl
                         ));
                     }
                 }
+                per_slice.push(own);
                 out_slices.push(LayoutSlice {
                     sources,
                     len: len.unwrap_or(0),
@@ -210,7 +218,7 @@ pub fn plan(text: &str, path: &Path, out: Option<&Path>, seed: u64) -> Result<Pl
     }
 
     // Unknown parameters, before anything else is decided.
-    for m in &models {
+    for m in models.iter().chain(per_slice.iter().flatten()) {
         if let Some(p) = &m.params {
             for (k, v) in &p.value {
                 if !def.model_params.contains(&k.as_str()) {
@@ -242,20 +250,35 @@ pub fn plan(text: &str, path: &Path, out: Option<&Path>, seed: u64) -> Result<Pl
     }
 
     let uses_base = def.fields.contains(&"base");
-    let step_models: Vec<&Model> = models
-        .iter()
-        .filter(|m| !(uses_base && Some(m.leaf) == base))
-        .collect();
-    let mut args = ConfigStep {
-        cx: &cx,
-        method: &method.value,
-        at: method.referenced,
-        models: step_models,
-        base,
-        shared: raw.parameters.as_ref(),
-        seed,
+    let resolve = |of: &[Model]| -> Result<StepKind, RecipeError> {
+        let mut args = ConfigStep {
+            cx: &cx,
+            method: &method.value,
+            at: method.referenced,
+            models: of
+                .iter()
+                .filter(|m| !(uses_base && Some(m.leaf) == base))
+                .collect(),
+            base,
+            shared: raw.parameters.as_ref(),
+            seed,
+        };
+        (def.resolve)(&mut args)
     };
-    let kind = (def.resolve)(&mut args)?;
+    // A sliced config resolves the method once per slice, over that slice's sources and their
+    // parameters in it, as mergekit does; the step's own kind is the first slice's.
+    let kind = match layout.as_mut() {
+        Some(slices) => {
+            let mut first = None;
+            for (sl, own) in slices.iter_mut().zip(&per_slice) {
+                let k = resolve(own)?;
+                first.get_or_insert_with(|| k.clone());
+                sl.kind = Some(k);
+            }
+            first.expect("slices are not empty")
+        }
+        None => resolve(&models)?,
+    };
 
     let dtype_of = |d: &S<String>| {
         FloatType::from_torch_name(&d.value).ok_or_else(|| {
