@@ -158,6 +158,37 @@ fn mergekit_configs_match_mergekits_outputs() {
     }
 }
 
+/// DARE's mask of model `model` for tensor `name` (the documented counter-based draw of (seed 0, tensor,
+/// model, element) with probability `density`) and its one rescale factor ‖δ‖₁ / ‖kept δ‖₁, δ as mergekit
+/// computes it (float32); no rescale where either norm is below 1e-7, as the spec says.
+fn dare_mask_and_rescale(
+    name: &str,
+    model: usize,
+    density: f64,
+    x: &[f64],
+    b: &[f64],
+) -> (Vec<bool>, f64) {
+    let stream = stream_key(0, name, model);
+    let threshold = probability_threshold(density);
+    let mask: Vec<bool> = (0..x.len())
+        .map(|i| bernoulli_keep(stream, i as u64, threshold))
+        .collect();
+    let (mut l1, mut l1_kept) = (0.0, 0.0);
+    for i in 0..x.len() {
+        let delta = ((x[i] - b[i]) as f32).abs() as f64;
+        l1 += delta;
+        if mask[i] {
+            l1_kept += delta;
+        }
+    }
+    let f = if l1 < 1e-7 || l1_kept < 1e-7 {
+        1.0
+    } else {
+        l1 / l1_kept
+    };
+    (mask, f)
+}
+
 fn case2() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/methods-case2")
 }
@@ -356,25 +387,7 @@ fn dare_on_gemma3_keeps_about_density_with_one_rescale_factor_per_tensor() {
         let mut want: Vec<f64> = b.clone();
         for (k, &(_, w, density)) in models.iter().enumerate() {
             let x = &fts[k][name].2;
-            let stream = stream_key(0, name, k);
-            let threshold = probability_threshold(density);
-            let mask: Vec<bool> = (0..v.len())
-                .map(|i| bernoulli_keep(stream, i as u64, threshold))
-                .collect();
-            // ‖δ‖₁ / ‖kept δ‖₁, δ as mergekit computes it (float32).
-            let (mut l1, mut l1_kept) = (0.0, 0.0);
-            for i in 0..v.len() {
-                let delta = ((x[i] - b[i]) as f32).abs() as f64;
-                l1 += delta;
-                if mask[i] {
-                    l1_kept += delta;
-                }
-            }
-            let f = if l1 < 1e-7 || l1_kept < 1e-7 {
-                1.0
-            } else {
-                l1 / l1_kept
-            };
+            let (mask, f) = dare_mask_and_rescale(name, k, density, x, b);
             for i in 0..v.len() {
                 if mask[i] {
                     want[i] += w * f * (x[i] - b[i]);
@@ -537,30 +550,9 @@ fn dare_keeps_about_density_with_one_rescale_factor_per_tensor() {
     let (mut kept_total, mut n_total) = (0usize, 0usize);
     for (name, (_, _, v)) in &got {
         let (b, x) = (&base[name].2, &a[name].2);
-        // The mask is the documented counter-based draw of (seed 0, tensor, model 0, element).
-        let stream = stream_key(0, name, 0);
-        let threshold = probability_threshold(0.3);
-        let mask: Vec<bool> = (0..v.len())
-            .map(|i| bernoulli_keep(stream, i as u64, threshold))
-            .collect();
-        // The norms of δ as mergekit computes it (float32).
-        let (mut l1, mut l1_kept) = (0.0, 0.0);
-        for i in 0..v.len() {
-            let delta = ((x[i] - b[i]) as f32).abs() as f64;
-            l1 += delta;
-            if mask[i] {
-                l1_kept += delta;
-            }
-        }
+        let (mask, f) = dare_mask_and_rescale(name, 0, 0.3, x, b);
         let kept = mask.iter().filter(|&&k| k).count();
-        // Every element is θ_b + f·δ where kept, θ_b elsewhere, with one factor f = ‖δ‖₁ / ‖kept‖₁ per
-        // tensor, rounded once.
-        // (No rescale where either norm is below 1e-7, as the spec says.)
-        let f = if l1 < 1e-7 || l1_kept < 1e-7 {
-            1.0
-        } else {
-            l1 / l1_kept
-        };
+        // Every element is θ_b + f·δ where kept, θ_b elsewhere, with one factor f per tensor, rounded once.
         for i in 0..v.len() {
             let want = if mask[i] {
                 b[i] + f * (x[i] - b[i])
