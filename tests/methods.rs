@@ -657,6 +657,7 @@ fn config_errors_name_the_key_and_write_nothing() {
         (format!("merge_method: ties\n{models}tokenizer: {{source: base}}\n"), "config.yml:6:1", "unknown field `tokenizer`"),
         (format!("merge_method: ties\n{models}parameters: {{lamda: 0.5}}\n"), "config.yml:6:21", "unknown parameter `lamda`"),
         (format!("merge_method: ties\nbase_model: {}\nmodels:\n  - model: ../nowhere/ft_x\n    parameters: {{weight: 1.0}}\n", s(&c.join("sft"))), "config.yml:4:12", "model `../nowhere/ft_x` not found"),
+        (format!("merge_method: passthrough\nmodels:\n  - model: {}\n  - model: {}\n", s(&c.join("ft_a")), s(&c.join("ft_b"))), "config.yml:1:15", "passthrough copies one model, got 2"),
     ];
     for (text, at, msg) in &cases {
         let (o, written) = config_error(d.path(), text, &[]);

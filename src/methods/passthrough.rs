@@ -15,9 +15,9 @@ pub static PASSTHROUGH: MethodDef = MethodDef {
 
 fn resolve(a: &mut dyn StepArgs) -> Result<StepKind, RecipeError> {
     let models = a.models(1)?;
-    // A gemma-merge step (or one slice of it) names the models of each tensor: one to copy. A mergekit
-    // config's models are those of all its slices together, one per slice (limited per tensor).
-    if models.len() > 1 && a.native().is_some() {
+    // A step, a mergekit config, or one slice of either (each slice is resolved on its own) names the
+    // models of each tensor: one to copy, as mergekit requires.
+    if models.len() > 1 {
         return Err(a.error(
             Some("models"),
             format!(
