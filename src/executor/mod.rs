@@ -730,35 +730,33 @@ impl<'p> Prepared<'p> {
                 .into_par_iter()
                 .map(|c| {
                     let (lo, hi) = (c * CHUNK, ((c + 1) * CHUNK).min(n));
-                    let inputs = self.decode_chunk(t, &needed, lo, hi)?;
-                    let x = self.chunk_inputs(t, &inputs, lo);
-                    let mut out = scratch::f64s(hi - lo);
-                    let encoded = values
-                        .iter()
-                        .zip(labels)
-                        .map(|(v, label)| {
-                            v.eval(&x, &mut out);
-                            let mut bytes = Vec::new();
-                            out_type.encode_f64(&out, &mut bytes);
-                            // Checked once rounded: float16 overflows beyond ±65504 even when the
-                            // f64 sum is finite.
-                            if !self.plan.allow_nonfinite {
-                                if let Some(i) = out_type.first_nonfinite(&bytes) {
-                                    return Err(MergeError::NonFiniteOutput {
-                                        step: label.clone(),
-                                        tensor: t.base.name.clone(),
-                                        index: lo + i,
-                                        dtype: out_type.torch_name().to_string(),
-                                    });
+                    self.with_chunk(t, &needed, lo, hi, |x| {
+                        let mut out = scratch::f64s(hi - lo);
+                        let encoded = values
+                            .iter()
+                            .zip(labels)
+                            .map(|(v, label)| {
+                                v.eval(x, &mut out);
+                                let mut bytes = Vec::new();
+                                out_type.encode_f64(&out, &mut bytes);
+                                // Checked once rounded: float16 overflows beyond ±65504 even when the
+                                // f64 sum is finite.
+                                if !self.plan.allow_nonfinite {
+                                    if let Some(i) = out_type.first_nonfinite(&bytes) {
+                                        return Err(MergeError::NonFiniteOutput {
+                                            step: label.clone(),
+                                            tensor: t.base.name.clone(),
+                                            index: lo + i,
+                                            dtype: out_type.torch_name().to_string(),
+                                        });
+                                    }
                                 }
-                            }
-                            Ok(bytes)
-                        })
-                        .collect();
-                    drop(x);
-                    scratch::give_f64(out);
-                    inputs.into_iter().for_each(scratch::give_f32);
-                    encoded
+                                Ok(bytes)
+                            })
+                            .collect();
+                        scratch::give_f64(out);
+                        encoded
+                    })?
                 })
                 .collect()
         };
@@ -824,17 +822,24 @@ impl<'p> Prepared<'p> {
         needed
     }
 
-    fn chunk_inputs<'a>(
+    /// Runs `f` on elements `lo..hi` of a tensor, decoded from every needed leaf into this thread's
+    /// scratch buffers, which go back to the thread once `f` returns.
+    fn with_chunk<R>(
         &self,
         t: &OutTensor,
-        inputs: &'a [Vec<f32>],
+        needed: &[bool],
         lo: usize,
-    ) -> ChunkInputs<'a> {
-        ChunkInputs {
+        hi: usize,
+        f: impl FnOnce(&ChunkInputs) -> R,
+    ) -> Result<R, MergeError> {
+        let inputs = self.decode_chunk(t, needed, lo, hi)?;
+        let result = f(&ChunkInputs {
             views: inputs.iter().map(|v| v.as_slice()).collect(),
             reference: t.reference,
             first: lo,
-        }
+        });
+        inputs.into_iter().for_each(scratch::give_f32);
+        Ok(result)
     }
 
     /// Decodes elements `lo..hi` of a tensor from every needed leaf (empty vectors for the others),

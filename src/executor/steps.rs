@@ -451,21 +451,19 @@ impl Prepared<'_> {
                         return Ok(None);
                     }
                     let (lo, hi) = (c * CHUNK, ((c + 1) * CHUNK).min(numel));
-                    let inputs = self.decode_chunk(t, &needed, lo, hi)?;
-                    let x = self.chunk_inputs(t, &inputs, lo);
-                    let values: Vec<Vec<f64>> = vals
-                        .iter()
-                        .map(|v| {
-                            let mut out = super::scratch::f64s(hi - lo);
-                            v.eval(&x, &mut out);
-                            out
-                        })
-                        .collect();
-                    let result = f(lo, &values);
-                    drop(x);
-                    values.into_iter().for_each(super::scratch::give_f64);
-                    inputs.into_iter().for_each(super::scratch::give_f32);
-                    Ok(Some(result))
+                    self.with_chunk(t, &needed, lo, hi, |x| {
+                        let values: Vec<Vec<f64>> = vals
+                            .iter()
+                            .map(|v| {
+                                let mut out = super::scratch::f64s(hi - lo);
+                                v.eval(x, &mut out);
+                                out
+                            })
+                            .collect();
+                        let result = f(lo, &values);
+                        values.into_iter().for_each(super::scratch::give_f64);
+                        Some(result)
+                    })
                 })
                 .collect::<Result<_, MergeError>>()?;
             for (k, p) in parts.into_iter().enumerate() {
