@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 mod common;
+use common::s;
 use common::{gm, Out};
 
 fn root() -> PathBuf {
@@ -28,10 +29,6 @@ fn ok(args: &[&str]) -> Out {
 fn json(args: &[&str]) -> serde_json::Value {
     let o = ok(args);
     serde_json::from_str(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", o.stdout))
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 const COMMANDS: [&str; 9] = [

@@ -4,6 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+mod common;
+use common::s;
+
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
 }
@@ -24,10 +27,6 @@ fn gm(args: &[&str]) -> String {
 fn json(args: &[&str]) -> serde_json::Value {
     let out = gm(args);
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 fn close(a: f64, b: f64, rel: f64) -> bool {

@@ -3,6 +3,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+mod common;
+use common::s;
+
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_gemma-merge"))
 }
@@ -26,10 +29,6 @@ fn ok_json(args: &[&str]) -> serde_json::Value {
     let (code, out, err) = run(args);
     assert_eq!(code, 0, "{args:?}: {err}");
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 #[test]

@@ -8,6 +8,7 @@ use gemma_merge::format::writer::{ModelWriter, TensorSpec};
 use gemma_merge::format::{FloatType, Model};
 
 mod common;
+use common::s;
 use common::{gm, load, write_model, Out};
 
 fn fixtures() -> PathBuf {
@@ -22,10 +23,6 @@ fn ok(args: &[&str]) -> Out {
         o.stdout, o.stderr
     );
     o
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 /// Half a unit in the last place of `dtype` at `x`.

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 mod common;
+use common::s;
 use common::{load, Tensors};
 
 use gemma_merge::format::FloatType;
@@ -37,10 +38,6 @@ fn gm_in(cwd: &Path, args: &[&str], env: &[(&str, &Path)]) -> Out {
 fn ok_in(cwd: &Path, args: &[&str]) {
     let o = gm_in(cwd, args, &[]);
     assert_eq!(o.code, 0, "gemma-merge {args:?} failed:\n{}", o.stderr);
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 /// One unit in the last place of `dtype` at `x`.

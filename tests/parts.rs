@@ -6,6 +6,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
+mod common;
+use common::s;
+
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_gemma-merge"));
     // `--part auto` must not pick up a scheduler the test suite itself might run under.
@@ -69,10 +72,6 @@ fn ok(args: &[&str]) -> Out {
         o.stdout, o.stderr
     );
     o
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 /// Writes `text` as a recipe in `dir`, with `@` standing for the fixture folder.

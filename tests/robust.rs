@@ -6,6 +6,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
+use common::s;
 use common::write_model;
 
 use gemma_merge::format::{FloatType, Model};
@@ -70,10 +71,6 @@ fn fails(o: &Out, code: i32, needles: &[&str]) {
     for n in needles {
         assert!(o.stderr.contains(n), "{n:?} not in:\n{}", o.stderr);
     }
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 /// f32 values of every tensor of a model.

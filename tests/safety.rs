@@ -8,6 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+use common::s;
+
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_gemma-merge"))
 }
@@ -28,10 +31,6 @@ fn gm(args: &[&str]) -> Out {
 fn ok(args: &[&str]) {
     let o = gm(args);
     assert_eq!(o.code, 0, "gemma-merge {args:?} failed:\n{}", o.stderr);
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 const IDS: &str = "2,71,294,35,133,63,256,233,244,336,197,110,51,252,17,202";

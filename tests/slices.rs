@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 
 mod common;
+use common::s;
 use common::{bin, load, Tensors};
 
 use gemma_merge::format::{FloatType, Model};
@@ -17,10 +18,6 @@ fn fixtures() -> PathBuf {
 
 fn case() -> PathBuf {
     fixtures().join("methods-case")
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 struct Run {
