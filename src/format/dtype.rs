@@ -75,14 +75,8 @@ impl FloatType {
     /// Rounds each value to this type in place (round-to-nearest-even; a value beyond float16's range
     /// becomes ±Inf, as a cast does).
     pub fn round_in_place(self, values: &mut [f32]) {
-        match self {
-            Self::BF16 => values
-                .iter_mut()
-                .for_each(|v| *v = bf16::from_f32(*v).to_f32()),
-            Self::F16 => values
-                .iter_mut()
-                .for_each(|v| *v = f16::from_f32(*v).to_f32()),
-            Self::F32 => {}
+        if self != Self::F32 {
+            values.iter_mut().for_each(|v| *v = self.round_f32(*v));
         }
     }
 
