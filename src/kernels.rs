@@ -166,30 +166,8 @@ pub fn combine(coefs: &[f64], sum: f64, inputs: &[&[f32]], reference: usize, out
 /// lane order at the end): a fixed order, so the result does not depend on threads or SIMD level, and eight
 /// independent additions per step instead of one chain (the single chain was 19% of a WARP merge).
 pub fn gram_accumulate(vectors: &[&[f64]], gram: &mut [Vec<f64>]) {
-    const LANES: usize = 8;
-    let m = vectors.len();
-    for a in 0..m {
-        for b in a..m {
-            let (x, y) = (vectors[a], vectors[b]);
-            assert_eq!(x.len(), y.len(), "Gram of vectors of different lengths");
-            let (xc, xr) = x.as_chunks::<LANES>();
-            let (yc, yr) = y.as_chunks::<LANES>();
-            let mut acc = [0f64; LANES];
-            for (p, q) in xc.iter().zip(yc) {
-                for l in 0..LANES {
-                    acc[l] += p[l] * q[l];
-                }
-            }
-            for (l, (p, q)) in xr.iter().zip(yr).enumerate() {
-                acc[l] += p * q;
-            }
-            let s = acc.iter().fold(0.0, |s, v| s + v);
-            gram[a][b] += s;
-            if a != b {
-                gram[b][a] += s;
-            }
-        }
-    }
+    // Vectorised at the process's SIMD level; the lane sums and their order are the same at every level.
+    crate::sum::gram_at(vectors, gram)
 }
 
 #[cfg(test)]

@@ -1,9 +1,10 @@
 //! The weighted sum of the merge element path, vectorised: `out = Σ_{i≠ref} c_i·(x_i − x_ref) + s·x_ref`
 //! in f64 (see [`crate::kernels::combine`]), compiled for each SIMD level of [`crate::simd`].
 //!
-//! Elements are taken in blocks that stay in L1 while every input is added, in the input order, with
-//! separate multiplies and adds (never fused): each element sees exactly the operations of the scalar
-//! loop in the same order, so every level gives the same bits.
+//! Up to 8 terms, each element's sum stays in a register while every input is added; with more, elements
+//! are taken in blocks that stay in L1 while every input is added. Either way the inputs are added in
+//! their order, with separate multiplies and adds (never fused): each element sees exactly the operations
+//! of the scalar loop in the same order, so every level and both forms give the same bits.
 
 use crate::simd::leveled;
 
@@ -28,18 +29,120 @@ leveled! {
             .filter(|&(i, &c)| i != reference && c != 0.0)
             .map(|(i, &c)| (c, &inputs[i][..n]))
             .collect();
-        for start in (0..n).step_by(BLOCK) {
-            let end = (start + BLOCK).min(n);
-            let o = &mut out[start..end];
-            let r = &x_ref[start..end];
-            o.fill(0.0);
-            for &(c, x) in &terms {
-                for ((o, &xi), &r) in o.iter_mut().zip(&x[start..end]).zip(r) {
-                    *o += c * (xi as f64 - r as f64);
+        // The usual counts of terms keep the accumulator in a register across terms.
+        match terms.len() {
+            0 => fused::<0>(&terms, sum, x_ref, out),
+            1 => fused::<1>(&terms, sum, x_ref, out),
+            2 => fused::<2>(&terms, sum, x_ref, out),
+            3 => fused::<3>(&terms, sum, x_ref, out),
+            4 => fused::<4>(&terms, sum, x_ref, out),
+            5 => fused::<5>(&terms, sum, x_ref, out),
+            6 => fused::<6>(&terms, sum, x_ref, out),
+            7 => fused::<7>(&terms, sum, x_ref, out),
+            8 => fused::<8>(&terms, sum, x_ref, out),
+            _ => blocked(&terms, sum, x_ref, out),
+        }
+    }
+}
+
+/// `N` terms, element by element: `o = 0; o += c_k·(x_k − r)` in term order; `o += s·r`.
+#[inline(always)]
+fn fused<const N: usize>(terms: &[(f64, &[f32])], sum: f64, r: &[f32], out: &mut [f64]) {
+    let n = out.len();
+    let c: [f64; N] = std::array::from_fn(|k| terms[k].0);
+    let x: [&[f32]; N] = std::array::from_fn(|k| &terms[k].1[..n]);
+    let r = &r[..n];
+    for j in 0..n {
+        let rj = r[j] as f64;
+        let mut o = 0.0;
+        for k in 0..N {
+            o += c[k] * (x[k][j] as f64 - rj);
+        }
+        out[j] = o + sum * rj;
+    }
+}
+
+/// Any number of terms: blocks of elements that stay in L1 while every term is added.
+#[inline(always)]
+fn blocked(terms: &[(f64, &[f32])], sum: f64, x_ref: &[f32], out: &mut [f64]) {
+    let n = out.len();
+    for start in (0..n).step_by(BLOCK) {
+        let end = (start + BLOCK).min(n);
+        let o = &mut out[start..end];
+        let r = &x_ref[start..end];
+        o.fill(0.0);
+        for &(c, x) in terms {
+            for ((o, &xi), &r) in o.iter_mut().zip(&x[start..end]).zip(r) {
+                *o += c * (xi as f64 - r as f64);
+            }
+        }
+        for (o, &r) in o.iter_mut().zip(r) {
+            *o += sum * r as f64;
+        }
+    }
+}
+
+/// Lanes of each dot product of [`gram_at`]: element i goes to partial sum i mod `LANES`.
+const LANES: usize = 8;
+
+leveled! {
+    /// [`crate::kernels::gram_accumulate`], vectorised: every dot product of up to 4 vectors in one pass
+    /// over them, more one pair at a time; each product in `LANES` partial sums (element i to sum
+    /// i mod `LANES`, added in lane order at the end), so every level and form gives the same bits.
+    pub(crate) fn gram_at(vectors: &[&[f64]], gram: &mut [Vec<f64>]) {
+        let n = vectors.first().map_or(0, |v| v.len());
+        for v in vectors {
+            assert_eq!(v.len(), n, "Gram of vectors of different lengths");
+        }
+        match vectors.len() {
+            0 => {}
+            1 => gram_fused::<1>(vectors, gram),
+            2 => gram_fused::<2>(vectors, gram),
+            3 => gram_fused::<3>(vectors, gram),
+            4 => gram_fused::<4>(vectors, gram),
+            m => {
+                for a in 0..m {
+                    for b in a..m {
+                        let mut pair = [vec![0.0; 2], vec![0.0; 2]];
+                        gram_fused::<2>(&[vectors[a], vectors[b]], &mut pair);
+                        gram[a][b] += pair[0][1];
+                        if a != b {
+                            gram[b][a] += pair[0][1];
+                        }
+                    }
                 }
             }
-            for (o, &r) in o.iter_mut().zip(r) {
-                *o += sum * r as f64;
+        }
+    }
+}
+
+/// The Gram matrix of `M` vectors in one pass: per pair (a ≤ b) `LANES` partial sums in registers.
+#[inline(always)]
+fn gram_fused<const M: usize>(vectors: &[&[f64]], gram: &mut [Vec<f64>]) {
+    let n = vectors[0].len();
+    let v: [&[f64]; M] = std::array::from_fn(|a| &vectors[a][..n]);
+    let mut acc = [[[0f64; LANES]; M]; M];
+    let whole = n / LANES * LANES;
+    for i in (0..whole).step_by(LANES) {
+        let p: [[f64; LANES]; M] =
+            std::array::from_fn(|a| v[a][i..i + LANES].try_into().expect("a lane block"));
+        for a in 0..M {
+            for b in a..M {
+                for l in 0..LANES {
+                    acc[a][b][l] += p[a][l] * p[b][l];
+                }
+            }
+        }
+    }
+    for a in 0..M {
+        for b in a..M {
+            for (l, i) in (whole..n).enumerate() {
+                acc[a][b][l] += v[a][i] * v[b][i];
+            }
+            let s = acc[a][b].iter().fold(0.0, |s, v| s + v);
+            gram[a][b] += s;
+            if a != b {
+                gram[b][a] += s;
             }
         }
     }
@@ -91,7 +194,7 @@ mod tests {
         ];
         let n = 1500 + 3;
         let mut s = 12345u32;
-        let inputs: Vec<Vec<f32>> = (0..5)
+        let inputs: Vec<Vec<f32>> = (0..11)
             .map(|k| {
                 (0..n)
                     .map(|i| {
@@ -112,6 +215,10 @@ mod tests {
             (vec![0.2, 0.3, 0.5, 0.0, 1e-300], 0),
             (vec![-1.0, 1.0, 0.1 + 0.2, 1.0 / 3.0, 7.0], 2),
             (vec![1.0, 0.0, 0.0, 0.0, 0.0], 0),
+            (vec![0.5, -0.25], 1),
+            // More terms than the register form takes (the blocked loop).
+            ((0..11).map(|i| 1.0 / (i as f64 + 1.5)).collect(), 4),
+            ((0..9).map(|i| i as f64 - 2.0).collect(), 8),
         ] {
             let sum: f64 = coefs.iter().sum();
             let mut want = vec![0f64; n];
@@ -124,6 +231,67 @@ mod tests {
                     .zip(&want)
                     .all(|(a, b)| a.to_bits() == b.to_bits());
                 assert!(same, "{level}: {coefs:?}");
+            }
+        }
+    }
+
+    /// `kernels::gram_accumulate` before it was vectorised: one pair at a time, 8 lane sums.
+    fn reference_gram(vectors: &[&[f64]], gram: &mut [Vec<f64>]) {
+        let m = vectors.len();
+        for a in 0..m {
+            for b in a..m {
+                let (x, y) = (vectors[a], vectors[b]);
+                let mut acc = [0f64; LANES];
+                for (i, (p, q)) in x.iter().zip(y).enumerate() {
+                    acc[i % LANES] += p * q;
+                }
+                let s = acc.iter().fold(0.0, |s, v| s + v);
+                gram[a][b] += s;
+                if a != b {
+                    gram[b][a] += s;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_level_and_count_accumulates_the_gram_bit_for_bit_like_the_pairwise_loop() {
+        let mut s = 987654321u64;
+        let mut next = || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+        };
+        for m in 1..=6 {
+            for n in [0, 5, 8, 13, 1000] {
+                // Values of mixed magnitude, so that the order of additions shows in the bits.
+                let v: Vec<Vec<f64>> = (0..m)
+                    .map(|_| {
+                        (0..n)
+                            .map(|_| next() * 10f64.powi((next() * 8.0) as i32))
+                            .collect()
+                    })
+                    .collect();
+                let refs: Vec<&[f64]> = v.iter().map(|x| x.as_slice()).collect();
+                let start: Vec<Vec<f64>> = (0..m)
+                    .map(|a| (0..m).map(|b| (a * m + b) as f64 * 0.1).collect())
+                    .collect();
+                let mut want = start.clone();
+                reference_gram(&refs, &mut want);
+                for level in crate::simd::available() {
+                    let mut got = start.clone();
+                    gram_at::at(level, &refs, &mut got);
+                    for a in 0..m {
+                        for b in 0..m {
+                            assert_eq!(
+                                got[a][b].to_bits(),
+                                want[a][b].to_bits(),
+                                "{level} m={m} n={n} ({a},{b})"
+                            );
+                        }
+                    }
+                }
             }
         }
     }

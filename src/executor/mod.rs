@@ -41,6 +41,10 @@ use values::{ChunkInputs, Val};
 
 /// Elements per chunk: the unit of parallel work and of f64 partial sums.
 pub const CHUNK: usize = 1 << 16;
+
+/// Elements evaluated at a time within a chunk: every input decoded, the values computed and encoded,
+/// while all of it stays in the core's cache (a multiple of 8 and of [`crate::sum`]'s block).
+pub(crate) const SUB: usize = 2048;
 /// Chunks evaluated together before their results are written in order.
 pub const BLOCK: usize = 64;
 
@@ -730,33 +734,34 @@ impl<'p> Prepared<'p> {
                 .into_par_iter()
                 .map(|c| {
                     let (lo, hi) = (c * CHUNK, ((c + 1) * CHUNK).min(n));
-                    self.with_chunk(t, &needed, lo, hi, |x| {
-                        let mut out = scratch::f64s(hi - lo);
-                        let encoded = values
-                            .iter()
-                            .zip(labels)
-                            .map(|(v, label)| {
-                                v.eval(x, &mut out);
-                                let mut bytes = Vec::new();
-                                out_type.encode_f64(&out, &mut bytes);
-                                // Checked once rounded: float16 overflows beyond ±65504 even when the
-                                // f64 sum is finite.
-                                if !self.plan.allow_nonfinite {
-                                    if let Some(i) = out_type.first_nonfinite(&bytes) {
-                                        return Err(MergeError::NonFiniteOutput {
-                                            step: label.clone(),
-                                            tensor: t.base.name.clone(),
-                                            index: lo + i,
-                                            dtype: out_type.torch_name().to_string(),
-                                        });
-                                    }
+                    let mut encoded: Vec<Vec<u8>> = values
+                        .iter()
+                        .map(|_| Vec::with_capacity((hi - lo) * out_type.size()))
+                        .collect();
+                    let mut out = scratch::f64s(SUB.min(hi - lo));
+                    let done = self.with_sub_blocks(t, &needed, lo, hi, |x| {
+                        let out = &mut out[..x.views[x.reference].len()];
+                        for ((v, label), bytes) in values.iter().zip(labels).zip(&mut encoded) {
+                            v.eval(x, out);
+                            let at = bytes.len();
+                            out_type.encode_f64(out, bytes);
+                            // Checked once rounded: float16 overflows beyond ±65504 even when the
+                            // f64 sum is finite.
+                            if !self.plan.allow_nonfinite {
+                                if let Some(i) = out_type.first_nonfinite(&bytes[at..]) {
+                                    return Err(MergeError::NonFiniteOutput {
+                                        step: label.clone(),
+                                        tensor: t.base.name.clone(),
+                                        index: x.first + i,
+                                        dtype: out_type.torch_name().to_string(),
+                                    });
                                 }
-                                Ok(bytes)
-                            })
-                            .collect();
-                        scratch::give_f64(out);
-                        encoded
-                    })?
+                            }
+                        }
+                        Ok(())
+                    });
+                    scratch::give_f64(out);
+                    done.map(|()| encoded)
                 })
                 .collect()
         };
@@ -822,65 +827,108 @@ impl<'p> Prepared<'p> {
         needed
     }
 
-    /// Runs `f` on elements `lo..hi` of a tensor, decoded from every needed leaf into this thread's
-    /// scratch buffers, which go back to the thread once `f` returns.
-    fn with_chunk<R>(
+    /// Runs `f` on elements `lo..hi` of a tensor in sub-blocks of [`SUB`] elements. The range's bytes
+    /// are read from every needed leaf into this thread's scratch buffers (`pread`, see
+    /// [`crate::format::SafetensorsFile::read_at`]); each sub-block is decoded from them, so that the
+    /// decoded inputs and `f`'s working values stay in the core's cache. Stops at the first error.
+    /// The sub-blocks start at multiples of [`SUB`] from `lo`.
+    fn with_sub_blocks(
         &self,
         t: &OutTensor,
         needed: &[bool],
         lo: usize,
         hi: usize,
-        f: impl FnOnce(&ChunkInputs) -> R,
-    ) -> Result<R, MergeError> {
-        let inputs = self.decode_chunk(t, needed, lo, hi)?;
-        let result = f(&ChunkInputs {
-            views: inputs.iter().map(|v| v.as_slice()).collect(),
-            reference: t.reference,
-            first: lo,
-        });
-        inputs.into_iter().for_each(scratch::give_f32);
-        Ok(result)
-    }
-
-    /// Decodes elements `lo..hi` of a tensor from every needed leaf (empty vectors for the others),
-    /// checking for NaN/Inf unless the recipe allows them.
-    fn decode_chunk(
-        &self,
-        t: &OutTensor,
-        needed: &[bool],
-        lo: usize,
-        hi: usize,
-    ) -> Result<Vec<Vec<f32>>, MergeError> {
+        mut f: impl FnMut(&ChunkInputs) -> Result<(), MergeError>,
+    ) -> Result<(), MergeError> {
         let Treatment::Merge { inputs } = &t.treatment else {
             unreachable!("decode of a copied tensor")
         };
-        let mut out = Vec::with_capacity(inputs.len());
-        for (l, input) in inputs.iter().enumerate() {
-            let Some((ft, info)) = input.as_ref().filter(|_| needed[l]) else {
-                out.push(Vec::new());
+        let read: Vec<Option<(FloatType, &TensorInfo)>> = inputs
+            .iter()
+            .enumerate()
+            .map(|(l, input)| {
+                input
+                    .as_ref()
+                    .filter(|_| needed[l])
+                    .map(|(ft, info)| (*ft, info))
+            })
+            .collect();
+        let mut raw: Vec<Vec<u8>> = Vec::with_capacity(read.len());
+        let mut bufs: Vec<Vec<f32>> = Vec::with_capacity(read.len());
+        for (l, r) in read.iter().enumerate() {
+            let Some((ft, info)) = r else {
+                raw.push(Vec::new());
+                bufs.push(Vec::new());
+                continue;
+            };
+            let mut b = scratch::bytes((hi - lo) * ft.size());
+            let got = self.models[l].read_data(info, lo * ft.size(), &mut b);
+            raw.push(b);
+            bufs.push(scratch::f32s(SUB.min(hi - lo)));
+            if let Err(e) = got {
+                Self::give_back(raw, bufs);
+                return Err(e.into());
+            }
+        }
+        let mut result = Ok(());
+        for s in (lo..hi).step_by(SUB) {
+            let e = (s + SUB).min(hi);
+            result = self.decode_sub_block(&read, &raw, &mut bufs, s - lo, e - lo, lo);
+            if result.is_ok() {
+                result = f(&ChunkInputs {
+                    views: bufs.iter().map(|v| v.as_slice()).collect(),
+                    reference: t.reference,
+                    first: s,
+                });
+            }
+            if result.is_err() {
+                break;
+            }
+        }
+        Self::give_back(raw, bufs);
+        result
+    }
+
+    fn give_back(raw: Vec<Vec<u8>>, bufs: Vec<Vec<f32>>) {
+        raw.into_iter().for_each(scratch::give_bytes);
+        bufs.into_iter().for_each(scratch::give_f32);
+    }
+
+    /// Decodes elements `a..b` (counted from the chunk's first element `lo`) of every read leaf from its
+    /// raw bytes into `bufs`, checking for NaN/Inf unless the recipe allows them.
+    fn decode_sub_block(
+        &self,
+        read: &[Option<(FloatType, &TensorInfo)>],
+        raw: &[Vec<u8>],
+        bufs: &mut [Vec<f32>],
+        a: usize,
+        b: usize,
+        lo: usize,
+    ) -> Result<(), MergeError> {
+        for (l, r) in read.iter().enumerate() {
+            let Some((ft, info)) = r else {
                 continue;
             };
             let size = ft.size();
-            let model = &self.models[l];
-            let bytes = &model.data(info)[lo * size..hi * size];
-            let mut v = scratch::f32s(hi - lo);
-            ft.decode(bytes, &mut v);
+            let v = &mut bufs[l];
+            v.resize(b - a, 0.0);
+            ft.decode(&raw[l][a * size..b * size], v);
             if !self.plan.allow_nonfinite {
-                if let Some(i) = crate::format::dtype::first_non_finite(&v) {
+                if let Some(i) = crate::format::dtype::first_non_finite(v) {
+                    let model = &self.models[l];
                     return Err(MergeError::NonFinite {
                         tensor: info.name.clone(),
                         file: model.file_of(info).path().into(),
-                        index: lo + i,
+                        index: lo + a + i,
                     });
                 }
             }
             // mergekit's `dtype`: the input as mergekit loads it.
             if let Some(d) = self.plan.input_dtype.filter(|&d| d != *ft) {
-                d.round_in_place(&mut v);
+                d.round_in_place(v);
             }
-            out.push(v);
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Drops the input pages of elements `lo..hi` from this process's resident set.

@@ -11,6 +11,7 @@ const KEPT: usize = 16;
 thread_local! {
     static F32: RefCell<Vec<Vec<f32>>> = const { RefCell::new(Vec::new()) };
     static F64: RefCell<Vec<Vec<f64>>> = const { RefCell::new(Vec::new()) };
+    static U8: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
 }
 
 /// A buffer of `n` values whose contents are unspecified (zero or left by an earlier chunk).
@@ -35,6 +36,15 @@ pub(super) fn f32s(n: usize) -> Vec<f32> {
 /// `n` f64 values to be overwritten.
 pub(super) fn f64s(n: usize) -> Vec<f64> {
     F64.with(|p| take(p, n))
+}
+
+/// `n` bytes to be overwritten.
+pub(super) fn bytes(n: usize) -> Vec<u8> {
+    U8.with(|p| take(p, n))
+}
+
+pub(super) fn give_bytes(v: Vec<u8>) {
+    U8.with(|p| give(p, v));
 }
 
 pub(super) fn give_f32(v: Vec<f32>) {

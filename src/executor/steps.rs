@@ -451,19 +451,19 @@ impl Prepared<'_> {
                         return Ok(None);
                     }
                     let (lo, hi) = (c * CHUNK, ((c + 1) * CHUNK).min(numel));
-                    self.with_chunk(t, &needed, lo, hi, |x| {
-                        let values: Vec<Vec<f64>> = vals
-                            .iter()
-                            .map(|v| {
-                                let mut out = super::scratch::f64s(hi - lo);
-                                v.eval(x, &mut out);
-                                out
-                            })
-                            .collect();
-                        let result = f(lo, &values);
-                        values.into_iter().for_each(super::scratch::give_f64);
-                        Some(result)
-                    })
+                    let mut values: Vec<Vec<f64>> =
+                        vals.iter().map(|_| super::scratch::f64s(hi - lo)).collect();
+                    self.with_sub_blocks(t, &needed, lo, hi, |x| {
+                        let at = x.first - lo;
+                        let n = x.views[x.reference].len();
+                        for (v, out) in vals.iter().zip(&mut values) {
+                            v.eval(x, &mut out[at..at + n]);
+                        }
+                        Ok(())
+                    })?;
+                    let result = f(lo, &values);
+                    values.into_iter().for_each(super::scratch::give_f64);
+                    Ok(Some(result))
                 })
                 .collect::<Result<_, MergeError>>()?;
             for (k, p) in parts.into_iter().enumerate() {
