@@ -30,6 +30,29 @@ pub fn magnitude_key(x: f64, desc: bool) -> u64 {
     }
 }
 
+crate::simd::leveled! {
+    /// [`magnitude_key`] of each value rounded to `compute` (as torch has a float32 result in that
+    /// type), into `keys` (resized to `values.len()`).
+    pub fn magnitude_keys(
+        values: &[f64],
+        compute: crate::format::FloatType,
+        desc: bool,
+        keys: &mut Vec<u64>
+    ) {
+        keys.resize(values.len(), 0);
+        let flip = if desc { u64::MAX } else { 0 };
+        if compute == crate::format::FloatType::F32 {
+            for (k, &x) in keys.iter_mut().zip(values) {
+                *k = (x as f32 as f64).abs().to_bits() ^ flip;
+            }
+        } else {
+            for (k, &x) in keys.iter_mut().zip(values) {
+                *k = magnitude_key(compute.round_f64(x) as f64, desc);
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 enum Phase {
     Histogram,
@@ -599,6 +622,28 @@ pub fn probability_threshold(p: f64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn magnitude_keys_are_the_key_of_each_rounded_value_at_every_level() {
+        use crate::format::FloatType;
+        let values: Vec<f64> = (0..1000)
+            .map(|i| ((i as f64 * 0.7548776662).fract() - 0.5) * 10f64.powi(i % 9 - 6))
+            .chain([0.0, -0.0, 1e-300, -1e-40, 65519.0, 1.0 + 1e-12])
+            .collect();
+        for compute in [FloatType::F32, FloatType::BF16, FloatType::F16] {
+            for desc in [false, true] {
+                let want: Vec<u64> = values
+                    .iter()
+                    .map(|&x| magnitude_key(compute.round_f64(x) as f64, desc))
+                    .collect();
+                for level in crate::simd::available() {
+                    let mut got = vec![7; 3];
+                    magnitude_keys::at(level, &values, compute, desc, &mut got);
+                    assert_eq!(got, want, "{level} {compute:?} desc={desc}");
+                }
+            }
+        }
+    }
 
     fn run(keys: &[u64], rank: u64, chunk: usize) -> (u64, u64) {
         let mut s = RankSelect::new(rank);

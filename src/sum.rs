@@ -83,32 +83,56 @@ fn blocked(terms: &[(f64, &[f32])], sum: f64, x_ref: &[f32], out: &mut [f64]) {
 }
 
 /// Lanes of each dot product of [`gram_at`]: element i goes to partial sum i mod `LANES`.
-const LANES: usize = 8;
+pub(crate) const LANES: usize = 8;
+
+/// [`crate::kernels::gram_accumulate`]: the partial sums of `vectors` ([`gram_lanes`]), added to `gram`.
+pub(crate) fn gram_at(vectors: &[&[f64]], gram: &mut [Vec<f64>]) {
+    let m = vectors.len();
+    let mut lanes = vec![[0.0; LANES]; m * m];
+    gram_lanes(vectors, &mut lanes);
+    gram_fold(&lanes, gram);
+}
+
+/// Adds each dot product's lanes, in lane order, to `gram` (symmetric).
+pub(crate) fn gram_fold(lanes: &[[f64; LANES]], gram: &mut [Vec<f64>]) {
+    let m = gram.len();
+    for a in 0..m {
+        for b in a..m {
+            let s = lanes[a * m + b].iter().fold(0.0, |s, v| s + v);
+            gram[a][b] += s;
+            if a != b {
+                gram[b][a] += s;
+            }
+        }
+    }
+}
 
 leveled! {
-    /// [`crate::kernels::gram_accumulate`], vectorised: every dot product of up to 4 vectors in one pass
-    /// over them, more one pair at a time; each product in `LANES` partial sums (element i to sum
-    /// i mod `LANES`, added in lane order at the end), so every level and form gives the same bits.
-    pub(crate) fn gram_at(vectors: &[&[f64]], gram: &mut [Vec<f64>]) {
+    /// Accumulates every dot product of m `vectors` into `lanes`: pair (a, b) at `a·m + b` (a ≤ b),
+    /// element i (counted from where the accumulation started) in lane i mod [`LANES`]. Up to 4 vectors in
+    /// one pass over them, more one pair at a time. Runs over consecutive stretches of the vectors (each
+    /// a multiple of [`LANES`] long but the last) give the sums of one run over the whole, and every
+    /// level and form the same bits.
+    pub(crate) fn gram_lanes(vectors: &[&[f64]], lanes: &mut [[f64; LANES]]) {
+        let m = vectors.len();
         let n = vectors.first().map_or(0, |v| v.len());
         for v in vectors {
             assert_eq!(v.len(), n, "Gram of vectors of different lengths");
         }
-        match vectors.len() {
+        assert_eq!(lanes.len(), m * m);
+        match m {
             0 => {}
-            1 => gram_fused::<1>(vectors, gram),
-            2 => gram_fused::<2>(vectors, gram),
-            3 => gram_fused::<3>(vectors, gram),
-            4 => gram_fused::<4>(vectors, gram),
-            m => {
+            1 => lanes_fused::<1>(vectors, lanes),
+            2 => lanes_fused::<2>(vectors, lanes),
+            3 => lanes_fused::<3>(vectors, lanes),
+            4 => lanes_fused::<4>(vectors, lanes),
+            _ => {
                 for a in 0..m {
                     for b in a..m {
-                        let mut pair = [vec![0.0; 2], vec![0.0; 2]];
-                        gram_fused::<2>(&[vectors[a], vectors[b]], &mut pair);
-                        gram[a][b] += pair[0][1];
-                        if a != b {
-                            gram[b][a] += pair[0][1];
-                        }
+                        let mut pair = [[0.0; LANES]; 4];
+                        pair[1] = lanes[a * m + b];
+                        lanes_fused::<2>(&[vectors[a], vectors[b]], &mut pair);
+                        lanes[a * m + b] = pair[1];
                     }
                 }
             }
@@ -116,12 +140,17 @@ leveled! {
     }
 }
 
-/// The Gram matrix of `M` vectors in one pass: per pair (a ≤ b) `LANES` partial sums in registers.
+/// The dot products of `M` vectors in one pass: per pair (a ≤ b) `LANES` partial sums in registers.
 #[inline(always)]
-fn gram_fused<const M: usize>(vectors: &[&[f64]], gram: &mut [Vec<f64>]) {
+fn lanes_fused<const M: usize>(vectors: &[&[f64]], lanes: &mut [[f64; LANES]]) {
     let n = vectors[0].len();
     let v: [&[f64]; M] = std::array::from_fn(|a| &vectors[a][..n]);
     let mut acc = [[[0f64; LANES]; M]; M];
+    for a in 0..M {
+        for b in a..M {
+            acc[a][b] = lanes[a * M + b];
+        }
+    }
     let whole = n / LANES * LANES;
     for i in (0..whole).step_by(LANES) {
         let p: [[f64; LANES]; M] =
@@ -139,11 +168,7 @@ fn gram_fused<const M: usize>(vectors: &[&[f64]], gram: &mut [Vec<f64>]) {
             for (l, i) in (whole..n).enumerate() {
                 acc[a][b][l] += v[a][i] * v[b][i];
             }
-            let s = acc[a][b].iter().fold(0.0, |s, v| s + v);
-            gram[a][b] += s;
-            if a != b {
-                gram[b][a] += s;
-            }
+            lanes[a * M + b] = acc[a][b];
         }
     }
 }
@@ -281,9 +306,28 @@ mod tests {
                 reference_gram(&refs, &mut want);
                 for level in crate::simd::available() {
                     let mut got = start.clone();
-                    gram_at::at(level, &refs, &mut got);
+                    {
+                        let mut lanes = vec![[0.0; LANES]; m * m];
+                        gram_lanes::at(level, &refs, &mut lanes);
+                        gram_fold(&lanes, &mut got);
+                    }
+                    // Accumulated over two stretches (the first a multiple of LANES long), as the
+                    // executor does sub-block by sub-block.
+                    let cut = n / 2 / LANES * LANES;
+                    let mut split = start.clone();
+                    let mut lanes = vec![[0.0; LANES]; m * m];
+                    let head: Vec<&[f64]> = refs.iter().map(|v| &v[..cut]).collect();
+                    let tail: Vec<&[f64]> = refs.iter().map(|v| &v[cut..]).collect();
+                    gram_lanes::at(level, &head, &mut lanes);
+                    gram_lanes::at(level, &tail, &mut lanes);
+                    gram_fold(&lanes, &mut split);
                     for a in 0..m {
                         for b in 0..m {
+                            assert_eq!(
+                                split[a][b].to_bits(),
+                                want[a][b].to_bits(),
+                                "split {level} m={m} n={n}"
+                            );
                             assert_eq!(
                                 got[a][b].to_bits(),
                                 want[a][b].to_bits(),

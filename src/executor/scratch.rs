@@ -12,6 +12,7 @@ thread_local! {
     static F32: RefCell<Vec<Vec<f32>>> = const { RefCell::new(Vec::new()) };
     static F64: RefCell<Vec<Vec<f64>>> = const { RefCell::new(Vec::new()) };
     static U8: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+    static U64: RefCell<Vec<Vec<u64>>> = const { RefCell::new(Vec::new()) };
 }
 
 /// A buffer of `n` values whose contents are unspecified (zero or left by an earlier chunk).
@@ -41,6 +42,15 @@ pub(super) fn f64s(n: usize) -> Vec<f64> {
 /// `n` bytes to be overwritten.
 pub(super) fn bytes(n: usize) -> Vec<u8> {
     U8.with(|p| take(p, n))
+}
+
+/// `n` u64 values to be overwritten.
+pub(super) fn u64s(n: usize) -> Vec<u64> {
+    U64.with(|p| take(p, n))
+}
+
+pub(super) fn give_u64(v: Vec<u64>) {
+    U64.with(|p| give(p, v));
 }
 
 pub(super) fn give_bytes(v: Vec<u8>) {

@@ -7,13 +7,13 @@ use std::sync::Arc;
 use rayon::prelude::*;
 
 use super::values::{GroupOf, Keep, Node, TaskVectorNode, Val};
-use super::{MergeError, OutTensor, Prepared, Treatment, BLOCK, CHUNK};
+use super::{MergeError, OutTensor, Prepared, Treatment, BLOCK, CHUNK, SUB};
 use crate::format::FloatType;
 use crate::kernels;
 use crate::progress::Progress;
 use crate::recipe::{Angle, Grouping, Operand, Sparsify, StepKind, TaskVectorStep};
 use crate::selection::{
-    magnitude_key, probability_threshold, stream_key, torch_sort_select, Pass, RankSelect,
+    magnitude_keys, probability_threshold, stream_key, torch_sort_select, Pass, RankSelect,
 };
 
 /// Data passes a step makes over each tensor before the writing pass (for `--dry-run`; rank selections
@@ -428,15 +428,21 @@ impl Prepared<'_> {
         }))))
     }
 
-    /// Runs `f` on every chunk of a tensor, in blocks of parallel chunks, and returns the results in
-    /// chunk order (`None` for chunks `wanted` skips).
-    fn chunk_pass<A: Send>(
+    /// One pass over a tensor: per chunk `c` (in parallel, blocks of [`BLOCK`] chunks) for which
+    /// `wanted(c)`, `vals` are evaluated sub-block by sub-block and folded: `start(lo)` makes the chunk's
+    /// state, `step(state, first, values)` takes each sub-block's values (element `first` onward), and
+    /// `finish` turns the state into what `sink(c, _)` receives in chunk order (`None` for chunks not
+    /// wanted).
+    #[allow(clippy::too_many_arguments)]
+    fn chunk_fold<S, A: Send>(
         &self,
         t: &OutTensor,
         progress: &dyn Progress,
         vals: &[Val],
         wanted: impl Fn(usize) -> bool + Sync,
-        f: impl Fn(usize, &[Vec<f64>]) -> A + Sync,
+        start: impl Fn(usize) -> S + Sync,
+        step: impl Fn(&mut S, usize, &[&[f64]]) + Sync,
+        finish: impl Fn(S) -> A + Sync,
         mut sink: impl FnMut(usize, Option<A>),
     ) -> Result<(), MergeError> {
         let needed = self.needed_leaves(t, vals);
@@ -451,19 +457,22 @@ impl Prepared<'_> {
                         return Ok(None);
                     }
                     let (lo, hi) = (c * CHUNK, ((c + 1) * CHUNK).min(numel));
-                    let mut values: Vec<Vec<f64>> =
-                        vals.iter().map(|_| super::scratch::f64s(hi - lo)).collect();
-                    self.with_sub_blocks(t, &needed, lo, hi, |x| {
-                        let at = x.first - lo;
+                    let mut state = start(lo);
+                    let mut values: Vec<Vec<f64>> = vals
+                        .iter()
+                        .map(|_| super::scratch::f64s(SUB.min(hi - lo)))
+                        .collect();
+                    let done = self.with_sub_blocks(t, &needed, lo, hi, |x| {
                         let n = x.views[x.reference].len();
                         for (v, out) in vals.iter().zip(&mut values) {
-                            v.eval(x, &mut out[at..at + n]);
+                            v.eval(x, &mut out[..n]);
                         }
+                        let views: Vec<&[f64]> = values.iter().map(|v| &v[..n]).collect();
+                        step(&mut state, x.first, &views);
                         Ok(())
-                    })?;
-                    let result = f(lo, &values);
+                    });
                     values.into_iter().for_each(super::scratch::give_f64);
-                    Ok(Some(result))
+                    done.map(|()| Some(finish(state)))
                 })
                 .collect::<Result<_, MergeError>>()?;
             for (k, p) in parts.into_iter().enumerate() {
@@ -474,6 +483,42 @@ impl Prepared<'_> {
             progress.advance(t.bytes_of(hi - lo));
         }
         Ok(())
+    }
+
+    /// [`Self::chunk_fold`] with each chunk's values whole: `f(lo, values)` per wanted chunk.
+    fn chunk_pass<A: Send>(
+        &self,
+        t: &OutTensor,
+        progress: &dyn Progress,
+        vals: &[Val],
+        wanted: impl Fn(usize) -> bool + Sync,
+        f: impl Fn(usize, &[Vec<f64>]) -> A + Sync,
+        sink: impl FnMut(usize, Option<A>),
+    ) -> Result<(), MergeError> {
+        let numel = t.base.numel();
+        self.chunk_fold(
+            t,
+            progress,
+            vals,
+            wanted,
+            |lo| {
+                let n = (numel - lo).min(CHUNK);
+                let values: Vec<Vec<f64>> = vals.iter().map(|_| super::scratch::f64s(n)).collect();
+                (lo, values)
+            },
+            |(lo, values), first, sub| {
+                let at = first - *lo;
+                for (out, v) in values.iter_mut().zip(sub) {
+                    out[at..at + v.len()].copy_from_slice(v);
+                }
+            },
+            |(lo, values)| {
+                let result = f(lo, &values);
+                values.into_iter().for_each(super::scratch::give_f64);
+                result
+            },
+            sink,
+        )
     }
 
     /// The f64 Gram matrix of `vals` per group (`[group][i][j]`).
@@ -487,6 +532,30 @@ impl Prepared<'_> {
         let m = vals.len();
         let numel = t.base.numel();
         let mut grams = vec![vec![vec![0.0; m]; m]; group.count(numel)];
+        if let GroupOf::Whole = group {
+            // Partial sums carried from sub-block to sub-block, added up per chunk.
+            self.chunk_fold(
+                t,
+                progress,
+                vals,
+                |_| true,
+                |_| vec![[0.0; crate::sum::LANES]; m * m],
+                |lanes, _, values| crate::sum::gram_lanes(values, lanes),
+                |lanes| {
+                    let mut g = vec![vec![0.0; m]; m];
+                    crate::sum::gram_fold(&lanes, &mut g);
+                    g
+                },
+                |_, g| {
+                    if let Some(g) = g {
+                        for (row, prow) in grams[0].iter_mut().zip(&g) {
+                            row.iter_mut().zip(prow).for_each(|(a, b)| *a += b);
+                        }
+                    }
+                },
+            )?;
+            return Ok(grams);
+        }
         self.chunk_pass(
             t,
             progress,
@@ -581,11 +650,11 @@ impl Prepared<'_> {
                             }
                             let v =
                                 &values[models.iter().position(|&m| m == i).expect("evaluated")];
-                            let keys: Vec<u64> = v
-                                .iter()
-                                .map(|&x| magnitude_key(t.compute.round_f64(x) as f64, desc))
-                                .collect();
-                            Some(sref[k].visit(lo as u64, &keys))
+                            let mut keys = super::scratch::u64s(v.len());
+                            magnitude_keys(v, t.compute, desc, &mut keys);
+                            let part = sref[k].visit(lo as u64, &keys);
+                            super::scratch::give_u64(keys);
+                            Some(part)
                         })
                         .collect::<Vec<_>>()
                 },

@@ -100,6 +100,109 @@ impl Keep {
     }
 }
 
+crate::simd::leveled! {
+    /// `total += (f32(δ)·factor)·w` per element, in float32 (the election's sum, one model at a time).
+    fn elect_total(d: &[f64], factor: f32, w: f32, total: &mut [f32]) {
+        for (t, &d) in total.iter_mut().zip(d) {
+            *t += (d as f32 * factor) * w;
+        }
+    }
+}
+
+crate::simd::leveled! {
+    /// Where model i's elected value `(f32(δ)·factor)·w32` has the sign of `total` (0 counting as +):
+    /// `mixed += δ·r·w`, `divisor += w`. Elsewhere +0 is added, which changes no sum here: both start at
+    /// +0 and so are never −0.
+    fn elect_add(
+        d: &[f64],
+        factor: f32,
+        w32: f32,
+        r: f64,
+        w: f64,
+        total: &[f32],
+        mixed: &mut [f64],
+        divisor: &mut [f64]
+    ) {
+        let n = d.len();
+        let (total, mixed, divisor) = (&total[..n], &mut mixed[..n], &mut divisor[..n]);
+        for j in 0..n {
+            let v = (d[j] as f32 * factor) * w32;
+            let positive = total[j] >= 0.0;
+            let agree = (v > 0.0) & positive | (v < 0.0) & !positive;
+            mixed[j] += if agree { d[j] * r * w } else { 0.0 };
+            divisor[j] += if agree { w } else { 0.0 };
+        }
+    }
+}
+
+crate::simd::leveled! {
+    /// [`Keep::sparsify`] of a ranked mask in float32: element j (flat index `first + j`) is kept when
+    /// `(lo_key, lo_index) ≤ (key of |f32(δ)|, index) ≤ (hi_key, hi_index)`, otherwise set to +0.
+    fn sparsify_ranked_f32(
+        d: &mut [f64],
+        first: u64,
+        desc: bool,
+        lo_key: u64,
+        lo_index: u64,
+        hi_key: u64,
+        hi_index: u64
+    ) {
+        let flip = if desc { u64::MAX } else { 0 };
+        for (j, v) in d.iter_mut().enumerate() {
+            let k = (*v as f32 as f64).abs().to_bits() ^ flip;
+            let i = first + j as u64;
+            let below_hi = (k < hi_key) | (k == hi_key) & (i <= hi_index);
+            let above_lo = (k > lo_key) | (k == lo_key) & (i >= lo_index);
+            let keep = 0u64.wrapping_sub((below_hi & above_lo) as u64);
+            *v = f64::from_bits(v.to_bits() & keep);
+        }
+    }
+}
+
+impl Keep {
+    /// Zeroes the elements of `d` (flat indices from `first`) this mask drops: [`Self::keeps`] per
+    /// element, with the kind of mask decided once per slice so that the loops vectorise.
+    pub fn sparsify(&self, level: crate::simd::Level, d: &mut [f64], first: u64) {
+        match *self {
+            Keep::All => {}
+            Keep::Nothing => d.fill(0.0),
+            Keep::Ranked {
+                desc,
+                compute,
+                lo,
+                hi,
+            } => {
+                let (lo_key, lo_index) = lo.unwrap_or((0, 0));
+                let kept = |k: u64, i: u64| {
+                    let below_hi = k < hi.0 || (k == hi.0 && i <= hi.1);
+                    let above_lo = k > lo_key || (k == lo_key && i >= lo_index);
+                    below_hi && above_lo
+                };
+                let key = |v: f64| magnitude_key(compute.round_f64(v) as f64, desc);
+                match compute {
+                    FloatType::F32 => {
+                        sparsify_ranked_f32::at(level, d, first, desc, lo_key, lo_index, hi.0, hi.1)
+                    }
+                    _ => {
+                        for (j, v) in d.iter_mut().enumerate() {
+                            if !kept(key(*v), first + j as u64) {
+                                *v = 0.0;
+                            }
+                        }
+                    }
+                }
+            }
+            _ => {
+                for (j, v) in d.iter_mut().enumerate() {
+                    if !self.keeps(*v, first + j as u64) {
+                        *v = 0.0;
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[derive(Debug)]
 pub(crate) struct TaskVectorNode {
     pub base: Val,
@@ -212,79 +315,87 @@ impl Val {
 
 impl TaskVectorNode {
     /// Column by column (one loop per task vector, so the loops vectorise), with per element the same
-    /// operations in the same order as the row-wise definition: the masks, then Σ_i in model order of
-    /// the kept (and, with consensus, sign-agreeing) w_i·δ_i and of their weights.
+    /// operations in the same order as the row-wise definition (`tests::row_wise`): the masks, then
+    /// Σ_i in model order of the kept (and, with consensus, sign-agreeing) w_i·δ_i and of their weights.
     fn eval(&self, x: &ChunkInputs, out: &mut [f64]) {
+        self.eval_at(crate::simd::level(), x, out)
+    }
+
+    /// [`Self::eval`] with its kernels at an explicit SIMD level (every level gives the same bits).
+    fn eval_at(&self, level: crate::simd::Level, x: &ChunkInputs, out: &mut [f64]) {
         if self.compute != FloatType::F32 {
             return self.eval_rounded(x, out);
         }
+        use super::scratch;
         let n = out.len();
         let m = self.deltas.len();
-        let mut deltas: Vec<Vec<f64>> = (0..m).map(|_| super::scratch::f64s(n)).collect();
+        let mut deltas: Vec<Vec<f64>> = (0..m).map(|_| scratch::f64s(n)).collect();
         for (d, v) in deltas.iter_mut().zip(&self.deltas) {
             v.eval(x, d);
         }
-        // Sparsify each task vector in place.
-        for (i, d) in deltas.iter_mut().enumerate() {
-            let keep = &self.keep[i];
-            for (j, v) in d.iter_mut().enumerate() {
-                if !keep.keeps(*v, (x.first + j) as u64) {
-                    *v = 0.0;
-                }
-            }
+        for (d, keep) in deltas.iter_mut().zip(&self.keep) {
+            keep.sparsify(level, d, x.first as u64);
         }
-        // The election's operands as mergekit has them: each rounded to the compute dtype, as are the
-        // rescale factors and weights, and each product.
-        let c = self.compute;
-        let factor: Vec<Option<f32>> = self
+        // The election's operands as mergekit has them in float32: δ_i rounded, times its rescale factor,
+        // times its weight, each product rounded (a factor of 1 multiplies exactly).
+        let factor: Vec<f32> = self
             .rescale
             .iter()
-            .map(|&s| (s != 1.0).then(|| c.round_f64(s)))
+            .map(|&s| if s != 1.0 { s as f32 } else { 1.0 })
             .collect();
-        let w32: Vec<f32> = self.weights.iter().map(|&w| c.round_f64(w)).collect();
-        let mut elected = vec![0f32; m];
-        self.base.eval(x, out);
-        for j in 0..n {
-            let (mut mixed, mut divisor) = (0.0, 0.0);
-            if self.consensus {
-                // sign(Σ_i w_i·δ_i), with 0 counting as +, taken from the sum mergekit computes (in
-                // float32, in model order): where the exact sum cancels to within its rounding, the
-                // sign is mergekit's.
-                let mut total = 0f32;
-                for i in 0..m {
-                    let mut d = c.round_f64(deltas[i][j]);
-                    if let Some(s) = factor[i] {
-                        d = c.round_f32(d * s);
-                    }
-                    elected[i] = c.round_f32(d * w32[i]);
-                    total += elected[i];
-                }
-                let positive = total >= 0.0;
-                for (i, d) in deltas.iter().enumerate() {
-                    let v = elected[i];
-                    if (v > 0.0 && positive) || (v < 0.0 && !positive) {
-                        mixed += d[j] * self.rescale[i] * self.weights[i];
-                        divisor += self.weights[i];
-                    }
-                }
-                if divisor == 0.0 {
-                    divisor = 1.0;
-                }
-            } else {
-                for (i, d) in deltas.iter().enumerate() {
-                    mixed += d[j] * self.rescale[i] * self.weights[i];
-                    divisor += self.weights[i];
-                }
-                if divisor.abs() < 1e-8 {
-                    divisor = 1.0;
+        let w32: Vec<f32> = self.weights.iter().map(|&w| w as f32).collect();
+        let mut mixed = scratch::f64s(n);
+        let mut divisor = scratch::f64s(n);
+        mixed.fill(0.0);
+        divisor.fill(0.0);
+        if self.consensus {
+            // sign(Σ_i w_i·δ_i), with 0 counting as +, taken from the sum mergekit computes (in float32,
+            // in model order): where the exact sum cancels to within its rounding, the sign is mergekit's.
+            let mut total = scratch::f32s(n);
+            total.fill(0.0);
+            for (i, d) in deltas.iter().enumerate() {
+                elect_total::at(level, d, factor[i], w32[i], &mut total);
+            }
+            for (i, d) in deltas.iter().enumerate() {
+                let (r, w) = (self.rescale[i], self.weights[i]);
+                elect_add::at(
+                    level,
+                    d,
+                    factor[i],
+                    w32[i],
+                    r,
+                    w,
+                    &total,
+                    &mut mixed,
+                    &mut divisor,
+                );
+            }
+            scratch::give_f32(total);
+            divisor
+                .iter_mut()
+                .filter(|d| **d == 0.0)
+                .for_each(|d| *d = 1.0);
+        } else {
+            for (i, d) in deltas.iter().enumerate() {
+                let (r, w) = (self.rescale[i], self.weights[i]);
+                for (mx, &d) in mixed.iter_mut().zip(d) {
+                    *mx += d * r * w;
                 }
             }
-            if self.normalize {
-                mixed /= divisor;
+            let mut total = 0.0;
+            for &w in &self.weights {
+                total += w;
             }
-            out[j] += self.lambda * mixed;
+            divisor.fill(if total.abs() < 1e-8 { 1.0 } else { total });
         }
-        deltas.into_iter().for_each(super::scratch::give_f64);
+        self.base.eval(x, out);
+        for ((o, &mx), &dv) in out.iter_mut().zip(&mixed).zip(&divisor) {
+            let mx = if self.normalize { mx / dv } else { mx };
+            *o += self.lambda * mx;
+        }
+        scratch::give_f64(mixed);
+        scratch::give_f64(divisor);
+        deltas.into_iter().for_each(scratch::give_f64);
     }
 
     /// mergekit's arithmetic in a 16-bit compute dtype, operation by operation: every intermediate
@@ -355,6 +466,215 @@ impl TaskVectorNode {
                 mixed = c.round_f32(mixed * lambda);
             }
             out[j] = c.round_f32(c.round_f64(out[j]) + mixed) as f64;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The election as first written, element by element (the definition the column-wise
+    /// [`TaskVectorNode::eval`] must reproduce bit for bit).
+    pub fn row_wise(node: &TaskVectorNode, x: &ChunkInputs, out: &mut [f64]) {
+        let n = out.len();
+        let m = node.deltas.len();
+        let mut deltas: Vec<Vec<f64>> = (0..m).map(|_| crate::executor::scratch::f64s(n)).collect();
+        for (d, v) in deltas.iter_mut().zip(&node.deltas) {
+            v.eval(x, d);
+        }
+        // Sparsify each task vector in place.
+        for (i, d) in deltas.iter_mut().enumerate() {
+            let keep = &node.keep[i];
+            for (j, v) in d.iter_mut().enumerate() {
+                if !keep.keeps(*v, (x.first + j) as u64) {
+                    *v = 0.0;
+                }
+            }
+        }
+        // The election's operands as mergekit has them: each rounded to the compute dtype, as are the
+        // rescale factors and weights, and each product.
+        let c = node.compute;
+        let factor: Vec<Option<f32>> = node
+            .rescale
+            .iter()
+            .map(|&s| (s != 1.0).then(|| c.round_f64(s)))
+            .collect();
+        let w32: Vec<f32> = node.weights.iter().map(|&w| c.round_f64(w)).collect();
+        let mut elected = vec![0f32; m];
+        node.base.eval(x, out);
+        for j in 0..n {
+            let (mut mixed, mut divisor) = (0.0, 0.0);
+            if node.consensus {
+                // sign(Σ_i w_i·δ_i), with 0 counting as +, taken from the sum mergekit computes (in
+                // float32, in model order): where the exact sum cancels to within its rounding, the
+                // sign is mergekit's.
+                let mut total = 0f32;
+                for i in 0..m {
+                    let mut d = c.round_f64(deltas[i][j]);
+                    if let Some(s) = factor[i] {
+                        d = c.round_f32(d * s);
+                    }
+                    elected[i] = c.round_f32(d * w32[i]);
+                    total += elected[i];
+                }
+                let positive = total >= 0.0;
+                for (i, d) in deltas.iter().enumerate() {
+                    let v = elected[i];
+                    if (v > 0.0 && positive) || (v < 0.0 && !positive) {
+                        mixed += d[j] * node.rescale[i] * node.weights[i];
+                        divisor += node.weights[i];
+                    }
+                }
+                if divisor == 0.0 {
+                    divisor = 1.0;
+                }
+            } else {
+                for (i, d) in deltas.iter().enumerate() {
+                    mixed += d[j] * node.rescale[i] * node.weights[i];
+                    divisor += node.weights[i];
+                }
+                if divisor.abs() < 1e-8 {
+                    divisor = 1.0;
+                }
+            }
+            if node.normalize {
+                mixed /= divisor;
+            }
+            out[j] += node.lambda * mixed;
+        }
+        deltas
+            .into_iter()
+            .for_each(crate::executor::scratch::give_f64);
+    }
+
+    #[test]
+    fn column_wise_election_gives_the_bits_of_the_row_wise_definition() {
+        let n = 3000;
+        let first = 70_000u64;
+        let mut s = 0x9e3779b97f4a7c15u64;
+        let mut next = || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        // A base and four fine-tunes; some elements equal to the base, some of opposite signs.
+        let base: Vec<f32> = (0..n)
+            .map(|_| (next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
+            .collect();
+        let models: Vec<Vec<f32>> = (0..4)
+            .map(|_| {
+                base.iter()
+                    .map(|&b| match next() % 5 {
+                        0 => b,
+                        _ => b + ((next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 1e-2,
+                    })
+                    .collect()
+            })
+            .collect();
+        // Planted exact cancellations: δ_0 = +h, δ_1 = −h, δ_2 = δ_3 = 0, so that with equal weights on
+        // models 0 and 1 the elected sum is exactly 0 (which counts as positive).
+        let (mut base, mut models) = (base, models);
+        for j in (0..n).step_by(37) {
+            base[j] = (j % 64) as f32 / 1024.0 - 0.03125;
+            models[0][j] = base[j] + 1.0 / 256.0;
+            models[1][j] = base[j] - 1.0 / 256.0;
+            models[2][j] = base[j];
+            models[3][j] = base[j];
+        }
+        let mut leaves = vec![base.as_slice()];
+        leaves.extend(models.iter().map(|v| v.as_slice()));
+        let x = ChunkInputs {
+            views: leaves,
+            reference: 0,
+            first: first as usize,
+        };
+        let delta = |i: usize| {
+            let mut c = vec![0.0; 5];
+            c[0] = -1.0;
+            c[i + 1] = 1.0;
+            Val::Lin(c)
+        };
+        let mid = magnitude_key(2.5e-3, false);
+        let mask: Vec<u64> = (0..(first as usize + n).div_ceil(64))
+            .map(|_| next())
+            .collect();
+        let keeps = [
+            Keep::Ranked {
+                desc: false,
+                compute: FloatType::F32,
+                lo: Some((mid, first + 100)),
+                hi: (u64::MAX, u64::MAX),
+            },
+            Keep::Ranked {
+                desc: true,
+                compute: FloatType::F32,
+                lo: None,
+                hi: (!mid, first + 1500),
+            },
+            Keep::Random {
+                stream: 7,
+                threshold: u64::MAX / 3,
+            },
+            Keep::Mask(Arc::new(mask)),
+            Keep::All,
+            Keep::Nothing,
+            Keep::Ranked {
+                desc: false,
+                compute: FloatType::BF16,
+                lo: None,
+                hi: (mid, first + 2000),
+            },
+        ];
+        for (case, (consensus, normalize, rescale, weights)) in [
+            (
+                true,
+                true,
+                [1.0, 2.5, 1.0, 0.75],
+                [0.3, -0.2, 0.45, 0.1 + 0.2],
+            ),
+            (true, false, [1.0; 4], [0.3, -0.2, 0.45, 0.1 + 0.2]),
+            (true, true, [1.0; 4], [0.25, 0.25, 0.5, 0.125]),
+            (
+                false,
+                true,
+                [2.0, 1.0, 1.0, 1.0],
+                [0.3, -0.2, 0.45, 0.1 + 0.2],
+            ),
+            (false, false, [1.0; 4], [0.3, -0.2, 0.45, 0.1 + 0.2]),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            for k in 0..keeps.len() {
+                let node = TaskVectorNode {
+                    base: Val::Lin(vec![1.0, 0.0, 0.0, 0.0, 0.0]),
+                    deltas: (0..4).map(delta).collect(),
+                    keep: (0..4)
+                        .map(|i| keeps[(k + i) % keeps.len()].clone())
+                        .collect(),
+                    rescale: rescale.to_vec(),
+                    weights: weights.to_vec(),
+                    compute: FloatType::F32,
+                    consensus,
+                    normalize,
+                    lambda: 0.9,
+                };
+                let mut want = vec![0.0; n];
+                row_wise(&node, &x, &mut want);
+                for level in crate::simd::available() {
+                    let mut got = vec![f64::NAN; n];
+                    node.eval_at(level, &x, &mut got);
+                    for j in 0..n {
+                        assert_eq!(
+                            got[j].to_bits(),
+                            want[j].to_bits(),
+                            "{level}: case {case}, masks from {k}, element {j}"
+                        );
+                    }
+                }
+            }
         }
     }
 }

@@ -82,11 +82,13 @@ impl FloatType {
 
     /// `x` as torch has it in this type when it computed `x` in float32: rounded to float32, then to
     /// this type (round-to-nearest-even both times), as an f32.
+    #[inline]
     pub fn round_f64(self, x: f64) -> f32 {
         self.round_f32(x as f32)
     }
 
     /// `x` rounded to this type (round-to-nearest-even).
+    #[inline]
     pub fn round_f32(self, x: f32) -> f32 {
         match self {
             Self::BF16 => bf16::from_f32(x).to_f32(),
