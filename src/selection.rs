@@ -146,17 +146,28 @@ impl RankSelect {
                         dense.resize(BUCKETS, (0, u64::MAX, 0));
                     }
                     let mut touched: Vec<u32> = Vec::new();
-                    for &k in keys {
-                        if self.matches(k) {
-                            let b = ((k >> shift) & mask) as usize;
-                            let e = &mut dense[b];
-                            if e.0 == 0 {
-                                touched.push(b as u32);
-                            }
-                            e.0 += 1;
-                            e.1 = e.1.min(k);
-                            e.2 = e.2.max(k);
+                    let mut count = |k: u64| {
+                        let b = ((k >> shift) & mask) as usize;
+                        let e = &mut dense[b];
+                        if e.0 == 0 {
+                            touched.push(b as u32);
                         }
+                        e.0 += 1;
+                        e.1 = e.1.min(k);
+                        e.2 = e.2.max(k);
+                    };
+                    if self.bits == 0 {
+                        keys.iter().for_each(|&k| count(k));
+                    } else {
+                        // The keys under the prefix, gathered without a branch per key (which of them
+                        // match is as good as random), then counted.
+                        let mut under = vec![0u64; keys.len()];
+                        let mut n = 0;
+                        for &k in keys {
+                            under[n] = k;
+                            n += self.matches(k) as usize;
+                        }
+                        under[..n].iter().for_each(|&k| count(k));
                     }
                     touched.sort_unstable();
                     Partial::Histogram(

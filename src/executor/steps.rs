@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
-use super::values::{GroupOf, Keep, Node, TaskVectorNode, Val};
+use super::values::{ChunkInputs, GroupOf, Keep, Node, TaskVectorNode, Val};
 use super::{MergeError, OutTensor, Prepared, Treatment, BLOCK, CHUNK, SUB};
 use crate::format::FloatType;
 use crate::kernels;
@@ -429,10 +429,9 @@ impl Prepared<'_> {
     }
 
     /// One pass over a tensor: per chunk `c` (in parallel, blocks of [`BLOCK`] chunks) for which
-    /// `wanted(c)`, `vals` are evaluated sub-block by sub-block and folded: `start(lo)` makes the chunk's
-    /// state, `step(state, first, values)` takes each sub-block's values (element `first` onward), and
-    /// `finish` turns the state into what `sink(c, _)` receives in chunk order (`None` for chunks not
-    /// wanted).
+    /// `wanted(c)`, the inputs `vals` need are decoded sub-block by sub-block and folded: `start(lo)`
+    /// makes the chunk's state, `step(state, inputs)` takes each sub-block, and `finish` turns the state
+    /// into what `sink(c, _)` receives in chunk order (`None` for chunks not wanted).
     #[allow(clippy::too_many_arguments)]
     fn chunk_fold<S, A: Send>(
         &self,
@@ -441,7 +440,7 @@ impl Prepared<'_> {
         vals: &[Val],
         wanted: impl Fn(usize) -> bool + Sync,
         start: impl Fn(usize) -> S + Sync,
-        step: impl Fn(&mut S, usize, &[&[f64]]) + Sync,
+        step: impl Fn(&mut S, &ChunkInputs) + Sync,
         finish: impl Fn(S) -> A + Sync,
         mut sink: impl FnMut(usize, Option<A>),
     ) -> Result<(), MergeError> {
@@ -458,21 +457,11 @@ impl Prepared<'_> {
                     }
                     let (lo, hi) = (c * CHUNK, ((c + 1) * CHUNK).min(numel));
                     let mut state = start(lo);
-                    let mut values: Vec<Vec<f64>> = vals
-                        .iter()
-                        .map(|_| super::scratch::f64s(SUB.min(hi - lo)))
-                        .collect();
-                    let done = self.with_sub_blocks(t, &needed, lo, hi, |x| {
-                        let n = x.views[x.reference].len();
-                        for (v, out) in vals.iter().zip(&mut values) {
-                            v.eval(x, &mut out[..n]);
-                        }
-                        let views: Vec<&[f64]> = values.iter().map(|v| &v[..n]).collect();
-                        step(&mut state, x.first, &views);
+                    self.with_sub_blocks(t, &needed, lo, hi, |x| {
+                        step(&mut state, x);
                         Ok(())
-                    });
-                    values.into_iter().for_each(super::scratch::give_f64);
-                    done.map(|()| Some(finish(state)))
+                    })?;
+                    Ok(Some(finish(state)))
                 })
                 .collect::<Result<_, MergeError>>()?;
             for (k, p) in parts.into_iter().enumerate() {
@@ -485,7 +474,7 @@ impl Prepared<'_> {
         Ok(())
     }
 
-    /// [`Self::chunk_fold`] with each chunk's values whole: `f(lo, values)` per wanted chunk.
+    /// [`Self::chunk_fold`] with each chunk's `vals` evaluated whole: `f(lo, values)` per wanted chunk.
     fn chunk_pass<A: Send>(
         &self,
         t: &OutTensor,
@@ -506,10 +495,11 @@ impl Prepared<'_> {
                 let values: Vec<Vec<f64>> = vals.iter().map(|_| super::scratch::f64s(n)).collect();
                 (lo, values)
             },
-            |(lo, values), first, sub| {
-                let at = first - *lo;
-                for (out, v) in values.iter_mut().zip(sub) {
-                    out[at..at + v.len()].copy_from_slice(v);
+            |(lo, values), x| {
+                let at = x.first - *lo;
+                let n = x.views[x.reference].len();
+                for (v, out) in vals.iter().zip(values.iter_mut()) {
+                    v.eval(x, &mut out[at..at + n]);
                 }
             },
             |(lo, values)| {
@@ -539,9 +529,22 @@ impl Prepared<'_> {
                 progress,
                 vals,
                 |_| true,
-                |_| vec![[0.0; crate::sum::LANES]; m * m],
-                |lanes, _, values| crate::sum::gram_lanes(values, lanes),
-                |lanes| {
+                |lo| {
+                    let n = SUB.min(numel - lo);
+                    let values: Vec<Vec<f64>> =
+                        vals.iter().map(|_| super::scratch::f64s(n)).collect();
+                    (vec![[0.0; crate::sum::LANES]; m * m], values)
+                },
+                |(lanes, values), x| {
+                    let n = x.views[x.reference].len();
+                    for (v, out) in vals.iter().zip(values.iter_mut()) {
+                        v.eval(x, &mut out[..n]);
+                    }
+                    let views: Vec<&[f64]> = values.iter().map(|v| &v[..n]).collect();
+                    crate::sum::gram_lanes(&views, lanes);
+                },
+                |(lanes, values)| {
+                    values.into_iter().for_each(super::scratch::give_f64);
                     let mut g = vec![vec![0.0; m]; m];
                     crate::sum::gram_fold(&lanes, &mut g);
                     g

@@ -563,7 +563,7 @@ mod tests {
         let base: Vec<f32> = (0..n)
             .map(|_| (next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
             .collect();
-        let models: Vec<Vec<f32>> = (0..4)
+        let models: Vec<Vec<f32>> = (0..10)
             .map(|_| {
                 base.iter()
                     .map(|&b| match next() % 5 {
@@ -580,8 +580,9 @@ mod tests {
             base[j] = (j % 64) as f32 / 1024.0 - 0.03125;
             models[0][j] = base[j] + 1.0 / 256.0;
             models[1][j] = base[j] - 1.0 / 256.0;
-            models[2][j] = base[j];
-            models[3][j] = base[j];
+            for k in 2..10 {
+                models[k][j] = base[j];
+            }
         }
         let mut leaves = vec![base.as_slice()];
         leaves.extend(models.iter().map(|v| v.as_slice()));
@@ -591,7 +592,7 @@ mod tests {
             first: first as usize,
         };
         let delta = |i: usize| {
-            let mut c = vec![0.0; 5];
+            let mut c = vec![0.0; 11];
             c[0] = -1.0;
             c[i + 1] = 1.0;
             Val::Lin(c)
@@ -647,15 +648,20 @@ mod tests {
         .into_iter()
         .enumerate()
         {
-            for k in 0..keeps.len() {
+            for (m, k) in [4, 10]
+                .into_iter()
+                .flat_map(|m| (0..keeps.len()).map(move |k| (m, k)))
+            {
+                let mut base_coefs = vec![0.0; 11];
+                base_coefs[0] = 1.0;
                 let node = TaskVectorNode {
-                    base: Val::Lin(vec![1.0, 0.0, 0.0, 0.0, 0.0]),
-                    deltas: (0..4).map(delta).collect(),
-                    keep: (0..4)
+                    base: Val::Lin(base_coefs),
+                    deltas: (0..m).map(delta).collect(),
+                    keep: (0..m)
                         .map(|i| keeps[(k + i) % keeps.len()].clone())
                         .collect(),
-                    rescale: rescale.to_vec(),
-                    weights: weights.to_vec(),
+                    rescale: (0..m).map(|i| rescale[i % 4]).collect(),
+                    weights: (0..m).map(|i| weights[i % 4]).collect(),
                     compute: FloatType::F32,
                     consensus,
                     normalize,
@@ -670,7 +676,7 @@ mod tests {
                         assert_eq!(
                             got[j].to_bits(),
                             want[j].to_bits(),
-                            "{level}: case {case}, masks from {k}, element {j}"
+                            "{level}: case {case}, {m} models, masks from {k}, element {j}"
                         );
                     }
                 }
