@@ -157,7 +157,22 @@ impl RankSelect {
                         e.2 = e.2.max(k);
                     };
                     if self.bits == 0 {
-                        keys.iter().for_each(|&k| count(k));
+                        // Every key, counted only: the first digit's bucket nearly never holds a single
+                        // key, so its range is not tracked (reported as 0..=MAX, which only means "more
+                        // than one key": the next pass then resolves it).
+                        drop(count);
+                        for &k in keys {
+                            let b = ((k >> shift) & mask) as usize;
+                            let e = &mut dense[b].0;
+                            if *e == 0 {
+                                touched.push(b as u32);
+                            }
+                            *e += 1;
+                        }
+                        for &b in &touched {
+                            dense[b as usize].1 = 0;
+                            dense[b as usize].2 = u64::MAX;
+                        }
                     } else {
                         // The keys under the prefix, gathered without a branch per key (which of them
                         // match is as good as random), then counted.
