@@ -167,8 +167,9 @@ for n in $LAYERS; do
     t0=$(now); cat "${inputs[@]}" > /dev/null; t1=$(now)
     cat_times+=("$(echo "$t1 - $t0" | bc -l)")
     # The output's bytes written once to OUT_DIR (and, for the durable floor, synced).
-    t2=$(now); head -c "$model_bytes" /dev/zero > "$OUT_DIR/floor.bin"; t3=$(now)
-    dd if=/dev/zero of="$OUT_DIR/floor.bin" bs=16M count=$(( model_bytes / 16777216 + 1 )) conv=fsync status=none; t4=$(now)
+    # dd in 16 MiB blocks: the cheapest way to write the bytes (head -c's small writes took 0.2 s more).
+    t2=$(now); dd if=/dev/zero of="$OUT_DIR/floor.bin" bs=16M count="$model_bytes" iflag=count_bytes status=none; t3=$(now)
+    dd if=/dev/zero of="$OUT_DIR/floor.bin" bs=16M count="$model_bytes" iflag=count_bytes conv=fsync status=none; t4=$(now)
     rm -f "$OUT_DIR/floor.bin"
     floors+=("$(echo "$t1 - $t0 + $t3 - $t2" | bc -l)")
     durables+=("$(echo "$t1 - $t0 + $t4 - $t3" | bc -l)")
