@@ -101,6 +101,24 @@ impl Keep {
 }
 
 crate::simd::leveled! {
+    /// `out += λ·mixed`, or `out += λ·(mixed ÷ divisor)` when normalizing (a divisor of 0 taken as 1).
+    fn elect_finish(mixed: &[f64], divisor: &[f64], normalize: bool, lambda: f64, out: &mut [f64]) {
+        let n = out.len();
+        let (mixed, divisor) = (&mixed[..n], &divisor[..n]);
+        if normalize {
+            for j in 0..n {
+                let dv = if divisor[j] == 0.0 { 1.0 } else { divisor[j] };
+                out[j] += lambda * (mixed[j] / dv);
+            }
+        } else {
+            for j in 0..n {
+                out[j] += lambda * mixed[j];
+            }
+        }
+    }
+}
+
+crate::simd::leveled! {
     /// `total += (f32(δ)·factor)·w` per element, in float32 (the election's sum, one model at a time).
     fn elect_total(d: &[f64], factor: f32, w: f32, total: &mut [f32]) {
         for (t, &d) in total.iter_mut().zip(d) {
@@ -129,8 +147,11 @@ crate::simd::leveled! {
             let v = (d[j] as f32 * factor) * w32;
             let positive = total[j] >= 0.0;
             let agree = (v > 0.0) & positive | (v < 0.0) & !positive;
-            mixed[j] += if agree { d[j] * r * w } else { 0.0 };
-            divisor[j] += if agree { w } else { 0.0 };
+            // +0 where not agreeing, by a bit mask: as a select the compiler split each update into two
+            // masked read-modify-writes, and the second load waited on the first's masked store.
+            let keep = 0u64.wrapping_sub(agree as u64);
+            mixed[j] += f64::from_bits((d[j] * r * w).to_bits() & keep);
+            divisor[j] += f64::from_bits(w.to_bits() & keep);
         }
     }
 }
@@ -371,10 +392,6 @@ impl TaskVectorNode {
                 );
             }
             scratch::give_f32(total);
-            divisor
-                .iter_mut()
-                .filter(|d| **d == 0.0)
-                .for_each(|d| *d = 1.0);
         } else {
             for (i, d) in deltas.iter().enumerate() {
                 let (r, w) = (self.rescale[i], self.weights[i]);
@@ -389,10 +406,7 @@ impl TaskVectorNode {
             divisor.fill(if total.abs() < 1e-8 { 1.0 } else { total });
         }
         self.base.eval(x, out);
-        for ((o, &mx), &dv) in out.iter_mut().zip(&mixed).zip(&divisor) {
-            let mx = if self.normalize { mx / dv } else { mx };
-            *o += self.lambda * mx;
-        }
+        elect_finish::at(level, &mixed, &divisor, self.normalize, self.lambda, out);
         scratch::give_f64(mixed);
         scratch::give_f64(divisor);
         deltas.into_iter().for_each(scratch::give_f64);
