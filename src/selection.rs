@@ -89,6 +89,8 @@ pub enum Partial {
 thread_local! {
     /// A dense histogram per thread, all (0, MAX, 0) between calls: only the touched buckets are reset.
     static SCRATCH: RefCell<Vec<(u32, u64, u64)>> = const { RefCell::new(Vec::new()) };
+    /// Four partial counts per bucket for the first digit, all zero between calls.
+    static COUNTS: RefCell<Vec<[u32; 4]>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Finds the element of ascending rank `rank` (0-based) in the order (key, index).
@@ -160,19 +162,35 @@ impl RankSelect {
                         // Every key, counted only: the first digit's bucket nearly never holds a single
                         // key, so its range is not tracked (reported as 0..=MAX, which only means "more
                         // than one key": the next pass then resolves it).
+                        // Four counts per bucket, key j in count j mod 4: runs of keys in one bucket
+                        // (most of them) then update different words instead of waiting on each other.
                         drop(count);
-                        for &k in keys {
-                            let b = ((k >> shift) & mask) as usize;
-                            let e = &mut dense[b].0;
-                            if *e == 0 {
-                                touched.push(b as u32);
+                        COUNTS.with(|c| {
+                            let mut ways = c.borrow_mut();
+                            if ways.is_empty() {
+                                ways.resize(BUCKETS, [0; 4]);
                             }
-                            *e += 1;
-                        }
-                        for &b in &touched {
-                            dense[b as usize].1 = 0;
-                            dense[b as usize].2 = u64::MAX;
-                        }
+                            let (quads, rest) = keys.as_chunks::<4>();
+                            for q in quads {
+                                for (way, &k) in q.iter().enumerate() {
+                                    ways[((k >> shift) & mask) as usize][way] += 1;
+                                }
+                            }
+                            for (way, &k) in rest.iter().enumerate() {
+                                ways[((k >> shift) & mask) as usize][way] += 1;
+                            }
+                            // The touched buckets, found from the keys again (cheap: no stores).
+                            for &k in keys {
+                                let b = ((k >> shift) & mask) as usize;
+                                let w = &mut ways[b];
+                                if w != &[0; 4] {
+                                    let e = &mut dense[b];
+                                    *e = (w.iter().sum(), 0, u64::MAX);
+                                    *w = [0; 4];
+                                    touched.push(b as u32);
+                                }
+                            }
+                        });
                     } else {
                         // The keys under the prefix, gathered without a branch per key (which of them
                         // match is as good as random), then counted.
