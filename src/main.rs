@@ -8,6 +8,7 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     stop_cleanly_on_signals();
+    allow_open_files();
     let args = cli::Cli::parse();
     match cli::run(args) {
         Ok(()) => ExitCode::SUCCESS,
@@ -17,6 +18,28 @@ fn main() -> ExitCode {
             }
             eprintln!("error: {}", message(&err));
             ExitCode::from(cli::exit_code(&err))
+        }
+    }
+}
+
+/// Raises the soft limit on open files to the hard one: a merge keeps every input shard open for the
+/// length of the run (it reads them with `pread`), and a recipe of many sharded models could pass the
+/// usual soft limit of 1024 although the hard limit allows far more.
+fn allow_open_files() {
+    #[cfg(unix)]
+    {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: plain syscalls on a local struct.
+        unsafe {
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0
+                && limit.rlim_cur < limit.rlim_max
+            {
+                limit.rlim_cur = limit.rlim_max.min(1 << 20);
+                libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+            }
         }
     }
 }
