@@ -1,5 +1,5 @@
-//! The executor: evaluates a [`Plan`] tensor by tensor, in fixed-size chunks, straight from the
-//! memory-mapped inputs into the output shards. No intermediate model is ever materialised.
+//! The executor: evaluates a [`Plan`] tensor by tensor, in fixed-size chunks read from the inputs
+//! (`pread`) straight into the output shards. No intermediate model is ever materialised.
 //!
 //! Every step is linear in its inputs once SLERP's coefficients are known, so each step is kept as a
 //! coefficient vector over the input models (per tensor). A SLERP step needs the Gram matrix of its task
@@ -403,9 +403,11 @@ impl<'p> Prepared<'p> {
         let per_model: u64 = specs.iter().map(|s| s.byte_len()).sum::<u64>() + 8 * 1024;
         let k = outputs.len() as u64;
         let l = self.models.len() as u64;
-        // Chunks in flight (one per thread): decoded inputs (f32) and an f64 result. Two blocks: the encoded
-        // results of every output (one being written while the next is computed), and the input pages mapped (released after the block). Per output: an
-        // 8 MiB write buffer. Plus headers, plan and bookkeeping.
+        // Chunks in flight (one per thread): each input's bytes (at most 4 per element), the values a
+        // reduction pass keeps for a whole chunk (f64, at most one per input) and a result or key per
+        // element (8 bytes); the sub-block buffers are small beside them. Two blocks of the encoded results
+        // of every output (one being written while the next is computed). Per output: a 64 KiB write
+        // buffer. Plus headers, plan and bookkeeping. Nothing of the inputs is mapped while merging.
         let threads = rayon::current_num_threads() as u64;
         let block = (BLOCK * CHUNK) as u64;
         // A magnitude sparsification sorts one task vector of a tensor at a time in memory: 8 bytes
@@ -427,10 +429,9 @@ impl<'p> Prepared<'p> {
         } else {
             0
         };
-        let peak = threads * CHUNK as u64 * (4 * l + 8)
+        let peak = threads * CHUNK as u64 * (12 * l + 8)
             + block * 4 * k
-            + block * 4 * l
-            + k * (8 << 20)
+            + k * (64 << 10)
             + sort
             + (16 << 20);
         PlanSummary {
@@ -790,7 +791,6 @@ impl<'p> Prepared<'p> {
                 pending = Some(next?);
             }
             let (lo, hi) = (block_start * CHUNK, ((block_start + BLOCK) * CHUNK).min(n));
-            self.release(t, &needed, lo, hi);
             progress.advance(t.bytes_of(hi - lo));
         }
         Ok(())
@@ -929,21 +929,6 @@ impl<'p> Prepared<'p> {
             }
         }
         Ok(())
-    }
-
-    /// Drops the input pages of elements `lo..hi` from this process's resident set.
-    fn release(&self, t: &OutTensor, needed: &[bool], lo: usize, hi: usize) {
-        let Treatment::Merge { inputs } = &t.treatment else {
-            return;
-        };
-        for (l, input) in inputs.iter().enumerate() {
-            if let Some((ft, info)) = input.as_ref().filter(|_| needed[l]) {
-                let size = ft.size();
-                self.models[l]
-                    .file_of(info)
-                    .release(info.start + lo * size, (hi - lo) * size);
-            }
-        }
     }
 }
 

@@ -468,7 +468,6 @@ impl Prepared<'_> {
                 sink(block_start + k, p);
             }
             let (lo, hi) = (block_start * CHUNK, (block_end * CHUNK).min(numel));
-            self.release(t, &needed, lo, hi);
             progress.advance(t.bytes_of(hi - lo));
         }
         Ok(())
