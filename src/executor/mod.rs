@@ -912,8 +912,8 @@ impl<'p> Prepared<'p> {
             let size = ft.size();
             let v = &mut bufs[l];
             v.resize(b - a, 0.0);
-            ft.decode(&raw[l][a * size..b * size], v);
-            if !self.plan.allow_nonfinite {
+            let finite = ft.decode_finite(&raw[l][a * size..b * size], v);
+            if !finite && !self.plan.allow_nonfinite {
                 if let Some(i) = crate::format::dtype::first_non_finite(v) {
                     let model = &self.models[l];
                     return Err(MergeError::NonFinite {

@@ -9,7 +9,8 @@ use super::dtype::{f64_to_f32_round_odd, FloatType};
 use crate::simd::{leveled, Level};
 
 /// Decodes little-endian elements of `t` into `out` at `level`. `bytes.len()` must be `out.len() · size`.
-pub(crate) fn decode_at(level: Level, t: FloatType, bytes: &[u8], out: &mut [f32]) {
+/// Returns whether any decoded value is NaN or infinite (tested on the fly, in registers).
+pub(crate) fn decode_at(level: Level, t: FloatType, bytes: &[u8], out: &mut [f32]) -> bool {
     debug_assert_eq!(bytes.len(), out.len() * t.size());
     let n = out.len().min(bytes.len() / t.size());
     let (bytes, out) = (&bytes[..n * t.size()], &mut out[..n]);
@@ -26,7 +27,10 @@ pub(crate) fn decode_at(level: Level, t: FloatType, bytes: &[u8], out: &mut [f32
             // SAFETY: the CPU has AVX2 and F16C (asserted); lengths matched above.
             unsafe { x86::decode_avx2(t, bytes, out) }
         }
-        _ => decode_scalar(t, bytes, out),
+        _ => {
+            decode_scalar(t, bytes, out);
+            out.iter().any(|x| !x.is_finite())
+        }
     }
 }
 
@@ -126,16 +130,20 @@ mod x86 {
     use super::{decode_scalar, encode_f64_scalar, FloatType};
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,f16c")]
-    pub unsafe fn decode_avx512(t: FloatType, bytes: &[u8], out: &mut [f32]) {
+    pub unsafe fn decode_avx512(t: FloatType, bytes: &[u8], out: &mut [f32]) -> bool {
         let n = out.len();
         let (src, dst) = (bytes.as_ptr(), out.as_mut_ptr());
         let full = n / 16 * 16;
         let mut i = 0;
+        // Lanes whose exponent bits are all ones (NaN or ±∞), accumulated.
+        let exp = _mm512_set1_epi32(0x7f80_0000);
+        let mut bad: u16 = 0;
         match t {
             FloatType::BF16 => {
                 while i < full {
                     let h = _mm256_loadu_si256(src.add(2 * i) as *const __m256i);
                     let v = _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h));
+                    bad |= _mm512_cmpeq_epi32_mask(_mm512_and_si512(v, exp), exp);
                     _mm512_storeu_si512(dst.add(i) as *mut _, v);
                     i += 16;
                 }
@@ -143,30 +151,38 @@ mod x86 {
             FloatType::F16 => {
                 while i < full {
                     let h = _mm256_loadu_si256(src.add(2 * i) as *const __m256i);
-                    _mm512_storeu_ps(dst.add(i), _mm512_cvtph_ps(h));
+                    let v = _mm512_cvtph_ps(h);
+                    let bits = _mm512_castps_si512(v);
+                    bad |= _mm512_cmpeq_epi32_mask(_mm512_and_si512(bits, exp), exp);
+                    _mm512_storeu_ps(dst.add(i), v);
                     i += 16;
                 }
             }
             FloatType::F32 => {
                 std::ptr::copy_nonoverlapping(src, dst as *mut u8, 4 * n);
-                return;
+                return out.iter().any(|x| !x.is_finite());
             }
         }
         let size = t.size();
         decode_scalar(t, &bytes[i * size..], &mut out[i..]);
+        bad != 0 || out[i..].iter().any(|x| !x.is_finite())
     }
 
     #[target_feature(enable = "avx2,f16c")]
-    pub unsafe fn decode_avx2(t: FloatType, bytes: &[u8], out: &mut [f32]) {
+    pub unsafe fn decode_avx2(t: FloatType, bytes: &[u8], out: &mut [f32]) -> bool {
         let n = out.len();
         let (src, dst) = (bytes.as_ptr(), out.as_mut_ptr());
         let full = n / 8 * 8;
         let mut i = 0;
+        // Lanes whose exponent bits are all ones (NaN or ±∞), accumulated.
+        let exp = _mm256_set1_epi32(0x7f80_0000);
+        let mut bad = _mm256_setzero_si256();
         match t {
             FloatType::BF16 => {
                 while i < full {
                     let h = _mm_loadu_si128(src.add(2 * i) as *const __m128i);
                     let v = _mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h));
+                    bad = _mm256_or_si256(bad, _mm256_cmpeq_epi32(_mm256_and_si256(v, exp), exp));
                     _mm256_storeu_si256(dst.add(i) as *mut __m256i, v);
                     i += 8;
                 }
@@ -174,17 +190,22 @@ mod x86 {
             FloatType::F16 => {
                 while i < full {
                     let h = _mm_loadu_si128(src.add(2 * i) as *const __m128i);
-                    _mm256_storeu_ps(dst.add(i), _mm256_cvtph_ps(h));
+                    let v = _mm256_cvtph_ps(h);
+                    let bits = _mm256_castps_si256(v);
+                    bad =
+                        _mm256_or_si256(bad, _mm256_cmpeq_epi32(_mm256_and_si256(bits, exp), exp));
+                    _mm256_storeu_ps(dst.add(i), v);
                     i += 8;
                 }
             }
             FloatType::F32 => {
                 std::ptr::copy_nonoverlapping(src, dst as *mut u8, 4 * n);
-                return;
+                return out.iter().any(|x| !x.is_finite());
             }
         }
         let size = t.size();
         decode_scalar(t, &bytes[i * size..], &mut out[i..]);
+        _mm256_movemask_epi8(bad) != 0 || out[i..].iter().any(|x| !x.is_finite())
     }
 
     /// 8 f64 → 8 f32 bits rounded to odd (see `f64_to_f32_round_odd`): the nearest f32, then, when
@@ -463,12 +484,44 @@ mod tests {
             for level in crate::simd::available() {
                 for skip in 0..17 {
                     let mut got = vec![0f32; n - skip];
-                    decode_at(level, t, &bytes[skip * t.size()..], &mut got);
+                    let flagged = decode_at(level, t, &bytes[skip * t.size()..], &mut got);
+                    assert_eq!(flagged, want[skip..].iter().any(|x| !x.is_finite()));
                     let same = got
                         .iter()
                         .zip(&want[skip..])
                         .all(|(a, b)| a.to_bits() == b.to_bits());
                     assert!(same, "{level} {t} skip {skip}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn decode_flags_a_single_non_finite_anywhere_at_every_level() {
+        for t in [FloatType::BF16, FloatType::F16, FloatType::F32] {
+            let n = 1000;
+            let finite: Vec<f32> = (0..n).map(|i| (i as f32 - 500.0) / 64.0).collect();
+            for bad in [
+                None,
+                Some(0usize),
+                Some(5),
+                Some(16),
+                Some(500),
+                Some(991),
+                Some(999),
+            ] {
+                for special in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                    let mut v = finite.clone();
+                    if let Some(p) = bad {
+                        v[p] = special;
+                    }
+                    let mut bytes = Vec::new();
+                    t.encode(&v, &mut bytes);
+                    for level in crate::simd::available() {
+                        let mut got = vec![0f32; n];
+                        let flagged = decode_at(level, t, &bytes, &mut got);
+                        assert_eq!(flagged, bad.is_some(), "{level} {t} {bad:?} {special}");
+                    }
                 }
             }
         }

@@ -100,7 +100,12 @@ impl FloatType {
     /// Decodes little-endian elements into `out` (exact). `bytes.len()` must be `out.len() * size`.
     /// Vectorised at the process's SIMD level (`crate::simd`); every level gives the same bits.
     pub fn decode(self, bytes: &[u8], out: &mut [f32]) {
-        super::convert::decode_at(crate::simd::level(), self, bytes, out)
+        super::convert::decode_at(crate::simd::level(), self, bytes, out);
+    }
+
+    /// [`Self::decode`], returning whether every decoded value is finite (tested while decoding).
+    pub fn decode_finite(self, bytes: &[u8], out: &mut [f32]) -> bool {
+        !super::convert::decode_at(crate::simd::level(), self, bytes, out)
     }
 
     /// Rounds each value once to this type (round-to-nearest-even) and appends little-endian bytes.
