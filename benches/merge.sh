@@ -8,7 +8,7 @@
 # For each size it writes, with `gemma-merge synth`, an SFT model and two RL-like runs of two checkpoints
 # each (every checkpoint the previous one plus relative noise DRIFT), then times, for each recipe of
 # RECIPES (default "warp ties"),
-#   gemma-merge run RECIPE.yaml --out OUT --force -q
+#   gemma-merge run RECIPE.yaml --out OUT --force -q   (OUT removed first, untimed)
 # under /usr/bin/time -v (warp: EMA of each run starting at the SFT, SLERP by layer, LITI η 0.3; ties: TIES
 # of the four RL checkpoints on the SFT, density 0.5, which takes a selection pass per tensor), and, as
 # a baseline, `cat` of every input file to /dev/null (page cache / disk read speed, same session).
@@ -176,6 +176,9 @@ for n in $LAYERS; do
     echo "   run $r: cat ${cat_times[-1]} s, memory floor ${floors[-1]} s, durable floor ${durables[-1]} s" >&2
     for rec in $RECIPES; do
       log="$d/time-$rec-$r.log"
+      # Into a fresh folder, as the floors write a fresh file: replacing the previous output would also
+      # time freeing it (on tmpfs, reclaiming memory for both copies at once).
+      rm -rf "$out"
       /usr/bin/time -v -o "$log" "${GM[@]}" run "$d/$rec.yaml" --out "$out" --force -q
       walls[$rec]+="$(wall_of "$log") "
       rsses[$rec]+="$(rss_of "$log") "
