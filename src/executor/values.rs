@@ -98,6 +98,48 @@ impl Keep {
             Keep::Mask(ref bits) => bits[(index / 64) as usize] >> (index % 64) & 1 == 1,
         }
     }
+
+    /// Zeroes the elements of `d` (flat indices from `first`) this mask drops: [`Self::keeps`] per
+    /// element, with the kind of mask decided once per slice so that the loops vectorise.
+    pub fn sparsify(&self, level: crate::simd::Level, d: &mut [f64], first: u64) {
+        match *self {
+            Keep::All => {}
+            Keep::Nothing => d.fill(0.0),
+            Keep::Ranked {
+                desc,
+                compute,
+                lo,
+                hi,
+            } => {
+                let (lo_key, lo_index) = lo.unwrap_or((0, 0));
+                let kept = |k: u64, i: u64| {
+                    let below_hi = k < hi.0 || (k == hi.0 && i <= hi.1);
+                    let above_lo = k > lo_key || (k == lo_key && i >= lo_index);
+                    below_hi && above_lo
+                };
+                let key = |v: f64| magnitude_key(compute.round_f64(v) as f64, desc);
+                match compute {
+                    FloatType::F32 => {
+                        sparsify_ranked_f32::at(level, d, first, desc, lo_key, lo_index, hi.0, hi.1)
+                    }
+                    _ => {
+                        for (j, v) in d.iter_mut().enumerate() {
+                            if !kept(key(*v), first + j as u64) {
+                                *v = 0.0;
+                            }
+                        }
+                    }
+                }
+            }
+            _ => {
+                for (j, v) in d.iter_mut().enumerate() {
+                    if !self.keeps(*v, first + j as u64) {
+                        *v = 0.0;
+                    }
+                }
+            }
+        }
+    }
 }
 
 crate::simd::leveled! {
@@ -176,50 +218,6 @@ crate::simd::leveled! {
             let above_lo = (k > lo_key) | (k == lo_key) & (i >= lo_index);
             let keep = 0u64.wrapping_sub((below_hi & above_lo) as u64);
             *v = f64::from_bits(v.to_bits() & keep);
-        }
-    }
-}
-
-impl Keep {
-    /// Zeroes the elements of `d` (flat indices from `first`) this mask drops: [`Self::keeps`] per
-    /// element, with the kind of mask decided once per slice so that the loops vectorise.
-    pub fn sparsify(&self, level: crate::simd::Level, d: &mut [f64], first: u64) {
-        match *self {
-            Keep::All => {}
-            Keep::Nothing => d.fill(0.0),
-            Keep::Ranked {
-                desc,
-                compute,
-                lo,
-                hi,
-            } => {
-                let (lo_key, lo_index) = lo.unwrap_or((0, 0));
-                let kept = |k: u64, i: u64| {
-                    let below_hi = k < hi.0 || (k == hi.0 && i <= hi.1);
-                    let above_lo = k > lo_key || (k == lo_key && i >= lo_index);
-                    below_hi && above_lo
-                };
-                let key = |v: f64| magnitude_key(compute.round_f64(v) as f64, desc);
-                match compute {
-                    FloatType::F32 => {
-                        sparsify_ranked_f32::at(level, d, first, desc, lo_key, lo_index, hi.0, hi.1)
-                    }
-                    _ => {
-                        for (j, v) in d.iter_mut().enumerate() {
-                            if !kept(key(*v), first + j as u64) {
-                                *v = 0.0;
-                            }
-                        }
-                    }
-                }
-            }
-            _ => {
-                for (j, v) in d.iter_mut().enumerate() {
-                    if !self.keeps(*v, first + j as u64) {
-                        *v = 0.0;
-                    }
-                }
-            }
         }
     }
 }
