@@ -393,14 +393,20 @@ pub fn torch_sort_order(keys: &[f32], descending: bool) -> Vec<u32> {
 /// [`torch_sort_order`] in place, on (key, index) pairs whose indices are 0, 1, 2, … in order.
 pub fn torch_sort_pairs(a: &mut [(f32, u32)], descending: bool) {
     if descending {
-        introsort(a, &|x: &(f32, u32), y: &(f32, u32)| {
-            (x.0.is_nan() && !y.0.is_nan()) || x.0 > y.0
-        });
+        introsort(a, &torch_desc);
     } else {
-        introsort(a, &|x: &(f32, u32), y: &(f32, u32)| {
-            (!x.0.is_nan() && y.0.is_nan()) || x.0 < y.0
-        });
+        introsort(a, &torch_asc);
     }
+}
+
+/// torch's `KeyValueCompDesc`: by key only, NaN first.
+fn torch_desc(x: &(f32, u32), y: &(f32, u32)) -> bool {
+    (x.0.is_nan() && !y.0.is_nan()) || x.0 > y.0
+}
+
+/// torch's `KeyValueCompAsc`: by key only, NaN last.
+fn torch_asc(x: &(f32, u32), y: &(f32, u32)) -> bool {
+    (!x.0.is_nan() && y.0.is_nan()) || x.0 < y.0
 }
 
 /// Which elements [`torch_sort_pairs`] would leave at positions `range`, without sorting the rest:
@@ -415,13 +421,9 @@ pub fn torch_sort_select(a: &mut [(f32, u32)], descending: bool, range: std::ops
     }
     let depth = 2 * n.ilog2() as usize;
     if descending {
-        select_loop(a, 0, n, depth, &range, &|x: &(f32, u32), y: &(f32, u32)| {
-            (x.0.is_nan() && !y.0.is_nan()) || x.0 > y.0
-        });
+        select_loop(a, 0, n, depth, &range, &torch_desc);
     } else {
-        select_loop(a, 0, n, depth, &range, &|x: &(f32, u32), y: &(f32, u32)| {
-            (!x.0.is_nan() && y.0.is_nan()) || x.0 < y.0
-        });
+        select_loop(a, 0, n, depth, &range, &torch_asc);
     }
 }
 
@@ -448,9 +450,7 @@ fn select_loop<T: Copy>(
             return;
         }
         depth -= 1;
-        let mid = first + (last - first) / 2;
-        move_median_to_first(a, first, first + 1, mid, last - 1, less);
-        let cut = unguarded_partition(a, first + 1, last, first, less);
+        let cut = partition_at_median(a, first, last, less);
         select_loop(a, cut, last, depth, range, less);
         last = cut;
     }
@@ -487,12 +487,23 @@ fn introsort_loop<T: Copy>(
             return;
         }
         depth -= 1;
-        let mid = first + (last - first) / 2;
-        move_median_to_first(a, first, first + 1, mid, last - 1, less);
-        let cut = unguarded_partition(a, first + 1, last, first, less);
+        let cut = partition_at_median(a, first, last, less);
         introsort_loop(a, cut, last, depth, less);
         last = cut;
     }
+}
+
+/// One step of `__introsort_loop`: the median of three moved to `first`, then the unguarded partition
+/// of `first + 1..last` around it; returns the cut.
+fn partition_at_median<T: Copy>(
+    a: &mut [T],
+    first: usize,
+    last: usize,
+    less: &impl Fn(&T, &T) -> bool,
+) -> usize {
+    let mid = first + (last - first) / 2;
+    move_median_to_first(a, first, first + 1, mid, last - 1, less);
+    unguarded_partition(a, first + 1, last, first, less)
 }
 
 fn move_median_to_first<T: Copy>(
