@@ -107,29 +107,13 @@ impl Keep {
             Keep::Nothing => d.fill(0.0),
             Keep::Ranked {
                 desc,
-                compute,
+                compute: FloatType::F32,
                 lo,
                 hi,
             } => {
+                // No bound below: (0, 0), which every element is at or above.
                 let (lo_key, lo_index) = lo.unwrap_or((0, 0));
-                let kept = |k: u64, i: u64| {
-                    let below_hi = k < hi.0 || (k == hi.0 && i <= hi.1);
-                    let above_lo = k > lo_key || (k == lo_key && i >= lo_index);
-                    below_hi && above_lo
-                };
-                let key = |v: f64| magnitude_key(compute.round_f64(v) as f64, desc);
-                match compute {
-                    FloatType::F32 => {
-                        sparsify_ranked_f32::at(level, d, first, desc, lo_key, lo_index, hi.0, hi.1)
-                    }
-                    _ => {
-                        for (j, v) in d.iter_mut().enumerate() {
-                            if !kept(key(*v), first + j as u64) {
-                                *v = 0.0;
-                            }
-                        }
-                    }
-                }
+                sparsify_ranked_f32::at(level, d, first, desc, lo_key, lo_index, hi.0, hi.1)
             }
             _ => {
                 for (j, v) in d.iter_mut().enumerate() {
