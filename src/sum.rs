@@ -129,14 +129,26 @@ leveled! {
             _ => {
                 for a in 0..m {
                     for b in a..m {
-                        let mut pair = [[0.0; LANES]; 4];
-                        pair[1] = lanes[a * m + b];
-                        lanes_fused::<2>(&[vectors[a], vectors[b]], &mut pair);
-                        lanes[a * m + b] = pair[1];
+                        lanes_pair(vectors[a], vectors[b], &mut lanes[a * m + b]);
                     }
                 }
             }
         }
+    }
+}
+
+/// One dot product's `LANES` partial sums (the lanes of [`lanes_fused`], for a single pair).
+#[inline(always)]
+fn lanes_pair(x: &[f64], y: &[f64], acc: &mut [f64; LANES]) {
+    let (xc, xr) = x.as_chunks::<LANES>();
+    let (yc, yr) = y[..x.len()].as_chunks::<LANES>();
+    for (p, q) in xc.iter().zip(yc) {
+        for l in 0..LANES {
+            acc[l] += p[l] * q[l];
+        }
+    }
+    for (l, (p, q)) in xr.iter().zip(yr).enumerate() {
+        acc[l] += p * q;
     }
 }
 
