@@ -160,16 +160,6 @@ pub fn combine(coefs: &[f64], sum: f64, inputs: &[&[f32]], reference: usize, out
     crate::sum::combine_at(coefs, sum, inputs, reference, out)
 }
 
-/// Accumulates the Gram matrix of several vectors of equal length in f64.
-///
-/// Each dot product runs in 8 interleaved partial sums (element i goes to sum i mod 8, the sums added in
-/// lane order at the end): a fixed order, so the result does not depend on threads or SIMD level, and eight
-/// independent additions per step instead of one chain (the single chain was 19% of a WARP merge).
-pub fn gram_accumulate(vectors: &[&[f64]], gram: &mut [Vec<f64>]) {
-    // Vectorised at the process's SIMD level; the lane sums and their order are the same at every level.
-    crate::sum::gram_at(vectors, gram)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -202,7 +192,9 @@ mod tests {
                 .collect();
             let refs: Vec<&[f64]> = v.iter().map(|x| x.as_slice()).collect();
             let mut g = vec![vec![1.0; 3]; 3];
-            gram_accumulate(&refs, &mut g);
+            let mut lanes = vec![[0.0; crate::sum::LANES]; 9];
+            crate::sum::gram_lanes(&refs, &mut lanes);
+            crate::sum::gram_fold(&lanes, &mut g);
             let want = gram_of(&v);
             for a in 0..3 {
                 for b in 0..3 {

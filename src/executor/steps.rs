@@ -565,11 +565,6 @@ impl Prepared<'_> {
             |_| true,
             |lo, values| {
                 let refs: Vec<&[f64]> = values.iter().map(|v| v.as_slice()).collect();
-                if let GroupOf::Whole = group {
-                    let mut g = vec![vec![0.0; m]; m];
-                    kernels::gram_accumulate(&refs, &mut g);
-                    return vec![(0, g)];
-                }
                 // Per group touched by the chunk, in order of first appearance (rows are runs of
                 // consecutive elements; columns repeat every `count`).
                 let mut out: Vec<(usize, Vec<Vec<f64>>)> = Vec::new();
