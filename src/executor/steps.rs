@@ -117,9 +117,7 @@ impl Prepared<'_> {
         let layer_gram = (angle == Angle::Layer).then(|| {
             let mut g = vec![vec![0.0; m]; m];
             for t in &grams {
-                for (row, trow) in g.iter_mut().zip(t) {
-                    row.iter_mut().zip(trow).for_each(|(a, b)| *a += b);
-                }
+                add_matrix(&mut g, t);
             }
             g
         });
@@ -544,15 +542,11 @@ impl Prepared<'_> {
                 },
                 |(lanes, values)| {
                     values.into_iter().for_each(super::scratch::give_f64);
-                    let mut g = vec![vec![0.0; m]; m];
-                    crate::sum::gram_fold(&lanes, &mut g);
-                    g
+                    lanes
                 },
-                |_, g| {
-                    if let Some(g) = g {
-                        for (row, prow) in grams[0].iter_mut().zip(&g) {
-                            row.iter_mut().zip(prow).for_each(|(a, b)| *a += b);
-                        }
+                |_, lanes| {
+                    if let Some(lanes) = lanes {
+                        crate::sum::gram_fold(&lanes, &mut grams[0]);
                     }
                 },
             )?;
@@ -594,9 +588,7 @@ impl Prepared<'_> {
             },
             |_, part| {
                 for (gi, g) in part.into_iter().flatten() {
-                    for (row, prow) in grams[gi].iter_mut().zip(&g) {
-                        row.iter_mut().zip(prow).for_each(|(a, b)| *a += b);
-                    }
+                    add_matrix(&mut grams[gi], &g);
                 }
             },
         )?;
@@ -842,4 +834,11 @@ fn restrict(t: &OutTensor, kind: &StepKind) -> Result<StepKind, MergeError> {
         });
     }
     Ok(out)
+}
+
+/// `into += m`, element by element.
+fn add_matrix(into: &mut [Vec<f64>], m: &[Vec<f64>]) {
+    for (row, mrow) in into.iter_mut().zip(m) {
+        row.iter_mut().zip(mrow).for_each(|(a, b)| *a += b);
+    }
 }
