@@ -147,24 +147,14 @@ impl RankSelect {
                     if dense.is_empty() {
                         dense.resize(BUCKETS, (0, u64::MAX, 0));
                     }
+                    let bucket = |k: u64| ((k >> shift) & mask) as usize;
                     let mut touched: Vec<u32> = Vec::new();
-                    let mut count = |k: u64| {
-                        let b = ((k >> shift) & mask) as usize;
-                        let e = &mut dense[b];
-                        if e.0 == 0 {
-                            touched.push(b as u32);
-                        }
-                        e.0 += 1;
-                        e.1 = e.1.min(k);
-                        e.2 = e.2.max(k);
-                    };
                     if self.bits == 0 {
                         // Every key, counted only: the first digit's bucket nearly never holds a single
                         // key, so its range is not tracked (reported as 0..=MAX, which only means "more
                         // than one key": the next pass then resolves it).
                         // Four counts per bucket, key j in count j mod 4: runs of keys in one bucket
                         // (most of them) then update different words instead of waiting on each other.
-                        drop(count);
                         COUNTS.with(|c| {
                             let mut ways = c.borrow_mut();
                             if ways.is_empty() {
@@ -173,19 +163,18 @@ impl RankSelect {
                             let (quads, rest) = keys.as_chunks::<4>();
                             for q in quads {
                                 for (way, &k) in q.iter().enumerate() {
-                                    ways[((k >> shift) & mask) as usize][way] += 1;
+                                    ways[bucket(k)][way] += 1;
                                 }
                             }
                             for (way, &k) in rest.iter().enumerate() {
-                                ways[((k >> shift) & mask) as usize][way] += 1;
+                                ways[bucket(k)][way] += 1;
                             }
                             // The touched buckets, found from the keys again (cheap: no stores).
                             for &k in keys {
-                                let b = ((k >> shift) & mask) as usize;
+                                let b = bucket(k);
                                 let w = &mut ways[b];
                                 if w != &[0; 4] {
-                                    let e = &mut dense[b];
-                                    *e = (w.iter().sum(), 0, u64::MAX);
+                                    dense[b] = (w.iter().sum(), 0, u64::MAX);
                                     *w = [0; 4];
                                     touched.push(b as u32);
                                 }
@@ -193,14 +182,23 @@ impl RankSelect {
                         });
                     } else {
                         // The keys under the prefix, gathered without a branch per key (which of them
-                        // match is as good as random), then counted.
+                        // match is as good as random), then counted with their range.
                         let mut under = vec![0u64; keys.len()];
                         let mut n = 0;
                         for &k in keys {
                             under[n] = k;
                             n += self.matches(k) as usize;
                         }
-                        under[..n].iter().for_each(|&k| count(k));
+                        for &k in &under[..n] {
+                            let b = bucket(k);
+                            let e = &mut dense[b];
+                            if e.0 == 0 {
+                                touched.push(b as u32);
+                            }
+                            e.0 += 1;
+                            e.1 = e.1.min(k);
+                            e.2 = e.2.max(k);
+                        }
                     }
                     touched.sort_unstable();
                     Partial::Histogram(
