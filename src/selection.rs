@@ -676,6 +676,17 @@ pub fn probability_threshold(p: f64) -> u64 {
 mod tests {
     use super::*;
 
+    /// Every (key, index) pair, in the order a selection ranks them.
+    fn sorted_pairs(keys: &[u64]) -> Vec<(u64, u64)> {
+        let mut sorted: Vec<(u64, u64)> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, &k)| (k, i as u64))
+            .collect();
+        sorted.sort();
+        sorted
+    }
+
     #[test]
     fn magnitude_keys_are_the_key_of_each_rounded_value_at_every_level() {
         use crate::format::FloatType;
@@ -723,12 +734,7 @@ mod tests {
                     (x % distinct) << 20
                 })
                 .collect();
-            let mut sorted: Vec<(u64, u64)> = keys
-                .iter()
-                .enumerate()
-                .map(|(i, &k)| (k, i as u64))
-                .collect();
-            sorted.sort();
+            let sorted = sorted_pairs(&keys);
             for rank in [0, n as u64 / 3, n as u64 / 2, n as u64 - 1] {
                 assert_eq!(
                     run(&keys, rank, 97),
@@ -827,12 +833,7 @@ mod tests {
                 magnitude_key((1.0 + (x % 3) as f64 / 1024.0) / 128.0, true)
             })
             .collect();
-        let mut sorted: Vec<(u64, u64)> = keys
-            .iter()
-            .enumerate()
-            .map(|(i, &k)| (k, i as u64))
-            .collect();
-        sorted.sort();
+        let sorted = sorted_pairs(&keys);
         for rank in [0, n as u64 / 3, n as u64 / 2, n as u64 - 1] {
             for retain in [true, false] {
                 let mut s = RankSelect::new(rank);
