@@ -8,6 +8,11 @@
 //! histogram is sparse (the buckets it touched), and a pass keeps them (up to [`RETAIN_CAP`] entries),
 //! so when a pass narrows the search to a single key it already knows how many occurrences each chunk
 //! holds: the answer is then located in one chunk, without another pass over the data.
+//!
+//! A selection may start instead with a window of keys guessed from a sample
+//! ([`window_from_sample`]): its first pass only counts the keys below the window and, per chunk, how
+//! often each key inside it occurs. When the rank falls inside (nearly always), that one pass finds the
+//! key and the chunk holding the wanted occurrence; otherwise the histogram passes follow.
 
 use std::cell::RefCell;
 
@@ -18,6 +23,8 @@ const BUCKETS: usize = 1 << DIGIT;
 pub const COLLECT_CAP: u64 = 1 << 20;
 /// Per-chunk histogram entries a pass keeps at most (12 bytes each).
 pub const RETAIN_CAP: usize = 1 << 20;
+/// Window entries (a key's count in one chunk) a window pass keeps at most (16 bytes each).
+pub const WINDOW_CAP: usize = 1 << 21;
 
 /// The key of |x| for an ascending (`desc = false`) or descending order of magnitude: equal magnitudes
 /// get equal keys, and the order of keys is the order wanted.
@@ -55,6 +62,11 @@ crate::simd::leveled! {
 
 #[derive(Debug, Clone)]
 enum Phase {
+    /// Count the keys below `lo`, and each key in `lo..=hi` per chunk.
+    Window {
+        lo: u64,
+        hi: u64,
+    },
     Histogram,
     Collect,
     /// The key is known; find in which chunk its `rank`-th occurrence lies.
@@ -81,6 +93,11 @@ pub enum Partial {
     /// The buckets the chunk touched, in bucket order.
     Histogram(Vec<Bin>),
     Collect(Vec<(u64, u64)>),
+    /// The keys below the window, and each key inside it with its count, in key order.
+    Window {
+        below: u64,
+        runs: Vec<(u64, u32)>,
+    },
     Count(u64),
     Found(Option<u64>),
     Nothing,
@@ -100,6 +117,10 @@ pub struct RankSelect {
     prefix: u64,
     bits: u32,
     phase: Phase,
+    /// The rank asked for (the histogram passes restart from it when a window misses).
+    asked: u64,
+    /// Whether histogram passes ran (or will: no window, or one that missed).
+    histogram: bool,
 }
 
 impl RankSelect {
@@ -109,6 +130,34 @@ impl RankSelect {
             prefix: 0,
             bits: 0,
             phase: Phase::Histogram,
+            asked: rank,
+            histogram: true,
+        }
+    }
+
+    /// Starts with a window pass over the keys `lo..=hi` (see the module's documentation); with
+    /// `lo > hi`, the histogram passes at once.
+    pub fn windowed(rank: u64, lo: u64, hi: u64) -> Self {
+        if lo > hi {
+            return Self::new(rank);
+        }
+        Self {
+            phase: Phase::Window { lo, hi },
+            histogram: false,
+            ..Self::new(rank)
+        }
+    }
+
+    /// Whether the selection runs (or ran) histogram passes: it had no window, or its window missed.
+    pub fn uses_histograms(&self) -> bool {
+        self.histogram
+    }
+
+    /// The window `(lo, hi)` while the next pass is a window pass: chunks then feed a [`WindowPart`].
+    pub fn window(&self) -> Option<(u64, u64)> {
+        match self.phase {
+            Phase::Window { lo, hi } => Some((lo, hi)),
+            _ => None,
         }
     }
 
@@ -138,6 +187,11 @@ impl RankSelect {
     /// One chunk's contribution: `keys[j]` is the key of element `first + j`.
     pub fn visit(&self, first: u64, keys: &[u64]) -> Partial {
         match self.phase {
+            Phase::Window { lo, hi } => {
+                let mut part = WindowPart::new(lo, hi);
+                part.add(keys);
+                part.finish()
+            }
             Phase::Histogram => {
                 let width = DIGIT.min(64 - self.bits);
                 let shift = 64 - self.bits - width;
@@ -266,6 +320,16 @@ impl RankSelect {
                 }
             }
             Partial::Collect(v) => acc.collected.extend(v),
+            Partial::Window { below, runs } => {
+                acc.below += below;
+                if let Some(kept) = &mut acc.window {
+                    if kept.len() + runs.len() > WINDOW_CAP {
+                        acc.window = None;
+                    } else {
+                        kept.extend(runs.into_iter().map(|(k, n)| (chunk as u32, k, n)));
+                    }
+                }
+            }
             Partial::Count(n) => acc.counts.push((chunk, n)),
             Partial::Found(f) => acc.found = acc.found.or(f),
             Partial::Nothing => {}
@@ -275,6 +339,15 @@ impl RankSelect {
     /// Ends a pass, given its total. Returns true once the element is found.
     pub fn advance(&mut self, acc: Pass) -> bool {
         match self.phase.clone() {
+            Phase::Window { .. } => {
+                self.phase = match acc.window {
+                    Some(kept) if self.rank >= acc.below => self
+                        .key_in_window(kept, self.rank - acc.below)
+                        .unwrap_or_else(|| self.restart()),
+                    // Over the cap, or the rank lies below the window.
+                    _ => self.restart(),
+                };
+            }
             Phase::Histogram => {
                 let (counts, min, max) = acc.histogram.expect("a histogram pass saw chunks");
                 let width = DIGIT.min(64 - self.bits);
@@ -330,6 +403,36 @@ impl RankSelect {
         matches!(self.phase, Phase::Done(_))
     }
 
+    /// After a window pass: the key holding ascending rank `want` among the window's keys (`kept`: chunk,
+    /// key, count, in chunk order), and the chunk holding that occurrence; `None` past the window.
+    fn key_in_window(&mut self, mut kept: Vec<(u32, u64, u32)>, want: u64) -> Option<Phase> {
+        // Stable: each key's entries stay in chunk order.
+        kept.sort_by_key(|&(_, k, _)| k);
+        let mut before = 0u64;
+        for group in kept.chunk_by(|a, b| a.1 == b.1) {
+            let total: u64 = group.iter().map(|&(_, _, n)| n as u64).sum();
+            if before + total > want {
+                self.prefix = group[0].1;
+                self.bits = 64;
+                self.rank = want - before;
+                return Some(
+                    self.chunk_of_rank(group.iter().map(|&(c, _, n)| (c as usize, n as u64))),
+                );
+            }
+            before += total;
+        }
+        None
+    }
+
+    /// The histogram passes from the start, for the rank asked.
+    fn restart(&mut self) -> Phase {
+        self.rank = self.asked;
+        self.prefix = 0;
+        self.bits = 0;
+        self.histogram = true;
+        Phase::Histogram
+    }
+
     /// The chunk holding occurrence `rank` of the key, given each chunk's count in chunk order; `rank`
     /// becomes the occurrence's rank within that chunk.
     fn chunk_of_rank(&mut self, counts: impl Iterator<Item = (usize, u64)>) -> Phase {
@@ -350,11 +453,155 @@ impl RankSelect {
 #[derive(Debug)]
 pub struct Pass {
     histogram: Option<(Vec<u64>, Vec<u64>, Vec<u64>)>,
+    /// Window passes: the keys below the window, and (chunk, key, count) of the keys inside, in chunk
+    /// order; `None` once over [`WINDOW_CAP`].
+    below: u64,
+    window: Option<Vec<(u32, u64, u32)>>,
     /// (chunk, bucket, count) of every chunk's histogram, in chunk order; `None` once over the cap.
     retained: Option<Vec<(u32, u32, u32)>>,
     collected: Vec<(u64, u64)>,
     counts: Vec<(usize, u64)>,
     found: Option<u64>,
+}
+
+/// One chunk's keys in a window pass, fed sub-block by sub-block.
+#[derive(Debug)]
+pub struct WindowPart {
+    lo: u64,
+    hi: u64,
+    below: u64,
+    /// The keys inside, in order (a window of one key only counts them, in `single`).
+    inside: Vec<u64>,
+    single: u64,
+}
+
+impl WindowPart {
+    pub fn new(lo: u64, hi: u64) -> Self {
+        Self {
+            lo,
+            hi,
+            below: 0,
+            inside: Vec::new(),
+            single: 0,
+        }
+    }
+
+    /// Counts the keys below the window, and those inside it (kept, unless the window is one key).
+    pub fn add(&mut self, keys: &[u64]) {
+        if self.lo == self.hi {
+            let (below, equal) = count_around(keys, self.lo);
+            self.below += below;
+            self.single += equal;
+        } else {
+            self.below += window_scan(keys, self.lo, self.hi, &mut self.inside);
+        }
+    }
+
+    /// The chunk's [`Partial::Window`].
+    pub fn finish(mut self) -> Partial {
+        let runs = if self.lo == self.hi {
+            (self.single > 0)
+                .then_some((self.lo, self.single as u32))
+                .into_iter()
+                .collect()
+        } else {
+            self.inside.sort_unstable();
+            self.inside
+                .chunk_by(|a, b| a == b)
+                .map(|run| (run[0], run.len() as u32))
+                .collect()
+        };
+        Partial::Window {
+            below: self.below,
+            runs,
+        }
+    }
+}
+
+crate::simd::leveled! {
+    /// How many of `keys` are below `key`, and how many equal it.
+    pub fn count_around(keys: &[u64], key: u64) -> (u64, u64) {
+        let mut below = 0u64;
+        let mut equal = 0u64;
+        for &k in keys {
+            below += (k < key) as u64;
+            equal += (k == key) as u64;
+        }
+        (below, equal)
+    }
+}
+
+crate::simd::leveled! {
+    /// How many of `keys` are below `lo`; appends those in `lo..=hi` to `inside`, in order.
+    pub fn window_scan(keys: &[u64], lo: u64, hi: u64, inside: &mut Vec<u64>) -> u64 {
+        let width = hi.wrapping_sub(lo);
+        let is_inside = |k: u64| k.wrapping_sub(lo) <= width;
+        let mut below = 0u64;
+        for block in keys.chunks(16) {
+            let mut any = false;
+            for &k in block {
+                below += (k < lo) as u64;
+                any |= is_inside(k);
+            }
+            // Most blocks hold no key inside; the others are gathered without a branch per key.
+            if any {
+                let start = inside.len();
+                inside.resize(start + block.len(), 0);
+                let mut n = start;
+                for &k in block {
+                    inside[n] = k;
+                    n += is_inside(k) as usize;
+                }
+                inside.truncate(n);
+            }
+        }
+        below
+    }
+}
+
+/// The window of keys that a sample of them suggests for ascending rank `rank` among `n` keys read in
+/// `chunks` chunks: the sample's keys at its quantiles `rank / n ± δ`, δ four standard errors of a
+/// sample quantile and at least 0.1% (a window reaching the sample's end is open on that side).
+/// `None` when the sample is under 1 024 keys, or when the window pass would likely keep more than half
+/// of [`WINDOW_CAP`] entries (many distinct keys: the histogram passes are then cheaper).
+/// Sorts `sample`.
+pub fn window_from_sample(
+    sample: &mut [u64],
+    rank: u64,
+    n: u64,
+    chunks: u64,
+) -> Option<(u64, u64)> {
+    let s = sample.len();
+    if s < 1024 || n == 0 {
+        return None;
+    }
+    sample.sort_unstable();
+    let q = (rank as f64 + 0.5) / n as f64;
+    let delta = (4.0 * (q * (1.0 - q) / s as f64).sqrt()).max(1e-3);
+    let i_lo = ((q - delta) * s as f64).floor();
+    let i_hi = ((q + delta) * s as f64).ceil();
+    let (lo, a) = if i_lo <= 0.0 {
+        (0, 0)
+    } else {
+        (sample[i_lo as usize], i_lo as usize)
+    };
+    let (hi, b) = if i_hi >= (s - 1) as f64 {
+        (u64::MAX, s - 1)
+    } else {
+        (sample[i_hi as usize], i_hi as usize)
+    };
+    // Entries kept: one per distinct key inside and chunk. A chunk holds about `m` keys inside; drawn
+    // from the sample's keys inside, they would hold Σ_k 1 − (1 − p_k)^m distinct keys (p_k: key k's
+    // share), a quarter more for keys the sample missed.
+    let inside = &sample[a..=b];
+    let mass = inside.len() as f64 / s as f64 * n as f64;
+    let m = mass / chunks.max(1) as f64;
+    let per_chunk: f64 = inside
+        .chunk_by(|x, y| x == y)
+        .map(|run| 1.0 - (1.0 - run.len() as f64 / inside.len() as f64).powf(m))
+        .sum();
+    let entries = (1.25 * per_chunk * chunks as f64).min(mass);
+    (entries < (WINDOW_CAP / 2) as f64).then_some((lo, hi))
 }
 
 /// Tensors of at most this many elements are sparsified by magnitude with an in-memory sort that
@@ -569,6 +816,8 @@ impl Default for Pass {
     fn default() -> Self {
         Self {
             histogram: None,
+            below: 0,
+            window: Some(Vec::new()),
             retained: Some(Vec::new()),
             collected: Vec::new(),
             counts: Vec::new(),
@@ -710,7 +959,10 @@ mod tests {
     }
 
     fn run(keys: &[u64], rank: u64, chunk: usize) -> (u64, u64) {
-        let mut s = RankSelect::new(rank);
+        run_from(RankSelect::new(rank), keys, chunk)
+    }
+
+    fn run_from(mut s: RankSelect, keys: &[u64], chunk: usize) -> (u64, u64) {
         loop {
             let mut pass = Pass::default();
             for (c, k) in keys.chunks(chunk).enumerate() {
@@ -743,6 +995,138 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A window pass finds the element when the rank falls inside the window (then without histogram
+    /// passes), and otherwise the histogram passes do: the same element as a full sort either way, for
+    /// windows of one key, of a few, open-ended, empty, below and above the rank.
+    #[test]
+    fn windowed_selection_equals_a_full_sort_inside_and_outside_the_window() {
+        let mut x = 777u64;
+        for &(n, distinct) in &[(5000usize, 9u64), (6000, 1 << 40), (4097, 300)] {
+            let keys: Vec<u64> = (0..n)
+                .map(|_| {
+                    x = mix64(x);
+                    (x % distinct) << 20
+                })
+                .collect();
+            let sorted = sorted_pairs(&keys);
+            for rank in [0, n as u64 / 3, n as u64 / 2, n as u64 - 1] {
+                let want = sorted[rank as usize];
+                let at = |r: usize| sorted[r.min(n - 1)].0;
+                let windows = [
+                    (want.0, want.0, true),
+                    (
+                        at((rank as usize).saturating_sub(40)),
+                        at(rank as usize + 40),
+                        true,
+                    ),
+                    (0, u64::MAX, true),
+                    (0, want.0, true),
+                    (want.0, u64::MAX, true),
+                    (want.0 + 1, u64::MAX, false),
+                    (0, want.0.wrapping_sub(1), want.0 == 0),
+                    (want.0 + 1, want.0, false),
+                ];
+                for (lo, hi, inside) in windows {
+                    let inside = inside && lo <= hi;
+                    let mut s = RankSelect::windowed(rank, lo, hi);
+                    assert_eq!(
+                        run_from(s.clone(), &keys, 97),
+                        want,
+                        "n={n} rank={rank} window {lo}..={hi}"
+                    );
+                    // Whether the window pass alone found it.
+                    let mut pass = Pass::default();
+                    for (c, k) in keys.chunks(97).enumerate() {
+                        s.absorb(&mut pass, c, s.visit((c * 97) as u64, k));
+                    }
+                    s.advance(pass);
+                    assert_eq!(
+                        !s.uses_histograms(),
+                        inside,
+                        "n={n} rank={rank} {lo}..={hi}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn window_scans_count_below_and_gather_inside_at_every_level() {
+        let mut x = 5u64;
+        let keys: Vec<u64> = (0..1000)
+            .map(|i| {
+                x = mix64(x);
+                // Runs of one repeated key, as a bf16 task vector's magnitudes have.
+                if i % 7 < 3 {
+                    500
+                } else {
+                    x % 1000
+                }
+            })
+            .collect();
+        for (lo, hi) in [
+            (500, 500),
+            (400, 600),
+            (0, 10),
+            (990, u64::MAX),
+            (0, u64::MAX),
+        ] {
+            let below = keys.iter().filter(|&&k| k < lo).count() as u64;
+            let inside: Vec<u64> = keys
+                .iter()
+                .copied()
+                .filter(|k| (lo..=hi).contains(k))
+                .collect();
+            for level in crate::simd::available() {
+                let mut got = vec![42];
+                assert_eq!(window_scan::at(level, &keys, lo, hi, &mut got), below);
+                assert_eq!(got[0], 42, "appends");
+                assert_eq!(got[1..], inside[..], "{level} {lo}..={hi}");
+                let equal = keys.iter().filter(|&&k| k == lo).count() as u64;
+                assert_eq!(
+                    count_around::at(level, &keys, lo),
+                    (below, equal),
+                    "{level}"
+                );
+            }
+        }
+    }
+
+    /// A sample's window holds the rank's key (for a sample drawn like the data), and none is proposed
+    /// from a small sample, nor when the window pass would keep too many entries.
+    #[test]
+    fn sampled_windows_hold_the_rank_and_respect_the_cap() {
+        let mut x = 99u64;
+        let mut draw = |distinct: u64| {
+            x = mix64(x);
+            x % distinct
+        };
+        for distinct in [5u64, 200, 1 << 50] {
+            let n = 200_000u64;
+            let keys: Vec<u64> = (0..n).map(|_| draw(distinct)).collect();
+            let mut sorted = keys.clone();
+            sorted.sort_unstable();
+            for rank in [n / 10, n / 2, n - n / 7] {
+                let mut sample: Vec<u64> = (0..20_000).map(|_| draw(distinct)).collect();
+                let (lo, hi) = window_from_sample(&mut sample, rank, n, n.div_ceil(1 << 16))
+                    .expect("a window");
+                let key = sorted[rank as usize];
+                assert!(lo <= key && key <= hi, "{distinct}: {key} in {lo}..={hi}");
+            }
+            let mut small: Vec<u64> = (0..1000).map(|_| draw(distinct)).collect();
+            assert_eq!(window_from_sample(&mut small, n / 2, n, 4), None);
+        }
+        // All distinct keys in a huge tensor: a window of ±0.1% would keep millions of entries.
+        let mut sample: Vec<u64> = (0..20_000).map(|_| draw(1 << 50)).collect();
+        assert_eq!(
+            window_from_sample(&mut sample, 1 << 31, 1 << 32, 1 << 16),
+            None
+        );
+        // Few distinct keys: one entry per key and chunk, however large the tensor.
+        let mut sample: Vec<u64> = (0..20_000).map(|_| draw(3)).collect();
+        assert!(window_from_sample(&mut sample, 1 << 31, 1 << 32, 1 << 16).is_some());
     }
 
     /// Expected orders printed by torch 2.15 (`torch.sort(x, descending=d).indices`, CPU).

@@ -847,7 +847,7 @@ fn past_the_sort_cap_only_threshold_ties_differ_from_mergekit() {
             .unwrap()
             .remove(0);
         if cap > 0 {
-            // The in-memory sort counts as the three passes the streaming selection usually makes.
+            // The in-memory sort counts as the two passes the streaming selection usually makes.
             let (total, done) = *counted.0.lock().unwrap();
             assert_eq!(done, total, "progress adds up");
         }
@@ -893,4 +893,101 @@ fn past_the_sort_cap_only_threshold_ties_differ_from_mergekit() {
     );
     assert_eq!(differing[0], 0, "in torch's order, nothing differs");
     assert!(differing[1] > 0, "past the cap, ties are kept by index");
+}
+
+/// A tensor past the sample size starts its top-k selections from a window of keys guessed from a
+/// sample, and finds each in one pass when the rank falls inside. The merge is byte-identical to the
+/// histogram passes' (windows off), for TIES (one descending rank per model) and breadcrumbs (two
+/// ascending ranks per model), over bf16 fine-tunes (few distinct |δ|, each repeated: windows of one
+/// key or a few) and f32 ones (all distinct). Progress adds up to what the plan announced either way.
+#[test]
+fn sampled_selection_windows_give_the_histogram_passes_bytes() {
+    let d = tempfile::tempdir().unwrap();
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut uniform = move || {
+        x = gemma_merge::selection::mix64(x);
+        (x >> 11) as f32 / (1u64 << 53) as f32 - 0.5
+    };
+    // Past 16 sample sub-blocks × 2 048 × 4 elements, so that the selection samples.
+    let shapes = [
+        ("model.embed_tokens.weight", vec![512, 320]),
+        ("model.layers.0.mlp.down_proj.weight", vec![320, 512]),
+    ];
+    let base: Vec<Vec<f32>> = shapes
+        .iter()
+        .map(|(_, s)| (0..s[0] * s[1]).map(|_| 0.1 * uniform()).collect())
+        .collect();
+    let drifted = |v: &[f32], u: &mut dyn FnMut() -> f32| -> Vec<f32> {
+        v.iter().map(|&b| b + 0.02 * b * u()).collect()
+    };
+    let ft_a: Vec<Vec<f32>> = base.iter().map(|v| drifted(v, &mut uniform)).collect();
+    let ft_b: Vec<Vec<f32>> = ft_a.iter().map(|v| drifted(v, &mut uniform)).collect();
+    let named = |vals: &[Vec<f32>]| -> Vec<(&str, Vec<usize>, Vec<f32>)> {
+        shapes
+            .iter()
+            .zip(vals)
+            .map(|((n, s), v)| (*n, s.clone(), v.clone()))
+            .collect()
+    };
+    let steps = [
+        "  - {name: t, method: ties, models: [ft_a, ft_b], weights: [0.6, 0.4], density: [0.5, 0.3]}\n",
+        "  - {name: b, method: breadcrumbs, models: [ft_a, ft_b], weights: [0.5, 0.5], density: [0.8, 0.7], gamma: [0.05, 0.02]}\n",
+    ];
+    for dtype in [FloatType::BF16, FloatType::F32] {
+        let root = d.path().join(format!("{dtype:?}"));
+        for (name, vals) in [("sft", &base), ("ft_a", &ft_a), ("ft_b", &ft_b)] {
+            common::write_model(&root.join(name), dtype, &named(vals));
+        }
+        for step in steps {
+            let recipe = root.join("recipe.yaml");
+            std::fs::write(
+                &recipe,
+                format!(
+                    "output: out\nbase: sft\nmodels:\n  sft: {}\n  ft_a: {}\n  ft_b: {}\nsteps:\n{step}",
+                    s(&root.join("sft")),
+                    s(&root.join("ft_a")),
+                    s(&root.join("ft_b"))
+                ),
+            )
+            .unwrap();
+            let mut outputs = Vec::new();
+            for windows in [true, false] {
+                let mut plan =
+                    gemma_merge::recipe::Plan::load(&recipe, Some(&root.join("out")), None)
+                        .unwrap();
+                plan.torch_order_cap = 0;
+                plan.selection_windows = windows;
+                let prepared = gemma_merge::executor::Prepared::new(&plan).unwrap();
+                let counted = Counted::default();
+                let merged = prepared.run_in_memory(&counted).unwrap().remove(0);
+                let (total, done) = *counted.0.lock().unwrap();
+                assert_eq!(
+                    done, total,
+                    "{dtype:?} {step} windows {windows}: progress adds up"
+                );
+                let stats = prepared.selection_stats();
+                let selections = if step.contains("ties") { 2 } else { 4 } * shapes.len() as u64;
+                assert_eq!(
+                    stats.found_in_window + stats.histogram,
+                    selections,
+                    "{dtype:?} {step}: {stats:?}"
+                );
+                if windows {
+                    // This data's windows all hold their rank.
+                    assert_eq!(stats.windowed, selections, "{dtype:?} {step}: {stats:?}");
+                    assert_eq!(
+                        stats.found_in_window, selections,
+                        "{dtype:?} {step}: {stats:?}"
+                    );
+                } else {
+                    assert_eq!(stats.windowed + stats.found_in_window, 0, "{stats:?}");
+                }
+                outputs.push(merged.tensors);
+            }
+            assert!(
+                outputs[0] == outputs[1],
+                "{dtype:?} {step}: windows change the bytes"
+            );
+        }
+    }
 }

@@ -101,6 +101,17 @@ pub fn run(a: &RunArgs, g: &Global) -> anyhow::Result<()> {
     let bars = super::progress::Bars::new(g);
     let report = prepared.run(&opts, &bars)?;
     bars.finish();
+    let sel = prepared.selection_stats();
+    if g.verbose && sel.found_in_window + sel.histogram > 0 {
+        // -v: how the streaming top-k selections went (a window that misses costs extra passes).
+        eprintln!(
+            "rank selections streamed: {} ({} from a sampled window, {} of them found in one pass; {} by histogram passes)",
+            sel.found_in_window + sel.histogram,
+            sel.windowed,
+            sel.found_in_window,
+            sel.histogram
+        );
+    }
     print_run_report(&report, a.json, g)
 }
 

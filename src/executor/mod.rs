@@ -151,6 +151,26 @@ pub struct Prepared<'p> {
     /// Each unit's coefficient vectors once computed (a few numbers per tensor), so that evaluating
     /// the outputs one at a time ([`Prepared::run_in_memory_one`]) runs SLERP's reduction passes once.
     coefficients: std::sync::Mutex<HashMap<usize, UnitValues>>,
+    /// How the streaming rank selections went.
+    selections: SelectionCounts,
+}
+
+/// How many streaming rank selections (one per sparsified task vector and rank, for tensors past
+/// `plan.torch_order_cap`) started from a sampled window, how many of those the window pass found, and
+/// how many ran the histogram passes (no window, or a window that missed).
+#[derive(Debug, Default)]
+pub(crate) struct SelectionCounts {
+    pub windowed: std::sync::atomic::AtomicU64,
+    pub found_in_window: std::sync::atomic::AtomicU64,
+    pub histogram: std::sync::atomic::AtomicU64,
+}
+
+/// [`Prepared::selection_stats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct SelectionStats {
+    pub windowed: u64,
+    pub found_in_window: u64,
+    pub histogram: u64,
 }
 
 /// `[tensor of the unit][step]`.
@@ -356,6 +376,7 @@ impl<'p> Prepared<'p> {
             tensors,
             units,
             coefficients: Default::default(),
+            selections: Default::default(),
         })
     }
 
@@ -385,6 +406,17 @@ impl<'p> Prepared<'p> {
     }
 
     /// Describes the run without reading tensor data.
+    /// How the streaming rank selections of the runs so far went (see [`SelectionStats`]).
+    pub fn selection_stats(&self) -> SelectionStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        let c = &self.selections;
+        SelectionStats {
+            windowed: c.windowed.load(Relaxed),
+            found_in_window: c.found_in_window.load(Relaxed),
+            histogram: c.histogram.load(Relaxed),
+        }
+    }
+
     pub fn summary(&self) -> PlanSummary {
         let plan = self.plan;
         let n_slerp: usize = plan.steps.iter().map(|s| steps::passes(&s.kind)).sum();

@@ -13,12 +13,14 @@ use crate::kernels;
 use crate::progress::Progress;
 use crate::recipe::{Angle, Grouping, Operand, Sparsify, StepKind, TaskVectorStep};
 use crate::selection::{
-    magnitude_keys, probability_threshold, stream_key, torch_sort_select, Pass, RankSelect,
+    magnitude_keys, probability_threshold, stream_key, torch_sort_select, window_from_sample, Pass,
+    RankSelect, WindowPart,
 };
 
-/// Data passes a step makes over each tensor before the writing pass (for `--dry-run`; rank selections
-/// usually take three, all models together: two histograms, then a sort of the candidates left, or,
-/// when the histograms end on one repeated key, a look into the one chunk that holds the answer).
+/// Data passes a step makes over each tensor before the writing pass (for `--dry-run` and progress; rank
+/// selections usually take two, all models together: a pass over a window of keys guessed from a
+/// sample, then a look into the one chunk that holds the answer, counted as a whole pass. When the
+/// histogram passes run instead, progress counts them within those two).
 pub(super) fn passes(kind: &StepKind) -> usize {
     match kind {
         StepKind::Slerp { .. }
@@ -28,9 +30,55 @@ pub(super) fn passes(kind: &StepKind) -> usize {
         StepKind::TaskVectors(tv) => match tv.sparsify {
             Sparsify::None => 0,
             Sparsify::Random => tv.rescale as usize,
-            Sparsify::Magnitude | Sparsify::MagnitudeOutliers => 3 + tv.rescale as usize,
+            Sparsify::Magnitude | Sparsify::MagnitudeOutliers => {
+                SELECTION_PASSES + tv.rescale as usize
+            }
         },
         _ => 0,
+    }
+}
+
+/// Passes counted for a rank selection ([`passes`]).
+const SELECTION_PASSES: usize = 2;
+
+/// Forwards at most `left` units of progress; [`Budget::finish`] adds what is left unspent, so that a
+/// stage counts what [`passes`] promised whatever number of passes it took.
+struct Budget<'a> {
+    inner: &'a dyn Progress,
+    left: std::sync::atomic::AtomicU64,
+}
+
+impl<'a> Budget<'a> {
+    fn new(inner: &'a dyn Progress, units: u64) -> Self {
+        Self {
+            inner,
+            left: units.into(),
+        }
+    }
+
+    fn finish(self) {
+        self.inner.advance(self.left.into_inner());
+    }
+}
+
+impl Progress for Budget<'_> {
+    fn start(&self, phase: &str, total: u64, unit: crate::progress::Unit) {
+        self.inner.start(phase, total, unit);
+    }
+
+    fn advance(&self, n: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut left = self.left.load(Relaxed);
+        loop {
+            let take = n.min(left);
+            match self
+                .left
+                .compare_exchange(left, left - take, Relaxed, Relaxed)
+            {
+                Ok(_) => return self.inner.advance(take),
+                Err(now) => left = now,
+            }
+        }
     }
 }
 
@@ -369,7 +417,18 @@ impl Prepared<'_> {
             };
             plans.push(plan);
         }
-        let found = self.select_many(t, &deltas, &targets, progress)?;
+        let budget = Budget::new(
+            progress,
+            if matches!(
+                tv.sparsify,
+                Sparsify::Magnitude | Sparsify::MagnitudeOutliers
+            ) {
+                SELECTION_PASSES as u64 * t.bytes_of(t.base.numel())
+            } else {
+                0
+            },
+        );
+        let found = self.select_many(t, &deltas, &targets, &budget)?;
         let mut found = targets.iter().zip(found);
         let mut keep: Vec<Keep> = plans
             .into_iter()
@@ -389,12 +448,10 @@ impl Prepared<'_> {
                 other => other,
             })
             .collect();
-        for ((i, _, _), mask) in sorted
-            .iter()
-            .zip(self.sorted_masks(t, &deltas, &sorted, progress)?)
-        {
+        for ((i, _, _), mask) in sorted.iter().zip(self.sorted_masks(t, &deltas, &sorted)?) {
             keep[*i] = Keep::Mask(mask);
         }
+        budget.finish();
         let rescaled: Vec<usize> = (0..deltas.len())
             .filter(|&i| tv.rescale && !matches!(keep[i], Keep::All | Keep::Nothing))
             .collect();
@@ -596,7 +653,9 @@ impl Prepared<'_> {
     }
 
     /// For each target (model i, rank r, descending?): (key, index) of the element of ascending rank r
-    /// of |δ_i| in (magnitude key, flat index) order. All targets advance in the same passes.
+    /// of |δ_i| in (magnitude key, flat index) order. All targets advance in the same passes, each chunk
+    /// streamed sub-block by sub-block; a selection whose window ([`Self::start_selections`]) holds its
+    /// rank is done in the first pass, but for a look into one chunk.
     fn select_many(
         &self,
         t: &OutTensor,
@@ -604,46 +663,88 @@ impl Prepared<'_> {
         targets: &[(usize, u64, bool)],
         progress: &dyn Progress,
     ) -> Result<Vec<(u64, u64)>, MergeError> {
-        let mut sels: Vec<RankSelect> = targets
-            .iter()
-            .map(|&(_, r, _)| RankSelect::new(r))
-            .collect();
+        /// What a chunk gathers for one target in a pass.
+        enum Gather {
+            Window(WindowPart),
+            /// The chunk's keys, for a histogram (or later) pass.
+            Keys(Vec<u64>),
+            Skip,
+        }
+        let mut sels = self.start_selections(t, deltas, targets)?;
         let mut done = vec![false; targets.len()];
         while done.iter().any(|d| !d) {
-            // The task vectors the unfinished targets read, evaluated once per chunk.
+            // The task vectors the unfinished targets read, evaluated once per sub-block.
             let models: Vec<usize> = {
                 let mut m: Vec<usize> = (0..targets.len())
                     .filter(|&k| !done[k])
                     .map(|k| targets[k].0)
                     .collect();
-                m.dedup();
                 m.sort_unstable();
                 m.dedup();
                 m
             };
             let vals: Vec<Val> = models.iter().map(|&i| deltas[i].clone()).collect();
             let mut passes: Vec<Pass> = targets.iter().map(|_| Pass::default()).collect();
-            let sref = &sels;
-            let dref = &done;
-            self.chunk_pass(
+            let (sref, dref) = (&sels, &done);
+            self.chunk_fold(
                 t,
                 progress,
                 &vals,
                 |c| (0..targets.len()).any(|k| !dref[k] && sref[k].wants_chunk(c)),
-                |lo, values| {
-                    (0..targets.len())
+                |lo| {
+                    let gather = (0..targets.len())
                         .map(|k| {
-                            let (i, _, desc) = targets[k];
                             if dref[k] || !sref[k].wants_chunk(lo / CHUNK) {
-                                return None;
+                                Gather::Skip
+                            } else if let Some((a, b)) = sref[k].window() {
+                                Gather::Window(WindowPart::new(a, b))
+                            } else {
+                                let mut keys = super::scratch::u64s(CHUNK);
+                                keys.clear();
+                                Gather::Keys(keys)
                             }
-                            let v =
-                                &values[models.iter().position(|&m| m == i).expect("evaluated")];
-                            let mut keys = super::scratch::u64s(v.len());
-                            magnitude_keys(v, t.compute, desc, &mut keys);
-                            let part = sref[k].visit(lo as u64, &keys);
-                            super::scratch::give_u64(keys);
-                            Some(part)
+                        })
+                        .collect::<Vec<_>>();
+                    (lo, gather)
+                },
+                |(_, gather), x| {
+                    let n = x.views[x.reference].len();
+                    let mut v = super::scratch::f64s(n);
+                    let mut keys = super::scratch::u64s(n);
+                    for (val, &m) in vals.iter().zip(&models) {
+                        let mut evaluated = false;
+                        for (k, g) in gather.iter_mut().enumerate() {
+                            let (i, _, desc) = targets[k];
+                            if i != m || matches!(g, Gather::Skip) {
+                                continue;
+                            }
+                            if !evaluated {
+                                val.eval(x, &mut v);
+                                evaluated = true;
+                            }
+                            magnitude_keys(&v, t.compute, desc, &mut keys);
+                            match g {
+                                Gather::Window(part) => part.add(&keys),
+                                Gather::Keys(all) => all.extend_from_slice(&keys),
+                                Gather::Skip => {}
+                            }
+                        }
+                    }
+                    super::scratch::give_f64(v);
+                    super::scratch::give_u64(keys);
+                },
+                |(lo, gather)| {
+                    gather
+                        .into_iter()
+                        .enumerate()
+                        .map(|(k, g)| match g {
+                            Gather::Window(part) => Some(part.finish()),
+                            Gather::Keys(keys) => {
+                                let part = sref[k].visit(lo as u64, &keys);
+                                super::scratch::give_u64(keys);
+                                Some(part)
+                            }
+                            Gather::Skip => None,
                         })
                         .collect::<Vec<_>>()
                 },
@@ -661,7 +762,80 @@ impl Prepared<'_> {
                 }
             }
         }
+        use std::sync::atomic::Ordering::Relaxed;
+        let histogram = sels.iter().filter(|s| s.uses_histograms()).count() as u64;
+        let counts = &self.selections;
+        counts.histogram.fetch_add(histogram, Relaxed);
+        counts
+            .found_in_window
+            .fetch_add(sels.len() as u64 - histogram, Relaxed);
         Ok(sels.iter().map(|s| s.result().expect("found")).collect())
+    }
+
+    /// Each target's selection, started with a window of keys around its rank where a sample of its
+    /// keys finds one ([`window_from_sample`]). The sample: sub-blocks of [`SUB`] elements spread evenly
+    /// over the tensor, about 1.5% of it (16 to 256 sub-blocks), taken only when that is at most a
+    /// quarter of the tensor.
+    fn start_selections(
+        &self,
+        t: &OutTensor,
+        deltas: &[Val],
+        targets: &[(usize, u64, bool)],
+    ) -> Result<Vec<RankSelect>, MergeError> {
+        let numel = t.base.numel();
+        let blocks = (numel / (64 * SUB)).clamp(16, 256);
+        if blocks * SUB * 4 > numel || !self.plan.selection_windows || targets.is_empty() {
+            return Ok(targets
+                .iter()
+                .map(|&(_, r, _)| RankSelect::new(r))
+                .collect());
+        }
+        let mut models: Vec<usize> = targets.iter().map(|&(i, _, _)| i).collect();
+        models.sort_unstable();
+        models.dedup();
+        let vals: Vec<Val> = models.iter().map(|&i| deltas[i].clone()).collect();
+        let needed = self.needed_leaves(t, &vals);
+        let stride = (numel - SUB) / (blocks - 1);
+        let parts: Vec<Vec<Vec<u64>>> = (0..blocks)
+            .into_par_iter()
+            .map(|j| {
+                let lo = j * stride;
+                let mut sample = vec![Vec::new(); targets.len()];
+                self.with_sub_blocks(t, &needed, lo, lo + SUB, |x| {
+                    let mut keys = Vec::new();
+                    for (val, &m) in vals.iter().zip(&models) {
+                        let mut v = vec![0.0; SUB];
+                        val.eval(x, &mut v);
+                        for (k, &(i, _, desc)) in targets.iter().enumerate() {
+                            if i == m {
+                                magnitude_keys(&v, t.compute, desc, &mut keys);
+                                sample[k].extend_from_slice(&keys);
+                            }
+                        }
+                    }
+                    Ok(())
+                })?;
+                Ok(sample)
+            })
+            .collect::<Result<_, MergeError>>()?;
+        let chunks = numel.div_ceil(CHUNK) as u64;
+        let sels: Vec<RankSelect> = targets
+            .iter()
+            .enumerate()
+            .map(|(k, &(_, rank, _))| {
+                let mut sample: Vec<u64> =
+                    parts.iter().flat_map(|p| p[k].iter().copied()).collect();
+                match window_from_sample(&mut sample, rank, numel as u64, chunks) {
+                    Some((lo, hi)) => RankSelect::windowed(rank, lo, hi),
+                    None => RankSelect::new(rank),
+                }
+            })
+            .collect();
+        let windowed = sels.iter().filter(|s| s.window().is_some()).count() as u64;
+        self.selections
+            .windowed
+            .fetch_add(windowed, std::sync::atomic::Ordering::Relaxed);
+        Ok(sels)
     }
 
     /// For each (model i, descending, positions): the elements at those positions of torch's sort of
@@ -673,13 +847,12 @@ impl Prepared<'_> {
         t: &OutTensor,
         deltas: &[Val],
         sorted: &[(usize, bool, std::ops::Range<u64>)],
-        progress: &dyn Progress,
     ) -> Result<Vec<Arc<Vec<u64>>>, MergeError> {
         let numel = t.base.numel();
         let mut masks = Vec::with_capacity(sorted.len());
         for (i, desc, range) in sorted {
             let mut pairs: Vec<(f32, u32)> = Vec::with_capacity(numel);
-            // Counted below, as the streaming selection's passes.
+            // Counted by the caller, as the streaming selection's passes.
             self.chunk_pass(
                 t,
                 &crate::progress::Silent,
@@ -703,9 +876,6 @@ impl Prepared<'_> {
                 bits[j as usize / 64] |= 1 << (j % 64);
             }
             masks.push(Arc::new(bits));
-        }
-        if !sorted.is_empty() {
-            progress.advance(3 * t.bytes_of(numel));
         }
         Ok(masks)
     }

@@ -353,6 +353,7 @@ pub fn plan(text: &str, path: &Path, out: Option<&Path>, seed: u64) -> Result<Pl
         mergekit_dtypes: true,
         input_dtype: compute,
         torch_order_cap: crate::selection::TORCH_ORDER_CAP,
+        selection_windows: true,
         shard_size: DEFAULT_SHARD_SIZE,
         ignore_extra_tensors: false,
         allow_nonfinite: false,

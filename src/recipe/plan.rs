@@ -169,6 +169,9 @@ pub struct Plan {
     /// Magnitude sparsification sorts tensors of at most this many elements in memory, in torch's order
     /// (`selection::TORCH_ORDER_CAP`); larger ones stream, equal magnitudes ordered by flat index.
     pub torch_order_cap: u64,
+    /// Streaming selections first guess a window of keys from a sample and try it in one pass
+    /// (`selection::window_from_sample`); off, they run the histogram passes only. Same bytes either way.
+    pub selection_windows: bool,
     pub shard_size: u64,
     pub ignore_extra_tensors: bool,
     pub allow_nonfinite: bool,
@@ -579,6 +582,7 @@ impl<'a> Resolver<'a> {
             mergekit_dtypes: false,
             input_dtype: None,
             torch_order_cap: crate::selection::TORCH_ORDER_CAP,
+            selection_windows: true,
             shard_size,
             ignore_extra_tensors,
             allow_nonfinite: raw.allow_nonfinite.map(|v| v.value).unwrap_or(false),
