@@ -23,8 +23,9 @@ const BUCKETS: usize = 1 << DIGIT;
 pub const COLLECT_CAP: u64 = 1 << 20;
 /// Per-chunk histogram entries a pass keeps at most (12 bytes each).
 pub const RETAIN_CAP: usize = 1 << 20;
-/// Window entries (a key's count in one chunk) a window pass keeps at most (16 bytes each).
-pub const WINDOW_CAP: usize = 1 << 21;
+/// Window entries (a key's count in one chunk, 16 bytes each) the window passes of one tensor keep at
+/// most, all its selections together (128 MiB): each selection gets its share.
+pub const WINDOW_CAP: usize = 1 << 23;
 
 /// The key of |x| for an ascending (`desc = false`) or descending order of magnitude: equal magnitudes
 /// get equal keys, and the order of keys is the order wanted.
@@ -121,6 +122,8 @@ pub struct RankSelect {
     asked: u64,
     /// Whether histogram passes ran (or will: no window, or one that missed).
     histogram: bool,
+    /// Window entries the window pass keeps at most.
+    window_cap: usize,
 }
 
 impl RankSelect {
@@ -132,18 +135,20 @@ impl RankSelect {
             phase: Phase::Histogram,
             asked: rank,
             histogram: true,
+            window_cap: 0,
         }
     }
 
-    /// Starts with a window pass over the keys `lo..=hi` (see the module's documentation); with
-    /// `lo > hi`, the histogram passes at once.
-    pub fn windowed(rank: u64, lo: u64, hi: u64) -> Self {
+    /// Starts with a window pass over the keys `lo..=hi` that keeps at most `cap` entries (see the
+    /// module's documentation); with `lo > hi`, the histogram passes at once.
+    pub fn windowed(rank: u64, lo: u64, hi: u64, cap: usize) -> Self {
         if lo > hi {
             return Self::new(rank);
         }
         Self {
             phase: Phase::Window { lo, hi },
             histogram: false,
+            window_cap: cap,
             ..Self::new(rank)
         }
     }
@@ -323,7 +328,7 @@ impl RankSelect {
             Partial::Window { below, runs } => {
                 acc.below += below;
                 if let Some(kept) = &mut acc.window {
-                    if kept.len() + runs.len() > WINDOW_CAP {
+                    if kept.len() + runs.len() > self.window_cap {
                         acc.window = None;
                     } else {
                         kept.extend(runs.into_iter().map(|(k, n)| (chunk as u32, k, n)));
@@ -563,13 +568,13 @@ crate::simd::leveled! {
 /// `chunks` chunks: the sample's keys at its quantiles `rank / n ± δ`, δ four standard errors of a
 /// sample quantile and at least 0.1% (a window reaching the sample's end is open on that side).
 /// `None` when the sample is under 1 024 keys, or when the window pass would likely keep more than half
-/// of [`WINDOW_CAP`] entries (many distinct keys: the histogram passes are then cheaper).
-/// Sorts `sample`.
+/// of its `cap` entries (many distinct keys: the histogram passes are then cheaper). Sorts `sample`.
 pub fn window_from_sample(
     sample: &mut [u64],
     rank: u64,
     n: u64,
     chunks: u64,
+    cap: usize,
 ) -> Option<(u64, u64)> {
     let s = sample.len();
     if s < 1024 || n == 0 {
@@ -601,7 +606,7 @@ pub fn window_from_sample(
         .map(|run| 1.0 - (1.0 - run.len() as f64 / inside.len() as f64).powf(m))
         .sum();
     let entries = (1.25 * per_chunk * chunks as f64).min(mass);
-    (entries < (WINDOW_CAP / 2) as f64).then_some((lo, hi))
+    (entries < (cap / 2) as f64).then_some((lo, hi))
 }
 
 /// Tensors of at most this many elements are sparsified by magnitude with an in-memory sort that
@@ -1030,7 +1035,7 @@ mod tests {
                 ];
                 for (lo, hi, inside) in windows {
                     let inside = inside && lo <= hi;
-                    let mut s = RankSelect::windowed(rank, lo, hi);
+                    let mut s = RankSelect::windowed(rank, lo, hi, 1 << 20);
                     assert_eq!(
                         run_from(s.clone(), &keys, 97),
                         want,
@@ -1110,23 +1115,24 @@ mod tests {
             sorted.sort_unstable();
             for rank in [n / 10, n / 2, n - n / 7] {
                 let mut sample: Vec<u64> = (0..20_000).map(|_| draw(distinct)).collect();
-                let (lo, hi) = window_from_sample(&mut sample, rank, n, n.div_ceil(1 << 16))
-                    .expect("a window");
+                let (lo, hi) =
+                    window_from_sample(&mut sample, rank, n, n.div_ceil(1 << 16), 1 << 20)
+                        .expect("a window");
                 let key = sorted[rank as usize];
                 assert!(lo <= key && key <= hi, "{distinct}: {key} in {lo}..={hi}");
             }
             let mut small: Vec<u64> = (0..1000).map(|_| draw(distinct)).collect();
-            assert_eq!(window_from_sample(&mut small, n / 2, n, 4), None);
+            assert_eq!(window_from_sample(&mut small, n / 2, n, 4, 1 << 20), None);
         }
         // All distinct keys in a huge tensor: a window of ±0.1% would keep millions of entries.
         let mut sample: Vec<u64> = (0..20_000).map(|_| draw(1 << 50)).collect();
         assert_eq!(
-            window_from_sample(&mut sample, 1 << 31, 1 << 32, 1 << 16),
+            window_from_sample(&mut sample, 1 << 31, 1 << 32, 1 << 16, 1 << 20),
             None
         );
         // Few distinct keys: one entry per key and chunk, however large the tensor.
         let mut sample: Vec<u64> = (0..20_000).map(|_| draw(3)).collect();
-        assert!(window_from_sample(&mut sample, 1 << 31, 1 << 32, 1 << 16).is_some());
+        assert!(window_from_sample(&mut sample, 1 << 31, 1 << 32, 1 << 16, 1 << 20).is_some());
     }
 
     /// Expected orders printed by torch 2.15 (`torch.sort(x, descending=d).indices`, CPU).

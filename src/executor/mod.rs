@@ -449,15 +449,26 @@ impl<'p> Prepared<'p> {
                 if matches!(tv.sparsify, crate::recipe::Sparsify::Magnitude
                     | crate::recipe::Sparsify::MagnitudeOutliers))
         });
-        let sort = if sorts {
+        // Past that cap, the streaming selections' window entries: at most WINDOW_CAP (16 bytes each)
+        // per tensor, and a stable sort's buffer for one selection's share.
+        let merged = || {
             self.tensors
                 .iter()
                 .filter(|t| matches!(t.treatment, Treatment::Merge { .. }))
                 .map(|t| t.base.numel() as u64)
+        };
+        let sort = if sorts {
+            let sorted = merged()
                 .filter(|&n| n <= plan.torch_order_cap)
                 .max()
                 .unwrap_or(0)
-                * 8
+                * 8;
+            let windows = if merged().any(|n| n > plan.torch_order_cap) {
+                crate::selection::WINDOW_CAP as u64 * 16 * 3 / 2
+            } else {
+                0
+            };
+            sorted.max(windows)
         } else {
             0
         };

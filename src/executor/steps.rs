@@ -14,7 +14,7 @@ use crate::progress::Progress;
 use crate::recipe::{Angle, Grouping, Operand, Sparsify, StepKind, TaskVectorStep};
 use crate::selection::{
     magnitude_keys, probability_threshold, stream_key, torch_sort_select, window_from_sample, Pass,
-    RankSelect, WindowPart,
+    RankSelect, WindowPart, WINDOW_CAP,
 };
 
 /// Data passes a step makes over each tensor before the writing pass (for `--dry-run` and progress; rank
@@ -796,7 +796,7 @@ impl Prepared<'_> {
         let vals: Vec<Val> = models.iter().map(|&i| deltas[i].clone()).collect();
         let needed = self.needed_leaves(t, &vals);
         let stride = (numel - SUB) / (blocks - 1);
-        let parts: Vec<Vec<Vec<u64>>> = (0..blocks)
+        let mut parts: Vec<Vec<Vec<u64>>> = (0..blocks)
             .into_par_iter()
             .map(|j| {
                 let lo = j * stride;
@@ -819,14 +819,18 @@ impl Prepared<'_> {
             })
             .collect::<Result<_, MergeError>>()?;
         let chunks = numel.div_ceil(CHUNK) as u64;
+        let cap = WINDOW_CAP / targets.len();
         let sels: Vec<RankSelect> = targets
             .iter()
             .enumerate()
             .map(|(k, &(_, rank, _))| {
-                let mut sample: Vec<u64> =
-                    parts.iter().flat_map(|p| p[k].iter().copied()).collect();
-                match window_from_sample(&mut sample, rank, numel as u64, chunks) {
-                    Some((lo, hi)) => RankSelect::windowed(rank, lo, hi),
+                // Each target's sample gathered once (a few MiB), its parts freed as they go.
+                let mut sample: Vec<u64> = Vec::new();
+                for p in parts.iter_mut() {
+                    sample.append(&mut p[k]);
+                }
+                match window_from_sample(&mut sample, rank, numel as u64, chunks, cap) {
+                    Some((lo, hi)) => RankSelect::windowed(rank, lo, hi, cap),
                     None => RankSelect::new(rank),
                 }
             })
