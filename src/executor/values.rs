@@ -689,7 +689,9 @@ mod tests {
             c[i + 1] = 1.0;
             Val::Lin(c)
         };
-        let mid = magnitude_key(2.5e-3, false);
+        // The ranked masks' bounds sit on |δ| = 1/256, which the planted δ_0 and δ_1 hit exactly (every
+        // 37th element), so that ties at a bound are decided by index on both sides of it.
+        let mid = magnitude_key(1.0 / 256.0, false);
         let mask: Vec<u64> = (0..(first as usize + n).div_ceil(64))
             .map(|_| next())
             .collect();
@@ -697,14 +699,15 @@ mod tests {
             Keep::Ranked {
                 desc: false,
                 compute: FloatType::F32,
-                lo: Some((mid, first + 100)),
+                // Bounds at planted elements (multiples of 37): the bound element itself is kept.
+                lo: Some((mid, first + 37 * 3)),
                 hi: (u64::MAX, u64::MAX),
             },
             Keep::Ranked {
                 desc: true,
                 compute: FloatType::F32,
                 lo: None,
-                hi: (!mid, first + 1500),
+                hi: (!mid, first + 37 * 40),
             },
             Keep::Random {
                 stream: 7,
