@@ -469,6 +469,33 @@ fn slices_take_layers_from_other_positions_and_gradients_run_over_each_slice() {
         a.len() - 2 * per_layer,
         "two of the four layers and the tensors outside them"
     );
+    // A model's parameter filters match its own tensor names, as mergekit's do: `layers.3.` is ft_a's
+    // layer 3, which becomes output layer 1 (ft_b's layer 1 there keeps weight 3).
+    recipe(
+        &d.path().join("filters"),
+        "  - name: l
+    method: linear
+    slices:
+      - sources:
+          - {model: ft_a, layer_range: [2, 4], parameters: {weight: [{filter: layers.3., value: 5}, {value: 1}]}}
+          - {model: ft_b, layer_range: [0, 2], parameters: {weight: [{filter: layers.3., value: 7}, {value: 3}]}}
+",
+    );
+    let out = load(&run(&d.path().join("filters")));
+    for name in out.keys() {
+        let Some(rest) = name.strip_prefix("model.layers.") else {
+            continue;
+        };
+        let (o, suffix) = rest.split_once('.').unwrap();
+        let o: usize = o.parse().unwrap();
+        let wa = [1.0, 5.0][o];
+        let want: Vec<f32> = values(&a, &format!("model.layers.{}.{suffix}", 2 + o))
+            .iter()
+            .zip(values(&b, &format!("model.layers.{o}.{suffix}")))
+            .map(|(&x, y)| ((wa * x as f64 + 3.0 * y as f64) / (wa + 3.0)) as f32)
+            .collect();
+        assert_eq!(values(&out, name), want, "{name}");
+    }
     // passthrough: a `scale` gradient [1, 3] over a slice of two layers scales its first layer by 1 and
     // its second by 3; tensors outside the layers sit at t = 0 (scale 1).
     recipe(

@@ -135,6 +135,19 @@ struct OutTensor {
 }
 
 impl OutTensor {
+    /// The name model `op` gives this tensor: an input model's own tensor name (in a layer layout, its
+    /// source layer's), else the output name. As in mergekit, a per-model parameter (weight, density,
+    /// gamma, scale) matches its filters against this name, a shared one against the output name.
+    fn name_in(&self, op: Operand) -> &str {
+        match (op, &self.treatment) {
+            (Operand::Leaf(l), Treatment::Merge { inputs }) => inputs
+                .get(l)
+                .and_then(|i| i.as_ref())
+                .map_or(self.base.name.as_str(), |(_, info)| info.name.as_str()),
+            _ => &self.base.name,
+        }
+    }
+
     /// Bytes of `elements` elements of the base tensor (what progress counts).
     fn bytes_of(&self, elements: usize) -> u64 {
         (elements as u64 * self.base.len as u64) / (self.base.numel() as u64).max(1)

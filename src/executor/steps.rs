@@ -201,6 +201,8 @@ impl Prepared<'_> {
         };
         let name = t.base.name.as_str();
         let at = |p: &crate::methods::Param, default: f64| p.or_default(name, t.t, default);
+        let at_model =
+            |op, p: &crate::methods::Param, default: f64| p.or_default(t.name_in(op), t.t, default);
         let n = self.leaves();
         Ok(match kind {
             StepKind::Weighted { terms } => Val::sum(
@@ -219,7 +221,11 @@ impl Prepared<'_> {
                 weights,
                 normalize,
             } => {
-                let mut w: Vec<f64> = weights.iter().map(|p| at(p, 0.0)).collect();
+                let mut w: Vec<f64> = weights
+                    .iter()
+                    .zip(models)
+                    .map(|(p, &op)| at_model(op, p, 0.0))
+                    .collect();
                 if *normalize {
                     let total: f64 = w.iter().sum();
                     if total == 0.0 {
@@ -245,7 +251,13 @@ impl Prepared<'_> {
                         ),
                     });
                 }
-                Val::sum(vec![(self.value(models[0], sv), at(&scale[0], 1.0))], n)
+                Val::sum(
+                    vec![(
+                        self.value(models[0], sv),
+                        at_model(models[0], &scale[0], 1.0),
+                    )],
+                    n,
+                )
             }
             StepKind::TaskVectors(tv) => self.task_vectors(t, tv, sv, progress)?,
             StepKind::ModelStock {
@@ -282,7 +294,10 @@ impl Prepared<'_> {
                 weights,
                 grouping,
             } => {
-                let (w0, w1) = (at(&weights[0], 0.0), at(&weights[1], 0.0));
+                let (w0, w1) = (
+                    at_model(models[0], &weights[0], 0.0),
+                    at_model(models[1], &weights[1], 0.0),
+                );
                 let lambda = if (w0 + w1).abs() < 1e-6 {
                     0.5
                 } else {
@@ -330,6 +345,10 @@ impl Prepared<'_> {
     ) -> Result<Val, MergeError> {
         let name = t.base.name.as_str();
         let at = |p: &crate::methods::Param, default: f64| p.or_default(name, t.t, default);
+        // Model i's parameters match their filters against its own tensor name.
+        let at_model = |i: usize, p: &crate::methods::Param, default: f64| {
+            p.or_default(t.name_in(tv.models[i]), t.t, default)
+        };
         let n = self.leaves();
         let numel = t.base.numel() as u64;
         let base = self.value(tv.base, sv);
@@ -338,7 +357,9 @@ impl Prepared<'_> {
             .iter()
             .map(|&m| Val::axpby(1.0, &self.value(m, sv), -1.0, &base))
             .collect();
-        let weights: Vec<f64> = tv.weights.iter().map(|p| at(p, 1.0)).collect();
+        let weights: Vec<f64> = (0..tv.weights.len())
+            .map(|i| at_model(i, &tv.weights[i], 1.0))
+            .collect();
         let lambda = at(&tv.lambda, 1.0);
         // A plain weighted sum, exact; mergekit's 16-bit arithmetic needs the node (below).
         if tv.sparsify == Sparsify::None && !tv.consensus && t.compute == FloatType::F32 {
@@ -366,7 +387,7 @@ impl Prepared<'_> {
         let mut plans = Vec::with_capacity(deltas.len());
         let compute = t.compute;
         for i in 0..deltas.len() {
-            let density = at(&tv.density[i], 1.0);
+            let density = at_model(i, &tv.density[i], 1.0);
             let plan = if density >= 1.0 || tv.sparsify == Sparsify::None {
                 Keep::All
             } else if density <= 0.0 {
@@ -391,7 +412,7 @@ impl Prepared<'_> {
                     }
                     Sparsify::MagnitudeOutliers => {
                         let target = (density * numel as f64).floor() as u64;
-                        let top = (at(&tv.gamma[i], 0.01) * numel as f64).floor() as u64;
+                        let top = (at_model(i, &tv.gamma[i], 0.01) * numel as f64).floor() as u64;
                         let bottom = numel.saturating_sub(target + top);
                         if target == 0 {
                             Keep::Nothing
