@@ -930,6 +930,16 @@ pub fn probability_threshold(p: f64) -> u64 {
 mod tests {
     use super::*;
 
+    /// `n` keys drawn from `distinct` values (spaced 2^20 apart), from the generator state `x`.
+    fn random_keys(x: &mut u64, n: usize, distinct: u64) -> Vec<u64> {
+        (0..n)
+            .map(|_| {
+                *x = mix64(*x);
+                (*x % distinct) << 20
+            })
+            .collect()
+    }
+
     /// Every (key, index) pair, in the order a selection ranks them.
     fn sorted_pairs(keys: &[u64]) -> Vec<(u64, u64)> {
         let mut sorted: Vec<(u64, u64)> = keys
@@ -985,12 +995,7 @@ mod tests {
     fn selection_equals_a_full_sort_with_ties_by_index() {
         let mut x = 12345u64;
         for &(n, distinct) in &[(1000usize, 7u64), (5000, 1 << 40), (300, 1), (4097, 3000)] {
-            let keys: Vec<u64> = (0..n)
-                .map(|_| {
-                    x = mix64(x);
-                    (x % distinct) << 20
-                })
-                .collect();
+            let keys = random_keys(&mut x, n, distinct);
             let sorted = sorted_pairs(&keys);
             for rank in [0, n as u64 / 3, n as u64 / 2, n as u64 - 1] {
                 assert_eq!(
@@ -1009,12 +1014,7 @@ mod tests {
     fn windowed_selection_equals_a_full_sort_inside_and_outside_the_window() {
         let mut x = 777u64;
         for &(n, distinct) in &[(5000usize, 9u64), (6000, 1 << 40), (4097, 300)] {
-            let keys: Vec<u64> = (0..n)
-                .map(|_| {
-                    x = mix64(x);
-                    (x % distinct) << 20
-                })
-                .collect();
+            let keys = random_keys(&mut x, n, distinct);
             let sorted = sorted_pairs(&keys);
             for rank in [0, n as u64 / 3, n as u64 / 2, n as u64 - 1] {
                 let want = sorted[rank as usize];
