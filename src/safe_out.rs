@@ -813,6 +813,22 @@ impl Staged {
     }
 }
 
+/// Commits several outputs of one run ([`Staged::commit`] each), every target checked again before the
+/// first is renamed: a target that appeared or changed during the run stops them all, rather than
+/// leaving the outputs before it in place and those after it unwritten. Returns the targets.
+pub fn commit_all(staged: Vec<Staged>) -> Result<Vec<PathBuf>, OutputError> {
+    for s in &staged {
+        check_target(&s.target, s.kind, s.force)?;
+    }
+    let mut done = Vec::with_capacity(staged.len());
+    for s in staged {
+        let target = s.target.clone();
+        s.commit()?;
+        done.push(target);
+    }
+    Ok(done)
+}
+
 /// Puts `tmp` in the place of the existing `target` and removes the old copy: one atomic exchange where
 /// the OS and file system offer it (or unless `two_renames`), else the old copy is moved aside to
 /// `.NAME.gemma-merge-old-PID` first (the next run puts it back if this process dies in between).
@@ -1099,6 +1115,36 @@ mod tests {
         std::fs::write(a.join("f"), b"x").unwrap();
         std::fs::hard_link(a.join("f"), d.path().join("h")).unwrap();
         assert_eq!(relation(&d.path().join("h"), &a.join("f")), Some("is"));
+    }
+
+    /// Two outputs of one run; the second's target appears (a user's file) before the commit: neither
+    /// is renamed into place, the user's file is untouched, and no temporary is left.
+    #[test]
+    fn a_target_that_appears_during_a_run_stops_all_its_outputs() {
+        let d = tempfile::tempdir().unwrap();
+        let (a, b) = (d.path().join("a"), d.path().join("b"));
+        let staged: Vec<Staged> = [&a, &b]
+            .iter()
+            .map(|t| Staged::folder(t, Kind::ModelFolder, false).unwrap())
+            .collect();
+        std::fs::write(staged[0].path().join("model.safetensors"), b"x").unwrap();
+        std::fs::write(&b, b"the user's").unwrap();
+        let err = commit_all(staged).unwrap_err();
+        assert!(err.to_string().contains(b.to_str().unwrap()), "{err}");
+        let names: Vec<_> = std::fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["b"], "nothing but the user's file");
+        assert_eq!(std::fs::read(&b).unwrap(), b"the user's");
+        // Without the conflict, both are committed.
+        std::fs::remove_file(&b).unwrap();
+        let staged: Vec<Staged> = [&a, &b]
+            .iter()
+            .map(|t| Staged::folder(t, Kind::ModelFolder, false).unwrap())
+            .collect();
+        assert_eq!(commit_all(staged).unwrap(), [a.clone(), b.clone()]);
+        assert!(a.is_dir() && b.is_dir());
     }
 
     #[test]

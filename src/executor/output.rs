@@ -254,15 +254,9 @@ impl Staging {
     }
 
     /// Renames every staged folder into place (replacing an existing target only now, with --force,
-    /// in one atomic swap).
+    /// in one atomic swap), after checking all of them again ([`safe_out::commit_all`]).
     pub fn commit(self) -> Result<Vec<PathBuf>, MergeError> {
-        let mut done = Vec::new();
-        for s in self.targets {
-            let target = s.target().to_path_buf();
-            s.commit()?;
-            done.push(target);
-        }
-        Ok(done)
+        Ok(crate::safe_out::commit_all(self.targets)?)
     }
 }
 
