@@ -152,7 +152,32 @@ fn zero_element_tensors_first_and_between_are_merged() {
     assert_eq!(m.get("mid").unwrap().shape, vec![4, 0]);
     assert_eq!(gm(&["verify", s(&out)]).code, Some(0));
 
+    // The methods that rank, sample or measure a tensor's elements take empty tensors too (TIES's
+    // top-k of an empty tensor was a panic).
+    write_model(&d.path().join("c"), FloatType::F32, &t(5.0));
+    for step in [
+        "{name: t, method: ties, models: [b, c], weights: [0.5, 0.5], density: 0.5}",
+        "{name: t, method: breadcrumbs_ties, models: [b, c], weights: [0.5, 0.5], density: 0.8, gamma: 0.1}",
+        "{name: t, method: dare_ties, models: [b, c], weights: [0.5, 0.5], density: 0.5}",
+        "{name: t, method: model_stock, models: [b, c]}",
+        "{name: t, method: nuslerp, models: [b, c], weights: [0.5, 0.5]}",
+    ] {
+        let r = recipe(
+            d.path(),
+            &format!("output: out\nbase: a\nmodels:\n  a: a\n  b: b\n  c: c\nsteps:\n  - {step}\n"),
+        );
+        let o = gm(&["run", s(&r), "--force"]);
+        assert_eq!(o.code, Some(0), "{step}: {}", o.stderr);
+        let m = Model::open(&out).unwrap();
+        assert_eq!(m.get("empty2").unwrap().shape, vec![0, 5], "{step}");
+        assert_eq!(m.tensors().len(), 5, "{step}");
+    }
+
     // A base made only of empty tensors merges into a model of empty tensors.
+    let r = recipe(
+        d.path(),
+        "output: out\nbase: a\nsteps:\n  - {name: l, method: liti, model: b, eta: 0.5}\n",
+    );
     let e = |_: f32| vec![("empty", vec![0usize], vec![]), ("e2", vec![0, 3], vec![])];
     write_model(&d.path().join("a"), FloatType::F32, &e(0.0));
     write_model(&d.path().join("b"), FloatType::F32, &e(0.0));

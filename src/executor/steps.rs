@@ -388,7 +388,8 @@ impl Prepared<'_> {
         let compute = t.compute;
         for i in 0..deltas.len() {
             let density = at_model(i, &tv.density[i], 1.0);
-            let plan = if density >= 1.0 || tv.sparsify == Sparsify::None {
+            // A tensor without elements keeps them all: there is nothing to rank.
+            let plan = if density >= 1.0 || tv.sparsify == Sparsify::None || numel == 0 {
                 Keep::All
             } else if density <= 0.0 {
                 Keep::Nothing
