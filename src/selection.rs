@@ -459,7 +459,7 @@ impl RankSelect {
 pub struct Pass {
     histogram: Option<(Vec<u64>, Vec<u64>, Vec<u64>)>,
     /// Window passes: the keys below the window, and (chunk, key, count) of the keys inside, in chunk
-    /// order; `None` once over [`WINDOW_CAP`].
+    /// order; `None` once over the selection's share of [`WINDOW_CAP`].
     below: u64,
     window: Option<Vec<(u32, u64, u32)>>,
     /// (chunk, bucket, count) of every chunk's histogram, in chunk order; `None` once over the cap.
