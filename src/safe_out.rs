@@ -790,60 +790,78 @@ impl Staged {
 
     /// Renames the temporary into place. An existing target is checked again (it may have appeared or
     /// changed since the start) and swapped out in one step, then removed.
-    pub fn commit(mut self) -> Result<(), OutputError> {
-        let reg = registry();
-        if STOPPING.load(Ordering::SeqCst) {
-            return Err(OutputError::Interrupted);
-        }
-        check_target(&self.target, self.kind, self.force)?;
-        let exists = std::fs::symlink_metadata(&self.real).is_ok();
-        if !exists {
-            rename_noreplace(&self.tmp, &self.real)
-                .map_err(|e| OutputError::io(&self.target, e))?;
-            self.done = true;
-            drop(reg);
-            unregister(&self.tmp);
-            return Ok(());
-        }
-        replace(&self.tmp, &self.real, false).map_err(|e| OutputError::io(&self.target, e))?;
-        self.done = true;
-        drop(reg);
-        unregister(&self.tmp);
-        Ok(())
+    pub fn commit(self) -> Result<(), OutputError> {
+        commit_all(vec![self]).map(|_| ())
     }
 }
 
-/// Commits several outputs of one run ([`Staged::commit`] each), every target checked again before the
-/// first is renamed: a target that appeared or changed during the run stops them all, rather than
-/// leaving the outputs before it in place and those after it unwritten. Returns the targets.
-pub fn commit_all(staged: Vec<Staged>) -> Result<Vec<PathBuf>, OutputError> {
+/// Commits the outputs of one run all together, or none of them. Every target is checked again first
+/// (it may have appeared or changed since the start); then each is renamed into place, an existing one
+/// swapped out in one step. Should a rename fail, the ones done are put back as they were (a new target
+/// removed, a replaced one restored) before the error is returned; the old copies of replaced targets
+/// are removed only once all are in place. Returns the targets.
+pub fn commit_all(mut staged: Vec<Staged>) -> Result<Vec<PathBuf>, OutputError> {
     for s in &staged {
         check_target(&s.target, s.kind, s.force)?;
     }
-    let mut done = Vec::with_capacity(staged.len());
-    for s in staged {
-        let target = s.target.clone();
-        s.commit()?;
-        done.push(target);
+    let reg = registry();
+    if STOPPING.load(Ordering::SeqCst) {
+        return Err(OutputError::Interrupted);
     }
-    Ok(done)
+    let mut placed: Vec<Placed> = Vec::with_capacity(staged.len());
+    for s in &staged {
+        match place(&s.tmp, &s.real, false) {
+            Ok(p) => placed.push(p),
+            Err(e) => {
+                for (s, p) in staged.iter().zip(placed).rev() {
+                    unplace(&s.tmp, &s.real, p);
+                }
+                drop(reg);
+                // The temporaries (the new outputs, again) are removed as `staged` drops.
+                return Err(OutputError::io(&s.target, e));
+            }
+        }
+    }
+    for (s, p) in staged.iter().zip(placed) {
+        finish(&s.tmp, p);
+    }
+    drop(reg);
+    Ok(staged
+        .iter_mut()
+        .map(|s| {
+            s.done = true;
+            unregister(&s.tmp);
+            s.target.clone()
+        })
+        .collect())
 }
 
-/// Puts `tmp` in the place of the existing `target` and removes the old copy: one atomic exchange where
-/// the OS and file system offer it (or unless `two_renames`), else the old copy is moved aside to
-/// `.NAME.gemma-merge-old-PID` first (the next run puts it back if this process dies in between).
-fn replace(tmp: &Path, target: &Path, two_renames: bool) -> std::io::Result<()> {
+/// How an output was put in place by [`place`], so that it can be put back or finished.
+#[derive(Debug)]
+enum Placed {
+    /// There was no target: the temporary was renamed to it.
+    Created,
+    /// Swapped with the existing target, whose old copy now sits at the temporary name.
+    Exchanged,
+    /// No atomic swap: the old copy was moved aside to this path first.
+    Moved(PathBuf),
+}
+
+/// Puts `tmp` in the place of `target`: a rename where there is no target; else one atomic exchange
+/// where the OS and file system offer it (or unless `two_renames`), else the old copy is moved aside
+/// to `.NAME.gemma-merge-old-PID` first (the next run puts it back if this process dies in between).
+fn place(tmp: &Path, target: &Path, two_renames: bool) -> std::io::Result<Placed> {
+    if std::fs::symlink_metadata(target).is_err() {
+        rename_noreplace(tmp, target)?;
+        return Ok(Placed::Created);
+    }
     let swapped = if two_renames {
         Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
     } else {
         exchange(tmp, target)
     };
     match swapped {
-        Ok(()) => {
-            // The old copy now sits at the temporary name.
-            remove_any(tmp);
-            Ok(())
-        }
+        Ok(()) => Ok(Placed::Exchanged),
         Err(e) if exchange_unsupported(&e) => {
             let old = temp_path(target, OLD_INFIX, std::process::id());
             std::fs::rename(target, &old)?;
@@ -851,10 +869,35 @@ fn replace(tmp: &Path, target: &Path, two_renames: bool) -> std::io::Result<()> 
                 let _ = std::fs::rename(&old, target);
                 return Err(e);
             }
-            remove_any(&old);
-            Ok(())
+            Ok(Placed::Moved(old))
         }
         Err(e) => Err(e),
+    }
+}
+
+/// Undoes [`place`]: the new output goes back to `tmp`, an old copy back to `target`.
+fn unplace(tmp: &Path, target: &Path, p: Placed) {
+    match p {
+        Placed::Created => {
+            let _ = std::fs::rename(target, tmp);
+        }
+        Placed::Exchanged => {
+            let _ = exchange(tmp, target);
+        }
+        Placed::Moved(old) => {
+            if std::fs::rename(target, tmp).is_ok() {
+                let _ = std::fs::rename(&old, target);
+            }
+        }
+    }
+}
+
+/// Removes the old copy [`place`] left, if any.
+fn finish(tmp: &Path, p: Placed) {
+    match p {
+        Placed::Created => {}
+        Placed::Exchanged => remove_any(tmp),
+        Placed::Moved(old) => remove_any(&old),
     }
 }
 
@@ -1147,23 +1190,69 @@ mod tests {
         assert!(a.is_dir() && b.is_dir());
     }
 
+    /// Both ways of replacing a target (one exchange, or two renames) end with only the new copy in place;
+    /// undone, with the old copy back in place and the new one at the temporary name.
     #[test]
-    fn both_ways_of_replacing_leave_only_the_new_copy() {
+    fn both_ways_of_replacing_leave_the_new_copy_or_put_the_old_back() {
         for two_renames in [false, true] {
-            let d = tempfile::tempdir().unwrap();
-            let (tmp, target) = (d.path().join(".t.gemma-merge-tmp-1"), d.path().join("t"));
-            std::fs::create_dir(&tmp).unwrap();
-            std::fs::write(tmp.join("new"), b"1").unwrap();
-            std::fs::create_dir(&target).unwrap();
-            std::fs::write(target.join("old"), b"0").unwrap();
-            replace(&tmp, &target, two_renames).unwrap();
-            let names: Vec<_> = std::fs::read_dir(d.path())
-                .unwrap()
-                .map(|e| e.unwrap().file_name())
-                .collect();
-            assert_eq!(names, ["t"], "two_renames={two_renames}");
-            assert!(target.join("new").exists() && !target.join("old").exists());
+            for undo in [false, true] {
+                let d = tempfile::tempdir().unwrap();
+                let (tmp, target) = (d.path().join(".t.gemma-merge-tmp-1"), d.path().join("t"));
+                std::fs::create_dir(&tmp).unwrap();
+                std::fs::write(tmp.join("new"), b"1").unwrap();
+                std::fs::create_dir(&target).unwrap();
+                std::fs::write(target.join("old"), b"0").unwrap();
+                let placed = place(&tmp, &target, two_renames).unwrap();
+                if undo {
+                    unplace(&tmp, &target, placed);
+                } else {
+                    finish(&tmp, placed);
+                }
+                let mut names: Vec<_> = std::fs::read_dir(d.path())
+                    .unwrap()
+                    .map(|e| e.unwrap().file_name().into_string().unwrap())
+                    .collect();
+                names.sort();
+                let case = format!("two_renames={two_renames} undo={undo}");
+                if undo {
+                    assert_eq!(names, [".t.gemma-merge-tmp-1", "t"], "{case}");
+                    assert!(
+                        target.join("old").exists() && tmp.join("new").exists(),
+                        "{case}"
+                    );
+                } else {
+                    assert_eq!(names, ["t"], "{case}");
+                    assert!(target.join("new").exists() && !target.join("old").exists());
+                }
+            }
         }
+    }
+
+    /// A rename that fails part way through a run's outputs (here: the second output's temporary is
+    /// gone) puts back those already in place: a replaced target gets its old contents again, and no
+    /// temporary is left.
+    #[test]
+    fn a_commit_failing_part_way_puts_back_the_outputs_already_in_place() {
+        let d = tempfile::tempdir().unwrap();
+        let (a, b) = (d.path().join("a"), d.path().join("b"));
+        std::fs::create_dir(&a).unwrap();
+        let staged: Vec<Staged> = [&a, &b]
+            .iter()
+            .map(|t| Staged::folder(t, Kind::ModelFolder, true).unwrap())
+            .collect();
+        std::fs::write(staged[0].path().join("model.safetensors"), b"x").unwrap();
+        std::fs::remove_dir(staged[1].path()).unwrap();
+        assert!(commit_all(staged).is_err());
+        let names: Vec<_> = std::fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["a"], "the old `a` only");
+        assert_eq!(
+            std::fs::read_dir(&a).unwrap().count(),
+            0,
+            "`a` as it was (empty)"
+        );
     }
 
     #[test]
