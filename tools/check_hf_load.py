@@ -4,7 +4,8 @@
     python tools/check_hf_load.py MODEL_DIR [TEXT_FILE] [--dtype float32|bfloat16] [--context 128]
 
 Loads MODEL_DIR with AutoModelForCausalLM.from_pretrained (attn_implementation="eager", the reference for
-Gemma 2) and, when MODEL_DIR holds tokenizer.json, with AutoTokenizer; runs a forward pass on a few tokens and
+the Gemma family: Gemma 1, 2 and 3, a multimodal Gemma 3 checkpoint as Gemma3ForConditionalGeneration run on
+text alone) and, when MODEL_DIR holds tokenizer.json, with AutoTokenizer; runs a forward pass on a few tokens and
 prints the logits' shape; with TEXT_FILE, prints the perplexity of the text, scored in non-overlapping windows of
 context-1 tokens with <bos> prepended to each (as tools/make_demo.py measures it). Exit status 0 when all went
 well. Needs: pip install torch transformers tokenizers safetensors.
@@ -42,13 +43,22 @@ def main():
     model = AutoModelForCausalLM.from_pretrained(a.model_dir, attn_implementation="eager", **{dtype_kw: dtype})
     model.eval()
     cfg = model.config
+    # A multimodal checkpoint keeps the language model's settings in `text_config`.
+    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {type(model).__name__}, {n_params} parameters, dtype {a.dtype}, "
           f"attention {cfg._attn_implementation}, transformers {transformers.__version__}")
-    layer_types = getattr(cfg, "layer_types", None)
-    if layer_types is None:  # older transformers: Gemma 2 slides on the even layers
-        layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(cfg.num_hidden_layers)]
-    print(f"layer types {layer_types}, sliding_window {getattr(cfg, 'sliding_window', None)}")
+    layer_types = getattr(text_cfg, "layer_types", None)
+    n_layers = text_cfg.num_hidden_layers
+    sliding_window = getattr(text_cfg, "sliding_window", None)
+    if layer_types is None:
+        if text_cfg.model_type == "gemma2":  # older transformers: Gemma 2 slides on the even layers
+            layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)]
+        else:  # Gemma 1: every layer attends to everything
+            layer_types = ["full_attention"] * n_layers
+    if sliding_window is None:
+        layer_types = ["full_attention"] * n_layers
+    print(f"layer types {layer_types}, sliding_window {sliding_window}")
 
     tok = None
     if os.path.exists(os.path.join(a.model_dir, "tokenizer.json")):
@@ -60,10 +70,11 @@ def main():
         print(f"  {sample!r} -> {ids}")
         back = tok.decode(ids, skip_special_tokens=True)
         print(f"  decodes back: {back == sample}")
-        if ids[0] != cfg.bos_token_id:
+        if ids[0] != (getattr(cfg, "bos_token_id", None) or text_cfg.bos_token_id):
             print("  WARNING: the tokenizer does not prepend <bos>")
     else:
-        bos = cfg.bos_token_id if cfg.bos_token_id is not None else 2
+        bos = next((b for b in (getattr(cfg, "bos_token_id", None), getattr(text_cfg, "bos_token_id", None))
+                    if b is not None), 2)
         ids = [bos, 10, 20, 30, 40, 50]
         print("tokenizer: none (no tokenizer.json); using ids", ids)
 
