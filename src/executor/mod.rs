@@ -165,20 +165,12 @@ pub struct Prepared<'p> {
     /// the outputs one at a time ([`Prepared::run_in_memory_one`]) runs SLERP's reduction passes once.
     coefficients: std::sync::Mutex<HashMap<usize, UnitValues>>,
     /// How the streaming rank selections went.
-    selections: SelectionCounts,
+    selections: std::sync::Mutex<SelectionStats>,
 }
 
 /// How many streaming rank selections (one per sparsified task vector and rank, for tensors past
 /// `plan.torch_order_cap`) started from a sampled window, how many of those the window pass found, and
 /// how many ran the histogram passes (no window, or a window that missed).
-#[derive(Debug, Default)]
-pub(crate) struct SelectionCounts {
-    pub windowed: std::sync::atomic::AtomicU64,
-    pub found_in_window: std::sync::atomic::AtomicU64,
-    pub histogram: std::sync::atomic::AtomicU64,
-}
-
-/// [`Prepared::selection_stats`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 pub struct SelectionStats {
     pub windowed: u64,
@@ -418,18 +410,12 @@ impl<'p> Prepared<'p> {
         v
     }
 
-    /// Describes the run without reading tensor data.
     /// How the streaming rank selections of the runs so far went (see [`SelectionStats`]).
     pub fn selection_stats(&self) -> SelectionStats {
-        use std::sync::atomic::Ordering::Relaxed;
-        let c = &self.selections;
-        SelectionStats {
-            windowed: c.windowed.load(Relaxed),
-            found_in_window: c.found_in_window.load(Relaxed),
-            histogram: c.histogram.load(Relaxed),
-        }
+        *self.selections.lock().expect("selection counts")
     }
 
+    /// Describes the run without reading tensor data.
     pub fn summary(&self) -> PlanSummary {
         let plan = self.plan;
         let n_slerp: usize = plan.steps.iter().map(|s| steps::passes(&s.kind)).sum();

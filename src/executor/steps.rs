@@ -784,13 +784,11 @@ impl Prepared<'_> {
                 }
             }
         }
-        use std::sync::atomic::Ordering::Relaxed;
         let histogram = sels.iter().filter(|s| s.uses_histograms()).count() as u64;
-        let counts = &self.selections;
-        counts.histogram.fetch_add(histogram, Relaxed);
-        counts
-            .found_in_window
-            .fetch_add(sels.len() as u64 - histogram, Relaxed);
+        let mut stats = self.selections.lock().expect("selection counts");
+        stats.histogram += histogram;
+        stats.found_in_window += sels.len() as u64 - histogram;
+        drop(stats);
         Ok(sels.iter().map(|s| s.result().expect("found")).collect())
     }
 
@@ -857,10 +855,8 @@ impl Prepared<'_> {
                 }
             })
             .collect();
-        let windowed = sels.iter().filter(|s| s.window().is_some()).count() as u64;
-        self.selections
-            .windowed
-            .fetch_add(windowed, std::sync::atomic::Ordering::Relaxed);
+        self.selections.lock().expect("selection counts").windowed +=
+            sels.iter().filter(|s| s.window().is_some()).count() as u64;
         Ok(sels)
     }
 
