@@ -443,11 +443,10 @@ impl<'p> Prepared<'p> {
         let block = (BLOCK * CHUNK) as u64;
         // A magnitude sparsification sorts one task vector of a tensor at a time in memory: 8 bytes
         // per element, for the largest such tensor (up to `plan.torch_order_cap` elements).
-        let sorts = plan.steps.iter().any(|s| {
-            matches!(&s.kind, StepKind::TaskVectors(tv)
-                if matches!(tv.sparsify, crate::recipe::Sparsify::Magnitude
-                    | crate::recipe::Sparsify::MagnitudeOutliers))
-        });
+        let sorts = plan
+            .steps
+            .iter()
+            .any(|s| matches!(&s.kind, StepKind::TaskVectors(tv) if tv.sparsify.ranks()));
         // Past that cap, the streaming selections' window entries: at most WINDOW_CAP (16 bytes each)
         // per tensor, and a stable sort's buffer for one selection's share.
         let merged = || {

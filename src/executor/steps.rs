@@ -441,10 +441,7 @@ impl Prepared<'_> {
         }
         let budget = Budget::new(
             progress,
-            if matches!(
-                tv.sparsify,
-                Sparsify::Magnitude | Sparsify::MagnitudeOutliers
-            ) {
+            if tv.sparsify.ranks() {
                 SELECTION_PASSES as u64 * t.bytes_of(t.base.numel())
             } else {
                 0

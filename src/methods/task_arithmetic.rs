@@ -17,6 +17,13 @@ pub enum Sparsify {
     MagnitudeOutliers,
 }
 
+impl Sparsify {
+    /// Whether the kept elements are chosen by rank of |δ| (a selection per task vector and tensor).
+    pub fn ranks(self) -> bool {
+        matches!(self, Self::Magnitude | Self::MagnitudeOutliers)
+    }
+}
+
 /// A task-vector merge: θ_b + λ · mix(sparsified w_i·δ_i).
 #[derive(Debug, Clone)]
 pub struct TaskVectorStep {
