@@ -711,7 +711,7 @@ impl Prepared<'_> {
                 &vals,
                 |c| (0..targets.len()).any(|k| !dref[k] && sref[k].wants_chunk(c)),
                 |lo| {
-                    let gather = (0..targets.len())
+                    let gather: Vec<Gather> = (0..targets.len())
                         .map(|k| {
                             if dref[k] || !sref[k].wants_chunk(lo / CHUNK) {
                                 Gather::Skip
@@ -723,36 +723,21 @@ impl Prepared<'_> {
                                 Gather::Keys(keys)
                             }
                         })
-                        .collect::<Vec<_>>();
-                    (lo, gather)
+                        .collect();
+                    let wanted: Vec<bool> =
+                        gather.iter().map(|g| !matches!(g, Gather::Skip)).collect();
+                    (lo, gather, wanted)
                 },
-                |(_, gather), x| {
-                    let n = x.views[x.reference].len();
-                    let mut v = super::scratch::f64s(n);
-                    let mut keys = super::scratch::u64s(n);
-                    for (val, &m) in vals.iter().zip(&models) {
-                        let mut evaluated = false;
-                        for (k, g) in gather.iter_mut().enumerate() {
-                            let (i, _, desc) = targets[k];
-                            if i != m || matches!(g, Gather::Skip) {
-                                continue;
-                            }
-                            if !evaluated {
-                                val.eval(x, &mut v);
-                                evaluated = true;
-                            }
-                            magnitude_keys(&v, t.compute, desc, &mut keys);
-                            match g {
-                                Gather::Window(part) => part.add(&keys),
-                                Gather::Keys(all) => all.extend_from_slice(&keys),
-                                Gather::Skip => {}
-                            }
+                |(_, gather, wanted), x| {
+                    target_keys(x, t.compute, &vals, &models, targets, wanted, |k, keys| {
+                        match &mut gather[k] {
+                            Gather::Window(part) => part.add(keys),
+                            Gather::Keys(all) => all.extend_from_slice(keys),
+                            Gather::Skip => {}
                         }
-                    }
-                    super::scratch::give_f64(v);
-                    super::scratch::give_u64(keys);
+                    });
                 },
-                |(lo, gather)| {
+                |(lo, gather, _)| {
                     gather
                         .into_iter()
                         .enumerate()
@@ -813,23 +798,16 @@ impl Prepared<'_> {
         let vals: Vec<Val> = models.iter().map(|&i| deltas[i].clone()).collect();
         let needed = self.needed_leaves(t, &vals);
         let stride = (numel - SUB) / (blocks - 1);
+        let all = vec![true; targets.len()];
         let mut parts: Vec<Vec<Vec<u64>>> = (0..blocks)
             .into_par_iter()
             .map(|j| {
                 let lo = j * stride;
                 let mut sample = vec![Vec::new(); targets.len()];
                 self.with_sub_blocks(t, &needed, lo, lo + SUB, |x| {
-                    let mut keys = Vec::new();
-                    for (val, &m) in vals.iter().zip(&models) {
-                        let mut v = vec![0.0; SUB];
-                        val.eval(x, &mut v);
-                        for (k, &(i, _, desc)) in targets.iter().enumerate() {
-                            if i == m {
-                                magnitude_keys(&v, t.compute, desc, &mut keys);
-                                sample[k].extend_from_slice(&keys);
-                            }
-                        }
-                    }
+                    target_keys(x, t.compute, &vals, &models, targets, &all, |k, keys| {
+                        sample[k].extend_from_slice(keys)
+                    });
                     Ok(())
                 })?;
                 Ok(sample)
@@ -1023,6 +1001,39 @@ fn restrict(t: &OutTensor, kind: &StepKind) -> Result<StepKind, MergeError> {
         });
     }
     Ok(out)
+}
+
+/// For one sub-block `x`: each task vector of `models` (their values `vals`) evaluated once, and the
+/// magnitude keys of every target `k` on it (`targets[k]`: model, rank, descending) that is `wanted[k]`,
+/// handed to `each(k, keys)`.
+fn target_keys(
+    x: &ChunkInputs,
+    compute: FloatType,
+    vals: &[Val],
+    models: &[usize],
+    targets: &[(usize, u64, bool)],
+    wanted: &[bool],
+    mut each: impl FnMut(usize, &[u64]),
+) {
+    let n = x.views[x.reference].len();
+    let mut v = super::scratch::f64s(n);
+    let mut keys = super::scratch::u64s(n);
+    for (val, &m) in vals.iter().zip(models) {
+        let mut evaluated = false;
+        for (k, &(i, _, desc)) in targets.iter().enumerate() {
+            if i != m || !wanted[k] {
+                continue;
+            }
+            if !evaluated {
+                val.eval(x, &mut v);
+                evaluated = true;
+            }
+            magnitude_keys(&v, compute, desc, &mut keys);
+            each(k, &keys);
+        }
+    }
+    super::scratch::give_f64(v);
+    super::scratch::give_u64(keys);
 }
 
 /// `into += m`, element by element.
