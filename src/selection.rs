@@ -572,9 +572,9 @@ crate::simd::leveled! {
 /// quantile): neighbouring weights are alike (a row that training left unchanged), so a sample of blocks
 /// knows less than as many independent keys would. `None` when the sample is under 1 024 keys, or when
 /// the window pass would likely keep more than half of its `cap` entries (many distinct keys: the
-/// histogram passes are then cheaper). Sorts `sample`.
+/// histogram passes are then cheaper).
 pub fn window_from_sample(
-    sample: &mut [u64],
+    sample: &[u64],
     block: usize,
     rank: u64,
     n: u64,
@@ -586,11 +586,10 @@ pub fn window_from_sample(
         return None;
     }
     let q = (rank as f64 + 0.5) / n as f64;
-    let at_q = {
-        let mut sorted = sample.to_vec();
-        let i = ((q * s as f64) as usize).min(s - 1);
-        *sorted.select_nth_unstable(i).1
-    };
+    let mut sorted = sample.to_vec();
+    sorted.sort_unstable();
+    let at_q = sorted[((q * s as f64) as usize).min(s - 1)];
+    // The blocks keep the sample's order.
     let shares: Vec<f64> = sample
         .chunks(block.max(1))
         .map(|b| b.iter().filter(|&&k| k < at_q).count() as f64 / b.len() as f64)
@@ -600,24 +599,23 @@ pub fn window_from_sample(
     let spread =
         shares.iter().map(|f| (f - mean) * (f - mean)).sum::<f64>() / (blocks - 1.0).max(1.0);
     let se = (q * (1.0 - q) / s as f64).max(spread / blocks).sqrt();
-    sample.sort_unstable();
     let delta = (4.0 * se).max(1e-3);
     let i_lo = ((q - delta) * s as f64).floor();
     let i_hi = ((q + delta) * s as f64).ceil();
     let (lo, a) = if i_lo <= 0.0 {
         (0, 0)
     } else {
-        (sample[i_lo as usize], i_lo as usize)
+        (sorted[i_lo as usize], i_lo as usize)
     };
     let (hi, b) = if i_hi >= (s - 1) as f64 {
         (u64::MAX, s - 1)
     } else {
-        (sample[i_hi as usize], i_hi as usize)
+        (sorted[i_hi as usize], i_hi as usize)
     };
     // Entries kept: one per distinct key inside and chunk. A chunk holds about `m` keys inside; drawn
     // from the sample's keys inside, they would hold Σ_k 1 − (1 − p_k)^m distinct keys (p_k: key k's
     // share), a quarter more for keys the sample missed.
-    let inside = &sample[a..=b];
+    let inside = &sorted[a..=b];
     let mass = inside.len() as f64 / s as f64 * n as f64;
     let m = mass / chunks.max(1) as f64;
     let per_chunk: f64 = inside
@@ -1133,28 +1131,25 @@ mod tests {
             let mut sorted = keys.clone();
             sorted.sort_unstable();
             for rank in [n / 10, n / 2, n - n / 7] {
-                let mut sample: Vec<u64> = (0..20_000).map(|_| draw(distinct)).collect();
+                let sample: Vec<u64> = (0..20_000).map(|_| draw(distinct)).collect();
                 let (lo, hi) =
-                    window_from_sample(&mut sample, 1, rank, n, n.div_ceil(1 << 16), 1 << 20)
+                    window_from_sample(&sample, 1, rank, n, n.div_ceil(1 << 16), 1 << 20)
                         .expect("a window");
                 let key = sorted[rank as usize];
                 assert!(lo <= key && key <= hi, "{distinct}: {key} in {lo}..={hi}");
             }
-            let mut small: Vec<u64> = (0..1000).map(|_| draw(distinct)).collect();
-            assert_eq!(
-                window_from_sample(&mut small, 1, n / 2, n, 4, 1 << 20),
-                None
-            );
+            let small: Vec<u64> = (0..1000).map(|_| draw(distinct)).collect();
+            assert_eq!(window_from_sample(&small, 1, n / 2, n, 4, 1 << 20), None);
         }
         // All distinct keys in a huge tensor: a window of ±0.1% would keep millions of entries.
-        let mut sample: Vec<u64> = (0..20_000).map(|_| draw(1 << 50)).collect();
+        let sample: Vec<u64> = (0..20_000).map(|_| draw(1 << 50)).collect();
         assert_eq!(
-            window_from_sample(&mut sample, 1, 1 << 31, 1 << 32, 1 << 16, 1 << 20),
+            window_from_sample(&sample, 1, 1 << 31, 1 << 32, 1 << 16, 1 << 20),
             None
         );
         // Few distinct keys: one entry per key and chunk, however large the tensor.
-        let mut sample: Vec<u64> = (0..20_000).map(|_| draw(3)).collect();
-        assert!(window_from_sample(&mut sample, 1, 1 << 31, 1 << 32, 1 << 16, 1 << 20).is_some());
+        let sample: Vec<u64> = (0..20_000).map(|_| draw(3)).collect();
+        assert!(window_from_sample(&sample, 1, 1 << 31, 1 << 32, 1 << 16, 1 << 20).is_some());
     }
 
     /// Blocks of alike keys (rows a fine-tune left unchanged, |δ| = 0, beside changed ones): a sample of
@@ -1179,13 +1174,13 @@ mod tests {
         for distinct in [50u64, 1 << 50] {
             for round in 0..12 {
                 let data = blocks(&mut x, 512, distinct);
-                let mut sample = blocks(&mut x, 64, distinct);
+                let sample = blocks(&mut x, 64, distinct);
                 let n = data.len() as u64;
                 let rank = n * 3 / 4;
                 let mut sorted = data;
                 let key = *sorted.select_nth_unstable(rank as usize).1;
                 let (lo, hi) =
-                    window_from_sample(&mut sample, BLOCK, rank, n, n.div_ceil(1 << 16), 1 << 22)
+                    window_from_sample(&sample, BLOCK, rank, n, n.div_ceil(1 << 16), 1 << 22)
                         .expect("a window within the cap");
                 assert!(
                     lo <= key && key <= hi,

@@ -824,7 +824,7 @@ impl Prepared<'_> {
                 for p in parts.iter_mut() {
                     sample.append(&mut p[k]);
                 }
-                match window_from_sample(&mut sample, SUB, rank, numel as u64, chunks, cap) {
+                match window_from_sample(&sample, SUB, rank, numel as u64, chunks, cap) {
                     Some((lo, hi)) => RankSelect::windowed(rank, lo, hi, cap),
                     None => RankSelect::new(rank),
                 }
