@@ -38,6 +38,13 @@ pub fn magnitude_key(x: f64, desc: bool) -> u64 {
     }
 }
 
+/// [`magnitude_key`] of `x` rounded to float32, `flip` all ones for a descending order (else 0): the form
+/// the vectorised kernels compute.
+#[inline(always)]
+pub fn f32_magnitude_key(x: f64, flip: u64) -> u64 {
+    (x as f32 as f64).abs().to_bits() ^ flip
+}
+
 crate::simd::leveled! {
     /// [`magnitude_key`] of each value rounded to `compute` (as torch has a float32 result in that
     /// type), into `keys` (resized to `values.len()`).
@@ -51,7 +58,7 @@ crate::simd::leveled! {
         let flip = if desc { u64::MAX } else { 0 };
         if compute == crate::format::FloatType::F32 {
             for (k, &x) in keys.iter_mut().zip(values) {
-                *k = (x as f32 as f64).abs().to_bits() ^ flip;
+                *k = f32_magnitude_key(x, flip);
             }
         } else {
             for (k, &x) in keys.iter_mut().zip(values) {

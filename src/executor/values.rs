@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::format::FloatType;
 use crate::kernels;
-use crate::selection::{bernoulli_keep, magnitude_key};
+use crate::selection::{bernoulli_keep, f32_magnitude_key, magnitude_key};
 
 /// The value of a step for one tensor.
 #[derive(Debug, Clone)]
@@ -196,7 +196,7 @@ crate::simd::leveled! {
     ) {
         let flip = if desc { u64::MAX } else { 0 };
         for (j, v) in d.iter_mut().enumerate() {
-            let k = (*v as f32 as f64).abs().to_bits() ^ flip;
+            let k = f32_magnitude_key(*v, flip);
             let i = first + j as u64;
             let below_hi = (k < hi_key) | (k == hi_key) & (i <= hi_index);
             let above_lo = (k > lo_key) | (k == lo_key) & (i >= lo_index);
