@@ -29,7 +29,7 @@ pub(crate) fn decode_at(level: Level, t: FloatType, bytes: &[u8], out: &mut [f32
         }
         _ => {
             decode_scalar(t, bytes, out);
-            out.iter().any(|x| !x.is_finite())
+            first_non_finite::at(level, out).is_some()
         }
     }
 }
@@ -127,7 +127,8 @@ pub(crate) fn encode_f64_scalar(t: FloatType, values: &[f64], dst: &mut [u8]) {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{decode_scalar, encode_f64_scalar, FloatType};
+    use super::{decode_scalar, encode_f64_scalar, first_non_finite, FloatType};
+    use crate::simd::Level;
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,f16c")]
     pub unsafe fn decode_avx512(t: FloatType, bytes: &[u8], out: &mut [f32]) -> bool {
@@ -160,12 +161,12 @@ mod x86 {
             }
             FloatType::F32 => {
                 std::ptr::copy_nonoverlapping(src, dst as *mut u8, 4 * n);
-                return out.iter().any(|x| !x.is_finite());
+                return first_non_finite::at(Level::Avx512, out).is_some();
             }
         }
         let size = t.size();
         decode_scalar(t, &bytes[i * size..], &mut out[i..]);
-        bad != 0 || out[i..].iter().any(|x| !x.is_finite())
+        bad != 0 || first_non_finite::at(Level::Avx512, &out[i..]).is_some()
     }
 
     #[target_feature(enable = "avx2,f16c")]
@@ -200,12 +201,12 @@ mod x86 {
             }
             FloatType::F32 => {
                 std::ptr::copy_nonoverlapping(src, dst as *mut u8, 4 * n);
-                return out.iter().any(|x| !x.is_finite());
+                return first_non_finite::at(Level::Avx2, out).is_some();
             }
         }
         let size = t.size();
         decode_scalar(t, &bytes[i * size..], &mut out[i..]);
-        _mm256_movemask_epi8(bad) != 0 || out[i..].iter().any(|x| !x.is_finite())
+        _mm256_movemask_epi8(bad) != 0 || first_non_finite::at(Level::Avx2, &out[i..]).is_some()
     }
 
     /// 8 f64 → 8 f32 bits rounded to odd (see `f64_to_f32_round_odd`): the nearest f32, then, when
