@@ -801,12 +801,13 @@ impl Staged {
 /// removed, a replaced one restored) before the error is returned; the old copies of replaced targets
 /// are removed only once all are in place. Returns the targets.
 pub fn commit_all(mut staged: Vec<Staged>) -> Result<Vec<PathBuf>, OutputError> {
-    for s in &staged {
-        check_target(&s.target, s.kind, s.force)?;
-    }
+    // Checks and renames under the registry's lock, as a single commit had them.
     let reg = registry();
     if STOPPING.load(Ordering::SeqCst) {
         return Err(OutputError::Interrupted);
+    }
+    for s in &staged {
+        check_target(&s.target, s.kind, s.force)?;
     }
     let mut placed: Vec<Placed> = Vec::with_capacity(staged.len());
     for s in &staged {
