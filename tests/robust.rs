@@ -115,6 +115,10 @@ fn pair(root: &Path) -> (PathBuf, PathBuf) {
     (a, b)
 }
 
+/// A recipe of one LITI step halfway from the base `a` to `b`.
+const LITI: &str =
+    "output: out\nbase: a\nsteps:\n  - {name: l, method: liti, model: b, eta: 0.5}\n";
+
 fn recipe(root: &Path, body: &str) -> PathBuf {
     let p = root.join("r.yaml");
     std::fs::write(&p, body).unwrap();
@@ -138,10 +142,7 @@ fn zero_element_tensors_first_and_between_are_merged() {
     };
     write_model(&d.path().join("a"), FloatType::F32, &t(1.0));
     write_model(&d.path().join("b"), FloatType::F32, &t(3.0));
-    let r = recipe(
-        d.path(),
-        "output: out\nbase: a\nsteps:\n  - {name: l, method: liti, model: b, eta: 0.5}\n",
-    );
+    let r = recipe(d.path(), LITI);
     let o = gm(&["run", s(&r)]);
     assert_eq!(o.code, Some(0), "{}", o.stderr);
     let out = d.path().join("out");
@@ -174,10 +175,7 @@ fn zero_element_tensors_first_and_between_are_merged() {
     }
 
     // A base made only of empty tensors merges into a model of empty tensors.
-    let r = recipe(
-        d.path(),
-        "output: out\nbase: a\nsteps:\n  - {name: l, method: liti, model: b, eta: 0.5}\n",
-    );
+    let r = recipe(d.path(), LITI);
     let e = |_: f32| vec![("empty", vec![0usize], vec![]), ("e2", vec![0, 3], vec![])];
     write_model(&d.path().join("a"), FloatType::F32, &e(0.0));
     write_model(&d.path().join("b"), FloatType::F32, &e(0.0));
@@ -210,10 +208,7 @@ fn with_closed_stdout(args: &[&str]) -> (Option<i32>, String) {
 fn a_closed_stdout_pipe_is_not_a_panic() {
     let d = tempfile::tempdir().unwrap();
     let (a, b) = pair(d.path());
-    let r = recipe(
-        d.path(),
-        "output: out\nbase: a\nsteps:\n  - {name: l, method: liti, model: b, eta: 0.5}\n",
-    );
+    let r = recipe(d.path(), LITI);
     assert_eq!(gm(&["run", s(&r)]).code, Some(0));
     let out = d.path().join("out");
     let dry = d.path().join("dry");
@@ -530,10 +525,7 @@ fn fifos_devices_and_huge_side_files_are_refused() {
 
     // A recipe, and a side file copied from the base.
     let (_, _) = pair(d.path());
-    let r = recipe(
-        d.path(),
-        "output: out\nbase: a\nsteps:\n  - {name: l, method: liti, model: b, eta: 0.5}\n",
-    );
+    let r = recipe(d.path(), LITI);
     refused_as_non_regular(&r, &["run", s(&r)], 1);
     refused_as_non_regular(
         &d.path().join("a/tokenizer_config.json"),
