@@ -27,7 +27,9 @@ use crate::format::Model;
 
 pub use super::family::Config;
 use super::family::{layer_group, lm_head_name};
-use super::ops::{attend, gelu_mul, matmul_many, matmul_p, rms_norm, softcap, Precision, Rope};
+use super::ops::{
+    attend, gelu_mul, matmul_many, matmul_p, rms_norm, softcap, Precision, Rope, QUERY_BLOCK,
+};
 use super::weights::{Weight, WeightSource};
 use super::ModelError;
 
@@ -571,26 +573,46 @@ impl Attention {
                 &cached.value(j)[g * hd..][..hd]
             }
         };
+        // Per head, blocks of QUERY_BLOCK positions ([nh][n][hd]), then laid out as [n][nh·hd].
+        let mut heads = vec![0f32; nh * n * hd];
+        heads
+            .par_chunks_mut(n * hd)
+            .enumerate()
+            .for_each(|(head, hbuf)| {
+                let g = head / group;
+                hbuf.par_chunks_mut(QUERY_BLOCK * hd)
+                    .enumerate()
+                    .for_each(|(blk, o)| {
+                        let t0 = blk * QUERY_BLOCK;
+                        let b = o.len() / hd;
+                        let q: Vec<f32> = (t0..t0 + b)
+                            .flat_map(|t| &qs[t * nh * hd + head * hd..][..hd])
+                            .copied()
+                            .collect();
+                        let ranges: Vec<_> = (t0..t0 + b)
+                            .map(|t| key_range(first + t, self.window))
+                            .collect();
+                        attend(
+                            &q,
+                            hd,
+                            &ranges,
+                            |j| key(j, g),
+                            |j| value(j, g),
+                            self.scaling,
+                            self.softcap,
+                            o,
+                        );
+                    });
+            });
         let mut out = Array2::<f32>::zeros((n, nh * hd));
         out.as_slice_mut()
             .expect("contiguous")
-            .par_chunks_mut(hd)
+            .par_chunks_mut(nh * hd)
             .enumerate()
-            .for_each(|(idx, o)| {
-                let (t, head) = (idx / nh, idx % nh);
-                let g = head / group;
-                let i = first + t;
-                let keys = key_range(i, self.window);
-                let qh = &qs[t * nh * hd + head * hd..][..hd];
-                attend(
-                    qh,
-                    keys,
-                    |j| key(j, g),
-                    |j| value(j, g),
-                    self.scaling,
-                    self.softcap,
-                    o,
-                );
+            .for_each(|(t, row)| {
+                for (head, o) in row.chunks_exact_mut(hd).enumerate() {
+                    o.copy_from_slice(&heads[(head * n + t) * hd..][..hd]);
+                }
             });
         cache.append(first, &k, &v);
         matmul_p(out.view(), &self.o_proj, p)

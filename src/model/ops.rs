@@ -59,108 +59,297 @@ pub(crate) fn matmul_into(x: ArrayView2<f32>, w: &Weight, precision: Precision, 
     super::gemm::matmul_into(crate::simd::level(), precision, xs, n, w, y);
 }
 
-/// One query head's attention: `o += Σ_j softmax_j(softcap(q·k_j · scaling)) · v_j` over the key
-/// positions `keys`, with `key(j)` / `value(j)` the rows of position j. Compiled for the process's SIMD
-/// level (the dot products and `axpy` vectorise to its width); the soft-cap and exp are [`super::vmath`]'s.
+/// Query rows of one head that attention takes together: each key and value row is then read once
+/// for all of them (from L2/L3 into L1) instead of once per query.
+pub(crate) const QUERY_BLOCK: usize = 16;
+
+/// Attention of `b = ranges.len()` query rows of one head (`qs`: [b][hd]): for each row t,
+/// `out[t] += Σ_j softmax_j(softcap(q_t·k_j · scaling)) · v_j` over its key positions `ranges[t]`, with
+/// `key(j)` / `value(j)` the rows of position j. Each row's result is bit for bit that of the row taken
+/// alone (every q·k and every `+=` the same operations in the same order); the block only changes how
+/// often the key and value rows are read. Compiled for the process's SIMD level (the products and
+/// `axpy` vectorise to its width); the soft-cap and exp are [`super::vmath`]'s.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn attend<'a>(
-    qh: &[f32],
-    keys: std::ops::RangeInclusive<usize>,
+    qs: &[f32],
+    hd: usize,
+    ranges: &[std::ops::RangeInclusive<usize>],
     key: impl Fn(usize) -> &'a [f32],
     value: impl Fn(usize) -> &'a [f32],
     scaling: f32,
     cap: Option<f32>,
-    o: &mut [f32],
+    out: &mut [f32],
 ) {
+    assert_eq!(
+        qs.len(),
+        ranges.len() * hd,
+        "attend: queries are not [b, hd]"
+    );
+    assert_eq!(out.len(), qs.len(), "attend: output is not [b, hd]");
     match crate::simd::level() {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: simd::level() never exceeds the CPU's features.
         crate::simd::Level::Avx512 => unsafe {
-            attend_avx512(qh, keys, key, value, scaling, cap, o)
+            attend_avx512(qs, hd, ranges, key, value, scaling, cap, out)
         },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        crate::simd::Level::Avx2 => unsafe { attend_avx2(qh, keys, key, value, scaling, cap, o) },
-        _ => attend_impl(qh, keys, key, value, scaling, cap, o),
+        crate::simd::Level::Avx2 => unsafe {
+            attend_avx2(qs, hd, ranges, key, value, scaling, cap, out)
+        },
+        _ => attend_impl::<Scalar16>(qs, hd, ranges, key, value, scaling, cap, out),
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
 unsafe fn attend_avx512<'a>(
-    qh: &[f32],
-    keys: std::ops::RangeInclusive<usize>,
+    qs: &[f32],
+    hd: usize,
+    ranges: &[std::ops::RangeInclusive<usize>],
     key: impl Fn(usize) -> &'a [f32],
     value: impl Fn(usize) -> &'a [f32],
     scaling: f32,
     cap: Option<f32>,
-    o: &mut [f32],
+    out: &mut [f32],
 ) {
-    attend_impl(qh, keys, key, value, scaling, cap, o)
+    attend_impl::<lanes16::Avx512>(qs, hd, ranges, key, value, scaling, cap, out)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
 unsafe fn attend_avx2<'a>(
-    qh: &[f32],
-    keys: std::ops::RangeInclusive<usize>,
+    qs: &[f32],
+    hd: usize,
+    ranges: &[std::ops::RangeInclusive<usize>],
     key: impl Fn(usize) -> &'a [f32],
     value: impl Fn(usize) -> &'a [f32],
     scaling: f32,
     cap: Option<f32>,
-    o: &mut [f32],
+    out: &mut [f32],
 ) {
-    attend_impl(qh, keys, key, value, scaling, cap, o)
+    attend_impl::<lanes16::Avx2>(qs, hd, ranges, key, value, scaling, cap, out)
 }
 
+// Plain loops, not iterator adaptors: a closure handed to `map`/`fold` is compiled inside the standard
+// library's iterator code, without the caller's target features (the q·k products had run as scalar SSE
+// code there).
 #[inline(always)]
-fn attend_impl<'a>(
-    qh: &[f32],
-    keys: std::ops::RangeInclusive<usize>,
+#[allow(clippy::too_many_arguments)]
+fn attend_impl<'a, D: Dot16>(
+    qs: &[f32],
+    hd: usize,
+    ranges: &[std::ops::RangeInclusive<usize>],
     key: impl Fn(usize) -> &'a [f32],
     value: impl Fn(usize) -> &'a [f32],
     scaling: f32,
     cap: Option<f32>,
-    o: &mut [f32],
+    out: &mut [f32],
 ) {
-    let mut scores: Vec<f32> = keys
-        .clone()
-        .map(|j| dot_wide(qh, key(j)) * scaling)
-        .collect();
-    if let Some(cap) = cap {
-        softcap(&mut scores, cap);
+    let b = ranges.len();
+    let (Some(lo), Some(hi)) = (
+        ranges.iter().map(|r| *r.start()).min(),
+        ranges.iter().map(|r| *r.end()).max(),
+    ) else {
+        return;
+    };
+    if hi < lo {
+        return;
     }
-    let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-    scores.iter_mut().for_each(|s| *s -= max);
-    exp_in_place(&mut scores);
-    let sum: f32 = scores.iter().sum();
-    for (p, j) in scores.iter().zip(keys) {
-        axpy(p / sum, value(j), o);
+    let nk = hi + 1 - lo;
+    let q = |t: usize| &qs[t * hd..(t + 1) * hd];
+    // Row t of `scores` holds keys lo..=hi; only its own range is used.
+    let mut scores = vec![0f32; b * nk];
+    for j in lo..=hi {
+        let kj = key(j);
+        let mut t = 0;
+        while t < b {
+            if t + 4 <= b && (t..t + 4).all(|u| ranges[u].contains(&j)) {
+                let d = D::dot([q(t), q(t + 1), q(t + 2), q(t + 3)], kj);
+                for (u, d) in d.iter().enumerate() {
+                    scores[(t + u) * nk + j - lo] = d * scaling;
+                }
+                t += 4;
+            } else {
+                if ranges[t].contains(&j) {
+                    scores[t * nk + j - lo] = D::dot([q(t)], kj)[0] * scaling;
+                }
+                t += 1;
+            }
+        }
+    }
+    // Each row's softmax over its own keys, turned into the weights of the values.
+    for (t, range) in ranges.iter().enumerate() {
+        if range.is_empty() {
+            continue;
+        }
+        let row = &mut scores[t * nk + range.start() - lo..=t * nk + range.end() - lo];
+        if let Some(cap) = cap {
+            softcap(row, cap);
+        }
+        let mut max = f32::NEG_INFINITY;
+        for s in row.iter() {
+            max = max.max(*s);
+        }
+        for s in row.iter_mut() {
+            *s -= max;
+        }
+        exp_in_place(row);
+        let mut sum = 0f32;
+        for s in row.iter() {
+            sum += s;
+        }
+        for s in row.iter_mut() {
+            *s /= sum;
+        }
+    }
+    for j in lo..=hi {
+        let vj = value(j);
+        for (t, range) in ranges.iter().enumerate() {
+            if range.contains(&j) {
+                axpy(scores[t * nk + j - lo], vj, &mut out[t * hd..(t + 1) * hd]);
+            }
+        }
     }
 }
 
-/// [`dot`] with sixteen independent lanes (one AVX-512 register, two AVX2 ones).
+/// Dot products in sixteen lanes: lane i sums `a[c]·b[c]` for c ≡ i (mod 16) in order (a product, then
+/// a sum: no fused multiply-add), the lanes are added in halves (8, 4, 2, 1), then the elements past the
+/// last whole 16 one by one. Every implementation gives these bits; they differ in instructions only.
+trait Dot16 {
+    /// `out[u] = a[u] · b`, `b` read once for all of them.
+    fn dot<const N: usize>(a: [&[f32]; N], b: &[f32]) -> [f32; N];
+}
+
+/// [`Dot16`] in plain Rust.
+struct Scalar16;
+
+impl Dot16 for Scalar16 {
+    #[inline(always)]
+    fn dot<const N: usize>(a: [&[f32]; N], b: &[f32]) -> [f32; N] {
+        let full = b.len() / 16 * 16;
+        let mut acc = [[0f32; 16]; N];
+        for c in (0..full).step_by(16) {
+            for (acc, a) in acc.iter_mut().zip(a) {
+                for i in 0..16 {
+                    acc[i] += a[c + i] * b[c + i];
+                }
+            }
+        }
+        let mut out = [0f32; N];
+        for (u, acc) in acc.iter_mut().enumerate() {
+            for half in [8, 4, 2, 1] {
+                for i in 0..half {
+                    acc[i] += acc[i + half];
+                }
+            }
+            out[u] = tail(0f32 + acc[0], &a[u][full..], &b[full..]);
+        }
+        out
+    }
+}
+
+/// The elements past the last whole 16, added one by one.
 #[inline(always)]
-fn dot_wide(a: &[f32], b: &[f32]) -> f32 {
-    debug_assert_eq!(a.len(), b.len());
-    let mut acc = [0f32; 16];
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..16 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    let mut s = 0f32;
-    for half in [8, 4, 2, 1] {
-        for i in 0..half {
-            acc[i] += acc[i + half];
-        }
-    }
-    s += acc[0];
-    for (x, y) in ra.iter().zip(rb) {
+fn tail(mut s: f32, a: &[f32], b: &[f32]) -> f32 {
+    for (x, y) in a.iter().zip(b) {
         s += x * y;
     }
     s
+}
+
+#[cfg(target_arch = "x86_64")]
+mod lanes16 {
+    //! [`super::Dot16`] with intrinsics (only called from functions compiled for the level).
+    use std::arch::x86_64::*;
+
+    use super::{tail, Dot16};
+
+    /// Lanes 0..4 of a 128-bit sum of 8 lanes' halves, added as (0,2)(1,3), then 0 + 1.
+    #[inline(always)]
+    unsafe fn last_halves(s: __m128) -> f32 {
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
+    }
+
+    #[inline(always)]
+    unsafe fn halves256(v: __m256) -> f32 {
+        last_halves(_mm_add_ps(
+            _mm256_castps256_ps128(v),
+            _mm256_extractf128_ps::<1>(v),
+        ))
+    }
+
+    /// AVX-512: the sixteen lanes in one register.
+    pub struct Avx512;
+
+    impl Dot16 for Avx512 {
+        #[inline(always)]
+        fn dot<const N: usize>(a: [&[f32]; N], b: &[f32]) -> [f32; N] {
+            let full = b.len() / 16 * 16;
+            for a in a.iter() {
+                assert_eq!(a.len(), b.len());
+            }
+            // SAFETY: only called from functions compiled for AVX-512 F (attend_avx512), which run only
+            // where the CPU has it; every load reads 16 elements below `full` <= len.
+            unsafe {
+                let mut acc = [_mm512_setzero_ps(); N];
+                for c in (0..full).step_by(16) {
+                    let y = _mm512_loadu_ps(b.as_ptr().add(c));
+                    for (acc, a) in acc.iter_mut().zip(a.iter()) {
+                        *acc = _mm512_add_ps(
+                            *acc,
+                            _mm512_mul_ps(_mm512_loadu_ps(a.as_ptr().add(c)), y),
+                        );
+                    }
+                }
+                let mut out = [0f32; N];
+                for (u, v) in acc.iter().enumerate() {
+                    let lo = _mm512_castps512_ps256(*v);
+                    let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(*v)));
+                    let s = halves256(_mm256_add_ps(lo, hi));
+                    out[u] = tail(0f32 + s, &a[u][full..], &b[full..]);
+                }
+                out
+            }
+        }
+    }
+
+    /// AVX2: lanes 0..8 and 8..16 in two registers.
+    pub struct Avx2;
+
+    impl Dot16 for Avx2 {
+        #[inline(always)]
+        fn dot<const N: usize>(a: [&[f32]; N], b: &[f32]) -> [f32; N] {
+            let full = b.len() / 16 * 16;
+            for a in a.iter() {
+                assert_eq!(a.len(), b.len());
+            }
+            // SAFETY: only called from functions compiled for AVX2 (attend_avx2, attend_avx512), which
+            // run only where the CPU has it; every load reads 8 elements below `full` <= len.
+            unsafe {
+                let mut acc = [[_mm256_setzero_ps(); 2]; N];
+                for c in (0..full).step_by(16) {
+                    let y0 = _mm256_loadu_ps(b.as_ptr().add(c));
+                    let y1 = _mm256_loadu_ps(b.as_ptr().add(c + 8));
+                    for (acc, a) in acc.iter_mut().zip(a.iter()) {
+                        let p = a.as_ptr().add(c);
+                        acc[0] = _mm256_add_ps(acc[0], _mm256_mul_ps(_mm256_loadu_ps(p), y0));
+                        acc[1] =
+                            _mm256_add_ps(acc[1], _mm256_mul_ps(_mm256_loadu_ps(p.add(8)), y1));
+                    }
+                }
+                let mut out = [0f32; N];
+                for (u, acc) in acc.iter().enumerate() {
+                    let v = _mm256_add_ps(acc[0], acc[1]);
+                    out[u] = tail(0f32 + halves256(v), &a[u][full..], &b[full..]);
+                }
+                out
+            }
+        }
+    }
 }
 
 /// Dot product of two f32 slices of equal length (eight independent lanes, so it vectorizes).
@@ -271,6 +460,142 @@ impl Rope {
 mod tests {
     use super::*;
     use ndarray::array;
+    use std::ops::RangeInclusive;
+
+    fn values(len: usize, seed: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| (((i * 7919 + seed * 104_729) % 1999) as f32 / 1999.0 - 0.5) * 2.0)
+            .collect()
+    }
+
+    /// Every `Dot16` gives the scalar definition's bits, for one row and four, with and without tails;
+    /// and the sums are those of an f64 dot within f32 rounding.
+    #[test]
+    fn dot16_implementations_agree_bit_for_bit() {
+        fn check<const N: usize>(len: usize) {
+            let rows: Vec<Vec<f32>> = (0..N).map(|u| values(len, 3 + u)).collect();
+            let a: [&[f32]; N] = std::array::from_fn(|u| &rows[u][..]);
+            let b = values(len, 1);
+            let want = Scalar16::dot(a, &b);
+            for (u, w) in want.iter().enumerate() {
+                let exact: f64 = (0..len).map(|i| a[u][i] as f64 * b[i] as f64).sum();
+                let abs: f64 = (0..len).map(|i| (a[u][i] as f64 * b[i] as f64).abs()).sum();
+                assert!(
+                    (*w as f64 - exact).abs() <= abs * 2f64.powi(-20),
+                    "len {len}"
+                );
+            }
+            #[cfg(target_arch = "x86_64")]
+            for level in crate::simd::available() {
+                let got = match level {
+                    crate::simd::Level::Avx512 => lanes16::Avx512::dot(a, &b),
+                    crate::simd::Level::Avx2 => lanes16::Avx2::dot(a, &b),
+                    _ => continue,
+                };
+                for (g, w) in got.iter().zip(&want) {
+                    assert_eq!(g.to_bits(), w.to_bits(), "{level} N={N} len={len}");
+                }
+            }
+        }
+        for len in [0, 5, 16, 33, 250, 256] {
+            check::<1>(len);
+            check::<4>(len);
+        }
+    }
+
+    /// Attention over a block of queries gives each query's result alone, bit for bit, at every level,
+    /// with causal and sliding-window key ranges, blocks that are not multiples of four, and head
+    /// sizes with tails; and it is softmax attention (an f64 evaluation agrees).
+    #[test]
+    fn blocked_attention_is_each_query_alone() {
+        type Run = fn(&[f32], usize, &[RangeInclusive<usize>], &[f32], &[f32], &mut [f32]);
+        fn run<D: Dot16>(
+            q: &[f32],
+            hd: usize,
+            ranges: &[RangeInclusive<usize>],
+            k: &[f32],
+            v: &[f32],
+            out: &mut [f32],
+        ) {
+            let (key, value) = (|j: usize| &k[j * hd..][..hd], |j: usize| &v[j * hd..][..hd]);
+            attend_impl::<D>(q, hd, ranges, key, value, 0.3, Some(2.0), out);
+        }
+        let mut runs: Vec<(&str, Run)> = vec![("portable", run::<Scalar16>)];
+        #[cfg(target_arch = "x86_64")]
+        for level in crate::simd::available() {
+            match level {
+                crate::simd::Level::Avx512 => runs.push(("avx512", run::<lanes16::Avx512>)),
+                crate::simd::Level::Avx2 => runs.push(("avx2", run::<lanes16::Avx2>)),
+                _ => {}
+            }
+        }
+        for hd in [4, 20, 256] {
+            for (b, first, window) in [(16, 0, None), (7, 5, None), (13, 40, Some(9)), (1, 3, None)]
+            {
+                let positions = first + b;
+                let (q, k, v) = (
+                    values(b * hd, 1),
+                    values(positions * hd, 2),
+                    values(positions * hd, 3),
+                );
+                let ranges: Vec<RangeInclusive<usize>> = (0..b)
+                    .map(|t| {
+                        window.map_or(0, |w: usize| (first + t + 1).saturating_sub(w))..=first + t
+                    })
+                    .collect();
+                for (name, f) in &runs {
+                    let mut block = vec![0f32; b * hd];
+                    f(&q, hd, &ranges, &k, &v, &mut block);
+                    for t in 0..b {
+                        // The query alone, written out as the single-query attention it replaces.
+                        let qt = &q[t * hd..][..hd];
+                        let mut scores: Vec<f32> = ranges[t]
+                            .clone()
+                            .map(|j| Scalar16::dot([qt], &k[j * hd..][..hd])[0] * 0.3)
+                            .collect();
+                        softcap(&mut scores, 2.0);
+                        let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+                        scores.iter_mut().for_each(|s| *s -= max);
+                        exp_in_place(&mut scores);
+                        let sum: f32 = scores.iter().sum();
+                        let mut alone = vec![0f32; hd];
+                        for (p, j) in scores.iter().zip(ranges[t].clone()) {
+                            axpy(p / sum, &v[j * hd..][..hd], &mut alone);
+                        }
+                        for (x, y) in block[t * hd..][..hd].iter().zip(&alone) {
+                            assert_eq!(x.to_bits(), y.to_bits(), "{name} hd={hd} b={b} t={t}");
+                        }
+                        // f64 softmax attention with the soft-cap.
+                        let r = ranges[t].clone();
+                        let scores: Vec<f64> = r
+                            .clone()
+                            .map(|j| {
+                                let d: f64 = (0..hd)
+                                    .map(|i| q[t * hd + i] as f64 * k[j * hd + i] as f64)
+                                    .sum();
+                                2.0 * (d * 0.3 / 2.0).tanh()
+                            })
+                            .collect();
+                        let max = scores.iter().cloned().fold(f64::MIN, f64::max);
+                        let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                        let sum: f64 = e.iter().sum();
+                        for i in 0..hd {
+                            let want: f64 = r
+                                .clone()
+                                .zip(&e)
+                                .map(|(j, p)| p / sum * v[j * hd + i] as f64)
+                                .sum();
+                            let got = block[t * hd + i] as f64;
+                            assert!(
+                                (got - want).abs() < 1e-5,
+                                "{name} hd={hd} t={t} i={i}: {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn rms_norm_scales_by_one_plus_weight() {
