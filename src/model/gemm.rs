@@ -754,7 +754,10 @@ pub(crate) mod x86 {
                     match out.len() - t {
                         3 => block::<E, 3, 2>(w, x.add(t * k), k, &mut out[t..]),
                         2 => block::<E, 2, 4>(w, x.add(t * k), k, &mut out[t..]),
-                        1 => block::<E, 1, 4>(w, x.add(t * k), k, &mut out[t..]),
+                        1 => {
+                            let o: &mut [f32; 1] = (&mut out[t..]).try_into().expect("one row");
+                            dot_lanes::<E, 1>([w], x.add(t * k), k, o)
+                        }
                         _ => {}
                     }
                 }
@@ -798,9 +801,9 @@ pub(crate) mod x86 {
                     }
                 }
 
-                /// `S` weight rows against one activation row, read side by side: `out[s]` is
-                /// bit for bit `dot_rows` of row `s` alone (the same operations in the same order as
-                /// `block::<E, 1, 4>`), but `S` streams from memory are in flight at once.
+                /// `S` weight rows against one activation row, read side by side, four accumulators
+                /// per row: `out[s]` is bit for bit that of row `s` alone (`S` = 1, which `dot_rows`
+                /// uses for one activation row), but `S` streams from memory are in flight at once.
                 ///
                 /// # Safety
                 /// The CPU has the level's features; each `w[s]` holds `k` elements of `E`; `x`
