@@ -642,7 +642,8 @@ mod tests {
 
     #[test]
     fn column_wise_election_gives_the_bits_of_the_row_wise_definition() {
-        let n = 3000;
+        // Not a multiple of 8 or 16: every vector kernel's tail runs too.
+        let n = 3003;
         let first = 70_000u64;
         let mut s = 0x9e3779b97f4a7c15u64;
         let mut next = || {
