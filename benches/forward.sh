@@ -13,7 +13,9 @@
 # each under /usr/bin/time -v (peak RSS), after one untimed pass that brings the file into the page cache.
 # Decoding one token reads every weight once (the tied embedding is the output projection), so
 # "decode GB/s" = weight bytes × decode tokens/s; it is set beside a read-bandwidth baseline (the weights
-# file summed from the page cache by numpy with THREADS threads, when python3 + numpy are there).
+# file summed from the page cache by numpy with THREADS threads, when python3 + numpy are there). In the
+# side-by-side rounds that baseline is also measured right after gemma-merge's decode in each round, and the
+# decode's share of it is printed per round and as the median: this VM's bandwidth moves between rounds.
 # "prefill GFLOP/s" counts 2 FLOPs per weight per token (matrix products only; attention is extra).
 #
 # Side by side (optional, never in CI): with PYTHON set to a python that has torch, transformers,
@@ -137,6 +139,12 @@ for n in $LAYERS; do
         C[gm-$mode-pp]+="$(json_num prefill_tokens_per_second "$d/cmp.json") "
         C[gm-$mode-tg]+="$(json_num decode_tokens_per_second "$d/cmp.json") "
       done
+      # The read bandwidth of this round, right after our decode: the decode's share of it per round.
+      bwr=$(bandwidth "$THREADS" "${files[@]}")
+      if [[ "$bwr" != n/a ]]; then
+        C[read-gbs]+="$bwr "
+        C[gm-tg-share]+="$(awk -v b="$bytes" -v t="$(echo ${C[gm-exact-tg]} | awk '{print $NF}')" -v r="$bwr" 'BEGIN { printf "%.3f", b * t / 1e9 / r }') "
+      fi
       if [[ -n "$PYTHON" ]]; then
         /usr/bin/time -v -o "$d/torch.time" "$PYTHON" "$ROOT/benches/compare.py" torch "$d" "$prefill_ids" "$prompt_ids" "$DECODE" "$THREADS" > "$d/torch.json"
         C[torch-pp]+="$(json_num prefill_tokens_per_second "$d/torch.json") "
@@ -167,6 +175,10 @@ for n in $LAYERS; do
       CMP_ROWS+=("$(printf '%-10s %-26s %10.1f %10.2f %9s   exact/it: prefill %s decode %s; fast/it: prefill %s decode %s' "" "$e" "$p" "$t" "$(( rs / 1024 ))" \
         "$(ratio "$gx" "$p")" "$(ratio "$gd" "$t")" "$(ratio "$gf" "$p")" "$(ratio "$gdf" "$t")")")
     done
+    if [[ -n "${C[read-gbs]:-}" ]]; then
+      CMP_ROWS+=("$(printf '%-10s exact decode read %s of the read bandwidth measured right after it in each round (rounds: %s; read GB/s: %s)' "" \
+        "$(med gm-tg-share)" "$(echo ${C[gm-tg-share]})" "$(echo ${C[read-gbs]})")")
+    fi
   fi
   p=$(printf '%s\n' "${pre[@]}" | median)
   g=$(printf '%s\n' "${dec[@]}" | median)
