@@ -1133,6 +1133,7 @@ pub(crate) mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::test_values as values;
 
     /// x · wᵀ in f64 from the exactly widened weights.
     fn reference(x: &[f32], n: usize, w: &[f32], m: usize, k: usize) -> Vec<f64> {
@@ -1145,12 +1146,6 @@ mod tests {
             }
         }
         y
-    }
-
-    fn values(len: usize, seed: usize) -> Vec<f32> {
-        (0..len)
-            .map(|i| (((i * 7919 + seed * 104_729) % 1999) as f32 / 1999.0 - 0.5) * 2.0)
-            .collect()
     }
 
     /// Every level, every dtype, shapes that exercise the tails (k not a multiple of 16 or 32, rows not

@@ -163,3 +163,11 @@ impl ModelError {
         }
     }
 }
+
+/// Deterministic test values in [-1, 1): `len` of them, a different sequence for each `seed`.
+#[cfg(test)]
+pub(crate) fn test_values(len: usize, seed: usize) -> Vec<f32> {
+    (0..len)
+        .map(|i| (((i * 7919 + seed * 104_729) % 1999) as f32 / 1999.0 - 0.5) * 2.0)
+        .collect()
+}

@@ -284,16 +284,23 @@ mod lanes16 {
         ))
     }
 
+    /// The elements of `b` in whole sixteens, once every row of `a` is checked to be as long as `b` (the
+    /// loads below rely on it).
+    #[inline(always)]
+    fn whole<const N: usize>(a: &[&[f32]; N], b: &[f32]) -> usize {
+        for a in a.iter() {
+            assert_eq!(a.len(), b.len());
+        }
+        b.len() / 16 * 16
+    }
+
     /// AVX-512: the sixteen lanes in one register.
     pub struct Avx512;
 
     impl Dot16 for Avx512 {
         #[inline(always)]
         fn dot<const N: usize>(a: [&[f32]; N], b: &[f32]) -> [f32; N] {
-            let full = b.len() / 16 * 16;
-            for a in a.iter() {
-                assert_eq!(a.len(), b.len());
-            }
+            let full = whole(&a, b);
             // SAFETY: only called from functions compiled for AVX-512 F (attend_avx512), which run only
             // where the CPU has it; every load reads 16 elements below `full` <= len.
             unsafe {
@@ -325,10 +332,7 @@ mod lanes16 {
     impl Dot16 for Avx2 {
         #[inline(always)]
         fn dot<const N: usize>(a: [&[f32]; N], b: &[f32]) -> [f32; N] {
-            let full = b.len() / 16 * 16;
-            for a in a.iter() {
-                assert_eq!(a.len(), b.len());
-            }
+            let full = whole(&a, b);
             // SAFETY: only called from functions compiled for AVX2 (attend_avx2, attend_avx512), which
             // run only where the CPU has it; every load reads 8 elements below `full` <= len.
             unsafe {
@@ -461,14 +465,9 @@ impl Rope {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::test_values as values;
     use ndarray::array;
     use std::ops::RangeInclusive;
-
-    fn values(len: usize, seed: usize) -> Vec<f32> {
-        (0..len)
-            .map(|i| (((i * 7919 + seed * 104_729) % 1999) as f32 / 1999.0 - 0.5) * 2.0)
-            .collect()
-    }
 
     /// Every `Dot16` gives the scalar definition's bits, for one row and four, with and without tails;
     /// and the sums are those of an f64 dot within f32 rounding.
