@@ -789,16 +789,29 @@ pub(crate) mod x86 {
                         i += L;
                     }
                     for (t, a) in acc.iter().enumerate() {
-                        let mut v = a[0];
-                        for lane in &a[1..] {
-                            v = $add(v, *lane);
-                        }
-                        let mut s = $hsum(v);
-                        for j in i..k {
-                            s += E::load1(w.add(j * E::SIZE)) * *x.add(t * k + j);
-                        }
-                        out[t] = s;
+                        out[t] = row_sum::<E>(a, w, x.add(t * k), i, k);
                     }
+                }
+
+                /// One row's dot product from its accumulators: added in order, the lanes summed,
+                /// then the elements `i..k` past the last whole vector one by one.
+                #[inline(always)]
+                unsafe fn row_sum<E: Elem>(
+                    acc: &[$vec],
+                    w: *const u8,
+                    x: *const f32,
+                    i: usize,
+                    k: usize,
+                ) -> f32 {
+                    let mut v = acc[0];
+                    for lane in &acc[1..] {
+                        v = $add(v, *lane);
+                    }
+                    let mut s = $hsum(v);
+                    for j in i..k {
+                        s += E::load1(w.add(j * E::SIZE)) * *x.add(j);
+                    }
+                    s
                 }
 
                 /// `S` weight rows against one activation row, read side by side, four accumulators
@@ -835,15 +848,7 @@ pub(crate) mod x86 {
                         i += L;
                     }
                     for (s, a) in acc.iter().enumerate() {
-                        let mut v = a[0];
-                        for lane in &a[1..] {
-                            v = $add(v, *lane);
-                        }
-                        let mut sum = $hsum(v);
-                        for j in i..k {
-                            sum += E::load1(w[s].add(j * E::SIZE)) * *x.add(j);
-                        }
-                        out[s] = sum;
+                        out[s] = row_sum::<E>(a, w[s], x, i, k);
                     }
                 }
             }
