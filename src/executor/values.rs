@@ -347,27 +347,43 @@ impl TaskVectorNode {
             .map(|&s| if s != 1.0 { s as f32 } else { 1.0 })
             .collect();
         let w32: Vec<f32> = self.weights.iter().map(|&w| w as f32).collect();
-        #[cfg(target_arch = "x86_64")]
-        if self.consensus && level == crate::simd::Level::Avx512 {
-            assert!(level <= crate::simd::detected());
-            self.base.eval(x, out);
-            let d: Vec<&[f64]> = deltas.iter().map(|d| &d[..n]).collect();
-            // SAFETY: the CPU has AVX-512 (asserted); every δ has out.len() elements.
-            unsafe {
-                avx512::elect(
-                    &d,
-                    &factor,
-                    &w32,
-                    &self.rescale,
-                    &self.weights,
-                    self.normalize,
-                    self.lambda,
-                    out,
-                )
-            };
-            deltas.into_iter().for_each(scratch::give_f64);
-            return;
+        self.base.eval(x, out);
+        match () {
+            #[cfg(target_arch = "x86_64")]
+            () if self.consensus && level == crate::simd::Level::Avx512 => {
+                assert!(level <= crate::simd::detected());
+                let d: Vec<&[f64]> = deltas.iter().map(|d| &d[..n]).collect();
+                // SAFETY: the CPU has AVX-512 (asserted); every δ has out.len() elements.
+                unsafe {
+                    avx512::elect(
+                        &d,
+                        &factor,
+                        &w32,
+                        &self.rescale,
+                        &self.weights,
+                        self.normalize,
+                        self.lambda,
+                        out,
+                    )
+                }
+            }
+            () => self.elect_by_columns(level, &deltas, &factor, &w32, out),
         }
+        deltas.into_iter().for_each(scratch::give_f64);
+    }
+
+    /// The election one kernel per task vector (`elect_total`, `elect_add`, then `elect_finish`), adding
+    /// to the base already in `out`.
+    fn elect_by_columns(
+        &self,
+        level: crate::simd::Level,
+        deltas: &[Vec<f64>],
+        factor: &[f32],
+        w32: &[f32],
+        out: &mut [f64],
+    ) {
+        use super::scratch;
+        let n = out.len();
         let mut mixed = scratch::f64s(n);
         let mut divisor = scratch::f64s(n);
         mixed.fill(0.0);
@@ -408,11 +424,9 @@ impl TaskVectorNode {
             }
             divisor.fill(if total.abs() < 1e-8 { 1.0 } else { total });
         }
-        self.base.eval(x, out);
         elect_finish::at(level, &mixed, &divisor, self.normalize, self.lambda, out);
         scratch::give_f64(mixed);
         scratch::give_f64(divisor);
-        deltas.into_iter().for_each(scratch::give_f64);
     }
 
     /// mergekit's arithmetic in a 16-bit compute dtype, operation by operation: every intermediate
