@@ -329,6 +329,10 @@ impl TaskVectorNode {
         if self.compute != FloatType::F32 {
             return self.eval_rounded(x, out);
         }
+        #[cfg(target_arch = "x86_64")]
+        if level == crate::simd::Level::Avx512 && self.fused_avx512(x, out) {
+            return;
+        }
         use super::scratch;
         let n = out.len();
         let m = self.deltas.len();
@@ -370,6 +374,114 @@ impl TaskVectorNode {
             () => self.elect_by_columns(level, &deltas, &factor, &w32, out),
         }
         deltas.into_iter().for_each(scratch::give_f64);
+    }
+
+    /// The whole of [`Self::eval_at`] in one AVX-512 sweep, 8 elements at a time with every value in
+    /// registers ([`avx512::fused`]), where the node has its usual form: the base a multiple of the
+    /// reference input, every task vector a multiple of one input's difference to it (c·(x − r), as
+    /// θ_i − θ_base), each mask ranked in float32 (or keeping all or nothing), at most
+    /// [`avx512::FUSED_MAX`] task vectors. Returns false, having done nothing, otherwise.
+    #[cfg(target_arch = "x86_64")]
+    fn fused_avx512(&self, x: &ChunkInputs, out: &mut [f64]) -> bool {
+        let m = self.deltas.len();
+        if !(1..=avx512::FUSED_MAX).contains(&m) {
+            return false;
+        }
+        let n = out.len();
+        // The base is the reference times Σ c, each task vector c·(x − reference) + Σ c, as `combine`
+        // takes a fixed weighted sum: its terms other than the reference, and Σ c.
+        let terms = |c: &[f64]| -> Vec<(f64, usize)> {
+            c.iter()
+                .enumerate()
+                .filter(|&(i, &c)| i != x.reference && c != 0.0)
+                .map(|(i, &c)| (c, i))
+                .collect()
+        };
+        let base_sum = match &self.base {
+            Val::Lin(c) if terms(c).is_empty() => c.iter().sum(),
+            _ => return false,
+        };
+        let deltas = self.deltas.iter().map(|v| match v {
+            Val::Lin(c) => match terms(c)[..] {
+                [(coef, i)] => Some(avx512::Delta {
+                    coef,
+                    x: &x.views[i][..n],
+                    sum: c.iter().sum(),
+                }),
+                _ => None,
+            },
+            Val::Node(_) => None,
+        });
+        let Some(deltas) = deltas.collect::<Option<Vec<_>>>() else {
+            return false;
+        };
+        // Keeping all is the widest range, keeping nothing an empty one: the same bits as no mask and
+        // all zeros.
+        let bounds = self.keep.iter().map(|k| match *k {
+            Keep::All => Some(avx512::Bounds {
+                flip: 0,
+                lo: (0, 0),
+                hi: (u64::MAX, u64::MAX),
+            }),
+            Keep::Nothing => Some(avx512::Bounds {
+                flip: 0,
+                lo: (u64::MAX, u64::MAX),
+                hi: (0, 0),
+            }),
+            Keep::Ranked {
+                desc,
+                compute: FloatType::F32,
+                lo,
+                hi,
+            } => Some(avx512::Bounds {
+                flip: if desc { u64::MAX } else { 0 },
+                lo: lo.unwrap_or((0, 0)),
+                hi,
+            }),
+            _ => None,
+        });
+        let Some(bounds) = bounds.collect::<Option<Vec<_>>>() else {
+            return false;
+        };
+        let factor: Vec<f32> = self
+            .rescale
+            .iter()
+            .map(|&s| if s != 1.0 { s as f32 } else { 1.0 })
+            .collect();
+        let w32: Vec<f32> = self.weights.iter().map(|&w| w as f32).collect();
+        // Without consensus every term is added and the divisor is Σ w (1 where it vanishes).
+        let divisor = if self.consensus {
+            None
+        } else {
+            let mut total = 0.0;
+            for &w in &self.weights {
+                total += w;
+            }
+            Some(if total.abs() < 1e-8 { 1.0 } else { total })
+        };
+        let models = avx512::Models {
+            deltas: &deltas,
+            bounds: &bounds,
+            factor: &factor,
+            w32: &w32,
+            rescale: &self.rescale,
+            weights: &self.weights,
+        };
+        assert!(crate::simd::Level::Avx512 <= crate::simd::detected());
+        // SAFETY: the CPU has AVX-512 (asserted); every view and `r` have out.len() elements.
+        unsafe {
+            avx512::fused(
+                &x.views[x.reference][..n],
+                base_sum,
+                &models,
+                divisor,
+                self.normalize,
+                self.lambda,
+                x.first as u64,
+                out,
+            )
+        };
+        true
     }
 
     /// The election one kernel per task vector (`elect_total`, `elect_add`, then `elect_finish`), adding
@@ -574,6 +686,215 @@ mod avx512 {
             j += 8;
         }
     }
+    /// Most task vectors [`fused`] holds in registers.
+    pub const FUSED_MAX: usize = 8;
+
+    /// A task vector as [`crate::sum::combine_at`] evaluates a fixed weighted sum with one term:
+    /// `(0 + coef·(x − r)) + sum·r`.
+    pub struct Delta<'a> {
+        pub coef: f64,
+        pub x: &'a [f32],
+        pub sum: f64,
+    }
+
+    /// A ranked mask: kept where `lo ≤ (key, index) ≤ hi`, the key of |f32(δ)| as
+    /// [`crate::selection::f32_magnitude_key`] with `flip`.
+    pub struct Bounds {
+        pub flip: u64,
+        pub lo: (u64, u64),
+        pub hi: (u64, u64),
+    }
+
+    /// The task vectors of [`fused`], with what `elect` takes per model.
+    pub struct Models<'a, 'b> {
+        pub deltas: &'b [Delta<'a>],
+        pub bounds: &'b [Bounds],
+        pub factor: &'b [f32],
+        pub w32: &'b [f32],
+        pub rescale: &'b [f64],
+        pub weights: &'b [f64],
+    }
+
+    /// [`super::TaskVectorNode::eval_at`] of its usual form in one sweep, 8 elements at a time: the
+    /// base (`base_sum`·r) and each task vector as `combine_at` computes them, each mask as `sparsify_ranked_f32`,
+    /// then the election as [`elect`] (with `divisor: None`, consensus) or without consensus every
+    /// term added and `divisor` as `elect_by_columns` has it. Per element the same operations in the
+    /// same order as those kernels one after the other, so the bits are theirs; nothing is stored
+    /// between them.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F/BW/VL/DQ; `r`, every term's input and `out` have the same length.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
+    pub unsafe fn fused(
+        r: &[f32],
+        base_sum: f64,
+        models: &Models,
+        divisor: Option<f64>,
+        normalize: bool,
+        lambda: f64,
+        first: u64,
+        out: &mut [f64],
+    ) {
+        match models.deltas.len() {
+            1 => fused_lo::<1>(r, base_sum, models, divisor, normalize, lambda, first, out),
+            2 => fused_lo::<2>(r, base_sum, models, divisor, normalize, lambda, first, out),
+            3 => fused_lo::<3>(r, base_sum, models, divisor, normalize, lambda, first, out),
+            4 => fused_lo::<4>(r, base_sum, models, divisor, normalize, lambda, first, out),
+            5 => fused_lo::<5>(r, base_sum, models, divisor, normalize, lambda, first, out),
+            6 => fused_lo::<6>(r, base_sum, models, divisor, normalize, lambda, first, out),
+            7 => fused_lo::<7>(r, base_sum, models, divisor, normalize, lambda, first, out),
+            8 => fused_lo::<8>(r, base_sum, models, divisor, normalize, lambda, first, out),
+            m => unreachable!("{m} task vectors in the fused election"),
+        }
+    }
+
+    /// [`fused_m`] with the lower bounds' test where a mask has one (`LO`).
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
+    unsafe fn fused_lo<const M: usize>(
+        r: &[f32],
+        base_sum: f64,
+        models: &Models,
+        divisor: Option<f64>,
+        normalize: bool,
+        lambda: f64,
+        first: u64,
+        out: &mut [f64],
+    ) {
+        if models.bounds.iter().any(|b| b.lo != (0, 0)) {
+            fused_m::<M, true>(r, base_sum, models, divisor, normalize, lambda, first, out)
+        } else {
+            // (0, 0) is at or below every (key, index): no test needed.
+            fused_m::<M, false>(r, base_sum, models, divisor, normalize, lambda, first, out)
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
+    unsafe fn fused_m<const M: usize, const LO: bool>(
+        r: &[f32],
+        base_sum: f64,
+        models: &Models,
+        divisor: Option<f64>,
+        normalize: bool,
+        lambda: f64,
+        first: u64,
+        out: &mut [f64],
+    ) {
+        let n = out.len();
+        assert!(r.len() == n && models.deltas.len() == M && models.bounds.len() == M);
+        let zero = _mm256_setzero_ps();
+        // Each model's constants, in arrays that the loop reads as broadcast operands.
+        let deltas = &models.deltas[..M];
+        let x: [*const f32; M] = std::array::from_fn(|i| {
+            assert_eq!(deltas[i].x.len(), n);
+            deltas[i].x.as_ptr()
+        });
+        let coef: [f64; M] = std::array::from_fn(|i| deltas[i].coef);
+        let sum: [f64; M] = std::array::from_fn(|i| deltas[i].sum);
+        let bounds = &models.bounds[..M];
+        let flip: [u64; M] = std::array::from_fn(|i| bounds[i].flip);
+        let hi: [(u64, u64); M] = std::array::from_fn(|i| bounds[i].hi);
+        let lo: [(u64, u64); M] = std::array::from_fn(|i| bounds[i].lo);
+        let factor: [f32; M] = std::array::from_fn(|i| models.factor[i]);
+        let w32: [f32; M] = std::array::from_fn(|i| models.w32[i]);
+        let rescale: [f64; M] = std::array::from_fn(|i| models.rescale[i]);
+        let weights: [f64; M] = std::array::from_fn(|i| models.weights[i]);
+        // The lanes l of elements `at..at+8` whose index at + l is ≤ `bound` (resp. ≥): the index's part
+        // of comparing (key, index) pairs, needed only where the keys are equal.
+        let upto = |bound: u64, at: u64| -> __mmask8 {
+            match bound.checked_sub(at) {
+                None => 0,
+                Some(k) if k >= 7 => 0xff,
+                Some(k) => (0xffu32 >> (7 - k)) as __mmask8,
+            }
+        };
+        let from = |bound: u64, at: u64| -> __mmask8 {
+            match bound.checked_sub(at) {
+                None => 0xff,
+                Some(k) if k > 7 => 0,
+                Some(k) => (0xffu32 << k) as __mmask8,
+            }
+        };
+        let mut j = 0;
+        while j < n {
+            let len = (n - j).min(8);
+            let lanes = (0xffu32 >> (8 - len)) as __mmask8;
+            let at = first + j as u64;
+            let rv = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(lanes, r.as_ptr().add(j)));
+            let mut d = [_mm512_setzero_pd(); M];
+            let mut v = [zero; M];
+            let mut total = zero;
+            for i in 0..M {
+                // (0 + c·(x − r)) + s·r, as `combine_at`.
+                let xv = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(lanes, x[i].add(j)));
+                let di = _mm512_add_pd(
+                    _mm512_add_pd(
+                        _mm512_setzero_pd(),
+                        _mm512_mul_pd(_mm512_set1_pd(coef[i]), _mm512_sub_pd(xv, rv)),
+                    ),
+                    _mm512_mul_pd(_mm512_set1_pd(sum[i]), rv),
+                );
+                // The mask: lo ≤ (key, index) ≤ hi, dropped elements +0.
+                let key = _mm512_xor_si512(
+                    _mm512_castpd_si512(_mm512_abs_pd(_mm512_cvtps_pd(_mm512_cvtpd_ps(di)))),
+                    _mm512_set1_epi64(flip[i] as i64),
+                );
+                let hk = _mm512_set1_epi64(hi[i].0 as i64);
+                let mut keep = _mm512_cmplt_epu64_mask(key, hk)
+                    | _mm512_mask_cmpeq_epu64_mask(upto(hi[i].1, at), key, hk);
+                if LO {
+                    let lk = _mm512_set1_epi64(lo[i].0 as i64);
+                    keep &= _mm512_cmpgt_epu64_mask(key, lk)
+                        | _mm512_mask_cmpeq_epu64_mask(from(lo[i].1, at), key, lk);
+                }
+                d[i] = _mm512_maskz_mov_pd(keep, di);
+                // (f32(δ)·factor)·w32: the elected value.
+                v[i] = _mm256_mul_ps(
+                    _mm256_mul_ps(_mm512_cvtpd_ps(d[i]), _mm256_set1_ps(factor[i])),
+                    _mm256_set1_ps(w32[i]),
+                );
+                total = _mm256_add_ps(total, v[i]);
+            }
+            let positive = _mm256_cmp_ps_mask::<_CMP_GE_OQ>(total, zero);
+            let mut mixed = _mm512_setzero_pd();
+            let mut div = _mm512_setzero_pd();
+            for i in 0..M {
+                let term = _mm512_mul_pd(
+                    _mm512_mul_pd(d[i], _mm512_set1_pd(rescale[i])),
+                    _mm512_set1_pd(weights[i]),
+                );
+                if divisor.is_some() {
+                    mixed = _mm512_add_pd(mixed, term);
+                } else {
+                    let agree = _mm256_mask_cmp_ps_mask::<_CMP_GT_OQ>(positive, v[i], zero)
+                        | _mm256_mask_cmp_ps_mask::<_CMP_LT_OQ>(!positive, v[i], zero);
+                    mixed = _mm512_mask_add_pd(mixed, agree, mixed, term);
+                    div = _mm512_mask_add_pd(div, agree, div, _mm512_set1_pd(weights[i]));
+                }
+            }
+            if let Some(t) = divisor {
+                div = _mm512_set1_pd(t);
+            }
+            let add = if normalize {
+                let none = _mm512_cmp_pd_mask::<_CMP_EQ_OQ>(div, _mm512_setzero_pd());
+                let dv = _mm512_mask_blend_pd(none, div, _mm512_set1_pd(1.0));
+                _mm512_mul_pd(_mm512_set1_pd(lambda), _mm512_div_pd(mixed, dv))
+            } else {
+                _mm512_mul_pd(_mm512_set1_pd(lambda), mixed)
+            };
+            // The base: 0 + base_sum·r, as `combine_at` with no term.
+            let o = _mm512_add_pd(
+                _mm512_setzero_pd(),
+                _mm512_mul_pd(_mm512_set1_pd(base_sum), rv),
+            );
+            _mm512_mask_storeu_pd(out.as_mut_ptr().add(j), lanes, _mm512_add_pd(o, add));
+            j += 8;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -683,7 +1004,9 @@ mod tests {
         // Planted exact cancellations: δ_0 = +h, δ_1 = −h, δ_2 = δ_3 = 0, so that with equal weights on
         // models 0 and 1 the elected sum is exactly 0 (which counts as positive).
         let (mut base, mut models) = (base, models);
-        for j in (0..n).step_by(37) {
+        // Runs of 4 from every 37th element: equal keys side by side, so that a bound's index inside
+        // a run decides between neighbours.
+        for j in (0..n).filter(|j| j % 37 < 4) {
             base[j] = (j % 64) as f32 / 1024.0 - 0.03125;
             models[0][j] = base[j] + 1.0 / 256.0;
             models[1][j] = base[j] - 1.0 / 256.0;
@@ -691,6 +1014,15 @@ mod tests {
                 models[k][j] = base[j];
             }
         }
+        for j in (0..n).step_by(41).filter(|j| j % 37 >= 4) {
+            base[j] = (j % 64) as f32 / 1024.0 - 0.03125;
+            models[2][j] = base[j] + 1.0 / 256.0;
+        }
+        // Non-finite inputs (a merge that allows them): NaN and ±∞ go through every operation too.
+        base[5] = f32::INFINITY;
+        base[6] = f32::NAN;
+        models[3][7] = f32::NEG_INFINITY;
+        models[0][8] = f32::NAN;
         let mut leaves = vec![base.as_slice()];
         leaves.extend(models.iter().map(|v| v.as_slice()));
         let x = ChunkInputs {
@@ -698,10 +1030,25 @@ mod tests {
             reference: 0,
             first: first as usize,
         };
+        // Every third task vector is (1 + 2⁻⁴⁰)·(θ − θ_base): where its model is 1/256 from the base
+        // (planted for task vector 2 at every 41st element below), |δ| rounds to 1/256 in float32 only,
+        // so a mask ranking the unrounded |δ| would differ from mergekit's at a bound on 1/256. The tenth
+        // is a weighted sum of two models' differences.
         let delta = |i: usize| {
             let mut c = vec![0.0; 11];
-            c[0] = -1.0;
-            c[i + 1] = 1.0;
+            if i == 9 {
+                c[0] = -1.0;
+                c[10] = 0.75;
+                c[3] = 0.25;
+            } else {
+                let k = if i % 3 == 2 {
+                    1.0 + 2f64.powi(-40)
+                } else {
+                    1.0
+                };
+                c[0] = -k;
+                c[i + 1] = k;
+            }
             Val::Lin(c)
         };
         // The ranked masks' bounds sit on |δ| = 1/256, which the planted δ_0 and δ_1 hit exactly (every
@@ -714,15 +1061,16 @@ mod tests {
             Keep::Ranked {
                 desc: false,
                 compute: FloatType::F32,
-                // Bounds at planted elements (multiples of 37): the bound element itself is kept.
-                lo: Some((mid, first + 37 * 3)),
+                // Bounds at planted elements (in runs from multiples of 37): the bound element itself
+                // is kept, the one before it not.
+                lo: Some((mid, first + 37 * 3 + 2)),
                 hi: (u64::MAX, u64::MAX),
             },
             Keep::Ranked {
                 desc: true,
                 compute: FloatType::F32,
                 lo: None,
-                hi: (!mid, first + 37 * 40),
+                hi: (!mid, first + 37 * 6),
             },
             Keep::Random {
                 stream: 7,
@@ -758,17 +1106,26 @@ mod tests {
         .into_iter()
         .enumerate()
         {
-            for (m, k) in [4, 10]
+            // Every kind of mask, then only those of the fused AVX-512 sweep (ranked in float32, all,
+            // nothing), with 1 to 8 task vectors in it and more beyond it.
+            let fusable = [0, 1, 4, 5].map(|i| keeps[i].clone());
+            let (all, fusable) = (&keeps[..], &fusable[..]);
+            let cases = [4, 10]
                 .into_iter()
-                .flat_map(|m| (0..keeps.len()).map(move |k| (m, k)))
-            {
+                .flat_map(|m| (0..all.len()).map(move |k| (all, m, k)))
+                .chain(
+                    [1, 4, 8, 10]
+                        .into_iter()
+                        .flat_map(|m| (0..fusable.len()).map(move |k| (fusable, m, k))),
+                );
+            for (masks, m, k) in cases {
                 let mut base_coefs = vec![0.0; 11];
                 base_coefs[0] = 1.0;
                 let node = TaskVectorNode {
                     base: Val::Lin(base_coefs),
                     deltas: (0..m).map(delta).collect(),
                     keep: (0..m)
-                        .map(|i| keeps[(k + i) % keeps.len()].clone())
+                        .map(|i| masks[(k + i) % masks.len()].clone())
                         .collect(),
                     rescale: (0..m).map(|i| rescale[i % 4]).collect(),
                     weights: (0..m).map(|i| weights[i % 4]).collect(),
@@ -788,6 +1145,19 @@ mod tests {
                             want[j].to_bits(),
                             "{level}: case {case}, {m} models, masks from {k}, element {j}"
                         );
+                    }
+                }
+                // The fused sweep takes exactly the usual forms, where the CPU has it.
+                #[cfg(target_arch = "x86_64")]
+                if crate::simd::detected() == crate::simd::Level::Avx512 {
+                    let mut got = vec![f64::NAN; n];
+                    let fused = node.fused_avx512(&x, &mut got);
+                    // (10 task vectors: too many, and one of two terms.)
+                    assert_eq!(fused, masks.len() == fusable.len() && m <= 8, "{m} models");
+                    if fused {
+                        for j in 0..n {
+                            assert_eq!(got[j].to_bits(), want[j].to_bits(), "fused: element {j}");
+                        }
                     }
                 }
             }
