@@ -1018,10 +1018,15 @@ fn target_keys(
     let n = x.views[x.reference].len();
     let mut v = super::scratch::f64s(n);
     let mut keys = super::scratch::u64s(n);
+    let level = crate::simd::level();
     for (val, &m) in vals.iter().zip(models) {
         let mut evaluated = false;
         for (k, &(i, _, desc)) in targets.iter().enumerate() {
             if i != m || !wanted[k] {
+                continue;
+            }
+            if compute == FloatType::F32 && val.f32_keys_fused(level, x, desc, &mut keys) {
+                each(k, &keys);
                 continue;
             }
             if !evaluated {

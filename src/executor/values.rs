@@ -282,6 +282,51 @@ impl Val {
         }
     }
 
+    /// (c, i, s) where this value is c·(θ_i − θ_ref) + s·θ_ref as `combine` computes a fixed weighted
+    /// sum with one term besides the reference `reference` (a task vector θ_i − θ_base: c = 1, s = 0).
+    fn single_difference(&self, reference: usize) -> Option<(f64, usize, f64)> {
+        let Val::Lin(c) = self else { return None };
+        let mut terms = c
+            .iter()
+            .enumerate()
+            .filter(|&(i, &c)| i != reference && c != 0.0);
+        match (terms.next(), terms.next()) {
+            (Some((i, &coef)), None) => Some((coef, i, c.iter().sum())),
+            _ => None,
+        }
+    }
+
+    /// [`crate::selection::magnitude_keys`] in float32 of this value over a chunk, into `keys`, computed
+    /// straight from the inputs in one AVX-512 sweep where the value is a
+    /// [single difference](Self::single_difference) and `level` is AVX-512 (the same bits as evaluating
+    /// it first). Returns false, having done nothing, otherwise.
+    pub fn f32_keys_fused(
+        &self,
+        level: crate::simd::Level,
+        x: &ChunkInputs,
+        desc: bool,
+        keys: &mut Vec<u64>,
+    ) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if level == crate::simd::Level::Avx512 {
+            if let Some((coef, i, sum)) = self.single_difference(x.reference) {
+                let r = x.views[x.reference];
+                keys.resize(r.len(), 0);
+                let d = avx512::Delta {
+                    coef,
+                    x: &x.views[i][..r.len()],
+                    sum,
+                };
+                assert!(level <= crate::simd::detected());
+                // SAFETY: the CPU has AVX-512 (asserted); the lengths are checked inside.
+                unsafe { avx512::difference_keys(r, &d, if desc { u64::MAX } else { 0 }, keys) };
+                return true;
+            }
+        }
+        let _ = (level, x, desc, keys);
+        false
+    }
+
     /// The value over one chunk, in f64.
     pub fn eval(&self, x: &ChunkInputs, out: &mut [f64]) {
         match self {
@@ -388,29 +433,25 @@ impl TaskVectorNode {
             return false;
         }
         let n = out.len();
-        // The base is the reference times Σ c, each task vector c·(x − reference) + Σ c, as `combine`
+        // The base is the reference times Σ c, each task vector a single difference, as `combine`
         // takes a fixed weighted sum: its terms other than the reference, and Σ c.
-        let terms = |c: &[f64]| -> Vec<(f64, usize)> {
-            c.iter()
-                .enumerate()
-                .filter(|&(i, &c)| i != x.reference && c != 0.0)
-                .map(|(i, &c)| (c, i))
-                .collect()
-        };
         let base_sum = match &self.base {
-            Val::Lin(c) if terms(c).is_empty() => c.iter().sum(),
+            Val::Lin(c)
+                if c.iter()
+                    .enumerate()
+                    .all(|(i, &c)| i == x.reference || c == 0.0) =>
+            {
+                c.iter().sum()
+            }
             _ => return false,
         };
-        let deltas = self.deltas.iter().map(|v| match v {
-            Val::Lin(c) => match terms(c)[..] {
-                [(coef, i)] => Some(avx512::Delta {
-                    coef,
-                    x: &x.views[i][..n],
-                    sum: c.iter().sum(),
-                }),
-                _ => None,
-            },
-            Val::Node(_) => None,
+        let deltas = self.deltas.iter().map(|v| {
+            let (coef, i, sum) = v.single_difference(x.reference)?;
+            Some(avx512::Delta {
+                coef,
+                x: &x.views[i][..n],
+                sum,
+            })
         });
         let Some(deltas) = deltas.collect::<Option<Vec<_>>>() else {
             return false;
@@ -697,6 +738,51 @@ mod avx512 {
         pub sum: f64,
     }
 
+    /// A [`Delta`]'s `(0 + coef·(x − r)) + sum·r` over elements `j..j+8` (`lanes` of them), as
+    /// `combine_at` computes it.
+    #[inline(always)]
+    unsafe fn difference(
+        coef: f64,
+        sum: f64,
+        x: *const f32,
+        rv: __m512d,
+        j: usize,
+        lanes: __mmask8,
+    ) -> __m512d {
+        let xv = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(lanes, x.add(j)));
+        _mm512_add_pd(
+            _mm512_add_pd(
+                _mm512_setzero_pd(),
+                _mm512_mul_pd(_mm512_set1_pd(coef), _mm512_sub_pd(xv, rv)),
+            ),
+            _mm512_mul_pd(_mm512_set1_pd(sum), rv),
+        )
+    }
+
+    /// The float32 magnitude key of each element of `d` ([`crate::selection::f32_magnitude_key`] with
+    /// `flip`), into `keys`.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F/BW/VL/DQ.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
+    pub unsafe fn difference_keys(r: &[f32], d: &Delta, flip: u64, keys: &mut [u64]) {
+        let n = r.len();
+        assert!(d.x.len() == n && keys.len() == n);
+        let fv = _mm512_set1_epi64(flip as i64);
+        let mut j = 0;
+        while j < n {
+            let lanes = (0xffu32 >> (8 - (n - j).min(8))) as __mmask8;
+            let rv = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(lanes, r.as_ptr().add(j)));
+            let dv = difference(d.coef, d.sum, d.x.as_ptr(), rv, j, lanes);
+            let key = _mm512_xor_si512(
+                _mm512_castpd_si512(_mm512_abs_pd(_mm512_cvtps_pd(_mm512_cvtpd_ps(dv)))),
+                fv,
+            );
+            _mm512_mask_storeu_epi64(keys.as_mut_ptr().add(j).cast(), lanes, key);
+            j += 8;
+        }
+    }
+
     /// A ranked mask: kept where `lo ≤ (key, index) ≤ hi`, the key of |f32(δ)| as
     /// [`crate::selection::f32_magnitude_key`] with `flip`.
     pub struct Bounds {
@@ -829,15 +915,7 @@ mod avx512 {
             let mut v = [zero; M];
             let mut total = zero;
             for i in 0..M {
-                // (0 + c·(x − r)) + s·r, as `combine_at`.
-                let xv = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(lanes, x[i].add(j)));
-                let di = _mm512_add_pd(
-                    _mm512_add_pd(
-                        _mm512_setzero_pd(),
-                        _mm512_mul_pd(_mm512_set1_pd(coef[i]), _mm512_sub_pd(xv, rv)),
-                    ),
-                    _mm512_mul_pd(_mm512_set1_pd(sum[i]), rv),
-                );
+                let di = difference(coef[i], sum[i], x[i], rv, j, lanes);
                 // The mask: lo ≤ (key, index) ≤ hi, dropped elements +0.
                 let key = _mm512_xor_si512(
                     _mm512_castpd_si512(_mm512_abs_pd(_mm512_cvtps_pd(_mm512_cvtpd_ps(di)))),
@@ -973,6 +1051,73 @@ mod tests {
         deltas
             .into_iter()
             .for_each(crate::executor::scratch::give_f64);
+    }
+
+    #[test]
+    fn fused_keys_are_the_keys_of_the_evaluated_difference() {
+        // Not a multiple of 8: the masked tail runs too.
+        let n = 1003;
+        let mut s = 0x2545f4914f6cdd1du64;
+        let mut next = || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        let mut base: Vec<f32> = (0..n).map(|_| next()).collect();
+        let mut a: Vec<f32> = base.iter().map(|&b| b + next() * 1e-2).collect();
+        let b: Vec<f32> = (0..n).map(|_| next()).collect();
+        // Equal to the base (δ = +0 or −0), and non-finite inputs on either side.
+        a[3] = base[3];
+        (a[4], base[4]) = (-0.0, 0.0);
+        base[5] = f32::INFINITY;
+        base[6] = f32::NAN;
+        a[7] = f32::NEG_INFINITY;
+        a[8] = f32::NAN;
+        let x = ChunkInputs {
+            views: vec![&base, &a, &b],
+            reference: 0,
+            first: 0,
+        };
+        let single = [
+            vec![-1.0, 1.0, 0.0],
+            // |δ| rounds in float32 (the key is of the rounded value).
+            vec![-(1.0 + 2f64.powi(-40)), 1.0 + 2f64.powi(-40), 0.0],
+            // Σ c ≠ 0: the reference's own term.
+            vec![0.25, 0.0, -3.0],
+        ];
+        for c in &single {
+            let v = Val::Lin(c.clone());
+            let mut d = vec![0.0; n];
+            v.eval(&x, &mut d);
+            for desc in [false, true] {
+                let mut want = Vec::new();
+                crate::selection::magnitude_keys(&d, FloatType::F32, desc, &mut want);
+                for level in crate::simd::available() {
+                    let mut got = vec![7; 3];
+                    if v.f32_keys_fused(level, &x, desc, &mut got) {
+                        assert_eq!(got, want, "{level} {c:?} desc {desc}");
+                    } else {
+                        assert_ne!(level, crate::simd::Level::Avx512, "{c:?}");
+                    }
+                }
+            }
+        }
+        // Not a single difference: never fused.
+        for v in [
+            Val::Lin(vec![-1.0, 0.5, 0.5]),
+            Val::Lin(vec![1.0, 0.0, 0.0]),
+            Val::axpby(
+                1.0,
+                &Val::leaf(1, 3),
+                1.0,
+                &Val::Node(Arc::new(Node::Mix(vec![]))),
+            ),
+        ] {
+            for level in crate::simd::available() {
+                assert!(!v.f32_keys_fused(level, &x, false, &mut Vec::new()));
+            }
+        }
     }
 
     #[test]
