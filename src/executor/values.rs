@@ -738,6 +738,42 @@ mod avx512 {
         pub sum: f64,
     }
 
+    /// Elements `p..p+8` widened to f64, `lanes` of them (the rest +0). All 8 with a plain load: in a
+    /// loop, masked loads after masked stores made each step wait for the previous one's store
+    /// (AMD Zen 4), so the loops use masks only for their tail.
+    #[inline(always)]
+    unsafe fn load8(p: *const f32, lanes: __mmask8) -> __m512d {
+        _mm512_cvtps_pd(if lanes == 0xff {
+            _mm256_loadu_ps(p)
+        } else {
+            _mm256_maskz_loadu_ps(lanes, p)
+        })
+    }
+
+    /// Stores `lanes` of `v` at `p..p+8` (all 8 with a plain store, see [`load8`]).
+    #[inline(always)]
+    unsafe fn store8(p: *mut f64, lanes: __mmask8, v: __m512d) {
+        if lanes == 0xff {
+            _mm512_storeu_pd(p, v)
+        } else {
+            _mm512_mask_storeu_pd(p, lanes, v)
+        }
+    }
+
+    /// Runs `step(j, lanes)` over `0..n` in steps of 8: whole steps with the constant mask 0xff (so that
+    /// [`load8`] and [`store8`] inline to plain loads and stores), then the tail.
+    #[inline(always)]
+    unsafe fn by_eights(n: usize, mut step: impl FnMut(usize, __mmask8)) {
+        let mut j = 0;
+        while j + 8 <= n {
+            step(j, 0xff);
+            j += 8;
+        }
+        if j < n {
+            step(j, (0xffu32 >> (8 - (n - j))) as __mmask8);
+        }
+    }
+
     /// A [`Delta`]'s `(0 + coef·(x − r)) + sum·r` over elements `j..j+8` (`lanes` of them), as
     /// `combine_at` computes it.
     #[inline(always)]
@@ -749,7 +785,7 @@ mod avx512 {
         j: usize,
         lanes: __mmask8,
     ) -> __m512d {
-        let xv = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(lanes, x.add(j)));
+        let xv = load8(x.add(j), lanes);
         _mm512_add_pd(
             _mm512_add_pd(
                 _mm512_setzero_pd(),
@@ -770,17 +806,57 @@ mod avx512 {
         assert!(d.x.len() == n && keys.len() == n);
         let fv = _mm512_set1_epi64(flip as i64);
         let mut j = 0;
-        while j < n {
-            let lanes = (0xffu32 >> (8 - (n - j).min(8))) as __mmask8;
-            let rv = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(lanes, r.as_ptr().add(j)));
-            let dv = difference(d.coef, d.sum, d.x.as_ptr(), rv, j, lanes);
+        if d.coef == 1.0 && d.sum == 0.0 && all_finite(r) {
+            // θ − θ_ref: rounding the exact f64 difference of two float32 numbers to float32 is their
+            // float32 difference (exact in f64 unless one is under 2⁻²⁹ of the other, when both round
+            // to the larger), and adding 0 and 0·r changes no magnitude while r is finite. So 16 keys
+            // per step from one float32 subtraction.
+            let abs = _mm512_set1_epi32(i32::MAX);
+            while j + 16 <= n {
+                let dx = _mm512_sub_ps(
+                    _mm512_loadu_ps(d.x.as_ptr().add(j)),
+                    _mm512_loadu_ps(r.as_ptr().add(j)),
+                );
+                let m = _mm512_and_si512(_mm512_castps_si512(dx), abs);
+                for (h, half) in [_mm512_castsi512_si256(m), _mm512_extracti64x4_epi64::<1>(m)]
+                    .into_iter()
+                    .enumerate()
+                {
+                    let key = _mm512_castpd_si512(_mm512_cvtps_pd(_mm256_castsi256_ps(half)));
+                    _mm512_storeu_si512(
+                        keys.as_mut_ptr().add(j + 8 * h).cast(),
+                        _mm512_xor_si512(key, fv),
+                    );
+                }
+                j += 16;
+            }
+        }
+        let (r, x, keys) = (&r[j..], &d.x[j..], &mut keys[j..]);
+        by_eights(n - j, |j, lanes| {
+            let rv = load8(r.as_ptr().add(j), lanes);
+            let dv = difference(d.coef, d.sum, x.as_ptr(), rv, j, lanes);
             let key = _mm512_xor_si512(
                 _mm512_castpd_si512(_mm512_abs_pd(_mm512_cvtps_pd(_mm512_cvtpd_ps(dv)))),
                 fv,
             );
-            _mm512_mask_storeu_epi64(keys.as_mut_ptr().add(j).cast(), lanes, key);
-            j += 8;
+            store8(
+                keys.as_mut_ptr().add(j).cast(),
+                lanes,
+                _mm512_castsi512_pd(key),
+            );
+        });
+    }
+
+    /// Whether every element of `r` is finite.
+    #[inline(always)]
+    unsafe fn all_finite(r: &[f32]) -> bool {
+        // fpclass: quiet NaN 0x01, +∞ 0x08, −∞ 0x10, signalling NaN 0x80.
+        let (body, tail) = r.as_chunks::<16>();
+        let mut bad: __mmask16 = 0;
+        for c in body {
+            bad |= _mm512_fpclass_ps_mask::<0x99>(_mm512_loadu_ps(c.as_ptr()));
         }
+        bad == 0 && tail.iter().all(|v| v.is_finite())
     }
 
     /// A ranked mask: kept where `lo ≤ (key, index) ≤ hi`, the key of |f32(δ)| as
@@ -905,12 +981,9 @@ mod avx512 {
                 Some(k) => (0xffu32 << k) as __mmask8,
             }
         };
-        let mut j = 0;
-        while j < n {
-            let len = (n - j).min(8);
-            let lanes = (0xffu32 >> (8 - len)) as __mmask8;
+        by_eights(n, |j, lanes| {
             let at = first + j as u64;
-            let rv = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(lanes, r.as_ptr().add(j)));
+            let rv = load8(r.as_ptr().add(j), lanes);
             let mut d = [_mm512_setzero_pd(); M];
             let mut v = [zero; M];
             let mut total = zero;
@@ -969,9 +1042,8 @@ mod avx512 {
                 _mm512_setzero_pd(),
                 _mm512_mul_pd(_mm512_set1_pd(base_sum), rv),
             );
-            _mm512_mask_storeu_pd(out.as_mut_ptr().add(j), lanes, _mm512_add_pd(o, add));
-            j += 8;
-        }
+            store8(out.as_mut_ptr().add(j), lanes, _mm512_add_pd(o, add));
+        });
     }
 }
 
@@ -1070,40 +1142,52 @@ mod tests {
         // Equal to the base (δ = +0 or −0), and non-finite inputs on either side.
         a[3] = base[3];
         (a[4], base[4]) = (-0.0, 0.0);
-        base[5] = f32::INFINITY;
-        base[6] = f32::NAN;
         a[7] = f32::NEG_INFINITY;
         a[8] = f32::NAN;
-        let x = ChunkInputs {
-            views: vec![&base, &a, &b],
-            reference: 0,
-            first: 0,
-        };
-        let single = [
-            vec![-1.0, 1.0, 0.0],
-            // |δ| rounds in float32 (the key is of the rounded value).
-            vec![-(1.0 + 2f64.powi(-40)), 1.0 + 2f64.powi(-40), 0.0],
-            // Σ c ≠ 0: the reference's own term.
-            vec![0.25, 0.0, -3.0],
-        ];
-        for c in &single {
-            let v = Val::Lin(c.clone());
-            let mut d = vec![0.0; n];
-            v.eval(&x, &mut d);
-            for desc in [false, true] {
-                let mut want = Vec::new();
-                crate::selection::magnitude_keys(&d, FloatType::F32, desc, &mut want);
-                for level in crate::simd::available() {
-                    let mut got = vec![7; 3];
-                    if v.f32_keys_fused(level, &x, desc, &mut got) {
-                        assert_eq!(got, want, "{level} {c:?} desc {desc}");
-                    } else {
-                        assert_ne!(level, crate::simd::Level::Avx512, "{c:?}");
+        // Magnitudes far apart (the exact difference not an f64), and a float32 subnormal.
+        (a[9], base[9]) = (1.5e30, -3.0e-20);
+        (a[10], base[10]) = (1e-40, 2e-45);
+        let finite = base.clone();
+        base[5] = f32::INFINITY;
+        base[6] = f32::NAN;
+        // With every reference value finite (16 keys per step for θ − θ_ref), and with some not.
+        for base in [&finite, &base] {
+            let x = ChunkInputs {
+                views: vec![base, &a, &b],
+                reference: 0,
+                first: 0,
+            };
+            let single = [
+                vec![-1.0, 1.0, 0.0],
+                // |δ| rounds in float32 (the key is of the rounded value).
+                vec![-(1.0 + 2f64.powi(-40)), 1.0 + 2f64.powi(-40), 0.0],
+                // Σ c ≠ 0: the reference's own term.
+                vec![0.25, 0.0, -3.0],
+            ];
+            for c in &single {
+                let v = Val::Lin(c.clone());
+                let mut d = vec![0.0; n];
+                v.eval(&x, &mut d);
+                for desc in [false, true] {
+                    let mut want = Vec::new();
+                    crate::selection::magnitude_keys(&d, FloatType::F32, desc, &mut want);
+                    for level in crate::simd::available() {
+                        let mut got = vec![7; 3];
+                        if v.f32_keys_fused(level, &x, desc, &mut got) {
+                            assert_eq!(got, want, "{level} {c:?} desc {desc}");
+                        } else {
+                            assert_ne!(level, crate::simd::Level::Avx512, "{c:?}");
+                        }
                     }
                 }
             }
         }
         // Not a single difference: never fused.
+        let x = ChunkInputs {
+            views: vec![&finite, &a, &b],
+            reference: 0,
+            first: 0,
+        };
         for v in [
             Val::Lin(vec![-1.0, 0.5, 0.5]),
             Val::Lin(vec![1.0, 0.0, 0.0]),
