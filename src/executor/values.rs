@@ -743,11 +743,17 @@ mod avx512 {
     /// (AMD Zen 4), so the loops use masks only for their tail.
     #[inline(always)]
     unsafe fn load8(p: *const f32, lanes: __mmask8) -> __m512d {
-        _mm512_cvtps_pd(if lanes == 0xff {
+        _mm512_cvtps_pd(load8_ps(p, lanes))
+    }
+
+    /// [`load8`] as float32.
+    #[inline(always)]
+    unsafe fn load8_ps(p: *const f32, lanes: __mmask8) -> __m256 {
+        if lanes == 0xff {
             _mm256_loadu_ps(p)
         } else {
             _mm256_maskz_loadu_ps(lanes, p)
-        })
+        }
     }
 
     /// Stores `lanes` of `v` at `p..p+8` (all 8 with a plain store, see [`load8`]).
@@ -911,7 +917,8 @@ mod avx512 {
         }
     }
 
-    /// [`fused_m`] with the lower bounds' test where a mask has one (`LO`).
+    /// [`fused_m`] with the lower bounds' test where a mask has one (`LO`), and in its `PLAIN` form
+    /// where it applies.
     #[allow(clippy::too_many_arguments)]
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
@@ -925,26 +932,42 @@ mod avx512 {
         first: u64,
         out: &mut [f64],
     ) {
-        if models.bounds.iter().any(|b| b.lo != (0, 0)) {
-            fused_m::<M, true>(r, base_sum, models, divisor, normalize, lambda, first, out)
-        } else {
-            // (0, 0) is at or below every (key, index): no test needed.
-            fused_m::<M, false>(r, base_sum, models, divisor, normalize, lambda, first, out)
+        let lo = models.bounds.iter().any(|b| b.lo != (0, 0));
+        // Every task vector θ − θ_ref, every reference value finite: see `fused_m`'s `PLAIN`.
+        let plain = models.deltas.iter().all(|d| d.coef == 1.0 && d.sum == 0.0) && all_finite(r);
+        let args = (r, base_sum, models, divisor, normalize, lambda, first, out);
+        // (0, 0) is at or below every (key, index): without a bound below, no test is needed.
+        match (lo, plain) {
+            (true, true) => fused_m::<M, true, true>(args),
+            (true, false) => fused_m::<M, true, false>(args),
+            (false, true) => fused_m::<M, false, true>(args),
+            (false, false) => fused_m::<M, false, false>(args),
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// [`fused`]'s arguments, passed on in one.
+    type FusedArgs<'a, 'b, 'c, 'd> = (
+        &'a [f32],
+        f64,
+        &'b Models<'c, 'd>,
+        Option<f64>,
+        bool,
+        f64,
+        u64,
+        &'a mut [f64],
+    );
+
+    /// [`fused`] for `M` task vectors. `PLAIN`: every task vector is θ − θ_ref (coefficient 1, Σ c = 0)
+    /// and every reference value finite; then δ = x − r and f32(δ) = x − r in float32 (rounding the
+    /// exact difference of two float32 numbers is their float32 difference), which gives the key and
+    /// the elected value without narrowing δ. Both up to the sign of a zero, which nothing sees:
+    /// `combine_at`'s `0 +` turns a −0 into +0, but a zero's key is |0|, a zero elected value is neither
+    /// > 0 nor < 0, and a zero term added to sums that start at +0 leaves them as +0 does (multiplying
+    /// by 1 and adding 0·r, r finite, change nothing else).
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
-    unsafe fn fused_m<const M: usize, const LO: bool>(
-        r: &[f32],
-        base_sum: f64,
-        models: &Models,
-        divisor: Option<f64>,
-        normalize: bool,
-        lambda: f64,
-        first: u64,
-        out: &mut [f64],
+    unsafe fn fused_m<const M: usize, const LO: bool, const PLAIN: bool>(
+        (r, base_sum, models, divisor, normalize, lambda, first, out): FusedArgs,
     ) {
         let n = out.len();
         assert!(r.len() == n && models.deltas.len() == M && models.bounds.len() == M);
@@ -983,15 +1006,26 @@ mod avx512 {
         };
         by_eights(n, |j, lanes| {
             let at = first + j as u64;
-            let rv = load8(r.as_ptr().add(j), lanes);
+            let rf = load8_ps(r.as_ptr().add(j), lanes);
+            let rv = _mm512_cvtps_pd(rf);
             let mut d = [_mm512_setzero_pd(); M];
             let mut v = [zero; M];
             let mut total = zero;
             for i in 0..M {
-                let di = difference(coef[i], sum[i], x[i], rv, j, lanes);
+                // δ, and f32(δ).
+                let (di, fi) = if PLAIN {
+                    let xf = load8_ps(x[i].add(j), lanes);
+                    (
+                        _mm512_sub_pd(_mm512_cvtps_pd(xf), rv),
+                        _mm256_sub_ps(xf, rf),
+                    )
+                } else {
+                    let di = difference(coef[i], sum[i], x[i], rv, j, lanes);
+                    (di, _mm512_cvtpd_ps(di))
+                };
                 // The mask: lo ≤ (key, index) ≤ hi, dropped elements +0.
                 let key = _mm512_xor_si512(
-                    _mm512_castpd_si512(_mm512_abs_pd(_mm512_cvtps_pd(_mm512_cvtpd_ps(di)))),
+                    _mm512_castpd_si512(_mm512_abs_pd(_mm512_cvtps_pd(fi))),
                     _mm512_set1_epi64(flip[i] as i64),
                 );
                 let hk = _mm512_set1_epi64(hi[i].0 as i64);
@@ -1003,9 +1037,9 @@ mod avx512 {
                         | _mm512_mask_cmpeq_epu64_mask(from(lo[i].1, at), key, lk);
                 }
                 d[i] = _mm512_maskz_mov_pd(keep, di);
-                // (f32(δ)·factor)·w32: the elected value.
+                // (f32(δ)·factor)·w32: the elected value (f32 of a dropped δ, +0, is +0).
                 v[i] = _mm256_mul_ps(
-                    _mm256_mul_ps(_mm512_cvtpd_ps(d[i]), _mm256_set1_ps(factor[i])),
+                    _mm256_mul_ps(_mm256_maskz_mov_ps(keep, fi), _mm256_set1_ps(factor[i])),
                     _mm256_set1_ps(w32[i]),
                 );
                 total = _mm256_add_ps(total, v[i]);
@@ -1248,144 +1282,154 @@ mod tests {
             models[2][j] = base[j] + 1.0 / 256.0;
         }
         // Non-finite inputs (a merge that allows them): NaN and ±∞ go through every operation too.
-        base[5] = f32::INFINITY;
-        base[6] = f32::NAN;
+        // The fused sweep has a plainer form for finite reference values: both are run.
         models[3][7] = f32::NEG_INFINITY;
         models[0][8] = f32::NAN;
-        let mut leaves = vec![base.as_slice()];
-        leaves.extend(models.iter().map(|v| v.as_slice()));
-        let x = ChunkInputs {
-            views: leaves,
-            reference: 0,
-            first: first as usize,
-        };
-        // Every third task vector is (1 + 2⁻⁴⁰)·(θ − θ_base): where its model is 1/256 from the base
-        // (planted for task vector 2 at every 41st element below), |δ| rounds to 1/256 in float32 only,
-        // so a mask ranking the unrounded |δ| would differ from mergekit's at a bound on 1/256. The tenth
-        // is a weighted sum of two models' differences.
-        let delta = |i: usize| {
-            let mut c = vec![0.0; 11];
-            if i == 9 {
-                c[0] = -1.0;
-                c[10] = 0.75;
-                c[3] = 0.25;
-            } else {
-                let k = if i % 3 == 2 {
-                    1.0 + 2f64.powi(-40)
+        // −0 − +0 = −0, which `combine` turns into +0.
+        (models[1][10], base[10]) = (-0.0, 0.0);
+        let finite = base.clone();
+        base[5] = f32::INFINITY;
+        base[6] = f32::NAN;
+        for base in [&finite, &base] {
+            let mut leaves = vec![base.as_slice()];
+            leaves.extend(models.iter().map(|v| v.as_slice()));
+            let x = ChunkInputs {
+                views: leaves,
+                reference: 0,
+                first: first as usize,
+            };
+            // Every third task vector is (1 + 2⁻⁴⁰)·(θ − θ_base): where its model is 1/256 from the base
+            // (planted for task vector 2 at every 41st element below), |δ| rounds to 1/256 in float32 only,
+            // so a mask ranking the unrounded |δ| would differ from mergekit's at a bound on 1/256. The tenth
+            // is a weighted sum of two models' differences.
+            let delta = |i: usize| {
+                let mut c = vec![0.0; 11];
+                if i == 9 {
+                    c[0] = -1.0;
+                    c[10] = 0.75;
+                    c[3] = 0.25;
                 } else {
-                    1.0
-                };
-                c[0] = -k;
-                c[i + 1] = k;
-            }
-            Val::Lin(c)
-        };
-        // The ranked masks' bounds sit on |δ| = 1/256, which the planted δ_0 and δ_1 hit exactly (every
-        // 37th element), so that ties at a bound are decided by index on both sides of it.
-        let mid = magnitude_key(1.0 / 256.0, false);
-        let mask: Vec<u64> = (0..(first as usize + n).div_ceil(64))
-            .map(|_| next())
-            .collect();
-        let keeps = [
-            Keep::Ranked {
-                desc: false,
-                compute: FloatType::F32,
-                // Bounds at planted elements (in runs from multiples of 37): the bound element itself
-                // is kept, the one before it not.
-                lo: Some((mid, first + 37 * 3 + 2)),
-                hi: (u64::MAX, u64::MAX),
-            },
-            Keep::Ranked {
-                desc: true,
-                compute: FloatType::F32,
-                lo: None,
-                hi: (!mid, first + 37 * 6),
-            },
-            Keep::Random {
-                stream: 7,
-                threshold: u64::MAX / 3,
-            },
-            Keep::Mask(Arc::new(mask)),
-            Keep::All,
-            Keep::Nothing,
-            Keep::Ranked {
-                desc: false,
-                compute: FloatType::BF16,
-                lo: None,
-                hi: (mid, first + 2000),
-            },
-        ];
-        for (case, (consensus, normalize, rescale, weights)) in [
-            (
-                true,
-                true,
-                [1.0, 2.5, 1.0, 0.75],
-                [0.3, -0.2, 0.45, 0.1 + 0.2],
-            ),
-            (true, false, [1.0; 4], [0.3, -0.2, 0.45, 0.1 + 0.2]),
-            (true, true, [1.0; 4], [0.25, 0.25, 0.5, 0.125]),
-            (
-                false,
-                true,
-                [2.0, 1.0, 1.0, 1.0],
-                [0.3, -0.2, 0.45, 0.1 + 0.2],
-            ),
-            (false, false, [1.0; 4], [0.3, -0.2, 0.45, 0.1 + 0.2]),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            // Every kind of mask, then only those of the fused AVX-512 sweep (ranked in float32, all,
-            // nothing), with 1 to 8 task vectors in it and more beyond it.
-            let fusable = [0, 1, 4, 5].map(|i| keeps[i].clone());
-            let (all, fusable) = (&keeps[..], &fusable[..]);
-            let cases = [4, 10]
-                .into_iter()
-                .flat_map(|m| (0..all.len()).map(move |k| (all, m, k)))
-                .chain(
-                    [1, 4, 8, 10]
-                        .into_iter()
-                        .flat_map(|m| (0..fusable.len()).map(move |k| (fusable, m, k))),
-                );
-            for (masks, m, k) in cases {
-                let mut base_coefs = vec![0.0; 11];
-                base_coefs[0] = 1.0;
-                let node = TaskVectorNode {
-                    base: Val::Lin(base_coefs),
-                    deltas: (0..m).map(delta).collect(),
-                    keep: (0..m)
-                        .map(|i| masks[(k + i) % masks.len()].clone())
-                        .collect(),
-                    rescale: (0..m).map(|i| rescale[i % 4]).collect(),
-                    weights: (0..m).map(|i| weights[i % 4]).collect(),
-                    compute: FloatType::F32,
-                    consensus,
-                    normalize,
-                    lambda: 0.9,
-                };
-                let mut want = vec![0.0; n];
-                row_wise(&node, &x, &mut want);
-                for level in crate::simd::available() {
-                    let mut got = vec![f64::NAN; n];
-                    node.eval_at(level, &x, &mut got);
-                    for j in 0..n {
-                        assert_eq!(
-                            got[j].to_bits(),
-                            want[j].to_bits(),
-                            "{level}: case {case}, {m} models, masks from {k}, element {j}"
-                        );
-                    }
+                    let k = if i % 3 == 2 {
+                        1.0 + 2f64.powi(-40)
+                    } else {
+                        1.0
+                    };
+                    c[0] = -k;
+                    c[i + 1] = k;
                 }
-                // The fused sweep takes exactly the usual forms, where the CPU has it.
-                #[cfg(target_arch = "x86_64")]
-                if crate::simd::detected() == crate::simd::Level::Avx512 {
-                    let mut got = vec![f64::NAN; n];
-                    let fused = node.fused_avx512(&x, &mut got);
-                    // (10 task vectors: too many, and one of two terms.)
-                    assert_eq!(fused, masks.len() == fusable.len() && m <= 8, "{m} models");
-                    if fused {
+                Val::Lin(c)
+            };
+            // The ranked masks' bounds sit on |δ| = 1/256, which the planted δ_0 and δ_1 hit exactly (every
+            // 37th element), so that ties at a bound are decided by index on both sides of it.
+            let mid = magnitude_key(1.0 / 256.0, false);
+            let mask: Vec<u64> = (0..(first as usize + n).div_ceil(64))
+                .map(|_| next())
+                .collect();
+            let keeps = [
+                Keep::Ranked {
+                    desc: false,
+                    compute: FloatType::F32,
+                    // Bounds at planted elements (in runs from multiples of 37): the bound element itself
+                    // is kept, the one before it not.
+                    lo: Some((mid, first + 37 * 3 + 2)),
+                    hi: (u64::MAX, u64::MAX),
+                },
+                Keep::Ranked {
+                    desc: true,
+                    compute: FloatType::F32,
+                    lo: None,
+                    hi: (!mid, first + 37 * 6),
+                },
+                Keep::Random {
+                    stream: 7,
+                    threshold: u64::MAX / 3,
+                },
+                Keep::Mask(Arc::new(mask)),
+                Keep::All,
+                Keep::Nothing,
+                Keep::Ranked {
+                    desc: false,
+                    compute: FloatType::BF16,
+                    lo: None,
+                    hi: (mid, first + 2000),
+                },
+            ];
+            for (case, (consensus, normalize, rescale, weights)) in [
+                (
+                    true,
+                    true,
+                    [1.0, 2.5, 1.0, 0.75],
+                    [0.3, -0.2, 0.45, 0.1 + 0.2],
+                ),
+                (true, false, [1.0; 4], [0.3, -0.2, 0.45, 0.1 + 0.2]),
+                (true, true, [1.0; 4], [0.25, 0.25, 0.5, 0.125]),
+                (
+                    false,
+                    true,
+                    [2.0, 1.0, 1.0, 1.0],
+                    [0.3, -0.2, 0.45, 0.1 + 0.2],
+                ),
+                (false, false, [1.0; 4], [0.3, -0.2, 0.45, 0.1 + 0.2]),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                // Every kind of mask, then only those of the fused AVX-512 sweep (ranked in float32, all,
+                // nothing), with 1 to 8 task vectors in it and more beyond it.
+                let fusable = [0, 1, 4, 5].map(|i| keeps[i].clone());
+                let (all, fusable) = (&keeps[..], &fusable[..]);
+                let cases = [4, 10]
+                    .into_iter()
+                    .flat_map(|m| (0..all.len()).map(move |k| (all, m, k)))
+                    .chain(
+                        [1, 4, 8, 10]
+                            .into_iter()
+                            .flat_map(|m| (0..fusable.len()).map(move |k| (fusable, m, k))),
+                    );
+                for (masks, m, k) in cases {
+                    let mut base_coefs = vec![0.0; 11];
+                    base_coefs[0] = 1.0;
+                    let node = TaskVectorNode {
+                        base: Val::Lin(base_coefs),
+                        deltas: (0..m).map(delta).collect(),
+                        keep: (0..m)
+                            .map(|i| masks[(k + i) % masks.len()].clone())
+                            .collect(),
+                        rescale: (0..m).map(|i| rescale[i % 4]).collect(),
+                        weights: (0..m).map(|i| weights[i % 4]).collect(),
+                        compute: FloatType::F32,
+                        consensus,
+                        normalize,
+                        lambda: 0.9,
+                    };
+                    let mut want = vec![0.0; n];
+                    row_wise(&node, &x, &mut want);
+                    for level in crate::simd::available() {
+                        let mut got = vec![f64::NAN; n];
+                        node.eval_at(level, &x, &mut got);
                         for j in 0..n {
-                            assert_eq!(got[j].to_bits(), want[j].to_bits(), "fused: element {j}");
+                            assert_eq!(
+                                got[j].to_bits(),
+                                want[j].to_bits(),
+                                "{level}: case {case}, {m} models, masks from {k}, element {j}"
+                            );
+                        }
+                    }
+                    // The fused sweep takes exactly the usual forms, where the CPU has it.
+                    #[cfg(target_arch = "x86_64")]
+                    if crate::simd::detected() == crate::simd::Level::Avx512 {
+                        let mut got = vec![f64::NAN; n];
+                        let fused = node.fused_avx512(&x, &mut got);
+                        // (10 task vectors: too many, and one of two terms.)
+                        assert_eq!(fused, masks.len() == fusable.len() && m <= 8, "{m} models");
+                        if fused {
+                            for j in 0..n {
+                                assert_eq!(
+                                    got[j].to_bits(),
+                                    want[j].to_bits(),
+                                    "fused: element {j}"
+                                );
+                            }
                         }
                     }
                 }
