@@ -815,6 +815,33 @@ impl gemma_merge::progress::Progress for Counted {
     }
 }
 
+/// The dry run's estimate leaves out what the streaming selections' windows hold (a few MiB in practice);
+/// its bound adds their whole budget, and only where a tensor is past the in-memory sort's cap.
+#[test]
+fn dry_run_bounds_the_selection_windows_apart_from_its_estimate() {
+    use gemma_merge::executor::Prepared;
+    use gemma_merge::recipe::Plan;
+    let d = tempfile::tempdir().unwrap();
+    let c = case2();
+    let text = std::fs::read_to_string(c.join("mergekit/ties_all_bf16.yml"))
+        .unwrap()
+        .replace("../", &format!("{}/", s(&c)));
+    let config = d.path().join("ties_all_bf16.yml");
+    std::fs::write(&config, text).unwrap();
+    let mut plan = Plan::load(&config, Some(&d.path().join("out")), None).unwrap();
+    let sorted = Prepared::new(&plan).unwrap().summary();
+    assert_eq!(sorted.peak_memory_bound, sorted.peak_memory_estimate);
+    plan.torch_order_cap = 0;
+    let streamed = Prepared::new(&plan).unwrap().summary();
+    assert_eq!(
+        streamed.peak_memory_bound - streamed.peak_memory_estimate,
+        gemma_merge::selection::WINDOW_CAP as u64 * 24,
+        "the windows' budget: 16 bytes per entry and half as much again to sort"
+    );
+    // Nothing sorted in memory then: the estimate is lower by the sort's buffer.
+    assert!(streamed.peak_memory_estimate < sorted.peak_memory_estimate);
+}
+
 /// Past `torch_order_cap` elements a tensor is sparsified by the streaming rank selection instead of an
 /// in-memory sort: equal magnitudes at the threshold are then kept by flat index, not in torch's order.
 /// On bf16 fine-tunes (ties_all_bf16) that changes which of them are kept, and nothing else: every element

@@ -155,6 +155,7 @@ fn summary_json(s: &PlanSummary) -> serde_json::Value {
         "bytes_to_read": s.bytes_to_read,
         "bytes_to_write": s.bytes_to_write,
         "peak_memory_estimate": s.peak_memory_estimate,
+        "peak_memory_bound": s.peak_memory_bound,
         "warnings": s.warnings,
     })
 }
@@ -193,11 +194,20 @@ fn summary_text(s: &PlanSummary) -> String {
         human_bytes(s.bytes_to_read)
     );
     let _ = writeln!(o, "bytes to write: {}", human_bytes(s.bytes_to_write));
-    let _ = writeln!(
-        o,
-        "peak memory estimate: {} (plus the page cache)",
-        human_bytes(s.peak_memory_estimate)
-    );
+    if s.peak_memory_bound > s.peak_memory_estimate {
+        let _ = writeln!(
+            o,
+            "peak memory estimate: {} (plus the page cache; at most {} if the rank selections' windows fill their budget)",
+            human_bytes(s.peak_memory_estimate),
+            human_bytes(s.peak_memory_bound)
+        );
+    } else {
+        let _ = writeln!(
+            o,
+            "peak memory estimate: {} (plus the page cache)",
+            human_bytes(s.peak_memory_estimate)
+        );
+    }
     for w in &s.warnings {
         let _ = writeln!(o, "warning: {w}");
     }
