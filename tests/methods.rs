@@ -815,20 +815,24 @@ impl gemma_merge::progress::Progress for Counted {
     }
 }
 
+/// The plan of case 2's `ties_all_bf16` mergekit config (paths made absolute), its output in `d`.
+fn ties_all_bf16_plan(d: &Path) -> gemma_merge::recipe::Plan {
+    let c = case2();
+    let text = std::fs::read_to_string(c.join("mergekit/ties_all_bf16.yml"))
+        .unwrap()
+        .replace("../", &format!("{}/", s(&c)));
+    let config = d.join("ties_all_bf16.yml");
+    std::fs::write(&config, text).unwrap();
+    gemma_merge::recipe::Plan::load(&config, Some(&d.join("out")), None).unwrap()
+}
+
 /// The dry run's estimate leaves out what the streaming selections' windows hold (a few MiB in practice);
 /// its bound adds their whole budget, and only where a tensor is past the in-memory sort's cap.
 #[test]
 fn dry_run_bounds_the_selection_windows_apart_from_its_estimate() {
     use gemma_merge::executor::Prepared;
-    use gemma_merge::recipe::Plan;
     let d = tempfile::tempdir().unwrap();
-    let c = case2();
-    let text = std::fs::read_to_string(c.join("mergekit/ties_all_bf16.yml"))
-        .unwrap()
-        .replace("../", &format!("{}/", s(&c)));
-    let config = d.path().join("ties_all_bf16.yml");
-    std::fs::write(&config, text).unwrap();
-    let mut plan = Plan::load(&config, Some(&d.path().join("out")), None).unwrap();
+    let mut plan = ties_all_bf16_plan(d.path());
     let sorted = Prepared::new(&plan).unwrap().summary();
     assert_eq!(sorted.peak_memory_bound, sorted.peak_memory_estimate);
     plan.torch_order_cap = 0;
@@ -849,14 +853,8 @@ fn dry_run_bounds_the_selection_windows_apart_from_its_estimate() {
 #[test]
 fn past_the_sort_cap_only_threshold_ties_differ_from_mergekit() {
     use gemma_merge::executor::Prepared;
-    use gemma_merge::recipe::Plan;
     let d = tempfile::tempdir().unwrap();
     let c = case2();
-    let text = std::fs::read_to_string(c.join("mergekit/ties_all_bf16.yml"))
-        .unwrap()
-        .replace("../", &format!("{}/", s(&c)));
-    let config = d.path().join("ties_all_bf16.yml");
-    std::fs::write(&config, text).unwrap();
     let expected = load(&c.join("expected/ties_all_bf16"));
     let base = load(&c.join("base"));
     let models: Vec<Tensors> = ["ft_a", "ft_d"].iter().map(|m| load(&c.join(m))).collect();
@@ -865,7 +863,7 @@ fn past_the_sort_cap_only_threshold_ties_differ_from_mergekit() {
         .into_iter()
         .enumerate()
     {
-        let mut plan = Plan::load(&config, Some(&d.path().join("out")), None).unwrap();
+        let mut plan = ties_all_bf16_plan(d.path());
         plan.torch_order_cap = cap;
         let counted = Counted::default();
         let merged = Prepared::new(&plan)

@@ -905,38 +905,29 @@ mod avx512 {
         first: u64,
         out: &mut [f64],
     ) {
+        let args = (r, base_sum, models, divisor, normalize, lambda, first, out);
         match models.deltas.len() {
-            1 => fused_lo::<1>(r, base_sum, models, divisor, normalize, lambda, first, out),
-            2 => fused_lo::<2>(r, base_sum, models, divisor, normalize, lambda, first, out),
-            3 => fused_lo::<3>(r, base_sum, models, divisor, normalize, lambda, first, out),
-            4 => fused_lo::<4>(r, base_sum, models, divisor, normalize, lambda, first, out),
-            5 => fused_lo::<5>(r, base_sum, models, divisor, normalize, lambda, first, out),
-            6 => fused_lo::<6>(r, base_sum, models, divisor, normalize, lambda, first, out),
-            7 => fused_lo::<7>(r, base_sum, models, divisor, normalize, lambda, first, out),
-            8 => fused_lo::<8>(r, base_sum, models, divisor, normalize, lambda, first, out),
+            1 => fused_lo::<1>(args),
+            2 => fused_lo::<2>(args),
+            3 => fused_lo::<3>(args),
+            4 => fused_lo::<4>(args),
+            5 => fused_lo::<5>(args),
+            6 => fused_lo::<6>(args),
+            7 => fused_lo::<7>(args),
+            8 => fused_lo::<8>(args),
             m => unreachable!("{m} task vectors in the fused election"),
         }
     }
 
     /// [`fused_m`] with the lower bounds' test where a mask has one (`LO`), and in its `PLAIN` form
     /// where it applies.
-    #[allow(clippy::too_many_arguments)]
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
-    unsafe fn fused_lo<const M: usize>(
-        r: &[f32],
-        base_sum: f64,
-        models: &Models,
-        divisor: Option<f64>,
-        normalize: bool,
-        lambda: f64,
-        first: u64,
-        out: &mut [f64],
-    ) {
+    unsafe fn fused_lo<const M: usize>(args: FusedArgs) {
+        let (r, models) = (args.0, args.2);
         let lo = models.bounds.iter().any(|b| b.lo != (0, 0));
         // Every task vector θ − θ_ref, every reference value finite: see `fused_m`'s `PLAIN`.
         let plain = models.deltas.iter().all(|d| d.coef == 1.0 && d.sum == 0.0) && all_finite(r);
-        let args = (r, base_sum, models, divisor, normalize, lambda, first, out);
         // (0, 0) is at or below every (key, index): without a bound below, no test is needed.
         match (lo, plain) {
             (true, true) => fused_m::<M, true, true>(args),
