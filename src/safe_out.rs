@@ -810,16 +810,14 @@ pub fn commit_all(mut staged: Vec<Staged>) -> Result<Vec<PathBuf>, OutputError> 
         check_target(&s.target, s.kind, s.force)?;
     }
     let mut placed: Vec<Placed> = Vec::with_capacity(staged.len());
-    for s in &staged {
-        match place(&s.tmp, &s.real, false) {
+    for i in 0..staged.len() {
+        match place(&staged[i].tmp, &staged[i].real, false) {
             Ok(p) => placed.push(p),
             Err(e) => {
-                for (s, p) in staged.iter().zip(placed).rev() {
-                    unplace(&s.tmp, &s.real, p);
-                }
                 drop(reg);
+                let e = undo_places(&mut staged, placed, e);
                 // The temporaries (the new outputs, again) are removed as `staged` drops.
-                return Err(OutputError::io(&s.target, e));
+                return Err(OutputError::io(&staged[i].target, e));
             }
         }
     }
@@ -876,19 +874,61 @@ fn place(tmp: &Path, target: &Path, two_renames: bool) -> std::io::Result<Placed
     }
 }
 
-/// Undoes [`place`]: the new output goes back to `tmp`, an old copy back to `target`.
-fn unplace(tmp: &Path, target: &Path, p: Placed) {
+/// Undoes the places of a commit that failed with `e` (last first). An old copy that could not be put
+/// back is kept where it is (its temporary no longer removed) and named in the error returned.
+fn undo_places(staged: &mut [Staged], placed: Vec<Placed>, e: std::io::Error) -> std::io::Error {
+    let mut kept = Vec::new();
+    for (i, p) in placed.into_iter().enumerate().rev() {
+        let s = &mut staged[i];
+        if let Some(at) = unplace(&s.tmp, &s.real, p) {
+            if at == s.tmp {
+                s.done = true;
+                unregister(&s.tmp);
+            }
+            kept.push(format!("{} at {}", s.target.display(), at.display()));
+        }
+    }
+    if kept.is_empty() {
+        return e;
+    }
+    std::io::Error::new(
+        e.kind(),
+        format!(
+            "{e}; the previous {} could not be put back and {} kept there",
+            kept.join(", "),
+            if kept.len() == 1 { "is" } else { "are" }
+        ),
+    )
+}
+
+/// Undoes [`place`]: the new output goes back to `tmp`, an old copy back to `target`. Where the new
+/// output cannot go back (its temporary name taken in between), it is removed instead (it is ours, and
+/// undone either way), so that the old copy can return. Returns where an old copy was left instead, if
+/// even that failed (before, a failed undo left the old copy to be removed: with the temporary as the
+/// commit's outputs are dropped, or by the next run's sweep of stale copies).
+fn unplace(tmp: &Path, target: &Path, p: Placed) -> Option<PathBuf> {
     match p {
         Placed::Created => {
-            let _ = std::fs::rename(target, tmp);
+            if std::fs::rename(target, tmp).is_err() {
+                remove_any(target);
+            }
+            None
         }
         Placed::Exchanged => {
-            let _ = exchange(tmp, target);
+            if exchange(tmp, target).is_ok() {
+                return None;
+            }
+            // The old copy is at `tmp`, the new one at `target`.
+            remove_any(target);
+            std::fs::rename(tmp, target)
+                .err()
+                .map(|_| tmp.to_path_buf())
         }
         Placed::Moved(old) => {
-            if std::fs::rename(target, tmp).is_ok() {
-                let _ = std::fs::rename(&old, target);
+            if std::fs::rename(target, tmp).is_err() {
+                remove_any(target);
             }
+            std::fs::rename(&old, target).err().map(|_| old)
         }
     }
 }
@@ -1205,7 +1245,7 @@ mod tests {
                 std::fs::write(target.join("old"), b"0").unwrap();
                 let placed = place(&tmp, &target, two_renames).unwrap();
                 if undo {
-                    unplace(&tmp, &target, placed);
+                    assert_eq!(unplace(&tmp, &target, placed), None);
                 } else {
                     finish(&tmp, placed);
                 }
@@ -1225,6 +1265,52 @@ mod tests {
                     assert_eq!(names, ["t"], "{case}");
                     assert!(target.join("new").exists() && !target.join("old").exists());
                 }
+            }
+        }
+    }
+
+    /// An undo whose way back is blocked (the temporary's name taken in between, here by a non-empty
+    /// folder) still puts the old copy back in place: the new output is removed instead.
+    #[test]
+    fn an_undo_whose_way_back_is_blocked_still_puts_the_old_copy_back() {
+        for two_renames in [false, true] {
+            for folders in [false, true] {
+                let d = tempfile::tempdir().unwrap();
+                let (tmp, target) = (d.path().join(".t.gemma-merge-tmp-1"), d.path().join("t"));
+                let (old_file, new_file) = if folders {
+                    std::fs::create_dir(&tmp).unwrap();
+                    std::fs::write(tmp.join("new"), b"1").unwrap();
+                    std::fs::create_dir(&target).unwrap();
+                    std::fs::write(target.join("old"), b"0").unwrap();
+                    (target.join("old"), target.join("new"))
+                } else {
+                    std::fs::write(&tmp, b"new").unwrap();
+                    std::fs::write(&target, b"old").unwrap();
+                    (target.clone(), target.clone())
+                };
+                let placed = place(&tmp, &target, two_renames).unwrap();
+                let case = format!("two_renames={two_renames} folders={folders} {placed:?}");
+                // After an exchange the old copy sits at `tmp` and the way back is the exchange itself,
+                // blocked here by the new copy being gone from `target`; after two renames, by a
+                // non-empty folder taking the temporary's name.
+                if matches!(placed, Placed::Exchanged) {
+                    remove_any(&target);
+                } else {
+                    std::fs::create_dir(&tmp).unwrap();
+                    std::fs::write(tmp.join("blocker"), b"").unwrap();
+                }
+                assert_eq!(unplace(&tmp, &target, placed), None, "{case}");
+                if folders {
+                    assert!(old_file.exists() && !new_file.exists(), "{case}");
+                } else {
+                    assert_eq!(std::fs::read(&target).unwrap(), b"old", "{case}");
+                }
+                let names: Vec<_> = std::fs::read_dir(d.path())
+                    .unwrap()
+                    .map(|e| e.unwrap().file_name().into_string().unwrap())
+                    .filter(|n| !n.starts_with(".t.gemma-merge-tmp"))
+                    .collect();
+                assert_eq!(names, ["t"], "no old copy left aside: {case}");
             }
         }
     }
