@@ -566,8 +566,8 @@ pub fn window_scan(keys: &[u64], lo: u64, hi: u64, inside: &mut Vec<u64>) -> u64
 }
 
 /// [`window_scan`] at an explicit SIMD level (at most [`crate::simd::detected`]): on AVX-512 with
-/// intrinsics (the compiled loop reduced its count and gathered the keys inside one at a time, per block
-/// of 16: 11% of a TIES merge), elsewhere the loop compiled for the level. Every level gives the same
+/// intrinsics (the compiled loop reduced its count per block of 16 and gathered the keys inside one at a
+/// time: 11% of a TIES merge), elsewhere the loop compiled for the level. Every level gives the same
 /// count and keys.
 pub(crate) fn window_scan_at(
     level: crate::simd::Level,
@@ -640,8 +640,9 @@ mod x86 {
         (below, equal)
     }
 
-    /// [`super::window_scan`], 8 keys at a time: each lane counts its keys below `lo`; the keys inside,
-    /// where there are any, are compressed in order into the free end of `inside`.
+    /// [`super::window_scan`], 8 keys at a time: each lane counts its keys below `lo`; each step stores
+    /// its keys inside, compressed in order, at the free end of `inside` (8 slots, of which as many as
+    /// there are keys inside are kept).
     ///
     /// # Safety
     /// The CPU has AVX-512 F.
