@@ -27,6 +27,9 @@ pub const MANIFEST: &str = "merge-manifest.json";
 const TMP_INFIX: &str = ".gemma-merge-tmp-";
 /// The infix of an old copy moved aside by the fallback swap: `.NAME.gemma-merge-old-PID`.
 const OLD_INFIX: &str = ".gemma-merge-old-";
+/// The infix of an old copy a failed undo could not put back: `.NAME.gemma-merge-kept-PID`, named in the
+/// error and never taken for a stale temporary (the sweep would remove an old copy beside its target).
+const KEPT_INFIX: &str = ".gemma-merge-kept-";
 /// Largest manifest or recognisable file read to decide ownership.
 const MAX_SNIFF: u64 = 16 << 20;
 /// Deepest folder nesting searched when deciding whether a folder is ours.
@@ -875,12 +878,19 @@ fn place(tmp: &Path, target: &Path, two_renames: bool) -> std::io::Result<Placed
 }
 
 /// Undoes the places of a commit that failed with `e` (last first). An old copy that could not be put
-/// back is kept where it is (its temporary no longer removed) and named in the error returned.
+/// back is kept, renamed to a `KEPT_INFIX` name that no run removes (or, failing that, where it is, its
+/// temporary no longer removed), and named in the error returned.
 fn undo_places(staged: &mut [Staged], placed: Vec<Placed>, e: std::io::Error) -> std::io::Error {
     let mut kept = Vec::new();
     for (i, p) in placed.into_iter().enumerate().rev() {
         let s = &mut staged[i];
         if let Some(at) = unplace(&s.tmp, &s.real, p) {
+            let safe = temp_path(&s.real, KEPT_INFIX, std::process::id());
+            let at = if std::fs::rename(&at, &safe).is_ok() {
+                safe
+            } else {
+                at
+            };
             if at == s.tmp {
                 s.done = true;
                 unregister(&s.tmp);
@@ -1175,6 +1185,11 @@ mod tests {
             Some(("out".into(), 77, true))
         );
         assert_eq!(parse_temp_name("out.gemma-merge-tmp-1"), None);
+        // An old copy a failed undo kept is never a stale temporary.
+        let kept = temp_path(Path::new("d/out"), KEPT_INFIX, 7);
+        let kept = kept.file_name().unwrap().to_str().unwrap();
+        assert!(kept.starts_with(".out.gemma-merge-kept-"), "{kept}");
+        assert_eq!(parse_temp_name(kept), None);
         assert_eq!(parse_temp_name(".out.gemma-merge-tmp-x1"), None);
         // This machine's temporaries carry its name; another machine's are never taken for stale.
         let ours = format!(".out.gemma-merge-tmp-{}-42", host_tag());
