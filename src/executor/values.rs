@@ -885,11 +885,11 @@ mod avx512 {
     }
 
     /// [`super::TaskVectorNode::eval_at`] of its usual form in one sweep, 8 elements at a time: the
-    /// base (`base_sum`·r) and each task vector as `combine_at` computes them, each mask as `sparsify_ranked_f32`,
-    /// then the election as [`elect`] (with `divisor: None`, consensus) or without consensus every
-    /// term added and `divisor` as `elect_by_columns` has it. Per element the same operations in the
-    /// same order as those kernels one after the other, so the bits are theirs; nothing is stored
-    /// between them.
+    /// base (`base_sum`·r) and each task vector as `combine_at` computes them, each mask as
+    /// `sparsify_ranked_f32`, then the election as [`elect`] (with `divisor: None`, consensus) or
+    /// without consensus every term added and `divisor` as `elect_by_columns` has it. Per element the
+    /// same operations in the same order as those kernels one after the other, so the bits are theirs;
+    /// nothing is stored between them.
     ///
     /// # Safety
     /// The CPU has AVX-512 F/BW/VL/DQ; `r`, every term's input and `out` have the same length.
@@ -1290,10 +1290,10 @@ mod tests {
                 reference: 0,
                 first: first as usize,
             };
-            // Every third task vector is (1 + 2⁻⁴⁰)·(θ − θ_base): where its model is 1/256 from the base
-            // (planted for task vector 2 at every 41st element below), |δ| rounds to 1/256 in float32 only,
-            // so a mask ranking the unrounded |δ| would differ from mergekit's at a bound on 1/256. The tenth
-            // is a weighted sum of two models' differences.
+            // Every third task vector is (1 + 2⁻⁴⁰)·(θ − θ_base): where its model is 1/256 from the
+            // base (planted for task vector 2 at every 41st element below), |δ| rounds to 1/256 in
+            // float32 only, so a mask ranking the unrounded |δ| would differ from mergekit's at a bound
+            // on 1/256. The tenth is a weighted sum of two models' differences.
             let delta = |i: usize| {
                 let mut c = vec![0.0; 11];
                 if i == 9 {
@@ -1311,8 +1311,9 @@ mod tests {
                 }
                 Val::Lin(c)
             };
-            // The ranked masks' bounds sit on |δ| = 1/256, which the planted δ_0 and δ_1 hit exactly (every
-            // 37th element), so that ties at a bound are decided by index on both sides of it.
+            // The ranked masks' bounds sit on |δ| = 1/256, which the planted δ_0 and δ_1 hit exactly (in
+            // runs of 4 from every 37th element), so that ties at a bound are decided by index on both
+            // sides of it.
             let mid = magnitude_key(1.0 / 256.0, false);
             let mask: Vec<u64> = (0..(first as usize + n).div_ceil(64))
                 .map(|_| next())
