@@ -1032,6 +1032,7 @@ fn adjust_heap<T: Copy>(
 }
 
 /// SplitMix64's finaliser: a bijective mix of 64 bits.
+#[inline(always)]
 pub fn mix64(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -1051,6 +1052,7 @@ pub fn stream_key(seed: u64, tensor: &str, model: usize) -> u64 {
 }
 
 /// Whether element `index` of a stream is kept with probability `threshold / 2^64`.
+#[inline(always)]
 pub fn bernoulli_keep(stream: u64, index: u64, threshold: u64) -> bool {
     mix64(stream ^ mix64(index)) < threshold
 }

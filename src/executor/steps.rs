@@ -897,20 +897,19 @@ impl Prepared<'_> {
             &vals,
             |_| true,
             |lo, values| {
+                let level = crate::simd::level();
                 which
                     .iter()
                     .zip(values)
                     .map(|(&i, v)| {
-                        let (mut a, mut k) = (0.0, 0.0);
-                        for (j, &x) in v.iter().enumerate() {
-                            // |δ| as mergekit computes δ, in the compute dtype.
-                            let m = t.compute.round_f64(x).abs() as f64;
-                            a += m;
-                            if keep[i].keeps(x, (lo + j) as u64) {
-                                k += m;
-                            }
-                        }
-                        (a, k)
+                        // The kept elements through the mask's own (vectorised) sparsify: a dropped
+                        // element is +0, whose |δ| adds +0 to the kept sum, as skipping it does.
+                        let mut kept = super::scratch::f64s(v.len());
+                        kept.copy_from_slice(v);
+                        keep[i].sparsify(level, &mut kept, lo as u64);
+                        let sums = l1_sums(t.compute, v, &kept);
+                        super::scratch::give_f64(kept);
+                        sums
                     })
                     .collect::<Vec<_>>()
             },
@@ -923,6 +922,23 @@ impl Prepared<'_> {
         )?;
         Ok(total)
     }
+}
+
+/// (Σ |δ|, Σ |kept δ|) in element order, |δ| as mergekit computes δ: rounded to the compute dtype.
+fn l1_sums(compute: FloatType, all: &[f64], kept: &[f64]) -> (f64, f64) {
+    let (mut a, mut k) = (0.0, 0.0);
+    if compute == FloatType::F32 {
+        for (&x, &y) in all.iter().zip(kept) {
+            a += (x as f32).abs() as f64;
+            k += (y as f32).abs() as f64;
+        }
+    } else {
+        for (&x, &y) in all.iter().zip(kept) {
+            a += compute.round_f64(x).abs() as f64;
+            k += compute.round_f64(y).abs() as f64;
+        }
+    }
+    (a, k)
 }
 
 /// Σ_k c_k[group]·v_k, a plain weighted sum when there is one group.

@@ -115,6 +115,9 @@ impl Keep {
                 let (lo_key, lo_index) = lo.unwrap_or((0, 0));
                 sparsify_ranked_f32::at(level, d, first, desc, lo_key, lo_index, hi.0, hi.1)
             }
+            Keep::Random { stream, threshold } => {
+                sparsify_random::at(level, d, first, stream, threshold)
+            }
             _ => {
                 for (j, v) in d.iter_mut().enumerate() {
                     if !self.keeps(*v, first + j as u64) {
@@ -202,6 +205,19 @@ crate::simd::leveled! {
             let above_lo = (k > lo_key) | (k == lo_key) & (i >= lo_index);
             let keep = 0u64.wrapping_sub((below_hi & above_lo) as u64);
             *v = f64::from_bits(v.to_bits() & keep);
+        }
+    }
+}
+
+crate::simd::leveled! {
+    /// [`Keep::sparsify`] of a random mask: element j (flat index `first + j`) is kept when
+    /// [`bernoulli_keep`]`(stream, first + j, threshold)`, otherwise set to +0. A plain loop of 64-bit
+    /// integer arithmetic, so that it vectorises (AVX-512 has 64-bit lane multiplies); the draw per
+    /// element called through `keeps` was most of a DARE merge.
+    fn sparsify_random(d: &mut [f64], first: u64, stream: u64, threshold: u64) {
+        for (j, v) in d.iter_mut().enumerate() {
+            let keep = bernoulli_keep(stream, first + j as u64, threshold);
+            *v = f64::from_bits(v.to_bits() & 0u64.wrapping_sub(keep as u64));
         }
     }
 }
