@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
-use super::values::{ChunkInputs, GroupOf, Keep, Node, TaskVectorNode, Val};
+use super::values::{ChunkInputs, GroupCursor, GroupOf, Keep, Node, TaskVectorNode, Val};
 use super::{MergeError, OutTensor, Prepared, Treatment, BLOCK, CHUNK, SUB};
 use crate::format::FloatType;
 use crate::kernels;
@@ -635,32 +635,63 @@ impl Prepared<'_> {
             |_| true,
             |lo, values| {
                 let refs: Vec<&[f64]> = values.iter().map(|v| v.as_slice()).collect();
-                // Per group touched by the chunk, in order of first appearance (rows are runs of
-                // consecutive elements; columns repeat every `count`).
-                let mut out: Vec<(usize, Vec<Vec<f64>>)> = Vec::new();
-                let mut slot_of: std::collections::HashMap<usize, usize> = Default::default();
-                let mut last: Option<(usize, usize)> = None;
-                for j in 0..refs[0].len() {
-                    let gi = group.of(lo + j);
-                    let slot = match last {
-                        Some((g, s)) if g == gi => s,
-                        _ => {
-                            let s = *slot_of.entry(gi).or_insert_with(|| {
-                                out.push((gi, vec![vec![0.0; m]; m]));
-                                out.len() - 1
-                            });
-                            last = Some((gi, s));
-                            s
-                        }
+                let n = refs[0].len();
+                if n == 0 {
+                    return Vec::new();
+                }
+                // The groups the chunk touches, each in a slot counted from the chunk's first: a run
+                // of rows, or the columns from the first one's on (all of them once the chunk is as
+                // long as a row). Each group's sums take its elements in order, as before.
+                let g0 = group.of(lo);
+                let slots = match group {
+                    GroupOf::Whole => 1,
+                    GroupOf::Rows(len) => (lo + n - 1) / len - g0 + 1,
+                    GroupOf::Columns(count) => count.min(n),
+                };
+                let slot_of = |gi: usize| match group {
+                    GroupOf::Columns(count) if gi < g0 => gi + count - g0,
+                    _ => gi - g0,
+                };
+                // Pairs a ≤ b only: x_b·x_a is x_a·x_b (a product commutes exactly), so the sums
+                // below the diagonal are those above it, copied at the end.
+                let pairs: Vec<(usize, usize)> =
+                    (0..m).flat_map(|a| (a..m).map(move |b| (a, b))).collect();
+                let p = pairs.len();
+                let mut acc = vec![0.0; slots * p];
+                let mut cursor = GroupCursor::new(group, lo);
+                let mut j = 0;
+                while j < n {
+                    // A run of elements of one group: the whole rest of a row, or one column element.
+                    let gi = cursor.next();
+                    let run = match group {
+                        GroupOf::Rows(len) => (len - (lo + j) % len).min(n - j),
+                        _ => 1,
                     };
-                    let g = &mut out[slot].1;
-                    for a in 0..m {
-                        for b in 0..m {
-                            g[a][b] += refs[a][j] * refs[b][j];
+                    for _ in 1..run {
+                        cursor.next();
+                    }
+                    let g = &mut acc[slot_of(gi) * p..][..p];
+                    for jj in j..j + run {
+                        for (g, &(a, b)) in g.iter_mut().zip(&pairs) {
+                            *g += refs[a][jj] * refs[b][jj];
                         }
                     }
+                    j += run;
                 }
-                out
+                (0..slots)
+                    .map(|s| {
+                        let gi = match group {
+                            GroupOf::Columns(count) => (g0 + s) % count,
+                            _ => g0 + s,
+                        };
+                        let mut g = vec![vec![0.0; m]; m];
+                        for (&v, &(a, b)) in acc[s * p..][..p].iter().zip(&pairs) {
+                            g[a][b] = v;
+                            g[b][a] = v;
+                        }
+                        (gi, g)
+                    })
+                    .collect::<Vec<_>>()
             },
             |_, part| {
                 for (gi, g) in part.into_iter().flatten() {

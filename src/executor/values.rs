@@ -58,6 +58,48 @@ impl GroupOf {
     }
 }
 
+/// The groups ([`GroupOf::of`]) of consecutive elements from flat index `first` on, one per
+/// [`Self::next`], without a division per element.
+pub(crate) struct GroupCursor {
+    group: GroupOf,
+    g: usize,
+    rem: usize,
+}
+
+impl GroupCursor {
+    pub fn new(group: GroupOf, first: usize) -> Self {
+        let (g, rem) = match group {
+            GroupOf::Whole => (0, 0),
+            GroupOf::Rows(len) => (first / len, first % len),
+            GroupOf::Columns(count) => (first % count, 0),
+        };
+        Self { group, g, rem }
+    }
+
+    /// The current element's group; then moves to the next element.
+    #[inline]
+    pub fn next(&mut self) -> usize {
+        let g = self.g;
+        match self.group {
+            GroupOf::Whole => {}
+            GroupOf::Rows(len) => {
+                self.rem += 1;
+                if self.rem == len {
+                    self.rem = 0;
+                    self.g += 1;
+                }
+            }
+            GroupOf::Columns(count) => {
+                self.g += 1;
+                if self.g == count {
+                    self.g = 0;
+                }
+            }
+        }
+        g
+    }
+}
+
 /// Which elements of one task vector survive sparsification.
 #[derive(Debug, Clone)]
 pub(crate) enum Keep {
@@ -365,8 +407,9 @@ impl Val {
                     let mut tmp = super::scratch::f64s(out.len());
                     for (v, coefs) in terms {
                         v.eval(x, &mut tmp);
-                        for (j, (o, t)) in out.iter_mut().zip(&tmp).enumerate() {
-                            *o += coefs[group.of(x.first + j)] * t;
+                        let mut g = GroupCursor::new(*group, x.first);
+                        for (o, t) in out.iter_mut().zip(&tmp) {
+                            *o += coefs[g.next()] * t;
                         }
                     }
                     super::scratch::give_f64(tmp);
@@ -1165,6 +1208,26 @@ mod tests {
         deltas
             .into_iter()
             .for_each(crate::executor::scratch::give_f64);
+    }
+
+    #[test]
+    fn group_cursors_walk_the_groups_of_consecutive_elements() {
+        for group in [
+            GroupOf::Whole,
+            GroupOf::Rows(1),
+            GroupOf::Rows(7),
+            GroupOf::Rows(64),
+            GroupOf::Columns(1),
+            GroupOf::Columns(5),
+            GroupOf::Columns(300),
+        ] {
+            for first in [0, 1, 6, 7, 299, 300, 1001] {
+                let mut c = GroupCursor::new(group, first);
+                for i in first..first + 700 {
+                    assert_eq!(c.next(), group.of(i), "{group:?} from {first}, element {i}");
+                }
+            }
+        }
     }
 
     #[test]
