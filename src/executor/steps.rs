@@ -671,9 +671,16 @@ impl Prepared<'_> {
                         cursor.next();
                     }
                     let g = &mut acc[slot_of(gi) * p..][..p];
-                    for jj in j..j + run {
-                        for (g, &(a, b)) in g.iter_mut().zip(&pairs) {
-                            *g += refs[a][jj] * refs[b][jj];
+                    match m {
+                        2 => pair_sums::<2, 3>(&refs, j..j + run, g),
+                        3 => pair_sums::<3, 6>(&refs, j..j + run, g),
+                        4 => pair_sums::<4, 10>(&refs, j..j + run, g),
+                        _ => {
+                            for jj in j..j + run {
+                                for (g, &(a, b)) in g.iter_mut().zip(&pairs) {
+                                    *g += refs[a][jj] * refs[b][jj];
+                                }
+                            }
                         }
                     }
                     j += run;
@@ -953,6 +960,28 @@ impl Prepared<'_> {
         )?;
         Ok(total)
     }
+}
+
+/// `g[k] += x_a·x_b` over the elements `range` of `refs`, in order, for the `P` pairs a ≤ b of `M`
+/// vectors (k counting them row by row), with the sums in registers across the run.
+#[inline(always)]
+fn pair_sums<const M: usize, const P: usize>(
+    refs: &[&[f64]],
+    range: std::ops::Range<usize>,
+    g: &mut [f64],
+) {
+    let x: [&[f64]; M] = std::array::from_fn(|a| &refs[a][range.clone()]);
+    let mut acc: [f64; P] = std::array::from_fn(|k| g[k]);
+    for jj in 0..range.len() {
+        let mut k = 0;
+        for a in 0..M {
+            for b in a..M {
+                acc[k] += x[a][jj] * x[b][jj];
+                k += 1;
+            }
+        }
+    }
+    g[..P].copy_from_slice(&acc);
 }
 
 /// (Σ |δ|, Σ |kept δ|) in element order, |δ| as mergekit computes δ: rounded to the compute dtype.
