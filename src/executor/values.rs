@@ -739,13 +739,7 @@ mod avx512 {
     ) {
         let n = out.len();
         let zero = _mm256_setzero_ps();
-        // (f32(δ)·factor)·w32: the elected value.
-        let elected = |di: __m512d, i: usize| {
-            _mm256_mul_ps(
-                _mm256_mul_ps(_mm512_cvtpd_ps(di), _mm256_set1_ps(factor[i])),
-                _mm256_set1_ps(w32[i]),
-            )
-        };
+        let elected = |di: __m512d, i: usize| elected(_mm512_cvtpd_ps(di), factor[i], w32[i]);
         let mut j = 0;
         while j < n {
             let len = (n - j).min(8);
@@ -760,23 +754,11 @@ mod avx512 {
             let mut divisor = _mm512_setzero_pd();
             for (i, di) in d.iter().enumerate() {
                 let dv = _mm512_maskz_loadu_pd(lanes, di.as_ptr().add(j));
-                let v = elected(dv, i);
-                let agree = (_mm256_cmp_ps_mask::<_CMP_GT_OQ>(v, zero) & positive)
-                    | (_mm256_cmp_ps_mask::<_CMP_LT_OQ>(v, zero) & !positive);
-                let term = _mm512_mul_pd(
-                    _mm512_mul_pd(dv, _mm512_set1_pd(r[i])),
-                    _mm512_set1_pd(w[i]),
-                );
-                mixed = _mm512_mask_add_pd(mixed, agree, mixed, term);
+                let agree = agrees(elected(dv, i), positive);
+                mixed = _mm512_mask_add_pd(mixed, agree, mixed, term(dv, r[i], w[i]));
                 divisor = _mm512_mask_add_pd(divisor, agree, divisor, _mm512_set1_pd(w[i]));
             }
-            let add = if normalize {
-                let none = _mm512_cmp_pd_mask::<_CMP_EQ_OQ>(divisor, _mm512_setzero_pd());
-                let dv = _mm512_mask_blend_pd(none, divisor, _mm512_set1_pd(1.0));
-                _mm512_mul_pd(_mm512_set1_pd(lambda), _mm512_div_pd(mixed, dv))
-            } else {
-                _mm512_mul_pd(_mm512_set1_pd(lambda), mixed)
-            };
+            let add = finish(mixed, divisor, normalize, lambda);
             let o = out.as_mut_ptr().add(j);
             _mm512_mask_storeu_pd(
                 o,
@@ -784,6 +766,42 @@ mod avx512 {
                 _mm512_add_pd(_mm512_maskz_loadu_pd(lanes, o), add),
             );
             j += 8;
+        }
+    }
+
+    /// (f32(δ)·factor)·w32: the elected value of δ (given as f32(δ)).
+    #[inline(always)]
+    unsafe fn elected(f: __m256, factor: f32, w32: f32) -> __m256 {
+        _mm256_mul_ps(
+            _mm256_mul_ps(f, _mm256_set1_ps(factor)),
+            _mm256_set1_ps(w32),
+        )
+    }
+
+    /// The lanes where the elected value `v` has the sign of the total (`positive`: total ≥ 0); a zero
+    /// agrees with neither.
+    #[inline(always)]
+    unsafe fn agrees(v: __m256, positive: __mmask8) -> __mmask8 {
+        let zero = _mm256_setzero_ps();
+        _mm256_mask_cmp_ps_mask::<_CMP_GT_OQ>(positive, v, zero)
+            | _mm256_mask_cmp_ps_mask::<_CMP_LT_OQ>(!positive, v, zero)
+    }
+
+    /// A term of the sum: (δ·r)·w.
+    #[inline(always)]
+    unsafe fn term(d: __m512d, r: f64, w: f64) -> __m512d {
+        _mm512_mul_pd(_mm512_mul_pd(d, _mm512_set1_pd(r)), _mm512_set1_pd(w))
+    }
+
+    /// What `elect_finish` adds to the base: λ·(mixed ÷ divisor), a divisor of 0 taken as 1, or λ·mixed.
+    #[inline(always)]
+    unsafe fn finish(mixed: __m512d, divisor: __m512d, normalize: bool, lambda: f64) -> __m512d {
+        if normalize {
+            let none = _mm512_cmp_pd_mask::<_CMP_EQ_OQ>(divisor, _mm512_setzero_pd());
+            let dv = _mm512_mask_blend_pd(none, divisor, _mm512_set1_pd(1.0));
+            _mm512_mul_pd(_mm512_set1_pd(lambda), _mm512_div_pd(mixed, dv))
+        } else {
+            _mm512_mul_pd(_mm512_set1_pd(lambda), mixed)
         }
     }
 
@@ -1088,26 +1106,19 @@ mod avx512 {
                         | _mm512_mask_cmpeq_epu64_mask(from(lo[i].1, at), key, lk);
                 }
                 d[i] = _mm512_maskz_mov_pd(keep, di);
-                // (f32(δ)·factor)·w32: the elected value (f32 of a dropped δ, +0, is +0).
-                v[i] = _mm256_mul_ps(
-                    _mm256_mul_ps(_mm256_maskz_mov_ps(keep, fi), _mm256_set1_ps(factor[i])),
-                    _mm256_set1_ps(w32[i]),
-                );
+                // f32 of a dropped δ, +0, is +0.
+                v[i] = elected(_mm256_maskz_mov_ps(keep, fi), factor[i], w32[i]);
                 total = _mm256_add_ps(total, v[i]);
             }
             let positive = _mm256_cmp_ps_mask::<_CMP_GE_OQ>(total, zero);
             let mut mixed = _mm512_setzero_pd();
             let mut div = _mm512_setzero_pd();
             for i in 0..M {
-                let term = _mm512_mul_pd(
-                    _mm512_mul_pd(d[i], _mm512_set1_pd(rescale[i])),
-                    _mm512_set1_pd(weights[i]),
-                );
+                let term = term(d[i], rescale[i], weights[i]);
                 if divisor.is_some() {
                     mixed = _mm512_add_pd(mixed, term);
                 } else {
-                    let agree = _mm256_mask_cmp_ps_mask::<_CMP_GT_OQ>(positive, v[i], zero)
-                        | _mm256_mask_cmp_ps_mask::<_CMP_LT_OQ>(!positive, v[i], zero);
+                    let agree = agrees(v[i], positive);
                     mixed = _mm512_mask_add_pd(mixed, agree, mixed, term);
                     div = _mm512_mask_add_pd(div, agree, div, _mm512_set1_pd(weights[i]));
                 }
@@ -1115,13 +1126,7 @@ mod avx512 {
             if let Some(t) = divisor {
                 div = _mm512_set1_pd(t);
             }
-            let add = if normalize {
-                let none = _mm512_cmp_pd_mask::<_CMP_EQ_OQ>(div, _mm512_setzero_pd());
-                let dv = _mm512_mask_blend_pd(none, div, _mm512_set1_pd(1.0));
-                _mm512_mul_pd(_mm512_set1_pd(lambda), _mm512_div_pd(mixed, dv))
-            } else {
-                _mm512_mul_pd(_mm512_set1_pd(lambda), mixed)
-            };
+            let add = finish(mixed, div, normalize, lambda);
             // The base: 0 + base_sum·r, as `combine_at` with no term.
             let o = _mm512_add_pd(
                 _mm512_setzero_pd(),
