@@ -661,15 +661,12 @@ impl Prepared<'_> {
                 let mut cursor = GroupCursor::new(group, lo);
                 let mut j = 0;
                 while j < n {
-                    // A run of elements of one group: the whole rest of a row, or one column element.
-                    let gi = cursor.next();
-                    let run = match group {
-                        GroupOf::Rows(len) => (len - (lo + j) % len).min(n - j),
-                        _ => 1,
+                    // A run of elements of one group: the whole rest of a row, or one column element
+                    // (whose group the cursor gives without a division).
+                    let (gi, run) = match group {
+                        GroupOf::Rows(len) => ((lo + j) / len, (len - (lo + j) % len).min(n - j)),
+                        _ => (cursor.next(), 1),
                     };
-                    for _ in 1..run {
-                        cursor.next();
-                    }
                     let g = &mut acc[slot_of(gi) * p..][..p];
                     match m {
                         2 => pair_sums::<2, 3>(&refs, j..j + run, g),
@@ -986,19 +983,21 @@ fn pair_sums<const M: usize, const P: usize>(
 
 /// (Σ |δ|, Σ |kept δ|) in element order, |δ| as mergekit computes δ: rounded to the compute dtype.
 fn l1_sums(compute: FloatType, all: &[f64], kept: &[f64]) -> (f64, f64) {
-    let (mut a, mut k) = (0.0, 0.0);
-    if compute == FloatType::F32 {
+    #[inline(always)]
+    fn sums(all: &[f64], kept: &[f64], round: impl Fn(f64) -> f32) -> (f64, f64) {
+        let (mut a, mut k) = (0.0, 0.0);
         for (&x, &y) in all.iter().zip(kept) {
-            a += (x as f32).abs() as f64;
-            k += (y as f32).abs() as f64;
+            a += round(x).abs() as f64;
+            k += round(y).abs() as f64;
         }
-    } else {
-        for (&x, &y) in all.iter().zip(kept) {
-            a += compute.round_f64(x).abs() as f64;
-            k += compute.round_f64(y).abs() as f64;
-        }
+        (a, k)
     }
-    (a, k)
+    // The rounding chosen once, not per element (float32's is the plain conversion).
+    if compute == FloatType::F32 {
+        sums(all, kept, |x| x as f32)
+    } else {
+        sums(all, kept, |x| compute.round_f64(x))
+    }
 }
 
 /// Σ_k c_k[group]·v_k, a plain weighted sum when there is one group.
