@@ -194,20 +194,19 @@ fn summary_text(s: &PlanSummary) -> String {
         human_bytes(s.bytes_to_read)
     );
     let _ = writeln!(o, "bytes to write: {}", human_bytes(s.bytes_to_write));
-    if s.peak_memory_bound > s.peak_memory_estimate {
-        let _ = writeln!(
-            o,
-            "peak memory estimate: {} (plus the page cache; at most {} if the rank selections' windows fill their budget)",
-            human_bytes(s.peak_memory_estimate),
+    let bound = if s.peak_memory_bound > s.peak_memory_estimate {
+        format!(
+            "; at most {} if the rank selections' windows fill their budget",
             human_bytes(s.peak_memory_bound)
-        );
+        )
     } else {
-        let _ = writeln!(
-            o,
-            "peak memory estimate: {} (plus the page cache)",
-            human_bytes(s.peak_memory_estimate)
-        );
-    }
+        String::new()
+    };
+    let _ = writeln!(
+        o,
+        "peak memory estimate: {} (plus the page cache{bound})",
+        human_bytes(s.peak_memory_estimate)
+    );
     for w in &s.warnings {
         let _ = writeln!(o, "warning: {w}");
     }
