@@ -1246,6 +1246,22 @@ mod tests {
         assert!(a.is_dir() && b.is_dir());
     }
 
+    /// In `dir`, a new output at a temporary name and the old one at its target, `t`: folders holding
+    /// `new` and `old`, or files holding those words. Returns (temporary, target).
+    fn new_over_old(dir: &Path, folders: bool) -> (PathBuf, PathBuf) {
+        let (tmp, target) = (dir.join(".t.gemma-merge-tmp-1"), dir.join("t"));
+        if folders {
+            std::fs::create_dir(&tmp).unwrap();
+            std::fs::write(tmp.join("new"), b"1").unwrap();
+            std::fs::create_dir(&target).unwrap();
+            std::fs::write(target.join("old"), b"0").unwrap();
+        } else {
+            std::fs::write(&tmp, b"new").unwrap();
+            std::fs::write(&target, b"old").unwrap();
+        }
+        (tmp, target)
+    }
+
     /// Both ways of replacing a target (one exchange, or two renames) end with only the new copy in place;
     /// undone, with the old copy back in place and the new one at the temporary name.
     #[test]
@@ -1253,11 +1269,7 @@ mod tests {
         for two_renames in [false, true] {
             for undo in [false, true] {
                 let d = tempfile::tempdir().unwrap();
-                let (tmp, target) = (d.path().join(".t.gemma-merge-tmp-1"), d.path().join("t"));
-                std::fs::create_dir(&tmp).unwrap();
-                std::fs::write(tmp.join("new"), b"1").unwrap();
-                std::fs::create_dir(&target).unwrap();
-                std::fs::write(target.join("old"), b"0").unwrap();
+                let (tmp, target) = new_over_old(d.path(), true);
                 let placed = place(&tmp, &target, two_renames).unwrap();
                 if undo {
                     assert_eq!(unplace(&tmp, &target, placed), None);
@@ -1291,16 +1303,10 @@ mod tests {
         for two_renames in [false, true] {
             for folders in [false, true] {
                 let d = tempfile::tempdir().unwrap();
-                let (tmp, target) = (d.path().join(".t.gemma-merge-tmp-1"), d.path().join("t"));
+                let (tmp, target) = new_over_old(d.path(), folders);
                 let (old_file, new_file) = if folders {
-                    std::fs::create_dir(&tmp).unwrap();
-                    std::fs::write(tmp.join("new"), b"1").unwrap();
-                    std::fs::create_dir(&target).unwrap();
-                    std::fs::write(target.join("old"), b"0").unwrap();
                     (target.join("old"), target.join("new"))
                 } else {
-                    std::fs::write(&tmp, b"new").unwrap();
-                    std::fs::write(&target, b"old").unwrap();
                     (target.clone(), target.clone())
                 };
                 let placed = place(&tmp, &target, two_renames).unwrap();
