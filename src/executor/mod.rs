@@ -918,14 +918,16 @@ impl<'p> Prepared<'p> {
             }
         }
         let mut result = Ok(());
+        let mut finite = vec![false; read.len()];
         for s in (lo..hi).step_by(SUB) {
             let e = (s + SUB).min(hi);
-            result = self.decode_sub_block(&read, &raw, &mut bufs, s - lo, e - lo, lo);
+            result = self.decode_sub_block(&read, &raw, &mut bufs, &mut finite, s - lo, e - lo, lo);
             if result.is_ok() {
                 result = f(&ChunkInputs {
                     views: bufs.iter().map(|v| v.as_slice()).collect(),
                     reference: t.reference,
                     first: s,
+                    finite: finite.clone(),
                 });
             }
             if result.is_err() {
@@ -942,12 +944,15 @@ impl<'p> Prepared<'p> {
     }
 
     /// Decodes elements `a..b` (counted from the chunk's first element `lo`) of every read leaf from its
-    /// raw bytes into `bufs`, checking for NaN/Inf unless the recipe allows them.
+    /// raw bytes into `bufs`, checking for NaN/Inf unless the recipe allows them; `finite[l]` tells
+    /// whether every value of leaf l is finite (what the decoding found, kept for the kernels).
+    #[allow(clippy::too_many_arguments)]
     fn decode_sub_block(
         &self,
         read: &[Option<(FloatType, &TensorInfo)>],
         raw: &[Vec<u8>],
         bufs: &mut [Vec<f32>],
+        finite: &mut [bool],
         a: usize,
         b: usize,
         lo: usize,
@@ -959,8 +964,8 @@ impl<'p> Prepared<'p> {
             let size = ft.size();
             let v = &mut bufs[l];
             v.resize(b - a, 0.0);
-            let finite = ft.decode_finite(&raw[l][a * size..b * size], v);
-            if !finite && !self.plan.allow_nonfinite {
+            finite[l] = ft.decode_finite(&raw[l][a * size..b * size], v);
+            if !finite[l] && !self.plan.allow_nonfinite {
                 if let Some(i) = crate::format::dtype::first_non_finite(v) {
                     let model = &self.models[l];
                     return Err(MergeError::NonFinite {
@@ -973,6 +978,8 @@ impl<'p> Prepared<'p> {
             // mergekit's `dtype`: the input as mergekit loads it.
             if let Some(d) = self.plan.input_dtype.filter(|&d| d != *ft) {
                 d.round_in_place(v);
+                // Rounding can overflow a finite value.
+                finite[l] = finite[l] && crate::format::dtype::first_non_finite(v).is_none();
             }
         }
         Ok(())

@@ -286,6 +286,25 @@ pub(crate) struct ChunkInputs<'a> {
     pub reference: usize,
     /// Flat index of the chunk's first element.
     pub first: usize,
+    /// Whether every value of `views[l]` is finite, as decoding it found (false where not known).
+    pub finite: Vec<bool>,
+}
+
+impl<'a> ChunkInputs<'a> {
+    /// Inputs whose finiteness is found by scanning them (the executor has it from decoding).
+    #[cfg(test)]
+    pub fn new(views: Vec<&'a [f32]>, reference: usize, first: usize) -> Self {
+        let finite = views
+            .iter()
+            .map(|v| v.iter().all(|x| x.is_finite()))
+            .collect();
+        Self {
+            views,
+            reference,
+            first,
+            finite,
+        }
+    }
 }
 
 impl Val {
@@ -377,7 +396,15 @@ impl Val {
                 };
                 assert!(level <= crate::simd::detected());
                 // SAFETY: the CPU has AVX-512 (asserted); the lengths are checked inside.
-                unsafe { avx512::difference_keys(r, &d, if desc { u64::MAX } else { 0 }, keys) };
+                unsafe {
+                    avx512::difference_keys(
+                        r,
+                        x.finite[x.reference],
+                        &d,
+                        if desc { u64::MAX } else { 0 },
+                        keys,
+                    )
+                };
                 return true;
             }
         }
@@ -576,6 +603,7 @@ impl TaskVectorNode {
         unsafe {
             avx512::fused(
                 &x.views[x.reference][..n],
+                x.finite[x.reference],
                 base_sum,
                 &models,
                 divisor,
@@ -885,12 +913,18 @@ mod avx512 {
     /// # Safety
     /// The CPU has AVX-512 F/BW/VL/DQ.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
-    pub unsafe fn difference_keys(r: &[f32], d: &Delta, flip: u64, keys: &mut [u64]) {
+    pub unsafe fn difference_keys(
+        r: &[f32],
+        r_finite: bool,
+        d: &Delta,
+        flip: u64,
+        keys: &mut [u64],
+    ) {
         let n = r.len();
         assert!(d.x.len() == n && keys.len() == n);
         let fv = _mm512_set1_epi64(flip as i64);
         let mut j = 0;
-        if d.coef == 1.0 && d.sum == 0.0 && all_finite(r) {
+        if d.coef == 1.0 && d.sum == 0.0 && r_finite {
             // θ − θ_ref: rounding the exact f64 difference of two float32 numbers to float32 is their
             // float32 difference (exact in f64 unless one is under 2⁻²⁹ of the other, when both round
             // to the larger), and adding 0 and 0·r changes no magnitude while r is finite. So 16 keys
@@ -931,18 +965,6 @@ mod avx512 {
         });
     }
 
-    /// Whether every element of `r` is finite.
-    #[inline(always)]
-    unsafe fn all_finite(r: &[f32]) -> bool {
-        // fpclass: quiet NaN 0x01, +∞ 0x08, −∞ 0x10, signalling NaN 0x80.
-        let (body, tail) = r.as_chunks::<16>();
-        let mut bad: __mmask16 = 0;
-        for c in body {
-            bad |= _mm512_fpclass_ps_mask::<0x99>(_mm512_loadu_ps(c.as_ptr()));
-        }
-        bad == 0 && tail.iter().all(|v| v.is_finite())
-    }
-
     /// A ranked mask: kept where `lo ≤ (key, index) ≤ hi`, the key of |f32(δ)| as
     /// [`crate::selection::f32_magnitude_key`] with `flip`.
     pub struct Bounds {
@@ -969,11 +991,13 @@ mod avx512 {
     /// nothing is stored between them.
     ///
     /// # Safety
-    /// The CPU has AVX-512 F/BW/VL/DQ; `r`, every term's input and `out` have the same length.
+    /// The CPU has AVX-512 F/BW/VL/DQ; `r`, every term's input and `out` have the same length;
+    /// `r_finite` only if every value of `r` is finite.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
     pub unsafe fn fused(
         r: &[f32],
+        r_finite: bool,
         base_sum: f64,
         models: &Models,
         divisor: Option<f64>,
@@ -982,7 +1006,9 @@ mod avx512 {
         first: u64,
         out: &mut [f64],
     ) {
-        let args = (r, base_sum, models, divisor, normalize, lambda, first, out);
+        let args = (
+            r, r_finite, base_sum, models, divisor, normalize, lambda, first, out,
+        );
         match models.deltas.len() {
             1 => fused_lo::<1>(args),
             2 => fused_lo::<2>(args),
@@ -1001,10 +1027,10 @@ mod avx512 {
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
     unsafe fn fused_lo<const M: usize>(args: FusedArgs) {
-        let (r, models) = (args.0, args.2);
+        let (r_finite, models) = (args.1, args.3);
         let lo = models.bounds.iter().any(|b| b.lo != (0, 0));
         // Every task vector θ − θ_ref, every reference value finite: see `fused_m`'s `PLAIN`.
-        let plain = models.deltas.iter().all(|d| d.coef == 1.0 && d.sum == 0.0) && all_finite(r);
+        let plain = models.deltas.iter().all(|d| d.coef == 1.0 && d.sum == 0.0) && r_finite;
         // (0, 0) is at or below every (key, index): without a bound below, no test is needed.
         match (lo, plain) {
             (true, true) => fused_m::<M, true, true>(args),
@@ -1017,6 +1043,7 @@ mod avx512 {
     /// [`fused`]'s arguments, passed on in one.
     type FusedArgs<'a, 'b, 'c, 'd> = (
         &'a [f32],
+        bool,
         f64,
         &'b Models<'c, 'd>,
         Option<f64>,
@@ -1036,7 +1063,7 @@ mod avx512 {
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
     unsafe fn fused_m<const M: usize, const LO: bool, const PLAIN: bool>(
-        (r, base_sum, models, divisor, normalize, lambda, first, out): FusedArgs,
+        (r, _, base_sum, models, divisor, normalize, lambda, first, out): FusedArgs,
     ) {
         let n = out.len();
         assert!(r.len() == n && models.deltas.len() == M && models.bounds.len() == M);
@@ -1262,11 +1289,7 @@ mod tests {
         base[6] = f32::NAN;
         // With every reference value finite (16 keys per step for θ − θ_ref), and with some not.
         for base in [&finite, &base] {
-            let x = ChunkInputs {
-                views: vec![base, &a, &b],
-                reference: 0,
-                first: 0,
-            };
+            let x = ChunkInputs::new(vec![base, &a, &b], 0, 0);
             let single = [
                 vec![-1.0, 1.0, 0.0],
                 // |δ| rounds in float32 (the key is of the rounded value).
@@ -1293,11 +1316,7 @@ mod tests {
             }
         }
         // Not a single difference: never fused.
-        let x = ChunkInputs {
-            views: vec![&finite, &a, &b],
-            reference: 0,
-            first: 0,
-        };
+        let x = ChunkInputs::new(vec![&finite, &a, &b], 0, 0);
         for v in [
             Val::Lin(vec![-1.0, 0.5, 0.5]),
             Val::Lin(vec![1.0, 0.0, 0.0]),
@@ -1369,11 +1388,7 @@ mod tests {
         for base in [&finite, &base] {
             let mut leaves = vec![base.as_slice()];
             leaves.extend(models.iter().map(|v| v.as_slice()));
-            let x = ChunkInputs {
-                views: leaves,
-                reference: 0,
-                first: first as usize,
-            };
+            let x = ChunkInputs::new(leaves, 0, first as usize);
             // Every third task vector is (1 + 2⁻⁴⁰)·(θ − θ_base): where its model is 1/256 from the
             // base (planted for task vector 2 at every 41st element below), |δ| rounds to 1/256 in
             // float32 only, so a mask ranking the unrounded |δ| would differ from mergekit's at a bound
